@@ -1,0 +1,148 @@
+"""Protocols and small dataclasses shared by every part of nofree.
+
+This module imports nothing else from nofree, and nothing heavy beyond torch: it is the
+vocabulary the rest of the package speaks. Shapes are written at every tensor boundary:
+N items, D embedding width, T tokens, W token width, B batch, V vocabulary, H LM width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, ...] = ("image", "text")
+
+
+class NofreeError(Exception):
+    """An error a user can fix: the message names the input and says how to fix it."""
+
+
+class SpecError(NofreeError, ValueError):
+    """An unknown, malformed or mismatched component spec string."""
+
+
+class MissingDependencyError(NofreeError, ImportError):
+    """A backend needs a package that is not installed; the message says what to install."""
+
+
+class DataError(NofreeError, ValueError):
+    """A bad pairs file, row, image or artefact; the message names the file (and line)."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A frozen single-modality encoder.
+
+    ``encode`` returns ``(N, D)`` float32, L2-normalised, computed without grad.
+    ``encode_tokens`` returns the pre-pool token grid ``(N, T, W)`` float32 (image encoders:
+    spatial cells or ViT patches; text encoders: per-token states, padded with zeros).
+    Image inputs are ``PIL.Image.Image``; text inputs are ``str``.
+    """
+
+    spec: str
+    modality: Modality
+    embed_dim: int
+    token_dim: int
+
+    def encode(self, batch: Sequence[Any], *, batch_size: int = 32) -> Tensor: ...
+
+    def encode_tokens(self, batch: Sequence[Any], *, batch_size: int = 32) -> Tensor: ...
+
+
+@dataclass
+class LMStep:
+    """One forward of a causal LM over a chunk of new positions.
+
+    logits: ``(B, V)`` next-token logits after the last fed position, float32.
+    hidden: ``(B, T, H)`` last-layer hidden states of every fed position, float32.
+    cache:  opaque KV cache covering everything fed so far; pass it to the next ``step``.
+    """
+
+    logits: Tensor
+    hidden: Tensor
+    cache: Any
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """A frozen causal language model seen one decoding step at a time.
+
+    ``step`` accepts token ids ``(B, T)`` or input embeddings ``(B, T, H)`` (prefixes), an
+    optional cache from the previous step and an optional ``attention_mask`` ``(B, past+T)``
+    (1 = real token, 0 = left padding). ``select_cache(cache, index)`` gathers batch rows
+    (``index`` is ``(B',)`` long) so a cache can be expanded to k candidates or narrowed back.
+    """
+
+    spec: str
+    hidden_size: int
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[Sequence[int]] | Tensor) -> list[str]: ...
+
+    def embed(self, ids: Tensor) -> Tensor: ...
+
+    def step(
+        self,
+        ids: Tensor | None = None,
+        *,
+        embeds: Tensor | None = None,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+    ) -> LMStep: ...
+
+    def select_cache(self, cache: Any, index: Tensor) -> Any: ...
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Anything that writes one caption per image."""
+
+    def caption(self, images: Sequence[Any], **kw: Any) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image with its captions. ``image`` is a path; ``meta`` carries extra row fields."""
+
+    image: str
+    captions: tuple[str, ...]
+    split: str | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """Float32 L2 normalisation along ``dim`` (zero rows stay zero)."""
+    x = x.float()
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def parse_spec(spec: str) -> tuple[str, str, str | None]:
+    """Split ``"backend:name[@tag]"`` into ``(backend, name, tag)``.
+
+    ``local:`` paths may contain ``@``/``:``; only the first ``:`` separates the backend, and
+    the tag is taken from the last ``@`` only for backends other than ``local``.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise SpecError(
+            f"bad spec {spec!r}: expected 'backend:name[@tag]', e.g. 'embedded:minilm-l6' or "
+            "'hf-text:sentence-transformers/all-MiniLM-L6-v2'; run `nofree models` to list backends"
+        )
+    backend, rest = spec.split(":", 1)
+    tag = None
+    if backend != "local" and "@" in rest:
+        rest, tag = rest.rsplit("@", 1)
+    if not backend or not rest:
+        raise SpecError(f"bad spec {spec!r}: backend and name must both be non-empty")
+    return backend, rest, tag
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a caller asked for; ``None`` means CPU (never chosen silently)."""
+    return torch.device("cpu" if device is None else device)
