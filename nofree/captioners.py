@@ -77,6 +77,107 @@ class RetrievalCaptioner:
         return self.caption_embeddings(self.pipeline.encode_images(images))
 
 
+
+#: MAGIC defaults for the embedded instruct LM (chosen on coco-mini val: benchmarks/RESULTS.md).
+MAGIC_DEFAULTS = {"k": 45, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 16, "examples": 5,
+                  "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
+PLAIN_PROMPT = "Write a short caption of a photo."
+
+
+class MagicCaptioner:
+    """MAGIC captions (Su et al., 2022): a frozen LM steered by an image–text scorer.
+
+    ``prompt`` is the instruction (wrapped in the LM's chat template when it has one); with
+    ``examples`` > 0 the m anchor captions nearest to the image by ASIF are listed in the prompt
+    as in-context examples (``pipeline`` is then required). The scorer (e.g.
+    :class:`~nofree.decoding.scorers.AsifScorer`) sees only the generated continuation.
+    """
+
+    def __init__(self, lm: Any, scorer: Any, *, pipeline: Any = None, image_encoder: Any = None,
+                 prompt: str = MAGIC_DEFAULTS["prompt"], examples: int = MAGIC_DEFAULTS["examples"],
+                 k: int = MAGIC_DEFAULTS["k"], alpha: float = MAGIC_DEFAULTS["alpha"],
+                 beta: float = MAGIC_DEFAULTS["beta"],
+                 max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"]) -> None:
+        if not prompt or not prompt.strip():
+            raise DataError("the MAGIC prompt is empty: give --prompt a short instruction, e.g. "
+                            f"{PLAIN_PROMPT!r}")
+        if examples and pipeline is None:
+            raise DataError("in-context examples need an anchor set (pipeline=) to draw captions from")
+        if k > lm.vocab_size:
+            raise DataError(f"k={k} is larger than the LM's vocabulary ({lm.vocab_size}); use a smaller --k")
+        self.lm, self.scorer, self.pipeline = lm, scorer, pipeline
+        self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
+        self.prompt, self.examples = prompt.strip(), int(examples)
+        self.k, self.alpha, self.beta, self.max_new_tokens = int(k), float(alpha), float(beta), int(max_new_tokens)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, *, lm: Any = None, device: Any = None,
+                      temperature: float | None = None, **options: Any) -> "MagicCaptioner":
+        """A captioner over an :class:`~nofree.anchors.pipeline.AsifPipeline` and an LM spec/object."""
+        from nofree.core import DEFAULT_LM
+        from nofree.decoding.scorers import AsifScorer
+
+        if lm is None or isinstance(lm, str):
+            from nofree.registry import load_lm
+
+            lm = load_lm(lm or DEFAULT_LM, device=device)
+        extra = {} if temperature is None else {"temperature": temperature}
+        scorer = AsifScorer(pipeline.asif, pipeline.text_encoder, pipeline.image_encoder, **extra)
+        return cls(lm, scorer, pipeline=pipeline, **options)
+
+    def example_captions(self, image_emb: Tensor) -> list[list[str]]:
+        """For each image, the ``examples`` distinct anchor captions nearest to it by ASIF."""
+        if not self.examples:
+            return [[] for _ in range(len(image_emb))]
+        anchors = self.pipeline.anchors
+        sim = self.pipeline.similarity(image_emb, anchors.text)  # (B, N)
+        order = sim.argsort(dim=1, descending=True)
+        out = []
+        for row in order.tolist():
+            chosen: list[str] = []
+            for j in row:
+                caption = anchors.captions[j].strip()
+                if caption.lower() not in {c.lower() for c in chosen}:
+                    chosen.append(caption)
+                if len(chosen) == self.examples:
+                    break
+            out.append(chosen)
+        return out
+
+    def prompt_texts(self, image_emb: Tensor) -> list[str]:
+        """The full prompt of each image (instruction, examples, chat template)."""
+        texts = []
+        for examples in self.example_captions(image_emb):
+            user = self.prompt if not examples else \
+                self.prompt + "\n" + "\n".join(f"- {c.rstrip('.')}." for c in examples)
+            texts.append(self.lm.chat_prompt(user))
+        return texts
+
+    def caption_embeddings(self, image_emb: Tensor) -> list[str]:
+        """Captions for images already embedded by the image encoder ``(B, Di)``."""
+        from nofree.decoding.magic import magic_search
+
+        prompt_ids = [self.lm.tokenizer.encode(t, add_special_tokens=False) for t in self.prompt_texts(image_emb)]
+        out = magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
+                           alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
+                           trace=False)
+        return [clean_caption(text) for text in out.texts]
+
+    def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
+        """One caption per image (paths or PIL images)."""
+        if self.pipeline is not None:
+            image_emb = self.pipeline.encode_images(images)
+        else:
+            image_emb = self.scorer.embed_images(images)
+        return self.caption_embeddings(image_emb)
+
+
+def clean_caption(text: str) -> str:
+    """First line, surrounding quotes/bullets/spaces removed, first letter upper-cased."""
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    text = text.strip().lstrip("-*• ").strip().strip('"').strip()
+    return text[:1].upper() + text[1:]
+
 def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
                    lm: str | None = None, device: Any = None, options: dict | None = None) -> Any:
     """The captioner the CLI's ``--method`` names, built from an anchor set or an adapter."""

@@ -83,12 +83,10 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     return {"anchors": len(anchors), "images": results}
 
 
-def _magic_captions(pipeline, anchors, pairs, device, echo) -> list[str] | None:
-    """MAGIC captions with the embedded LM and the ASIF scorer, or None if not available yet."""
-    try:
-        from nofree.decoding.captioner import MagicCaptioner
-    except ImportError:
-        return None
+def _magic_captions(pipeline, anchors, pairs, device, echo) -> list[str]:
+    """MAGIC captions with the embedded LM and the ASIF scorer."""
+    from nofree.captioners import MagicCaptioner
+
     echo("captioning with MAGIC (frozen SmolLM2 steered by ASIF) ...")
     captioner = MagicCaptioner.from_pipeline(pipeline, device=device)
     return captioner.caption([p.image for p in pairs])

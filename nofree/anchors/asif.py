@@ -1,0 +1,211 @@
+"""The ASIF estimator: paired anchors turn two frozen unimodal encoders into one image–text model.
+
+Norelli, Fumero, Maiorca, Moschella, Rodolà, Locatello (2022), "ASIF: Coupled Data Turns
+Unimodal Models to Multimodal Without Training" (NeurIPS 2023). An image and a text are compared
+through their relative representations over N anchor pairs: rho_img(x) lists x's k nearest image
+anchors, rho_txt(y) y's k nearest caption anchors, and the similarity is <rho_img(x), rho_txt(y)>
+(the math lives in :mod:`nofree.anchors.relative`). Zero-shot classification takes the class
+prompt of highest similarity.
+
+scikit-learn conventions: hyperparameters only in ``__init__``; :meth:`ASIF.fit` stores the
+(prepared) anchors in attributes ending in ``_``; :meth:`transform`, :meth:`similarity` and
+:meth:`predict` use them. Options beyond the paper (``center``, per-modality ``k_image`` /
+``k_text``) default to the paper's behaviour.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nofree.anchors.relative import (DEFAULT_ANCHOR_CHUNK, DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats,
+                                     SparseRelative, anchor_stats, relative_topk, resolve_precision,
+                                     sparse_similarity)
+from nofree.core import MODALITIES, DataError, NofreeError, l2_normalize, resolve_device
+
+#: The paper's number of kept anchors per row (it used 1.6M anchors).
+PAPER_K = 800
+
+
+def default_k(n_anchors: int) -> int:
+    """k when none is given: the paper's 800, clipped to the number of anchors."""
+    return min(PAPER_K, n_anchors)
+
+
+def _anchor_pair(anchors: Any) -> tuple[Tensor, Tensor]:
+    """``(image (N, Di), text (N, Dt))`` from an AnchorSet-like object or a 2-sequence."""
+    if hasattr(anchors, "image") and hasattr(anchors, "text"):
+        image, text = anchors.image, anchors.text
+    elif isinstance(anchors, (tuple, list)) and len(anchors) == 2:
+        image, text = anchors
+    else:
+        raise DataError("ASIF.fit expects an AnchorSet (or anything with .image and .text) or a pair "
+                        f"(image_anchors, text_anchors); got {type(anchors).__name__}")
+    return torch.as_tensor(image), torch.as_tensor(text)
+
+
+class ASIF:
+    """ASIF image–text similarity from paired anchors.
+
+    Parameters (all keyword-only):
+        k: kept anchors per relative representation; ``None`` = ``min(800, N)``.
+        p: power applied to the kept cosines (signed power, see :mod:`nofree.anchors.relative`).
+        k_image, k_text: per-modality k overriding ``k`` (``None`` = use ``k``).
+        center: subtract each modality's anchor mean from anchors and queries, then re-normalise.
+        precision: scan precision for the top-k search, ``"auto"`` | ``"fp32"`` | ``"bf16"`` |
+            ``"int8"``; every choice returns the exact float32 top-k (see ``relative.py``).
+        anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan.
+        device: where anchors live and the math runs (``None`` = CPU).
+
+    Fitted attributes: ``anchors_`` (what was passed to fit), ``n_anchors_``, ``image_anchors_``
+    ``(N, Di)`` and ``text_anchors_`` ``(N, Dt)`` (float32, unit rows, centred if asked),
+    ``image_mean_``/``text_mean_`` (``(D,)`` or ``None``), ``k_image_``, ``k_text_``,
+    ``image_dim_``, ``text_dim_``.
+    """
+
+    def __init__(self, *, k: int | None = None, p: float = 8.0, k_image: int | None = None,
+                 k_text: int | None = None, center: bool = False, precision: str = "auto",
+                 anchor_chunk: int = DEFAULT_ANCHOR_CHUNK, query_chunk: int = DEFAULT_QUERY_CHUNK,
+                 device: Any = None) -> None:
+        self.k = k
+        self.p = p
+        self.k_image = k_image
+        self.k_text = k_text
+        self.center = center
+        self.precision = precision
+        self.anchor_chunk = anchor_chunk
+        self.query_chunk = query_chunk
+        self.device = device
+
+    def __repr__(self) -> str:
+        names = ("k", "p", "k_image", "k_text", "center", "precision", "anchor_chunk", "query_chunk",
+                 "device")
+        defaults = ASIF()
+        changed = [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(defaults, n)]
+        return f"ASIF({', '.join(changed)})"
+
+    # --- fitting --------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if not isinstance(self.p, (int, float)) or isinstance(self.p, bool) or not self.p > 0 \
+                or self.p == float("inf"):
+            raise DataError(f"ASIF p must be a positive finite number, got {self.p!r}")
+        if self.precision not in PRECISIONS:
+            raise DataError(f"ASIF precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("anchor_chunk", "query_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"ASIF {name} must be a positive integer, got {value!r}")
+
+    def _resolve_k(self, name: str, n: int) -> int:
+        value = getattr(self, name)
+        if value is None and name != "k":
+            value = self.k
+            name = "k"
+        if value is None:
+            return default_k(n)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"ASIF {name} must be a positive integer or None, got {value!r}")
+        if value > n:
+            raise DataError(f"ASIF {name}={value} exceeds the number of anchors ({n}); pass "
+                            f"{name} <= {n}, or k=None for min({PAPER_K}, N)")
+        return value
+
+    def _prepare(self, anchors: Tensor, modality: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Anchors as float32 unit rows on ``device`` (no copy when they already are)."""
+        a = anchors.to(device=device, dtype=torch.float32)
+        chunk = self.anchor_chunk
+        off = 0.0
+        for i in range(0, a.shape[0], chunk):
+            block = a[i:i + chunk]
+            if not bool(torch.isfinite(block).all()):
+                raise DataError(f"{modality} anchors contain NaN or inf (rows {i}..{i + block.shape[0] - 1}); "
+                                "rebuild the anchor set")
+            off = max(off, float((block.norm(dim=1) - 1).abs().max()))
+        if off > 1e-3:
+            a = l2_normalize(a)
+        mean = None
+        if self.center:
+            mean = sum(a[i:i + chunk].double().sum(0) for i in range(0, a.shape[0], chunk)) / a.shape[0]
+            mean = mean.float()
+            a = l2_normalize(a - mean)
+        return a.contiguous(), mean
+
+    def fit(self, anchors: Any) -> "ASIF":
+        """Learn from N anchor pairs: an AnchorSet or ``(image (N, Di), text (N, Dt))``."""
+        self._check_params()
+        image, text = _anchor_pair(anchors)
+        if image.ndim != 2 or text.ndim != 2:
+            raise DataError(f"anchors must be 2-D: got image {tuple(image.shape)} and text {tuple(text.shape)}")
+        if image.shape[0] != text.shape[0]:
+            raise DataError(f"anchor counts disagree: {image.shape[0]} image rows, {text.shape[0]} text rows")
+        n = int(image.shape[0])
+        if n == 0:
+            raise DataError("the anchor set is empty: build it from at least one (image, caption) pair")
+        k_image, k_text = self._resolve_k("k_image", n), self._resolve_k("k_text", n)
+        device = resolve_device(self.device)
+        self.image_anchors_, self.image_mean_ = self._prepare(image, "image", device)
+        self.text_anchors_, self.text_mean_ = self._prepare(text, "text", device)
+        self.anchors_ = anchors
+        self.n_anchors_ = n
+        self.k_image_, self.k_text_ = k_image, k_text
+        self.image_dim_, self.text_dim_ = int(image.shape[1]), int(text.shape[1])
+        self.device_ = device
+        self._stats: dict[tuple[str, str], AnchorStats] = {}
+        return self
+
+    # --- using it -------------------------------------------------------------------------------
+    def _fitted(self) -> None:
+        if not hasattr(self, "n_anchors_"):
+            raise NofreeError("this ASIF is not fitted yet: call .fit(anchors) first")
+
+    def _queries(self, emb: Any, modality: str) -> Tensor:
+        if modality not in MODALITIES:
+            raise DataError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        x = torch.as_tensor(emb)
+        if x.ndim != 2:
+            raise DataError(f"{modality} embeddings must be 2-D (n, dim), got shape {tuple(x.shape)}")
+        dim = self.image_dim_ if modality == "image" else self.text_dim_
+        if x.shape[1] != dim:
+            spec = getattr(self.anchors_, f"{modality}_spec", None)
+            hint = f" ({spec})" if spec else ""
+            raise DataError(f"{modality} embeddings have {x.shape[1]} dims but the fitted {modality} anchors "
+                            f"have {dim}: encode with the {modality} encoder that built the anchors{hint}")
+        x = l2_normalize(x.to(self.device_))
+        mean = self.image_mean_ if modality == "image" else self.text_mean_
+        return x if mean is None else l2_normalize(x - mean)
+
+    def transform(self, emb: Any, *, modality: str) -> SparseRelative:
+        """rho of ``emb (n, D)`` over the ``modality`` anchors: a :class:`SparseRelative` (n, N)."""
+        self._fitted()
+        x = self._queries(emb, modality)
+        anchors = self.image_anchors_ if modality == "image" else self.text_anchors_
+        k = self.k_image_ if modality == "image" else self.k_text_
+        precision = resolve_precision(self.precision, self.n_anchors_, self.device_)
+        stats = None
+        if precision != "fp32":
+            key = (modality, precision)
+            if key not in self._stats:
+                self._stats[key] = anchor_stats(anchors, precision, chunk=self.anchor_chunk)
+            stats = self._stats[key]
+        return relative_topk(x, anchors, k, float(self.p), precision=precision, stats=stats,
+                             anchor_chunk=self.anchor_chunk, query_chunk=self.query_chunk)
+
+    def similarity(self, image_emb: Any, text_emb: Any) -> Tensor:
+        """``(n_images, n_texts)`` float32 ASIF similarities.
+
+        Either argument may be embeddings ``(n, D)`` or the :class:`SparseRelative` that
+        :meth:`transform` returned for it (to reuse a caption pool's representations).
+        """
+        self._fitted()
+        rho_i = image_emb if isinstance(image_emb, SparseRelative) else self.transform(image_emb, modality="image")
+        rho_t = text_emb if isinstance(text_emb, SparseRelative) else self.transform(text_emb, modality="text")
+        for rho in (rho_i, rho_t):
+            if rho.n_anchors != self.n_anchors_:
+                raise DataError(f"relative representation over {rho.n_anchors} anchors given to an ASIF "
+                                f"fitted on {self.n_anchors_}")
+        return sparse_similarity(rho_i.values, rho_i.indices, rho_t.values, rho_t.indices, self.n_anchors_)
+
+    def predict(self, image_emb: Any, class_text_emb: Any) -> Tensor:
+        """Zero-shot class ``(n_images,)`` int64: the class prompt of highest similarity."""
+        return self.similarity(image_emb, class_text_emb).argmax(dim=1)
