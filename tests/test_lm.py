@@ -84,3 +84,15 @@ def test_bad_calls_are_clear(lm):
         left_pad([[]], lm.pad_id)
     with pytest.raises(TypeError, match="sequence of strings"):
         lm.tokenize("a dog")
+
+
+def test_headless_step_and_head_logits_equal_the_full_step(lm):
+    ids = torch.tensor(lm.tokenize(["a dog on the beach", "the red bus on a"]))
+    full = lm.step(ids)
+    headless = lm.step(ids, logits=False)
+    assert headless.logits is None
+    torch.testing.assert_close(headless.hidden, full.hidden)
+    torch.testing.assert_close(lm.head_logits(headless.hidden[:, -1]), full.logits)
+    nxt = lm.step(torch.tensor([[4], [5]]), cache=headless.cache)
+    ref = lm.step(torch.tensor([[4], [5]]), cache=full.cache)
+    torch.testing.assert_close(nxt.logits, ref.logits)

@@ -83,16 +83,29 @@ class HFLanguageModel:
 
     @torch.inference_mode()
     def step(self, ids: Tensor | None = None, *, embeds: Tensor | None = None, cache: Any = None,
-             attention_mask: Tensor | None = None) -> LMStep:
+             attention_mask: Tensor | None = None, logits: bool = True) -> LMStep:
         """Feed ``ids (B, T)`` or ``embeds (B, T, H)`` after ``cache``; see :class:`LMStep`.
 
         ``attention_mask`` ``(B, past + T)`` marks real positions (1) and left padding (0); when
         given, position ids count real tokens only. The cache passed in is not modified.
+        ``logits=False`` skips the output head (``LMStep.logits`` is ``None``): MAGIC needs only
+        the hidden states of its k candidates and runs :meth:`head_logits` on the chosen rows.
         """
-        return self.forward_step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask)
+        return self.forward_step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask,
+                                 logits=logits)
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits ``(B, V)`` float32 from last-layer hidden states ``(B, H)``."""
+        with torch.inference_mode():
+            out = self.model.get_output_embeddings()(hidden.to(self.device))
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:
+                out = torch.tanh(out / cap) * cap
+            return out.float()
 
     def forward_step(self, ids: Tensor | None = None, *, embeds: Tensor | None = None,
-                     cache: Any = None, attention_mask: Tensor | None = None) -> LMStep:
+                     cache: Any = None, attention_mask: Tensor | None = None,
+                     logits: bool = True) -> LMStep:
         """``step`` without ``inference_mode`` (adapters need grads through the frozen LM)."""
         if (ids is None) == (embeds is None):
             raise ValueError("step() takes exactly one of ids= or embeds=")
@@ -114,9 +127,12 @@ class HFLanguageModel:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
         else:
             position_ids = torch.arange(past, past + length, device=self.device).expand(batch, -1)
-        out = self.model(input_ids=ids, inputs_embeds=embeds, cache=cache,
-                         attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                         output_hidden_states=True, logits_to_keep=1)
+        inputs = dict(input_ids=ids, inputs_embeds=embeds, cache=cache, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=True)
+        if not logits:  # the backbone alone: its last_hidden_state is the final-normed last layer
+            out = self.model.base_model(**inputs)
+            return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=out.cache)
+        out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
         return LMStep(logits=out.logits[:, -1].float(), hidden=out.hidden_states[-1].float(),
                       cache=out.cache)
 

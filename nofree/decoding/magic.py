@@ -1,0 +1,324 @@
+"""MAGIC decoding: a frozen LM writes text while an image–text scorer steers every step.
+
+Su et al., 2022, "Language Models Can See: Plugging Visual Controls in Text Generation"
+(MAGIC: iMAge-Guided text generatIon with CLIP). Nothing is trained. At each greedy step the
+LM proposes its top-k next tokens V(k); each candidate v gets
+
+    score(v) = (1 − α)·p_LM(v | x<t)                          model confidence
+             − α·max_j cos(h_v, h_j)                          degeneration penalty
+             + β·softmax_{v' ∈ V(k)}(s(I, text(x_gen ⊕ v')))[v]   image relevance
+
+where p_LM is the full-vocabulary softmax, h are last-layer hidden states (h_j over every
+earlier position, prompt included, padding excluded), x_gen is the continuation generated so far
+(the prompt is not scored) and s is a scorer's image–text logit (see
+:mod:`nofree.decoding.scorers`: CLIP cosine × its logit scale, or ASIF similarity × a
+temperature). The highest score wins; with α = β = 0 this is exactly greedy decoding.
+
+:func:`magic_search` is the whole method in one loop, read top to bottom. One batched LM forward
+per step covers all B×k candidates: the prompt cache is expanded to k rows per image, each row
+is fed one candidate, and the chosen row's cache and logits are kept, so no second forward is
+needed. Finished rows drop out of the batch (their output never changes again).
+
+Why this is not a transformers ``LogitsProcessor``: a processor sees only the next-token scores
+``(B, V)`` and the ids so far. The degeneration penalty needs the last-layer hidden state each
+candidate *would* produce, i.e. a forward of every candidate, which a processor never sees; it
+could carry only the image term (β·softmax over the top-k), which without the penalty is a
+different method. :func:`magic_custom_generate` instead plugs the whole loop into
+``model.generate(custom_generate=...)``.
+"""
+from __future__ import annotations
+
+import numbers
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from nofree.core import DataError, l2_normalize
+
+__all__ = ["Generation", "StepTrace", "magic_search", "greedy_search", "magic_custom_generate",
+           "magic_generate"]
+
+_WORD = re.compile(r"\w")
+
+
+@dataclass
+class StepTrace:
+    """Diagnostics of one MAGIC step for the ``b`` rows still decoding (all ``(b, k)`` unless noted).
+
+    rows: ``(b,)`` original batch index of each row; candidates: token ids; lm_prob: p_LM;
+    penalty: max cosine to earlier hidden states; image_prob: scorer softmax (None when β = 0);
+    chosen: ``(b,)`` index into k of the winning candidate.
+    """
+
+    rows: Tensor
+    candidates: Tensor
+    lm_prob: Tensor
+    penalty: Tensor
+    image_prob: Tensor | None
+    chosen: Tensor
+
+
+@dataclass
+class Generation:
+    """The result of a decoding run over B prompts.
+
+    ids: generated token ids per row (prompt and eos excluded); texts: their decoded text;
+    stop: why each row stopped ('eos', 'period' or 'length'); steps: one :class:`StepTrace` per
+    step (empty for greedy); seconds: wall time per phase (prefill, lm_candidates, penalty,
+    texts, scorer, select) for profiling.
+    """
+
+    ids: list[list[int]]
+    texts: list[str]
+    stop: list[str]
+    steps: list[StepTrace] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_prompts(lm: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if isinstance(prompt_ids, Tensor) or not prompt_ids or isinstance(prompt_ids[0], int):
+        raise DataError("prompt_ids must be a non-empty list of token-id lists, one per image "
+                        "(e.g. lm.tokenize(['A picture of'] * n_images))")
+    for row, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise DataError(f"prompt_ids[{row}] is empty: the LM needs at least one token to condition "
+                            "on; start from a short text such as 'A picture of' or the bos token")
+        bad = [t for t in prompt if not 0 <= int(t) < lm.vocab_size]
+        if bad:
+            raise DataError(f"prompt_ids[{row}] has ids outside the vocabulary [0, {lm.vocab_size}): "
+                            f"{bad[:5]}")
+    if max_new_tokens < 1:
+        raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _stop_reason(lm: Any, generated: list[int], token: int, stop_at_period: bool,
+                 max_new_tokens: int) -> str | None:
+    """Why a row stops after choosing ``token`` (``generated`` already holds it unless eos)."""
+    if token == lm.eos_id:
+        return "eos"
+    if stop_at_period:
+        piece = lm.decode([[token]])[0]
+        if "." in piece:
+            text = lm.decode([generated])[0]
+            if _WORD.search(text[:text.rfind(".")]):
+                return "period"
+    if len(generated) >= max_new_tokens:
+        return "length"
+    return None
+
+
+def _tick(seconds: dict[str, float], name: str, start: float) -> float:
+    now = time.perf_counter()
+    seconds[name] = seconds.get(name, 0.0) + now - start
+    return now
+
+
+@torch.inference_mode()
+def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
+                 prompt_ids: Sequence[Sequence[int]], k: int = 45, alpha: float = 0.1,
+                 beta: float = 2.0, max_new_tokens: int = 16, stop_at_period: bool = True,
+                 trace: bool = True) -> Generation:
+    """MAGIC greedy decoding of one continuation per image.
+
+    lm: a :class:`nofree.core.LanguageModel`; scorer: a :class:`~nofree.decoding.scorers.Scorer`
+    or any callable ``(image_emb (b, D), texts: b lists of k str) -> (b, k)`` logits (ignored,
+    may be None, when ``beta == 0``); image_emb: ``(B, D)`` from ``scorer.embed_images``;
+    prompt_ids: B token-id lists (ragged, left-padded here). k: candidates per step (≤ V);
+    alpha: degeneration-penalty weight; beta: image weight. Rows stop on eos (not kept), on a
+    token containing '.' after at least one word (kept; when ``stop_at_period``) or after
+    ``max_new_tokens``. ``trace=False`` skips the per-step diagnostics. An LM that offers
+    ``head_logits(hidden (b, H)) -> (b, V)`` and ``step(..., logits=False)`` is asked for the
+    candidates' hidden states only, and its output head runs on the b chosen rows.
+    """
+    _check_prompts(lm, prompt_ids, max_new_tokens)
+    k = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k
+    n_rows = len(prompt_ids)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= lm.vocab_size:
+        raise DataError(f"k={k!r} candidates per step must be an int in [1, vocab size "
+                        f"{lm.vocab_size}]; MAGIC uses k=45")
+    if beta != 0:
+        from nofree.decoding.scorers import as_scorer
+
+        scorer = as_scorer(scorer)
+        if image_emb is None or image_emb.ndim != 2 or image_emb.shape[0] != n_rows:
+            got = None if image_emb is None else tuple(image_emb.shape)
+            raise DataError(f"image_emb must be (B, D) with B = {n_rows} prompts, got {got}; "
+                            "compute it with scorer.embed_images(images)")
+    from nofree.lm.hf import left_pad
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    # 1. prefill the prompts; `past` holds unit-norm hidden states of every real position so far
+    ids, mask = left_pad(prompt_ids, lm.pad_id)
+    out = lm.step(ids, attention_mask=mask)
+    logits, cache = out.logits, out.cache                        # (b, V), cache of b rows
+    past = l2_normalize(out.hidden)                              # (b, T, H)
+    past_real = mask.to(past.device).bool()                      # (b, T)
+    rows = torch.arange(n_rows)                                  # batch index of each live row
+    # an LM offering ``head_logits(hidden (b, H)) -> (b, V)`` and ``step(..., logits=False)``
+    # skips its output head for the b·k candidates and applies it to the b chosen ones only
+    head = getattr(lm, "head_logits", None)
+    generated: list[list[int]] = [[] for _ in range(n_rows)]
+    stop: list[str] = ["length"] * n_rows
+    steps: list[StepTrace] = []
+    start = _tick(seconds, "prefill", start)
+
+    for _ in range(max_new_tokens):
+        b = len(rows)
+        # 2. the LM's top-k candidates and their full-vocabulary probabilities
+        lm_prob, candidates = logits.softmax(-1).topk(k, dim=-1)            # (b, k) each
+        # 3. one forward of all b·k candidates on the k-expanded cache
+        expand = torch.arange(b).repeat_interleave(k)                        # (b·k,)
+        cand_mask = torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1)    # (b·k, T+1)
+        cand = lm.step(candidates.reshape(-1, 1), cache=lm.select_cache(cache, expand),
+                       attention_mask=cand_mask, **({"logits": False} if head else {}))
+        cand_hidden = l2_normalize(cand.hidden[:, -1]).view(b, k, -1)        # (b, k, H)
+        start = _tick(seconds, "lm_candidates", start)
+        # 4. degeneration penalty: max cosine to every earlier real position
+        cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
+        penalty = cosine.masked_fill(~past_real[:, None, :], float("-inf")).amax(-1)   # (b, k)
+        start = _tick(seconds, "penalty", start)
+        # 5. image relevance of (continuation so far ⊕ candidate), softmax over the k candidates
+        image_prob = None
+        score = (1.0 - alpha) * lm_prob - alpha * penalty
+        if beta != 0:
+            cand_ids = candidates.tolist()
+            texts = lm.decode([generated[r] + [v] for i, r in enumerate(rows.tolist())
+                               for v in cand_ids[i]])
+            texts = [texts[i * k:(i + 1) * k] for i in range(b)]
+            start = _tick(seconds, "texts", start)
+            logit = scorer.score(image_emb[rows], texts)                     # (b, k)
+            image_prob = logit.to(score.device, torch.float32).softmax(-1)
+            score = score + beta * image_prob
+            start = _tick(seconds, "scorer", start)
+        # 6. greedy choice; the chosen candidate's cache row and logits carry on
+        chosen = score.argmax(-1).cpu()                                      # (b,)
+        tokens = candidates.cpu()[torch.arange(b), chosen].tolist()
+        if trace:
+            steps.append(StepTrace(rows, candidates, lm_prob, penalty, image_prob, chosen))
+        keep = []
+        for i, (r, token) in enumerate(zip(rows.tolist(), tokens)):
+            if token != lm.eos_id:
+                generated[r].append(token)
+            reason = _stop_reason(lm, generated[r], token, stop_at_period, max_new_tokens)
+            if reason is None:
+                keep.append(i)
+            else:
+                stop[r] = reason
+        if not keep:
+            start = _tick(seconds, "select", start)
+            break
+        keep_t = torch.tensor(keep)
+        pick = keep_t * k + chosen[keep_t]                                   # rows of the b·k batch
+        cache = lm.select_cache(cand.cache, pick)
+        logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
+        mask = cand_mask[pick]
+        past = torch.cat([past[keep_t], cand_hidden[keep_t, chosen[keep_t]][:, None]], 1)
+        past_real = torch.cat([past_real[keep_t], past_real.new_ones(len(keep), 1)], 1)
+        rows = rows[keep_t]
+        start = _tick(seconds, "select", start)
+
+    return Generation(ids=generated, texts=lm.decode(generated), stop=stop, steps=steps,
+                      seconds=seconds)
+
+
+@torch.inference_mode()
+def greedy_search(lm: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 16,
+                  stop_at_period: bool = True) -> Generation:
+    """Plain greedy decoding with :func:`magic_search`'s batching and stopping rules.
+
+    The reference MAGIC with α = β = 0 must reproduce token for token.
+    """
+    _check_prompts(lm, prompt_ids, max_new_tokens)
+    from nofree.lm.hf import left_pad
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    ids, mask = left_pad(prompt_ids, lm.pad_id)
+    out = lm.step(ids, attention_mask=mask)
+    logits, cache = out.logits, out.cache
+    rows = torch.arange(len(prompt_ids))
+    generated: list[list[int]] = [[] for _ in prompt_ids]
+    stop = ["length"] * len(prompt_ids)
+    start = _tick(seconds, "prefill", start)
+    for _ in range(max_new_tokens):
+        tokens = logits.argmax(-1).tolist()                                  # (b,)
+        keep = []
+        for i, (r, token) in enumerate(zip(rows.tolist(), tokens)):
+            if token != lm.eos_id:
+                generated[r].append(token)
+            reason = _stop_reason(lm, generated[r], token, stop_at_period, max_new_tokens)
+            if reason is None:
+                keep.append(i)
+            else:
+                stop[r] = reason
+        if not keep:
+            break
+        keep_t = torch.tensor(keep)
+        if len(keep) < len(rows):
+            cache, mask, rows = lm.select_cache(cache, keep_t), mask[keep_t], rows[keep_t]
+        mask = torch.cat([mask, mask.new_ones(len(keep), 1)], 1)
+        nxt = torch.tensor([[tokens[i]] for i in keep])
+        out = lm.step(nxt, cache=cache, attention_mask=mask)
+        logits, cache = out.logits, out.cache
+    _tick(seconds, "steps", start)
+    return Generation(ids=generated, texts=lm.decode(generated), stop=stop, seconds=seconds)
+
+
+# --- transformers-facing adapters -------------------------------------------------------------
+
+def magic_custom_generate(tokenizer: Any, scorer: Any, image_emb: Tensor | None,
+                          **magic_kw: Any) -> Callable[..., Tensor]:
+    """A callable for ``model.generate(input_ids, custom_generate=...)`` that runs MAGIC.
+
+    ``magic_kw`` are :func:`magic_search` options (k, alpha, beta, stop_at_period). The callable
+    returns ``(B, T + n)`` long: the (left-padded) input ids followed by each row's generated
+    ids, right-padded with the pad id. transformers' logits processors and stopping criteria
+    are not applied (MAGIC scores candidates itself); ``max_new_tokens`` comes from the
+    generation config.
+    """
+
+    def generate(model: Any, input_ids: Tensor, logits_processor: Any = None,
+                 stopping_criteria: Any = None, generation_config: Any = None,
+                 **model_kwargs: Any) -> Tensor:
+        from nofree.lm.hf import HFLanguageModel
+
+        attention_mask = model_kwargs.get("attention_mask")
+        lm = HFLanguageModel(model, tokenizer, spec=f"hf-lm:{model.config.name_or_path}",
+                             device=model.device)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+        new = getattr(generation_config, "max_new_tokens", None) or max(
+            1, int(generation_config.max_length) - input_ids.shape[1])
+        result = magic_search(lm, scorer, image_emb, prompt_ids=prompts, max_new_tokens=new,
+                              trace=False, **magic_kw)
+        width = max(len(ids) for ids in result.ids)
+        tail = torch.full((len(prompts), width), lm.pad_id, dtype=torch.long)
+        for row, ids in enumerate(result.ids):
+            tail[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return torch.cat([input_ids.cpu(), tail], 1).to(input_ids.device)
+
+    return generate
+
+
+def magic_generate(model: Any, tokenizer: Any, images: Sequence[Any], scorer: Any, *,
+                   prompt: str = "A picture of", **magic_kw: Any) -> list[str]:
+    """Caption ``images`` with a transformers causal LM and a scorer: one text per image.
+
+    ``magic_kw`` are :func:`magic_search` options. The model is frozen in place (as every LM in
+    nofree) and stays on its device.
+    """
+    from nofree.lm.hf import HFLanguageModel
+
+    lm = HFLanguageModel(model, tokenizer, spec=f"hf-lm:{model.config.name_or_path}",
+                         device=model.device)
+    from nofree.decoding.scorers import as_scorer
+
+    scorer = as_scorer(scorer)
+    image_emb = scorer.embed_images(list(images))
+    prompts = lm.tokenize([prompt] * len(images))
+    return magic_search(lm, scorer, image_emb, prompt_ids=prompts, trace=False, **magic_kw).texts

@@ -1,0 +1,472 @@
+"""Image–text scorers that steer MAGIC decoding (:mod:`nofree.decoding.magic`).
+
+A scorer embeds images once (``embed_images(images) -> (B, D)``) and, at every decoding step,
+scores each image against its k candidate texts (``score(image_emb (B, D), texts) -> (B, k)``
+float32 logits, already multiplied by the scorer's temperature: MAGIC takes a softmax over the
+k candidates on top). Any callable ``(image_emb, texts) -> (B, k)`` plugs in through
+:class:`CallableScorer`.
+
+- :class:`ClipScorer` -- a CLIP model (open_clip or transformers): cosine × the model's logit
+  scale (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
+  Supervision"). The k candidates of one image share their text up to the last word, and
+  CLIP's text tower is causal, so the shared token prefix runs once and only each candidate's
+  few differing tokens (up to the pooled end-of-text token) run on top of its cached keys and
+  values. Candidates are re-tokenised in full, so when a new LM token changes the CLIP tokens
+  of the prefix's last word the shared prefix is simply shorter: the result equals the plain
+  ``encode_text`` (to float rounding).
+- :class:`AsifScorer` -- ASIF (Norelli et al., 2022, "ASIF: Coupled Data Turns Unimodal Models
+  to Multimodal Without Training"): the similarity of the image's and the text's relative
+  representations over a set of anchor pairs, × a temperature.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nofree.core import DataError, l2_normalize, resolve_device
+
+__all__ = ["Scorer", "CallableScorer", "ClipScorer", "AsifScorer", "as_scorer",
+           "DEFAULT_ASIF_TEMPERATURE"]
+
+#: ASIF similarities lie in [0, 1] and the k continuations of one caption differ little. Measured
+#: with SmolLM2 + EfficientNet-Lite0/MiniLM anchors (700 coco-mini train pairs, p=8) over 8 val
+#: images × 10 steps: the spread across the 45 candidates is bimodal (std median 0.003, q90 0.06).
+#: At 100 the candidates that differ in content get a decisive softmax (top mass q75 0.69) while
+#: near-identical ones (punctuation, word pieces) stay near uniform (median 0.06); 300 lets the
+#: image term pick among near-identical candidates too (median 0.29, q75 0.96), 50 weakens the
+#: decisive steps (q75 0.36). Stand-in ASIF per the design notes (k = all 700 anchors).
+DEFAULT_ASIF_TEMPERATURE = 100.0
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores images against candidate texts for MAGIC."""
+
+    def embed_images(self, images: Sequence[Any]) -> Tensor: ...      # (B, D) float32
+
+    def score(self, image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor: ...  # (B, k)
+
+
+def _check_texts(image_emb: Tensor, texts: Sequence[Sequence[str]]) -> int:
+    """Validate a score() call; return k."""
+    if isinstance(texts, str) or not texts or isinstance(texts[0], str):
+        raise DataError("texts must be one list of candidate strings per image, e.g. [['a dog', 'a cat']]")
+    if image_emb.ndim != 2 or image_emb.shape[0] != len(texts):
+        raise DataError(f"image_emb must be (B, D) with B = {len(texts)} text lists, "
+                        f"got {tuple(image_emb.shape)}")
+    k = len(texts[0])
+    if k == 0 or any(len(row) != k for row in texts):
+        raise DataError(f"every image needs the same number (>= 1) of candidate texts, got "
+                        f"{[len(row) for row in texts]}")
+    return k
+
+
+class CallableScorer:
+    """Wrap a function ``fn(image_emb (B, D), texts) -> (B, k)`` (and optionally an image embedder)."""
+
+    def __init__(self, fn: Callable[[Tensor, Sequence[Sequence[str]]], Any],
+                 embed_images: Callable[[Sequence[Any]], Tensor] | None = None) -> None:
+        self.fn, self._embed_images = fn, embed_images
+
+    def embed_images(self, images: Sequence[Any]) -> Tensor:
+        if self._embed_images is None:
+            raise TypeError("this CallableScorer has no image embedder: pass embed_images= when "
+                            "wrapping the function, or give magic_search the image_emb directly")
+        return torch.as_tensor(self._embed_images(images)).float()
+
+    def score(self, image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor:
+        k = _check_texts(image_emb, texts)
+        out = torch.as_tensor(self.fn(image_emb, texts)).float()
+        if out.shape != (len(texts), k):
+            raise DataError(f"scorer function returned shape {tuple(out.shape)}, expected (B, k) = "
+                            f"{(len(texts), k)}")
+        return out
+
+
+def as_scorer(obj: Any) -> Any:
+    """``obj`` if it is a :class:`Scorer`, a :class:`CallableScorer` around a plain callable."""
+    if isinstance(obj, Scorer):
+        return obj
+    if callable(obj):
+        return CallableScorer(obj)
+    raise TypeError(f"a scorer must have score()/embed_images() or be a callable "
+                    f"(image_emb, texts) -> (B, k), got {type(obj).__name__}")
+
+
+# --- a causal CLIP text tower seen layer by layer ---------------------------------------------
+
+@dataclass(frozen=True)
+class _Block:
+    """One pre-norm transformer block: x += ls1·out(attn(ln1 x)); x += ls2·fc2(act(fc1(ln2 x)))."""
+
+    ln1: nn.Module
+    qkv_w: Tensor   # (3W, W), rows q | k | v
+    qkv_b: Tensor   # (3W,)
+    out_w: Tensor
+    out_b: Tensor
+    ls1: Tensor | None
+    ln2: nn.Module
+    fc1_w: Tensor
+    fc1_b: Tensor
+    act: nn.Module
+    fc2_w: Tensor
+    fc2_b: Tensor
+    ls2: Tensor | None
+
+
+@dataclass(frozen=True)
+class _TextTower:
+    """Token + position embeddings, blocks, final norm and projection of a causal text tower."""
+
+    token_embedding: nn.Module
+    positions: Tensor          # (L, W)
+    blocks: tuple[_Block, ...]
+    heads: int
+    ln_final: nn.Module
+    project: Callable[[Tensor], Tensor]
+
+
+def _lin(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w.T + b`` with the matmul in ``w``'s dtype and the result in float32."""
+    y = F.linear(x.to(w.dtype), w).float()
+    return y if b is None else y + b
+
+
+def _layers(tower: _TextTower, x: Tensor, mask: Tensor,
+            past: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Run every block on ``x (B, Q, W)``; ``mask (B, 1, Q, P+Q)`` bool (True = attend);
+    ``past`` per layer ``(keys, values)`` each ``(B, h, P, W/h)``. Returns x and this chunk's k/v."""
+    batch, length, width = x.shape
+    heads = tower.heads
+    new_kv = []
+    for i, blk in enumerate(tower.blocks):
+        qkv = _lin(blk.ln1(x), blk.qkv_w, blk.qkv_b).view(batch, length, 3, heads, width // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, h, Q, W/h)
+        new_kv.append((k, v))
+        if past is not None:
+            k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = _lin(o.transpose(1, 2).reshape(batch, length, width), blk.out_w, blk.out_b)
+        x = x + (o if blk.ls1 is None else o * blk.ls1)
+        m = _lin(blk.act(_lin(blk.ln2(x), blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
+        x = x + (m if blk.ls2 is None else m * blk.ls2)
+    return x, new_kv
+
+
+def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
+                         share: bool = True) -> Tensor:
+    """Pooled text features ``(B, k, D)`` of ``ids (B, k, L)`` pooled at ``pool (B, k)``.
+
+    Per image b the k rows' longest common token prefix (before the earliest pooled position)
+    runs once; then every distinct row's remaining tokens up to its pooled one run *packed* in
+    a single sequence per image, each attending to the cached prefix and to its own earlier
+    tokens only (rows with identical ids, e.g. candidates differing only in case, run once).
+    Exact for causal towers. ``share=False`` runs every row from position 0 (same packing).
+    """
+    n_img, k, length = ids.shape
+    device = ids.device
+    same = (ids == ids[:, :1]).all(1).long().cumprod(1).sum(1)             # (B,) common prefix
+    shared = torch.minimum(same, pool.min(1).values) if share else torch.zeros_like(same)
+    prefix_len = int(shared.max())
+    past = None
+    if prefix_len > 0:  # 1. the shared prefix of each image, causal, keys/values kept
+        positions = torch.arange(prefix_len, device=device)
+        x = tower.token_embedding(ids[:, 0, :prefix_len]).float() + tower.positions[:prefix_len]
+        causal = (positions[None, :] <= positions[:, None])[None, None]     # (1, 1, P, P)
+        _, past = _layers(tower, x, causal, None)
+    # 2. each distinct row's own tokens shared[b] .. pool[b, i], packed into one sequence per image
+    rows = torch.arange(k, device=device)
+    rep = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1).int().argmax(-1)  # (B, k) first twin
+    counts = torch.where(rep == rows, pool - shared[:, None] + 1, 0).reshape(-1)  # (B·k,) tokens to run
+    seg = torch.repeat_interleave(torch.arange(n_img * k, device=device), counts)  # row of each token
+    ends = torch.cumsum(counts, 0)
+    offset = torch.arange(len(seg), device=device) - (ends - counts)[seg]   # index within its row
+    img = seg // k
+    position = shared[img] + offset
+    token = ids.reshape(n_img * k, length)[seg, position]
+    per_img = counts.view(n_img, k).sum(1)
+    slot = torch.arange(len(seg), device=device) - (torch.cumsum(per_img, 0) - per_img)[img]
+    width = int(per_img.max())
+    packed_tok = torch.zeros(n_img, width, dtype=torch.long, device=device)
+    packed_pos = torch.arange(width, device=device).repeat(n_img, 1)        # padding: own index
+    packed_seg = torch.full((n_img, width), -1, dtype=torch.long, device=device)
+    packed_tok[img, slot], packed_pos[img, slot], packed_seg[img, slot] = token, position, seg
+    x = tower.token_embedding(packed_tok).float() + \
+        tower.positions[packed_pos.clamp_max(tower.positions.shape[0] - 1)]
+    own = (packed_seg[:, :, None] == packed_seg[:, None, :]) & \
+          (packed_pos[:, None, :] <= packed_pos[:, :, None])                # (B, Q, Q)
+    if past is not None:
+        cached = torch.arange(prefix_len, device=device)[None, :] < shared[:, None]   # (B, P)
+        own = torch.cat([cached[:, None, :].expand(-1, width, -1), own], 2)
+    x, _ = _layers(tower, x, own[:, None], past)
+    twin = (torch.arange(n_img, device=device)[:, None] * k + rep).reshape(-1)    # (B·k,)
+    pooled = x[twin // k, slot[ends[twin] - 1]]                             # (B·k, W)
+    return tower.project(tower.ln_final(pooled)).view(n_img, k, -1)
+
+
+def _open_clip_tower(model: Any, dtype: torch.dtype) -> _TextTower | None:
+    """The text tower of an open_clip CLIP/CustomTextCLIP, or None when it is not a plain causal one."""
+    text = getattr(model, "text", model)
+    attn_mask = getattr(text, "attn_mask", None)
+    blocks = getattr(getattr(text, "transformer", None), "resblocks", None)
+    if attn_mask is None or blocks is None or getattr(text, "cls_emb", None) is not None:
+        return None
+    pool_type = getattr(model, "text_pool_type", getattr(text, "pool_type", None))
+    if pool_type not in ("argmax", "eos", "last", "first"):
+        return None
+    out = []
+    for blk in blocks:
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        plain_mlp = isinstance(mlp, nn.Sequential) and [n for n, _ in mlp.named_children()] == \
+            ["c_fc", "gelu", "c_proj"]
+        if not isinstance(attn, nn.MultiheadAttention) or hasattr(blk, "ln_1_kv") or not plain_mlp:
+            return None
+        ls = [getattr(getattr(blk, name), "gamma", None) for name in ("ls_1", "ls_2")]
+        out.append(_Block(blk.ln_1, attn.in_proj_weight.to(dtype), attn.in_proj_bias,
+                          attn.out_proj.weight.to(dtype), attn.out_proj.bias, ls[0], blk.ln_2,
+                          mlp.c_fc.weight.to(dtype), mlp.c_fc.bias, mlp.gelu,
+                          mlp.c_proj.weight.to(dtype), mlp.c_proj.bias, ls[1]))
+    proj = text.text_projection
+    if proj is None:
+        project = lambda x: x  # noqa: E731
+    elif isinstance(proj, nn.Linear):
+        project = lambda x: _lin(x, proj.weight.to(dtype), proj.bias)  # noqa: E731
+    else:
+        project = lambda x: _lin(x, proj.t().to(dtype), None)  # noqa: E731
+    return _TextTower(text.token_embedding, text.positional_embedding.float(), tuple(out),
+                      blocks[0].attn.num_heads, text.ln_final, project)
+
+
+def _hf_clip_tower(model: Any, dtype: torch.dtype) -> _TextTower:
+    """The text tower of a transformers CLIPModel."""
+    text = model.text_model
+    out = []
+    for layer in text.encoder.layers:
+        att = layer.self_attn
+        out.append(_Block(layer.layer_norm1,
+                          torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).to(dtype),
+                          torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]),
+                          att.out_proj.weight.to(dtype), att.out_proj.bias, None, layer.layer_norm2,
+                          layer.mlp.fc1.weight.to(dtype), layer.mlp.fc1.bias, layer.mlp.activation_fn,
+                          layer.mlp.fc2.weight.to(dtype), layer.mlp.fc2.bias, None))
+    proj_w = model.text_projection.weight.to(dtype)
+    return _TextTower(text.embeddings.token_embedding, text.embeddings.position_embedding.weight.float(),
+                      tuple(out), text.config.num_attention_heads, text.final_layer_norm,
+                      lambda x: _lin(x, proj_w, None))
+
+
+class ClipScorer:
+    """CLIP image–text logits (cosine × logit scale [+ bias]) with a shared-prefix text cache.
+
+    model: an open_clip CLIP model (``tokenizer`` = ``open_clip.get_tokenizer(name)``,
+    ``preprocess`` its eval transform) or a transformers CLIPModel (``tokenizer`` its tokenizer,
+    ``preprocess`` its image processor). ``dtype`` is the text tower's matmul dtype (float32
+    default; bfloat16 is faster on CPUs with bf16 units, at ~1e-2 relative error).
+    ``prefix_cache=False`` runs every candidate from its first token (for comparison).
+    ``seconds`` accumulates time spent tokenising and in the text tower.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, preprocess: Any = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 prefix_cache: bool = True) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer, self.preprocess, self.prefix_cache = tokenizer, preprocess, prefix_cache
+        self.is_hf = hasattr(model, "get_text_features") and hasattr(model, "text_model")
+        if not self.is_hf and not hasattr(model, "encode_text"):
+            raise TypeError("ClipScorer needs an open_clip or transformers CLIP model, got "
+                            f"{type(model).__name__}")
+        self.logit_scale = float(model.logit_scale.detach().exp())
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias = float(bias.detach()) if bias is not None else 0.0
+        with torch.no_grad():
+            self.tower = _hf_clip_tower(model, dtype) if self.is_hf else _open_clip_tower(model, dtype)
+        if self.is_hf:
+            cfg = model.config.text_config
+            self.context_length, self.eos_id = int(cfg.max_position_embeddings), int(cfg.eos_token_id)
+            self.pool_type = "argmax" if self.eos_id == 2 else "eos"
+        else:
+            text = getattr(model, "text", model)
+            self.context_length = int(getattr(tokenizer, "context_length", None) or text.context_length)
+            self.pool_type = getattr(model, "text_pool_type", getattr(text, "pool_type", "argmax"))
+            self.eos_id = getattr(model, "text_eos_id", getattr(text, "eos_id", None))
+        self._ids: OrderedDict[str, Tensor] = OrderedDict()
+        self.seconds = {"tokenize": 0.0, "text_tower": 0.0}
+
+    @classmethod
+    def from_encoder(cls, encoder: Any, **kw: Any) -> "ClipScorer":
+        """From either tower of a loaded ``open_clip:``/``hf-clip:`` encoder (they share the model)."""
+        preprocess = getattr(encoder, "preprocess", None) or getattr(encoder, "processor", None)
+        return cls(encoder.model, encoder.tokenizer, preprocess=preprocess,
+                   device=kw.pop("device", getattr(encoder, "device", None)), **kw)
+
+    @classmethod
+    def from_spec(cls, spec: str, *, device: str | torch.device | None = None, **kw: Any) -> "ClipScorer":
+        """From a spec, e.g. ``open_clip:ViT-B-32@laion2b_s34b_b79k`` or ``hf-clip:NAME``."""
+        from nofree.registry import load_encoder
+
+        return cls.from_encoder(load_encoder(spec, modality="text", device=device), device=device, **kw)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Any]) -> Tensor:
+        """``(B, D)`` L2-normalised image features of PIL images (or a preprocessed ``(B, 3, S, S)``)."""
+        if isinstance(images, Tensor):
+            pixels = images
+        elif self.preprocess is None:
+            raise TypeError("ClipScorer was built without preprocess=: pass the model's image "
+                            "transform/processor, or give a preprocessed (B, 3, S, S) tensor")
+        elif self.is_hf:
+            pixels = self.preprocess(images=[im.convert("RGB") for im in images],
+                                     return_tensors="pt")["pixel_values"]
+        else:
+            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+        pixels = pixels.to(self.device)
+        if self.is_hf:
+            out = self.model.get_image_features(pixel_values=pixels)
+            out = out if isinstance(out, Tensor) else out.pooler_output
+        else:
+            out = self.model.encode_image(pixels)
+        return l2_normalize(out).cpu()
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """``(N, L)`` CLIP token ids, memoised per string."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._ids))
+        if todo:
+            if self.is_hf:
+                ids = self.tokenizer(todo, padding="max_length", truncation=True,
+                                     max_length=self.context_length, return_tensors="pt")["input_ids"]
+            else:
+                ids = self.tokenizer(todo)
+            for text, row in zip(todo, ids):
+                self._ids[text] = row
+            while len(self._ids) > 50_000:
+                self._ids.popitem(last=False)
+        return torch.stack([self._ids[t] for t in texts]).to(self.device)
+
+    def pool_index(self, ids: Tensor) -> Tensor:
+        """``(N,)`` the position whose state the text tower pools (end-of-text for CLIP)."""
+        if self.pool_type == "argmax":
+            return ids.argmax(-1)
+        if self.pool_type == "eos":
+            return (ids == self.eos_id).int().argmax(-1)
+        if self.pool_type == "last":
+            return torch.full(ids.shape[:1], ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        return torch.zeros(ids.shape[:1], dtype=torch.long, device=ids.device)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[Sequence[str]]) -> Tensor:
+        """``(B, k, D)`` L2-normalised features of B lists of k texts (the fast path)."""
+        start = time.perf_counter()
+        n_img, k = len(texts), len(texts[0])
+        ids = self.tokenize([t for row in texts for t in row])
+        mid = time.perf_counter()
+        self.seconds["tokenize"] += mid - start
+        if self.tower is None:  # not a plain causal tower: the model's own encoder
+            feats = self.model.encode_text(ids)
+        else:
+            pool = self.pool_index(ids).view(n_img, k)
+            feats = encode_shared_prefix(self.tower, ids.view(n_img, k, -1), pool,
+                                         share=self.prefix_cache)
+        self.seconds["text_tower"] += time.perf_counter() - mid
+        return l2_normalize(feats.reshape(n_img, k, -1))
+
+    def score(self, image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor:
+        """``(B, k)`` float32: logit_scale · cos(image b, text b,i) + logit_bias."""
+        _check_texts(image_emb, texts)
+        text_emb = self.encode_texts(texts)
+        image = l2_normalize(image_emb.to(self.device))
+        return (self.logit_scale * torch.einsum("bd,bkd->bk", image, text_emb) + self.logit_bias).cpu()
+
+
+# --- ASIF --------------------------------------------------------------------------------------
+
+def _dense(rel: Any) -> Tensor:
+    """A float32 dense torch tensor from any relative-representation container: a torch tensor
+    (dense or sparse), an object with ``to_dense()`` or ``toarray()`` (scipy), or an array."""
+    if isinstance(rel, Tensor):
+        return (rel.to_dense() if rel.layout != torch.strided else rel).float()
+    if hasattr(rel, "to_dense"):
+        return torch.as_tensor(rel.to_dense()).float()
+    if hasattr(rel, "toarray"):
+        rel = rel.toarray()
+    return torch.as_tensor(rel).float()
+
+
+def _relative_dot(text_rel: Any, image_rel: Tensor) -> Tensor:
+    """``(U, B)`` inner products of text relative representations with dense image ones ``(B, N)``.
+
+    Row-sparse containers (``values``/``indices`` ``(U, k)``, as ASIF keeps its top-k entries)
+    gather k anchors per text instead of densifying; torch sparse tensors use a sparse matmul.
+    """
+    values, indices = getattr(text_rel, "values", None), getattr(text_rel, "indices", None)
+    if isinstance(values, Tensor) and isinstance(indices, Tensor):
+        picked = image_rel.T[indices.to(image_rel.device)]                 # (U, k, B)
+        return (picked * values.to(image_rel.device).float()[..., None]).sum(1)
+    if isinstance(text_rel, Tensor) and text_rel.layout != torch.strided:
+        return torch.sparse.mm(text_rel.float(), image_rel.T.contiguous())
+    return _dense(text_rel) @ image_rel.T
+
+
+class AsifScorer:
+    """ASIF similarity ⟨ρ_img, ρ_txt⟩ between an image and candidate texts, × ``temperature``.
+
+    asif: a fitted :class:`nofree.anchors.asif.ASIF` (``transform(emb, modality=)`` gives the
+    relative representations ``(N, n_anchors)``); text_encoder / image_encoder: the encoders its
+    anchors were built with (``image_encoder`` is needed only for :meth:`embed_images`).
+    ``image_emb`` passed to :meth:`score` are the image encoder's embeddings ``(B, Di)``; their
+    relative representations are computed once per distinct image and kept (``cache_images``).
+    Repeated candidate strings within a call are embedded once.
+    """
+
+    def __init__(self, asif: Any, text_encoder: Any, image_encoder: Any = None, *,
+                 temperature: float = DEFAULT_ASIF_TEMPERATURE, cache_images: int = 1024) -> None:
+        if not temperature > 0:
+            raise DataError(f"temperature must be > 0, got {temperature}")
+        self.asif, self.text_encoder, self.image_encoder = asif, text_encoder, image_encoder
+        self.temperature, self.cache_images = float(temperature), cache_images
+        self._image_rel: OrderedDict[bytes, Tensor] = OrderedDict()
+        self.seconds = {"text_encoder": 0.0, "relative": 0.0}
+
+    def embed_images(self, images: Sequence[Any]) -> Tensor:
+        """``(B, Di)`` image-encoder embeddings (what :meth:`score` takes)."""
+        if self.image_encoder is None:
+            raise TypeError("AsifScorer was built without image_encoder=: pass the image encoder "
+                            "the anchors were built with, or give magic_search its embeddings")
+        return self.image_encoder.encode(list(images)).float()
+
+    def image_relative(self, image_emb: Tensor) -> Tensor:
+        """``(B, n_anchors)`` dense relative representations, cached per image."""
+        image_emb = image_emb.detach().float().cpu()
+        keys = [row.numpy().tobytes() for row in image_emb]
+        todo = [i for i, key in enumerate(keys) if key not in self._image_rel]
+        if todo:
+            rel = _dense(self.asif.transform(image_emb[todo], modality="image"))
+            for i, row in zip(todo, rel):
+                self._image_rel[keys[i]] = row
+            while len(self._image_rel) > self.cache_images:
+                self._image_rel.popitem(last=False)
+        return torch.stack([self._image_rel[key] for key in keys])
+
+    def score(self, image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor:
+        """``(B, k)`` float32: temperature · ⟨ρ_img(b), ρ_txt(text b,i)⟩."""
+        k = _check_texts(image_emb, texts)
+        image_rel = self.image_relative(image_emb)                        # (B, n)
+        flat = [t for row in texts for t in row]
+        unique = list(dict.fromkeys(flat))
+        start = time.perf_counter()
+        text_emb = self.text_encoder.encode(unique)                       # (U, Dt)
+        mid = time.perf_counter()
+        text_rel = self.asif.transform(text_emb, modality="text")         # (U, n), maybe sparse
+        sim = _relative_dot(text_rel, image_rel.to(text_emb.device))      # (U, B)
+        where = {t: i for i, t in enumerate(unique)}
+        index = torch.tensor([where[t] for t in flat]).view(len(texts), k)
+        out = sim.cpu()
+        self.seconds["text_encoder"] += mid - start
+        self.seconds["relative"] += time.perf_counter() - mid
+        return self.temperature * out[index, torch.arange(len(texts))[:, None]].float()

@@ -1,0 +1,280 @@
+"""MAGIC decoding: greedy equivalence, cache exactness against a no-cache reference, batching,
+the degeneration penalty, the image term, stopping rules and argument errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nofree.core import NofreeError
+from nofree.decoding.magic import Generation, greedy_search, magic_search
+from nofree.testing import tiny_lm
+
+FAMILIES = ["gpt2", "llama"]
+PROMPTS = ["a picture of", "the man riding a red bus on the beach with", "cat"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops are dominated by thread hand-off on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lm(request, tmp_path_factory):
+    return tiny_lm(tmp_path_factory.mktemp(request.param), family=request.param)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return tiny_lm(tmp_path_factory.mktemp("gpt2"), family="gpt2")
+
+
+def word_scorer(words_per_image):
+    """A toy scorer: image b likes texts containing its word (logit 8 per occurrence)."""
+    def score(image_emb, texts):
+        return torch.tensor([[8.0 * text.count(words_per_image[int(image_emb[b, 0])]) for text in row]
+                             for b, row in enumerate(texts)])
+    return score
+
+
+def image_index(n):
+    """``(n, 2)`` fake image embeddings whose first column names the image's word."""
+    return torch.stack([torch.arange(n, dtype=torch.float32), torch.ones(n)], 1)
+
+
+def reference_magic(lm, scorer, image_emb, prompt, *, k, alpha, beta, max_new_tokens):
+    """MAGIC for one prompt with no cache at all: every candidate re-runs the whole sequence."""
+    generated, steps = [], []
+    for _ in range(max_new_tokens):
+        full = prompt + generated
+        out = lm.step(torch.tensor([full]))
+        context = torch.nn.functional.normalize(out.hidden[0], dim=-1)        # (T, H)
+        prob, cand = out.logits[0].softmax(-1).topk(k)
+        penalty = torch.stack([
+            (torch.nn.functional.normalize(lm.step(torch.tensor([full + [v]])).hidden[0, -1], dim=-1)
+             @ context.T).max() for v in cand.tolist()])
+        score = (1 - alpha) * prob - alpha * penalty
+        if beta:
+            texts = [lm.decode([generated + [v]])[0] for v in cand.tolist()]
+            score = score + beta * scorer(image_emb[None], [texts])[0].softmax(-1)
+        token = int(cand[score.argmax()])
+        steps.append((prob, penalty))
+        if token == lm.eos_id:
+            break
+        generated.append(token)
+    return generated, steps
+
+
+def test_alpha_beta_zero_is_greedy(lm):
+    prompts = lm.tokenize(PROMPTS)
+    for stop_at_period in (False, True):
+        greedy = greedy_search(lm, prompts, max_new_tokens=10, stop_at_period=stop_at_period)
+        magic = magic_search(lm, None, None, prompt_ids=prompts, k=7, alpha=0.0, beta=0.0,
+                             max_new_tokens=10, stop_at_period=stop_at_period)
+        assert isinstance(magic, Generation)
+        assert magic.ids == greedy.ids and magic.texts == greedy.texts and magic.stop == greedy.stop
+    assert all(len(ids) == 10 for ids in greedy_search(lm, prompts, max_new_tokens=10,
+                                                       stop_at_period=False).ids)
+
+
+def test_greedy_matches_argmax_of_full_forward(lm):
+    prompt = lm.tokenize(["the dog on"])[0]
+    out = greedy_search(lm, [prompt], max_new_tokens=6, stop_at_period=False).ids[0]
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(lm.step(torch.tensor([seq])).logits[0].argmax()))
+    assert out == seq[len(prompt):]
+
+
+def test_cache_path_equals_no_cache_reference(lm):
+    scorer = word_scorer(["dog", "bus"])
+    prompts = lm.tokenize(["a picture of", "the red"])
+    images = image_index(2)
+    got = magic_search(lm, scorer, images, prompt_ids=prompts, k=6, alpha=0.3, beta=1.5,
+                       max_new_tokens=5, stop_at_period=False)
+    for row, prompt in enumerate(prompts):
+        ids, ref_steps = reference_magic(lm, scorer, images[row], prompt, k=6, alpha=0.3, beta=1.5,
+                                         max_new_tokens=5)
+        assert got.ids[row] == ids
+        for step, (prob, penalty) in zip(got.steps, ref_steps):
+            i = step.rows.tolist().index(row)
+            torch.testing.assert_close(step.lm_prob[i], prob, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(step.penalty[i], penalty, atol=1e-5, rtol=1e-4)
+
+
+def test_degeneration_penalty_matches_direct_computation(gpt2):
+    lm = gpt2
+    prompt = lm.tokenize(["the man riding a"])[0]
+    out = magic_search(lm, None, None, prompt_ids=[prompt], k=5, alpha=0.5, beta=0.0,
+                       max_new_tokens=4, stop_at_period=False)
+    step = out.steps[2]                                   # two generated tokens already in context
+    context = prompt + out.ids[0][:2]
+    for j, v in enumerate(step.candidates[0].tolist()):
+        hidden = torch.nn.functional.normalize(lm.step(torch.tensor([context + [v]])).hidden[0], dim=-1)
+        direct = (hidden[:-1] @ hidden[-1]).max()         # candidate vs every earlier position
+        assert step.penalty[0, j] == pytest.approx(float(direct), abs=1e-5)
+    assert out.ids[0][2] == int(step.candidates[0, step.chosen[0]])
+    score = 0.5 * step.lm_prob[0] - 0.5 * step.penalty[0]
+    assert int(step.chosen[0]) == int(score.argmax())
+    assert step.image_prob is None
+
+
+def test_penalty_ignores_left_padding(gpt2):
+    lm = gpt2
+    short, long = lm.tokenize(["cat", "the man riding a red bus on the beach"])
+    batched = magic_search(lm, None, None, prompt_ids=[short, long], k=5, alpha=0.5, beta=0.0,
+                           max_new_tokens=3, stop_at_period=False)
+    alone = magic_search(lm, None, None, prompt_ids=[short], k=5, alpha=0.5, beta=0.0,
+                         max_new_tokens=3, stop_at_period=False)
+    assert batched.ids[0] == alone.ids[0]
+    torch.testing.assert_close(batched.steps[0].penalty[0], alone.steps[0].penalty[0], atol=1e-5, rtol=1e-4)
+
+
+def test_scorer_steers_toward_its_word(lm):
+    prompts = lm.tokenize(["a picture of"])
+    scorer = word_scorer(["dog"])
+    plain = magic_search(lm, scorer, image_index(1), prompt_ids=prompts, k=lm.vocab_size,
+                         beta=0.0, max_new_tokens=6, stop_at_period=False)
+    steered = magic_search(lm, scorer, image_index(1), prompt_ids=prompts, k=lm.vocab_size,
+                           beta=2.0, max_new_tokens=6, stop_at_period=False)
+    assert "dog" not in plain.texts[0]
+    assert steered.texts[0].count("dog") >= 1
+    first = steered.steps[0]
+    torch.testing.assert_close(first.image_prob.sum(-1), torch.ones(1))
+    assert "dog" in lm.decode([[int(first.candidates[0, first.chosen[0]])]])[0]
+
+
+def test_beta_zero_never_calls_the_scorer(gpt2):
+    def boom(image_emb, texts):
+        raise AssertionError("scorer called with beta=0")
+
+    out = magic_search(gpt2, boom, None, prompt_ids=gpt2.tokenize(["a"]), k=4, beta=0.0,
+                       max_new_tokens=3)
+    assert out.steps and all(s.image_prob is None for s in out.steps)
+
+
+def test_batched_images_equal_one_by_one(lm):
+    words = ["dog", "bus", "beach"]
+    scorer = word_scorer(words)
+    prompts = lm.tokenize(PROMPTS)
+    images = image_index(3)
+    batched = magic_search(lm, scorer, images, prompt_ids=prompts, k=lm.vocab_size, alpha=0.1,
+                           beta=2.0, max_new_tokens=6)
+    for row in range(3):
+        alone = magic_search(lm, scorer, images[row:row + 1], prompt_ids=[prompts[row]],
+                             k=lm.vocab_size, alpha=0.1, beta=2.0, max_new_tokens=6)
+        assert batched.ids[row] == alone.ids[0]
+        assert batched.stop[row] == alone.stop[0]
+        assert words[row] in batched.texts[row]
+
+
+def test_eos_stops_a_row_while_others_continue(gpt2):
+    lm = gpt2
+
+    def score(image_emb, texts):   # image 0 wants the empty text (eos), image 1 wants 'cat'
+        return torch.tensor([[9.0 * (t == "") if int(image_emb[b, 0]) == 0 else 9.0 * t.count("cat")
+                              for t in row] for b, row in enumerate(texts)])
+
+    prompts = lm.tokenize(["a picture of", "the"])
+    out = magic_search(lm, score, image_index(2), prompt_ids=prompts, k=lm.vocab_size,
+                       max_new_tokens=5, stop_at_period=False)
+    assert out.ids[0] == [] and out.stop[0] == "eos" and out.texts[0] == ""
+    assert len(out.ids[1]) == 5 and out.stop[1] == "length" and "cat" in out.texts[1]
+    assert [s.rows.tolist() for s in out.steps] == [[0, 1]] + [[1]] * 4
+
+
+def test_period_stops_only_after_a_word(gpt2):
+    lm = gpt2
+
+    def dog_then_period(image_emb, texts):
+        return torch.tensor([[10.0 * t.count("dog") + 20.0 * t.rstrip().endswith("dog.") for t in row]
+                             for row in texts])
+
+    def dots(image_emb, texts):
+        return torch.tensor([[8.0 * len(t) * (set(t) == {"."}) for t in row] for row in texts])
+
+    prompt = lm.tokenize(["a picture of"])
+    kw = dict(prompt_ids=prompt, k=lm.vocab_size, max_new_tokens=6)
+    out = magic_search(lm, dog_then_period, image_index(1), **kw)
+    assert out.texts[0].strip() == "dog." and out.stop == ["period"]
+    longer = magic_search(lm, dog_then_period, image_index(1), stop_at_period=False, **kw)
+    assert len(longer.ids[0]) == 6 and longer.ids[0][:len(out.ids[0])] == out.ids[0]
+    only_dots = magic_search(lm, dots, image_index(1), **kw)
+    assert set(only_dots.texts[0]) == {"."} and only_dots.stop == ["length"]
+
+
+def test_bad_arguments_are_clear_errors(gpt2):
+    lm = gpt2
+    prompts = lm.tokenize(["a dog"])
+    with pytest.raises(NofreeError, match="vocab"):
+        magic_search(lm, None, None, prompt_ids=prompts, k=lm.vocab_size + 1, beta=0.0)
+    with pytest.raises(NofreeError, match="empty"):
+        magic_search(lm, None, None, prompt_ids=[[]], beta=0.0)
+    with pytest.raises(NofreeError, match="empty"):
+        greedy_search(lm, [prompts[0], []])
+    with pytest.raises(NofreeError, match="image_emb"):
+        magic_search(lm, word_scorer(["dog"]), None, prompt_ids=prompts, k=4)
+    with pytest.raises(NofreeError, match="image_emb"):
+        magic_search(lm, word_scorer(["dog"]), image_index(2), prompt_ids=prompts, k=4)
+    with pytest.raises(TypeError, match="scorer"):
+        magic_search(lm, object(), image_index(1), prompt_ids=prompts, k=4)
+
+
+def test_custom_generate_callable(gpt2):
+    from nofree.decoding.magic import magic_custom_generate
+
+    lm = gpt2
+    prompts = lm.tokenize(PROMPTS[:2])
+    from nofree.lm.hf import left_pad
+
+    ids, mask = left_pad(prompts, lm.pad_id)
+    scorer = word_scorer(["dog", "bus"])
+    expected = magic_search(lm, scorer, image_index(2), prompt_ids=prompts, k=20,
+                            max_new_tokens=5, stop_at_period=False)
+    out = lm.model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                            custom_generate=magic_custom_generate(lm.tokenizer, scorer, image_index(2),
+                                                                  k=20, stop_at_period=False))
+    assert out.shape[1] == ids.shape[1] + 5
+    assert [row[ids.shape[1]:].tolist() for row in out] == expected.ids
+
+
+def test_lm_without_candidate_logits_gives_the_same_tokens(lm):
+    """LMs exposing head_logits() get step(logits=False) for the candidates, same result."""
+    from nofree.core import LMStep
+    from nofree.lm.hf import HFLanguageModel
+
+    class HeadlessLM(HFLanguageModel):
+        calls: list
+
+        def step(self, ids=None, *, embeds=None, cache=None, attention_mask=None, logits=True):
+            out = super().step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask)
+            self.calls.append(logits)
+            return out if logits else LMStep(logits=None, hidden=out.hidden, cache=out.cache)
+
+        def head_logits(self, hidden):
+            return self.model.get_output_embeddings()(hidden)
+
+    headless = HeadlessLM(lm.model, lm.tokenizer, spec=lm.spec)
+    headless.calls = []
+    prompts = lm.tokenize(PROMPTS)
+    kw = dict(prompt_ids=prompts, k=8, alpha=0.2, beta=1.0, max_new_tokens=6, stop_at_period=False)
+    scorer = word_scorer(["dog", "bus", "cat"])
+    expected = magic_search(lm, scorer, image_index(3), **kw)
+    got = magic_search(headless, scorer, image_index(3), **kw)
+    assert got.ids == expected.ids
+    assert headless.calls == [True] + [False] * 6
+
+
+def test_magic_generate_captions_images(gpt2):
+    from nofree.decoding.magic import magic_generate
+    from nofree.decoding.scorers import CallableScorer
+
+    lm = gpt2
+    scorer = CallableScorer(word_scorer(["dog", "bus"]), embed_images=lambda images: image_index(len(images)))
+    kw = dict(k=lm.vocab_size, max_new_tokens=4, stop_at_period=False)
+    texts = magic_generate(lm.model, lm.tokenizer, ["img0", "img1"], scorer, prompt="a picture of", **kw)
+    expected = magic_search(lm, scorer, image_index(2), prompt_ids=lm.tokenize(["a picture of"] * 2), **kw)
+    assert texts == expected.texts and "dog" in texts[0] and "bus" in texts[1]
