@@ -26,6 +26,7 @@ import torch
 
 from nofree import sample_dir
 from nofree.anchors.anchor_set import AnchorSet
+from nofree.anchors.pipeline import PIPELINE_ASIF_DEFAULTS
 from nofree.cache import EmbeddingCache
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from nofree.data.pairs import load_pairs, load_text_lines
@@ -138,6 +139,8 @@ def main(argv=None) -> dict:
         "+ centering": (dict(k=None, p=8.0, center=True), {}),
         f"+ CV-tuned k={best['k']}, p={best['p']}, center={best['center']}": (best, {}),
         "+ consensus re-ranking (m=100)": (best, {"rerank": 100}),
+        "nofree defaults (center, p=2, k=min(800,N), consensus m=100)": (
+            dict(k=None, **PIPELINE_ASIF_DEFAULTS), {"rerank": 100}),
         "paper defaults + consensus re-ranking": (dict(k=None, p=8.0), {"rerank": 100}),
     }
     results = {}

@@ -64,8 +64,8 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     for i, pair in enumerate(shown):
         echo(f"\n{Path(pair.image).name}")
         truth = ", ".join(pair.meta.get("categories", [])[:6]) or "(not annotated)"
-        echo(f"  zero-shot    {', '.join(f'{r['label']} ({r['score']:.2f})' for r in top[i])}"
-             f"   [true: {truth}]")
+        labels_shown = ", ".join(f"{r['label']} ({r['score']:.2f})" for r in top[i])
+        echo(f"  zero-shot    {labels_shown}   [true: {truth}]")
         echo(f"  retrieval    {retrieved[i]}")
         if magic_captions is not None:
             echo(f"  MAGIC+ASIF   {magic_captions[i]}")

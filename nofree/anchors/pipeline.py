@@ -18,6 +18,10 @@ from torch import Tensor
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.core import DataError, Encoder
 
+#: ASIF settings nofree uses unless told otherwise: the paper's top-k with k = min(800, N), plus
+#: centring each modality on its anchor mean and a milder power than the paper's p = 8. Chosen
+#: by 5-fold cross-validation on coco-mini train (benchmarks/asif_quality.py, RESULTS.md).
+PIPELINE_ASIF_DEFAULTS = {"center": True, "p": 2.0}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 #: Prompt ensemble for ``average_templates`` (a short subset in the spirit of CLIP's 80).
 ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.",
@@ -56,7 +60,8 @@ class AsifPipeline:
 
         anchors.check_encoder(image_encoder, "image")
         anchors.check_encoder(text_encoder, "text")
-        return cls(anchors, ASIF(**asif_params).fit(anchors), image_encoder, text_encoder, cache)
+        params = {**PIPELINE_ASIF_DEFAULTS, **asif_params}
+        return cls(anchors, ASIF(**params).fit(anchors), image_encoder, text_encoder, cache)
 
     # --- embeddings ---------------------------------------------------------------------
     def _encode(self, encoder: Encoder, items: Sequence[Any]) -> Tensor:
