@@ -82,8 +82,10 @@ def main(argv=None) -> dict:
            "results": results}
     print(markdown(out))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
 
