@@ -202,9 +202,16 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
     if method in ("clipcap", "flamingo"):
         if adapter_dir is None:
             raise DataError(f"--method {method} needs --adapter DIR (from `nofree train {method}`)")
-        from nofree.adapters import load_adapter_captioner
+        from nofree.adapters import AdapterCaptioner, load_adapter
 
-        return load_adapter_captioner(adapter_dir, method=method, device=device, **options)
+        unused = sorted(k for k in options if k != "max_new_tokens")
+        if unused:
+            raise DataError(f"--method {method} takes no {', '.join('--' + k for k in unused)}")
+        adapter = load_adapter(adapter_dir, device=device)
+        if adapter.kind != method:
+            raise DataError(f"{adapter_dir} holds a {adapter.kind} adapter, not {method}: "
+                            f"use --method {adapter.kind}")
+        return AdapterCaptioner(adapter, max_tokens=options.get("max_new_tokens", 30))
     raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap or flamingo")
 
 

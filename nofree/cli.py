@@ -311,6 +311,49 @@ def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_t
     _emit(rows, fmt, ["image", "caption"])
 
 
+# --- training -----------------------------------------------------------------------------
+def _train_options(f):
+    f = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--device", default="cpu", show_default=True)(f)
+    f = click.option("--val-split", default="val", show_default=True,
+                     help="Split scored each epoch ('' to skip validation).")(f)
+    f = click.option("--train-split", default="train", show_default=True)(f)
+    f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Learning rate (default: the method's).")(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=None)(f)
+    f = click.option("--epochs", type=click.IntRange(min=1), default=None)(f)
+    f = click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")(f)
+    f = click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)(f)
+    f = click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path))(f)
+    return f
+
+
+@main.command()
+@click.argument("method", type=click.Choice(["lit", "clipcap", "flamingo"]))
+@_train_options
+@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True, help="LiT's text side.")
+@click.option("--lm", default=DEFAULT_LM, show_default=True, help="Frozen LM (clipcap, flamingo).")
+def train(method, pairs, image_encoder, out, epochs, batch_size, lr, train_split, val_split, device,
+          seed, overwrite, resume, text_encoder, lm):
+    """Train a light adapter (LiT, ClipCap or Flamingo-style) on frozen backbones."""
+    from nofree.adapters import train_clipcap, train_flamingo, train_lit
+
+    tuned = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr))
+             if value is not None}
+    common = dict(out=out, image_encoder=image_encoder, train_split=train_split,
+                  val_split=val_split or None, device=device, seed=seed, overwrite=overwrite,
+                  resume=resume, **tuned)
+    if method == "lit":
+        result = train_lit(pairs, text_encoder=text_encoder, **common)
+    else:
+        result = (train_clipcap if method == "clipcap" else train_flamingo)(pairs, lm=lm, **common)
+    last = result.history[-1] if result.history else {}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+    click.echo(f"wrote {result.out_dir} ({result.steps} steps; last epoch: {summary})")
+
+
 # --- demo ---------------------------------------------------------------------------------
 @main.command()
 @click.option("--n-images", type=click.IntRange(min=1), default=4, show_default=True,

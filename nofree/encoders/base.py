@@ -112,7 +112,10 @@ def require(module_name: str, pip_name: str, *, what: str) -> types.ModuleType:
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``hidden`` ``(N, T, W)`` over positions where ``mask`` ``(N, T)`` is true -> ``(N, W)``."""
+    """Mean of ``hidden`` ``(N, T, W)`` over positions where ``mask`` ``(N, T)`` is true.
+
+    Returns ``(N, W)``; a row with an empty mask gives zeros.
+    """
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

@@ -74,7 +74,10 @@ def _pixels(processor: Any, images: list, device: torch.device) -> Tensor:
 
 
 class HFVisionEncoder(FrozenEncoder):
-    """A frozen transformers vision model (``hf-vision:``/``local:``); attributes ``model``, ``processor``."""
+    """A frozen transformers vision model (``hf-vision:``, ``local:``).
+
+    Attributes ``model``, ``processor`` and ``use_pooler`` (see :func:`pool_vision_output`).
+    """
 
     def __init__(self, model: Any, processor: Any, *, spec: str, use_pooler: bool = True,
                  device: str | torch.device | None = None) -> None:
@@ -110,7 +113,8 @@ class HFTextEncoder(FrozenEncoder):
             tokenizer.pad_token = tokenizer.eos_token
         self.max_length = int(max_length or _text_max_length(tokenizer, model.config))
         accepted = inspect.signature(self.model.forward).parameters
-        self._input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+        self._input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                             if n in accepted]
 
     def _hidden(self, items: list) -> tuple[Tensor, Tensor]:
         enc = self.tokenizer(items, padding=True, truncation=True, max_length=self.max_length,

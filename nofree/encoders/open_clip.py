@@ -104,7 +104,8 @@ def load_open_clip(name: str, tag: str | None, *, device: str | torch.device | N
                             f"{', '.join(known[:12])}, ... (open_clip.list_models())")
         if not tag:
             tags = open_clip.list_pretrained_tags_by_model(name)
-            raise SpecError(f"{spec}: name the weights, e.g. open_clip:{name}@{tags[0] if tags else 'TAG'} "
+            example = tags[0] if tags else "TAG"
+            raise SpecError(f"{spec}: name the weights, e.g. open_clip:{name}@{example} "
                             f"(tags: {', '.join(tags) or 'none'}), or open_clip:{name}@{RANDOM_TAG} "
                             "for random weights")
     pretrained = None if tag == RANDOM_TAG else tag

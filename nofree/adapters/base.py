@@ -1,0 +1,571 @@
+"""Shared plumbing of the trainable adapters: frozen backbones, checkpoints, captioning.
+
+An adapter is a small trainable ``nn.Module`` around frozen backbones (image/text encoders,
+a causal LM). The backbones are held as plain attributes, never registered as submodules, so
+``parameters()``, ``state_dict()`` and ``.train()`` only ever see the adapter's own weights; the
+backbones come frozen (``nofree.encoders.base.freeze``) and stay bit-identical through training.
+
+On disk an adapter is a folder with
+
+- ``config.json``: format name and version, nofree version, adapter kind, its hyperparameters,
+  the spec of every backbone (enough to rebuild it), the backbone widths it was built for, and
+  the sha256 of the weights file (a torn save is detected, not loaded);
+- ``adapter.safetensors``: the adapter's weights only (never the backbone).
+
+Both files are written to temporary names and renamed into place. Loading never executes code.
+
+:class:`CaptioningAdapter` adds what ClipCap and the Flamingo-style adapter share: caption
+tokenisation, batched greedy and beam-search decoding with the LM's KV cache, and
+:class:`AdapterCaptioner` (the :class:`nofree.core.Captioner` of a trained adapter).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from nofree.adapters.losses import IGNORE_INDEX, next_token_loss
+from nofree.core import DataError, LMStep, SpecError, resolve_device
+
+FORMAT = "nofree-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+#: adapter kind -> (module, class); ``load_adapter`` dispatches on the recorded kind.
+ADAPTER_CLASSES = {"lit": ("nofree.adapters.lit", "LiT"),
+                   "clipcap": ("nofree.adapters.clipcap", "ClipCap"),
+                   "flamingo": ("nofree.adapters.flamingo", "Flamingo")}
+#: backbone role -> encoder modality (``None``: a language model)
+ROLE_MODALITY = {"image_encoder": "image", "text_encoder": "text", "lm": None}
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of scalar parameters of ``module`` (only those with ``requires_grad`` by default)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Atomically write a safetensors file of CPU copies of ``tensors``; returns its sha256."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata=metadata)
+    sha = file_sha256(tmp)
+    os.replace(tmp, path)
+    return sha
+
+
+def load_tensors(path: Path, *, expected_sha256: str | None = None, what: str = "tensors") -> dict[str, Tensor]:
+    """Read a safetensors file to CPU tensors; a missing, torn or corrupt file is a DataError."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the {what} cannot be loaded (was the save interrupted?)")
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise DataError(f"{path} does not match the checksum recorded beside it (an interrupted or "
+                        "mixed save?); save or train again into this folder")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise DataError(f"{path} is not a readable safetensors file ({err})") from err
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of an adapter folder, checked for format and version."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise DataError(f"{directory} is not a saved adapter: {CONFIG_FILE} is missing "
+                        "(train one with `nofree train ...` or save one with save_pretrained)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise DataError(f"{path} is not a nofree adapter config (format != {FORMAT!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {version!r}; this nofree reads up to "
+                        f"{FORMAT_VERSION}: upgrade nofree to load it")
+    for key in ("kind", "config", "backbone", "dims"):
+        if key not in config:
+            raise DataError(f"{path} lacks the field {key!r}; the file is damaged")
+    if config["kind"] not in ADAPTER_CLASSES:
+        raise DataError(f"{path}: unknown adapter kind {config['kind']!r}; "
+                        f"known: {', '.join(ADAPTER_CLASSES)}")
+    return config
+
+
+def adapter_class(kind: str) -> type["Adapter"]:
+    """The adapter class of a kind name ('lit', 'clipcap', 'flamingo')."""
+    import importlib
+
+    if kind not in ADAPTER_CLASSES:
+        raise SpecError(f"unknown adapter kind {kind!r}; choose one of {', '.join(ADAPTER_CLASSES)}")
+    module, name = ADAPTER_CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_adapter(directory: str | Path, **kwargs: Any) -> "Adapter":
+    """Load any saved adapter (its kind is read from ``config.json``); see ``from_pretrained``."""
+    return Adapter.from_pretrained(directory, **kwargs)
+
+
+def _load_backbone(role: str, spec: str, device: Any) -> Any:
+    from nofree.registry import load_encoder, load_lm
+
+    if role == "lm":
+        return load_lm(spec, device=device)
+    return load_encoder(spec, modality=ROLE_MODALITY[role], device=device)
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` of transformer layers of a HF model: the shallowest list whose length is
+    the configured layer count (``transformer.h`` in GPT-2, ``model.layers`` in Llama,
+    ``encoder.layer`` in BERT)."""
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    found = [(name.count("."), name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)]
+    if not found:
+        raise SpecError(f"cannot find the layers of {type(model).__name__} (no ModuleList of "
+                        f"{n_layers} layers); this needs a standard transformers model")
+    return min(found, key=lambda item: item[:2])[2]
+
+
+class Adapter(nn.Module):
+    """Base of every adapter: trainable weights around frozen, unregistered backbones.
+
+    Subclasses set ``kind``, ``backbone_roles`` and ``feature_kind`` ('embed': pooled image
+    embeddings ``(N, D)``; 'tokens': image token grids ``(N, T, W)``), call
+    ``super().__init__(backbones, device)``, and implement ``config``, ``backbone_dims``,
+    ``batch_loss`` and ``evaluate``. Constructor signature: ``Cls(**backbones, **config, device=)``.
+    """
+
+    kind: ClassVar[str] = ""
+    backbone_roles: ClassVar[tuple[str, ...]] = ()
+    feature_kind: ClassVar[str] = "embed"
+    uses_text_features: ClassVar[bool] = False
+    #: training batches group captions of similar length (less padding through a big LM)
+    bucket_by_length: ClassVar[bool] = False
+
+    def __init__(self, backbones: dict[str, Any], device: str | torch.device | None) -> None:
+        super().__init__()
+        for role in self.backbone_roles:
+            backbone = backbones.get(role)
+            if backbone is None:
+                raise ValueError(f"{type(self).__name__} needs a {role}")
+            modality = ROLE_MODALITY[role]
+            if modality is not None and getattr(backbone, "modality", modality) != modality:
+                raise SpecError(f"{role} {backbone.spec!r} is a {backbone.modality} encoder, "
+                                f"not a {modality} encoder")
+            if not isinstance(getattr(backbone, "spec", None), str):
+                raise SpecError(f"the {role} has no spec string; adapters record it to rebuild "
+                                "the backbone, so pass a nofree encoder/LM (nofree.load_encoder / load_lm)")
+        # plain attributes: never registered, never in state_dict / parameters / train()
+        object.__setattr__(self, "_backbones", {r: backbones[r] for r in self.backbone_roles})
+        object.__setattr__(self, "_device", resolve_device(device))
+
+    # --- backbones ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def backbone(self, role: str) -> Any:
+        return self._backbones[role]
+
+    @property
+    def image_encoder(self) -> Any:
+        return self._backbones["image_encoder"]
+
+    def backbone_specs(self) -> dict[str, str]:
+        """Spec string of every backbone, by role."""
+        return {role: b.spec for role, b in self._backbones.items()}
+
+    def backbone_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """The frozen torch modules inside the backbones, by role (for checks and reports)."""
+        for role, backbone in self._backbones.items():
+            module = getattr(backbone, "model", None) if role == "lm" else getattr(backbone, "module", None)
+            if isinstance(module, nn.Module):
+                yield role, module
+
+    def train(self, mode: bool = True) -> "Adapter":
+        """Train/eval mode for the adapter's own modules; backbones always stay in eval."""
+        super().train(mode)
+        for _, module in self.backbone_modules():
+            module.train(False)
+        return self
+
+    # --- to implement -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-able hyperparameters: ``Cls(**backbones, **config())`` rebuilds the architecture."""
+        raise NotImplementedError
+
+    def backbone_dims(self) -> dict[str, int]:
+        """Backbone widths the weights were built for (checked when loading)."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: Any) -> Tensor:
+        """Scalar training loss of one :class:`nofree.adapters.train.Batch`."""
+        raise NotImplementedError
+
+    def evaluate(self, examples: Any, *, batch_size: int = 32) -> dict[str, float]:
+        """Validation metrics of :class:`nofree.adapters.train.Examples`; the first key is primary."""
+        raise NotImplementedError
+
+    # --- parameters ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; ``lr_scale`` multiplies the learning rate of a group."""
+        return [{"params": self.trainable_parameters(), "lr_scale": 1.0}]
+
+    def num_parameters(self, *, trainable_only: bool = True) -> int:
+        """Scalar parameters of the adapter itself (the backbones are never counted)."""
+        return count_parameters(self, trainable_only=trainable_only)
+
+    def parameter_summary(self) -> dict[str, int]:
+        """``{'trainable': n, '<role>': n_frozen, ...}`` for reports."""
+        summary = {"trainable": self.num_parameters()}
+        for role, module in self.backbone_modules():
+            summary[role] = count_parameters(module, trainable_only=False)
+        return summary
+
+    # --- save / load ----------------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        """The ``config.json`` content (without the weights checksum)."""
+        import nofree
+
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "nofree_version": nofree.__version__, "kind": self.kind, "config": self.config(),
+                "backbone": self.backbone_specs(), "dims": self.backbone_dims()}
+
+    def check_target(self, directory: str | Path, *, overwrite: bool = False) -> None:
+        """Raise DataError unless ``directory`` may receive this adapter (absent, empty, holding
+        this same adapter architecture on the same backbones, or ``overwrite``)."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise DataError(f"{directory} is a file, not a folder; choose another output folder")
+        if overwrite or not directory.exists() or not any(directory.iterdir()):
+            return
+        try:
+            existing = read_config(directory)
+        except DataError:
+            existing = None
+        mine = self.header()
+        if existing is not None and all(existing.get(k) == mine[k] for k in ("kind", "config", "backbone")):
+            return
+        what = (f"a different {existing['kind']} adapter" if existing is not None
+                else "files that are not a nofree adapter")
+        raise DataError(f"{directory} already holds {what}; refusing to overwrite it. Choose "
+                        "another folder, or pass overwrite=True (--overwrite) to replace it")
+
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``config.json`` + ``adapter.safetensors`` (adapter weights only) atomically."""
+        directory = Path(directory)
+        self.check_target(directory, overwrite=overwrite)
+        directory.mkdir(parents=True, exist_ok=True)
+        header = self.header()
+        header["weights_sha256"] = save_tensors(directory / WEIGHTS_FILE, self.state_dict(),
+                                                metadata={"format": FORMAT, "kind": self.kind})
+        atomic_write_bytes(directory / CONFIG_FILE,
+                           json.dumps(header, indent=2, ensure_ascii=False).encode("utf-8"))
+        return directory
+
+    def load_weights(self, path: str | Path, *, expected_sha256: str | None = None) -> None:
+        """Load adapter weights, naming any missing, unexpected or mis-shaped tensor."""
+        path = Path(path)
+        tensors = load_tensors(path, expected_sha256=expected_sha256, what=f"{self.kind} weights")
+        expected = self.state_dict()
+        problems = [f"tensor {k!r} is missing (expected shape {tuple(v.shape)})"
+                    for k, v in expected.items() if k not in tensors]
+        problems += [f"tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+                     for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+        problems += [f"tensor {k!r} is not part of this adapter" for k in tensors if k not in expected]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise DataError(f"{path} does not fit this {self.kind} adapter: {shown}. The file is "
+                            "damaged or belongs to another configuration; check config.json beside it")
+        self.load_state_dict(tensors, strict=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
+                        image_encoder: Any = None, text_encoder: Any = None, lm: Any = None) -> "Adapter":
+        """Rebuild a saved adapter; backbones load from the recorded specs unless given.
+
+        A given backbone must carry exactly the recorded spec (else :class:`SpecError`).
+        ``device`` is where backbones load and the adapter runs (``None``: CPU, or the given LM's).
+        """
+        directory = Path(directory)
+        header = read_config(directory)
+        target = adapter_class(header["kind"])
+        if cls is not Adapter and target is not cls:
+            raise DataError(f"{directory} holds a {header['kind']} adapter, not {cls.kind}; load it "
+                            f"with nofree.adapters.load_adapter() or {target.__name__}.from_pretrained()")
+        given = {"image_encoder": image_encoder, "text_encoder": text_encoder, "lm": lm}
+        for role, value in given.items():
+            if value is not None and role not in target.backbone_roles:
+                raise ValueError(f"a {target.kind} adapter has no {role}; drop {role}=")
+        backbones = {}
+        for role in target.backbone_roles:
+            spec = header["backbone"].get(role)
+            if not isinstance(spec, str):
+                raise DataError(f"{directory / CONFIG_FILE} records no spec for the {role}")
+            backbone = given[role]
+            if backbone is None:
+                backbone = _load_backbone(role, spec, device)
+            elif getattr(backbone, "spec", None) != spec:
+                raise SpecError(f"{directory} was trained with {role} {spec!r}, but "
+                                f"{getattr(backbone, 'spec', None)!r} was given; pass the {role} "
+                                f"it was trained with, or leave {role}= out to load it from its spec")
+            backbones[role] = backbone
+        adapter = target(**backbones, **header["config"], device=device)
+        dims = adapter.backbone_dims()
+        wrong = {k: (v, dims.get(k)) for k, v in header["dims"].items() if dims.get(k) != v}
+        if wrong:
+            detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in wrong.items())
+            raise SpecError(f"{directory}: the backbones' widths differ from training ({detail})")
+        adapter.load_weights(directory / WEIGHTS_FILE, expected_sha256=header.get("weights_sha256"))
+        return adapter.eval()
+
+
+# --- captioning adapters ----------------------------------------------------------------------
+
+def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
+    """The device of an LM adapter: the LM's, which ``device`` (if given) must name."""
+    lm_dev = torch.device(getattr(lm, "device", "cpu"))
+    if device is not None and resolve_device(device) != lm_dev:
+        raise SpecError(f"device={device!r} but the LM {lm.spec!r} is on {lm_dev}; load the LM "
+                        f"on the same device (load_lm(spec, device=...))")
+    return lm_dev
+
+
+def greedy_decode(start: LMStep, step: Callable[[Tensor, Any], LMStep], *, stop_ids: set[int],
+                  pad_id: int, max_tokens: int) -> list[list[int]]:
+    """Batched greedy decoding from the first step's logits ``(B, V)``; stop tokens are kept."""
+    logits, cache = start.logits, start.cache
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    for t in range(max_tokens):
+        token = logits.argmax(-1).cpu()
+        for row in torch.nonzero(~done).flatten().tolist():
+            out[row].append(int(token[row]))
+            done[row] = int(token[row]) in stop_ids
+        if bool(done.all()) or t == max_tokens - 1:
+            break
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        nxt = step(token[:, None], cache)
+        logits, cache = nxt.logits, nxt.cache
+    return out
+
+
+def beam_decode(start: LMStep, step: Callable[[Tensor, Any], LMStep],
+                select: Callable[[Any, Tensor], Any], *, beams: int, stop_ids: set[int],
+                max_tokens: int) -> list[list[int]]:
+    """Batched beam search; the best hypothesis per row by mean token log-probability.
+
+    ``select(cache, index)`` re-indexes the cache (and any per-row media state) to rows
+    ``index`` ``(B·beams,)``. A hypothesis ends at a stop token (kept) or after ``max_tokens``.
+    """
+    logp = start.logits.float().log_softmax(-1)                         # (B, V)
+    batch, vocab = logp.shape
+    k = min(beams, vocab)
+    scores, tokens = logp.topk(k, dim=-1)                               # (B, k)
+    scores, seqs = scores.reshape(-1).cpu(), tokens.reshape(-1, 1).cpu()
+    rows = torch.arange(batch).repeat_interleave(k)
+    cache = select(start.cache, rows.to(start.logits.device))
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+
+    def retire(index: int) -> None:
+        seq = seqs[index].tolist()
+        finished[index // k].append((float(scores[index]) / len(seq), seq))
+        scores[index] = float("-inf")
+
+    for t in range(1, max_tokens + 1):
+        for index in range(batch * k):
+            if scores[index] > float("-inf") and (int(seqs[index, -1]) in stop_ids or t == max_tokens):
+                retire(index)
+        if t == max_tokens or all(len(f) >= k for f in finished) or bool(torch.isinf(scores).all()):
+            break
+        nxt = step(seqs[:, -1:].to(start.logits.device), cache)
+        cand = scores[:, None] + nxt.logits.float().log_softmax(-1).cpu()  # (B·k, V)
+        top, flat = cand.view(batch, k * vocab).topk(k, dim=-1)            # (B, k)
+        src = (torch.arange(batch)[:, None] * k + flat // vocab).reshape(-1)
+        scores = top.reshape(-1).clone()
+        seqs = torch.cat([seqs[src], (flat % vocab).reshape(-1, 1)], dim=1)
+        cache = select(nxt.cache, src.to(start.logits.device))
+    return [max(f, key=lambda item: item[0])[1] if f else [] for f in finished]
+
+
+class CaptioningAdapter(Adapter):
+    """An adapter that makes a frozen causal LM write captions of images.
+
+    Subclasses implement ``start_step(features) -> LMStep`` (the first, grad-free LM step that
+    conditions on the image) and may override ``media(features)`` (a context active during the
+    whole decode) and ``select_media(index)`` (re-index per-row media state for beam search).
+    """
+
+    backbone_roles = ("image_encoder", "lm")
+    bucket_by_length = True
+
+    def __init__(self, image_encoder: Any, lm: Any, *, max_caption_tokens: int,
+                 device: str | torch.device | None) -> None:
+        super().__init__({"image_encoder": image_encoder, "lm": lm}, lm_device(lm, device))
+        if int(max_caption_tokens) < 1:
+            raise ValueError(f"max_caption_tokens must be >= 1, got {max_caption_tokens!r}")
+        self.max_caption_tokens = int(max_caption_tokens)
+
+    @property
+    def lm(self) -> Any:
+        return self._backbones["lm"]
+
+    def caption_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each caption (no special tokens), cut to ``max_caption_tokens``."""
+        ids = self.lm.tokenize(list(texts))
+        for text, row in zip(texts, ids):
+            if not row:
+                raise DataError(f"empty caption {text!r}: every training caption needs some text")
+        return [row[: self.max_caption_tokens] for row in ids]
+
+    def stop_ids(self, *, stop_at_period: bool = True) -> set[int]:
+        """eos, plus the single-token spellings of '.' when ``stop_at_period``."""
+        stops = {int(self.lm.eos_id)}
+        if stop_at_period:
+            for text in (".", " ."):
+                ids = self.lm.tokenize([text])[0]
+                if len(ids) == 1:
+                    stops.add(int(ids[0]))
+        return stops
+
+    def caption_logits(self, features: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Teacher-forced logits ``(B, T, V)`` and aligned labels ``(B, T)`` (``-100`` ignored)."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: Any) -> Tensor:
+        """Mean next-token cross-entropy over the caption tokens (and eos) of a batch."""
+        logits, labels = self.caption_logits(batch.image_features, batch.texts)
+        return next_token_loss(logits, labels)
+
+    @torch.no_grad()
+    def evaluate(self, examples: Any, *, batch_size: int = 32) -> dict[str, float]:
+        """``{'val_loss': mean cross-entropy per caption token}`` over ``examples``."""
+        total, count = 0.0, 0
+        by_length = torch.tensor(sorted(range(len(examples)), key=lambda i: len(examples.texts[i])),
+                                 dtype=torch.long)  # similar lengths share a batch: less padding
+        for batch in examples.batches(batch_size, device=self.device, order=by_length):
+            logits, labels = self.caption_logits(batch.image_features, batch.texts)
+            total += float(next_token_loss(logits, labels, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+        return {"val_loss": total / max(count, 1)}
+
+    def start_step(self, features: Tensor) -> LMStep:
+        """The first LM step conditioned on image ``features`` (called under no_grad)."""
+        raise NotImplementedError
+
+    def media(self, features: Tensor) -> Any:
+        return nullcontext()
+
+    def select_media(self, index: Tensor) -> None:
+        return None
+
+    @torch.no_grad()
+    def generate(self, features: Tensor, *, beams: int = 1, max_tokens: int = 30,
+                 stop_at_period: bool = True) -> list[list[int]]:
+        """Token ids of one caption per feature row ``(B, ...)`` (greedy when ``beams == 1``)."""
+        if beams < 1 or max_tokens < 1:
+            raise ValueError("beams and max_tokens must be >= 1")
+        was_training = self.training
+        self.eval()
+        features = features.to(self.device, torch.float32)
+        stops = self.stop_ids(stop_at_period=stop_at_period)
+        lm = self.lm
+        try:
+            with self.media(features):
+                start = self.start_step(features)
+                step = lambda ids, cache: lm.step(ids, cache=cache)  # noqa: E731
+                if beams == 1:
+                    return greedy_decode(start, step, stop_ids=stops, pad_id=lm.pad_id,
+                                         max_tokens=max_tokens)
+
+                def select(cache: Any, index: Tensor) -> Any:
+                    self.select_media(index)
+                    return lm.select_cache(cache, index)
+
+                return beam_decode(start, step, select, beams=beams, stop_ids=stops,
+                                   max_tokens=max_tokens)
+        finally:
+            self.train(was_training)
+
+    def caption_features(self, features: Tensor, **kw: Any) -> list[str]:
+        """Captions of precomputed image features (whitespace runs, newlines included, become one
+        space); keyword arguments as in :meth:`generate`."""
+        eos = int(self.lm.eos_id)
+        ids = self.generate(features, **kw)
+        return [" ".join(text.split()) for text in self.lm.decode([[t for t in row if t != eos] for row in ids])]
+
+
+class AdapterCaptioner:
+    """:class:`nofree.core.Captioner` of a trained ClipCap or Flamingo-style adapter.
+
+    ``image_encoder`` defaults to the adapter's own and must carry the spec it was trained with.
+    ``caption(images)`` takes PIL images or image paths and returns one string per image.
+    """
+
+    def __init__(self, adapter: CaptioningAdapter, image_encoder: Any = None, *, beams: int = 1,
+                 max_tokens: int = 30, batch_size: int = 16, stop_at_period: bool = True) -> None:
+        if not isinstance(adapter, CaptioningAdapter):
+            raise TypeError(f"AdapterCaptioner needs a captioning adapter (ClipCap, Flamingo), "
+                            f"got {type(adapter).__name__}")
+        if image_encoder is not None and image_encoder.spec != adapter.image_encoder.spec:
+            raise SpecError(f"the adapter was trained on {adapter.image_encoder.spec!r} features, "
+                            f"but image_encoder is {image_encoder.spec!r}")
+        self.adapter = adapter
+        self.image_encoder = image_encoder or adapter.image_encoder
+        self.options = {"beams": beams, "max_tokens": max_tokens, "stop_at_period": stop_at_period}
+        self.batch_size = batch_size
+
+    def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
+        """One caption per image; ``beams``, ``max_tokens``, ``stop_at_period`` override defaults."""
+        options = {**self.options, **kw}
+        loaded = [_as_image(image) for image in images]
+        captions: list[str] = []
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = loaded[start:start + self.batch_size]
+            if self.adapter.feature_kind == "tokens":
+                features = self.image_encoder.encode_tokens(chunk)
+            else:
+                features = self.image_encoder.encode(chunk)
+            captions += self.adapter.caption_features(features, **options)
+        return captions
+
+
+def _as_image(image: Any) -> Any:
+    if isinstance(image, (str, Path)):
+        from nofree.data.images import load_image
+
+        return load_image(image)
+    return image

@@ -1,0 +1,501 @@
+"""Training loop shared by every adapter, and one entry point per method for the CLI.
+
+``train_adapter`` trains any :class:`~nofree.adapters.base.Adapter` with AdamW on the adapter's
+own parameters (the frozen backbones never change). Frozen features are computed once before
+training (through the on-disk :class:`nofree.cache.EmbeddingCache` when one is given), never
+once per epoch. After every epoch ``out_dir`` receives
+
+- the adapter (``config.json`` + ``adapter.safetensors``, loadable with ``from_pretrained``);
+- ``training/optimizer.safetensors``: AdamW moments and RNG state (tensors; no pickle), and
+  ``training/state.json``: epoch, step, losses, validation history, settings and checksums of
+  the files above (written last: it is the commit record of the checkpoint);
+- ``loss_curve.png``: per-step training loss, epoch means and the validation metric.
+
+``resume=True`` continues from the last finished epoch and ends with exactly the weights an
+uninterrupted run gives (the example order of epoch e depends only on ``seed`` and e, and the
+learning rate only on the step). Nothing is written before every input has been checked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from nofree.adapters.base import Adapter, atomic_write_bytes, load_tensors, save_tensors
+from nofree.core import DataError, Pair, resolve_device
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "training"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CURVE_FILE = "loss_curve.png"
+DEFAULT_IMAGE_ENCODER = "embedded:effnet-lite0"
+DEFAULT_TEXT_ENCODER = "embedded:minilm-l6"
+DEFAULT_LM = "embedded:smollm2-135m"
+
+
+# --- examples ---------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One training batch: ``image_features`` ``(B, D)`` or ``(B, T, W)`` on the adapter's device,
+    ``image_ids`` ``(B,)`` (equal for captions of one image), ``texts`` (B captions) and, for LiT,
+    ``text_features`` ``(B, Dt)`` frozen text embeddings."""
+
+    image_features: Tensor
+    image_ids: Tensor
+    texts: list[str]
+    text_features: Tensor | None = None
+    text_mask: Tensor | None = None
+
+
+@dataclass
+class Examples:
+    """(image, caption) training examples with frozen features precomputed once.
+
+    ``image_features`` ``(M, D)`` or ``(M, T, W)``: one row per distinct image (CPU float32);
+    ``image_index`` ``(N,)`` long: each example's image row; ``texts``: N captions;
+    ``text_features``: None, frozen text embeddings ``(N, Dt)``, or (LiT with trainable top text
+    layers) intermediate token states ``(N, T, Wt)`` with ``text_mask`` ``(N, T)`` bool;
+    ``skipped``: image paths that could not be read.
+    """
+
+    image_features: Tensor
+    image_index: Tensor
+    texts: list[str]
+    text_features: Tensor | None = None
+    skipped: list[str] = field(default_factory=list)
+    text_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        if self.image_index.shape != (n,):
+            raise ValueError(f"image_index must be ({n},), got {tuple(self.image_index.shape)}")
+        if n and (int(self.image_index.min()) < 0 or int(self.image_index.max()) >= len(self.image_features)):
+            raise ValueError("image_index points outside image_features")
+        if self.text_features is not None and self.text_features.shape[0] != n:
+            raise ValueError(f"text_features must have {n} rows, got {self.text_features.shape[0]}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, rows: Tensor, device: torch.device) -> Batch:
+        index = self.image_index[rows]
+        return Batch(image_features=self.image_features[index].to(device), image_ids=index,
+                     texts=[self.texts[i] for i in rows.tolist()],
+                     text_features=None if self.text_features is None else self.text_features[rows].to(device),
+                     text_mask=None if self.text_mask is None else self.text_mask[rows].to(device))
+
+    def batches(self, batch_size: int, *, device: Any, order: Tensor | None = None) -> Iterator[Batch]:
+        order = torch.arange(len(self)) if order is None else order
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start:start + batch_size], resolve_device(device))
+
+    def epoch_batches(self, batch_size: int, generator: torch.Generator, *,
+                      bucket_by_length: bool = False) -> list[Tensor]:
+        """Row indices of each batch of one epoch, shuffled by ``generator``.
+
+        With ``bucket_by_length``, runs of 16 batches are sorted by caption length before being
+        cut, and the batches are shuffled again: far less padding, still a random order.
+        """
+        order = torch.randperm(len(self), generator=generator)
+        if not bucket_by_length:
+            return list(order.split(batch_size))
+        span = batch_size * 16
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start:start + span].tolist()
+            chunk.sort(key=lambda i: len(self.texts[i]))
+            batches += list(torch.tensor(chunk, dtype=torch.long).split(batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def digest(self) -> str:
+        """sha256 of the texts, image index and feature shape: identifies a training set."""
+        h = hashlib.sha256(json.dumps([self.texts, self.image_index.tolist(),
+                                       list(self.image_features.shape)]).encode("utf-8"))
+        return h.hexdigest()
+
+
+def _encode_images(encoder: Any, paths: list[str], kind: str, cache: Any,
+                   progress: bool) -> tuple[Tensor, list[int], list[str]]:
+    """Features of the readable images among ``paths``: (features, kept indices, skipped paths)."""
+    from nofree.data.images import load_images
+
+    if cache is not None:
+        try:
+            return cache.encode(encoder, paths, kind=kind, progress=progress), list(range(len(paths))), []
+        except DataError:
+            pass  # some image is unreadable: find which, then encode the rest
+    loaded = load_images(paths)
+    skipped = [path for path, _ in loaded.skipped]
+    if not loaded.images:
+        return torch.zeros(0), [], skipped
+    if cache is not None:
+        features = cache.encode(encoder, [paths[i] for i in loaded.indices], kind=kind, progress=progress)
+    elif kind == "tokens":
+        features = encoder.encode_tokens(loaded.images)
+    else:
+        features = encoder.encode(loaded.images)
+    return features, loaded.indices, skipped
+
+
+def prepare_examples(adapter: Adapter, pairs: Sequence[Pair] | Examples, *, cache: Any = None,
+                     what: str = "training", progress: bool = False) -> Examples:
+    """Frozen features of every (image, caption) of ``pairs``, computed once.
+
+    Images go through the adapter's image encoder (pooled or token grids per
+    ``adapter.feature_kind``); for LiT the captions also go through its frozen text encoder.
+    ``cache`` is an optional :class:`nofree.cache.EmbeddingCache`. Unreadable images are skipped,
+    logged and listed in ``Examples.skipped``. Already-prepared ``Examples`` pass through.
+    """
+    if isinstance(pairs, Examples):
+        return pairs
+    pairs = list(pairs)
+    paths = [pair.image for pair in pairs if pair.captions]
+    kept_pairs = [pair for pair in pairs if pair.captions]
+    features, kept, skipped = (_encode_images(adapter.image_encoder, paths, adapter.feature_kind, cache, progress)
+                               if paths else (torch.zeros(0), [], []))
+    if skipped:
+        log.warning("%s: skipped %d unreadable image(s): %s", what, len(skipped), ", ".join(skipped[:5]))
+    texts: list[str] = []
+    index: list[int] = []
+    for row, pair_index in enumerate(kept):
+        for caption in kept_pairs[pair_index].captions:
+            texts.append(caption)
+            index.append(row)
+    text_features = text_mask = None
+    if adapter.uses_text_features and texts:
+        text_features, text_mask = adapter.text_inputs(texts, cache=cache)
+    return Examples(image_features=features.float(), image_index=torch.tensor(index, dtype=torch.long),
+                    texts=texts, text_features=text_features, skipped=skipped, text_mask=text_mask)
+
+
+# --- checkpoint state -------------------------------------------------------------------------
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able values."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_tensors() -> dict[str, Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, value in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = value
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_loss_curve(path: Path, step_losses: list[float], history: list[dict[str, Any]], title: str) -> None:
+    """Plot training loss per step (and epoch means) with the validation metric, to a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.5, label="train loss (step)")
+    ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], "o-", label="train loss (epoch)")
+    metric = next((k for h in history for k in h if k.startswith("val_")), None)
+    if metric is not None:
+        axis = ax.twinx() if metric != "val_loss" else ax
+        points = [(h["step"], h[metric]) for h in history if metric in h]
+        axis.plot(*zip(*points), "s--", color="tab:red", label=metric)
+        if axis is not ax:
+            axis.set_ylabel(metric)
+            axis.legend(loc="upper right")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(loc="upper left" if metric != "val_loss" else "best")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(str(tmp))
+    tmp.replace(path)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a training run produced: the trained ``adapter`` (eval mode), its ``out_dir``, the
+    per-epoch ``history`` (epoch, step, train_loss, seconds, validation metrics), the total
+    ``steps``, the per-step ``step_losses`` and the ``loss_curve`` PNG path."""
+
+    adapter: Adapter
+    out_dir: Path
+    history: list[dict[str, Any]]
+    steps: int
+    step_losses: list[float]
+    loss_curve: Path | None
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or not math.isfinite(value):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
+                  val_pairs: Sequence[Pair] | Examples | None = None, epochs: int, batch_size: int,
+                  lr: float, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                  seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
+                  weight_decay: float = 0.0, warmup_steps: int = 20, grad_clip: float | None = 1.0,
+                  cache: Any = None) -> TrainResult:
+    """Train ``adapter`` on ``train_pairs`` (pairs or prepared :class:`Examples`), checkpointing
+    to ``out_dir`` after every epoch; see the module docstring.
+
+    ``resume``: continue the run saved in ``out_dir`` (same settings and data; ``epochs`` may be
+    raised to train longer). Without it, a non-empty ``out_dir`` is an error unless
+    ``overwrite``. ``device`` must be the adapter's (where its backbone was loaded); ``None``
+    means that. Learning rate: linear warmup over ``warmup_steps``, then constant (times each
+    parameter group's ``lr_scale``, see ``Adapter.param_groups``).
+    """
+    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
+    if not isinstance(epochs, int) or not isinstance(batch_size, int):
+        raise ValueError("epochs and batch_size must be whole numbers")
+    if device is not None and resolve_device(device) != adapter.device:
+        raise ValueError(f"device={device!r}, but the adapter and its backbone are on {adapter.device}; "
+                         "load the backbone on the device you train on")
+    out_dir = Path(out_dir)
+    state_path = out_dir / STATE_DIR / STATE_FILE
+    saved = None
+    if resume and state_path.is_file():
+        saved = _read_state(state_path)
+    else:
+        check_out_dir(out_dir, resume=resume, overwrite=overwrite)
+    adapter.check_target(out_dir, overwrite=overwrite)
+    train = prepare_examples(adapter, train_pairs, cache=cache, what="training", progress=progress)
+    if len(train) == 0:
+        raise DataError("the training split is empty (no readable image with a caption); check the "
+                        "pairs file and its 'split' field")
+    val = (prepare_examples(adapter, val_pairs, cache=cache, what="validation", progress=progress)
+           if val_pairs is not None else None)
+    if val is not None and len(val) == 0:
+        log.warning("the validation split is empty; training without validation")
+        val = None
+    settings = {"kind": adapter.kind, "config": adapter.config(), "backbone": adapter.backbone_specs(),
+                "batch_size": batch_size, "lr": lr, "seed": seed, "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps, "grad_clip": grad_clip, "train_digest": train.digest()}
+    optimizer = torch.optim.AdamW(adapter.param_groups(), lr=lr, weight_decay=weight_decay)
+    history: list[dict[str, Any]] = []
+    step_losses: list[float] = []
+    start_epoch, step = 0, 0
+    if saved is not None:
+        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
+        if changed:
+            raise DataError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+                            "resume with the same ones, or start over with overwrite=True")
+        adapter.load_weights(out_dir / "adapter.safetensors", expected_sha256=saved["adapter_sha256"])
+        tensors = load_tensors(out_dir / STATE_DIR / OPTIMIZER_FILE,
+                               expected_sha256=saved["optimizer_sha256"], what="optimizer state")
+        _restore_optimizer(optimizer, tensors, saved["optimizer"])
+        _restore_rng(tensors)
+        start_epoch, step = saved["epoch"], saved["step"]
+        history, step_losses = saved["history"], saved["step_losses"]
+        log.info("resuming %s from epoch %d (step %d)", out_dir, start_epoch, step)
+    else:
+        torch.manual_seed(seed)
+
+    from tqdm.auto import tqdm
+
+    curve = out_dir / CURVE_FILE if (out_dir / CURVE_FILE).exists() else None
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    for epoch in range(start_epoch, epochs):
+        began = time.perf_counter()
+        adapter.train()
+        rows = train.epoch_batches(batch_size, torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+                                   bucket_by_length=adapter.bucket_by_length)
+        bar = tqdm(rows, total=steps_per_epoch, desc=f"{adapter.kind} epoch {epoch + 1}/{epochs}",
+                   disable=not progress)
+        epoch_losses = []
+        for batch_rows in bar:
+            batch = train.batch(batch_rows, adapter.device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0) * min(1.0, (step + 1) / max(1, warmup_steps))
+            loss = adapter.batch_loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {float(loss)} at step {step + 1}; "
+                                         "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(adapter.trainable_parameters(), grad_clip)
+            optimizer.step()
+            step += 1
+            epoch_losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{sum(epoch_losses[-20:]) / len(epoch_losses[-20:]):.4f}")
+        adapter.eval()
+        record = {"epoch": epoch + 1, "step": step, "train_loss": sum(epoch_losses) / len(epoch_losses)}
+        if val is not None:
+            record.update(adapter.evaluate(val))
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if isinstance(v, float)})
+        bar.close()
+        record["seconds"] = time.perf_counter() - began
+        history.append(record)
+        step_losses += epoch_losses
+        log.info("%s epoch %d/%d: %s", adapter.kind, epoch + 1, epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        _save_checkpoint(adapter, optimizer, out_dir, settings=settings, epoch=epoch + 1, step=step,
+                         history=history, step_losses=step_losses)
+        curve = out_dir / CURVE_FILE
+        save_loss_curve(curve, step_losses, history, f"{adapter.kind}: {out_dir.name}")
+    adapter.eval()
+    return TrainResult(adapter=adapter, out_dir=out_dir, history=history, steps=step,
+                       step_losses=step_losses, loss_curve=curve)
+
+
+def check_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty ``out_dir`` without a saved run unless ``overwrite`` (checked before
+    anything is loaded or written)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} is a file; choose a folder for the trained adapter")
+    if resume and (out_dir / STATE_DIR / STATE_FILE).is_file():
+        return
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"{out_dir} is not empty and holds no run to resume; pass overwrite=True "
+                        "(--overwrite) to start over there, or choose another folder" if resume else
+                        f"{out_dir} is not empty; pass resume=True (--resume) to continue the run "
+                        "saved there, overwrite=True (--overwrite) to start over, or choose another folder")
+    if resume:
+        log.info("nothing to resume in %s; starting a new run", out_dir)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not readable JSON ({err}); start over with overwrite=True") from err
+    missing = [k for k in ("epoch", "step", "settings", "history", "step_losses", "optimizer",
+                           "adapter_sha256", "optimizer_sha256") if k not in state]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; start over with overwrite=True")
+    return state
+
+
+def _save_checkpoint(adapter: Adapter, optimizer: torch.optim.Optimizer, out_dir: Path, *,
+                     settings: dict[str, Any], epoch: int, step: int, history: list[dict[str, Any]],
+                     step_losses: list[float]) -> None:
+    """Adapter, optimizer + RNG tensors, then ``state.json`` (the commit record) last."""
+    import nofree
+
+    adapter.save_pretrained(out_dir, overwrite=True)
+    adapter_sha = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))["weights_sha256"]
+    (out_dir / STATE_DIR).mkdir(exist_ok=True)
+    tensors, meta = _optimizer_tensors(optimizer)
+    optimizer_sha = save_tensors(out_dir / STATE_DIR / OPTIMIZER_FILE, {**tensors, **_rng_tensors()})
+    state = {"format": "nofree-training-state", "format_version": 1,
+             "nofree_version": nofree.__version__, "epoch": epoch, "step": step,
+             "settings": settings, "history": history, "step_losses": step_losses,
+             "optimizer": meta, "adapter_sha256": adapter_sha, "optimizer_sha256": optimizer_sha}
+    atomic_write_bytes(out_dir / STATE_DIR / STATE_FILE, json.dumps(state, indent=1).encode("utf-8"))
+
+
+# --- one entry point per method (the CLI calls these) --------------------------------------------
+
+def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, str],
+                     hparams: dict[str, Any], out: str | Path, epochs: int, batch_size: int,
+                     lr: float, resume: bool = False, overwrite: bool = False,
+                     device: str | torch.device | None = None, seed: int = 0,
+                     train_split: str = "train", val_split: str | None = "val",
+                     cache_dir: str | Path | None = None, progress: bool = True,
+                     **train_kw: Any) -> TrainResult:
+    """Load pairs and backbones, build a ``kind`` adapter, train it into ``out`` (see train_adapter).
+
+    ``backbones`` maps roles to specs; ``cache_dir`` is the embedding cache root (``None``: the
+    default ``$NOFREE_CACHE`` or ``~/.cache/nofree``). A missing ``val_split`` only disables
+    validation; a missing ``train_split`` is an error.
+    """
+    from nofree.adapters.base import _load_backbone, adapter_class
+    from nofree.cache import EmbeddingCache
+    from nofree.data.pairs import load_pairs
+
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
+    train_pairs = load_pairs(pairs_path, split=train_split)
+    val_pairs = None
+    if val_split:
+        try:
+            val_pairs = load_pairs(pairs_path, split=val_split)
+        except DataError as err:
+            log.warning("no validation: %s", err)
+    loaded = {role: _load_backbone(role, spec, device) for role, spec in backbones.items()}
+    torch.manual_seed(seed)
+    adapter = adapter_class(kind)(**loaded, **hparams, device=device)
+    return train_adapter(adapter, train_pairs, val_pairs=val_pairs, epochs=epochs,
+                         batch_size=batch_size, lr=lr, out_dir=out, resume=resume,
+                         overwrite=overwrite, seed=seed, progress=progress,
+                         cache=EmbeddingCache(cache_dir), **train_kw)
+
+
+def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
+              text_encoder: str = DEFAULT_TEXT_ENCODER, epochs: int = 30, batch_size: int = 64,
+              lr: float = 1e-3, loss: str = "contrastive", embed_dim: int | None = None,
+              hidden_dim: int | None = None, text_layers: int = 0, **kw: Any) -> TrainResult:
+    """Train a LiT text head on ``pairs_path`` (frozen features cached; seconds on a CPU).
+
+    Other keywords: ``resume``, ``overwrite``, ``device``, ``seed``, ``train_split``,
+    ``val_split``, ``cache_dir``, ``progress``, ``weight_decay``, ``warmup_steps``, ``grad_clip``.
+    """
+    return train_from_pairs("lit", pairs_path, backbones={"image_encoder": image_encoder,
+                                                          "text_encoder": text_encoder},
+                            hparams={"loss": loss, "embed_dim": embed_dim, "hidden_dim": hidden_dim,
+                                     "text_layers": text_layers},
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)
+
+
+def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
+                  lm: str = DEFAULT_LM, epochs: int = 4, batch_size: int = 16, lr: float = 2e-4,
+                  mapper: str = "mlp", prefix_length: int = 10, **kw: Any) -> TrainResult:
+    """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`."""
+    return train_from_pairs("clipcap", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
+                            hparams={"mapper": mapper, "prefix_length": prefix_length},
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)
+
+
+def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
+                   lm: str = DEFAULT_LM, epochs: int = 4, batch_size: int = 16, lr: float = 2e-4,
+                   num_latents: int = 32, xattn_every: int = 5, **kw: Any) -> TrainResult:
+    """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
+    :func:`train_lit`."""
+    return train_from_pairs("flamingo", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
+                            hparams={"num_latents": num_latents, "xattn_every": xattn_every},
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)
