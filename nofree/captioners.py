@@ -155,12 +155,15 @@ class MagicCaptioner:
 
     def caption_embeddings(self, image_emb: Tensor) -> list[str]:
         """Captions for images already embedded by the image encoder ``(B, Di)``."""
-        from nofree.decoding.magic import magic_search
+        from nofree.decoding.magic import greedy_search, magic_search
 
         prompt_ids = [self.lm.tokenizer.encode(t, add_special_tokens=False) for t in self.prompt_texts(image_emb)]
-        out = magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
-                           alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
-                           trace=False)
+        if self.alpha == 0 and self.beta == 0:  # identical tokens (tested), without the k-candidate forwards
+            out = greedy_search(self.lm, prompt_ids, max_new_tokens=self.max_new_tokens)
+        else:
+            out = magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
+                               alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
+                               trace=False)
         return [clean_caption(text) for text in out.texts]
 
     def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
