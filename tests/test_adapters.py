@@ -633,16 +633,25 @@ def test_prepare_examples_encodes_each_image_once_and_skips_unreadable(gpt2, tmp
         image.save(paths[-1])
     (tmp_path / "bad.png").write_bytes(b"not an image")
     pairs = [Pair(paths[0], ("a dog on the beach", "a dog")), Pair(str(tmp_path / "bad.png"), ("x",)),
-             Pair(paths[1], ("the red bus",)), Pair(paths[2], ())]
+             Pair(paths[1], ("the red bus",)), Pair(paths[2], ()), Pair(paths[0], ("a dog again",))]
     encoder = FakeImageEncoder()
     adapter = ClipCap(encoder, gpt2, prefix_length=2)
     examples = prepare_examples(adapter, pairs)
-    assert examples.texts == ["a dog on the beach", "a dog", "the red bus"]
-    assert examples.image_index.tolist() == [0, 0, 1] and examples.skipped == [str(tmp_path / "bad.png")]
+    assert examples.texts == ["a dog on the beach", "a dog", "the red bus", "a dog again"]
+    assert examples.image_index.tolist() == [0, 0, 1, 0]  # one row per distinct image
+    assert examples.skipped == [str(tmp_path / "bad.png")]
     torch.testing.assert_close(examples.image_features, encoder.encode(IMAGES[:2]))
     calls = encoder.calls
     train_adapter(adapter, examples, epochs=3, batch_size=2, lr=1e-3, out_dir=tmp_path / "run", progress=False)
     assert encoder.calls == calls  # training reads the precomputed features, never the encoder
+    from nofree.cache import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    cached = prepare_examples(adapter, pairs, cache=cache)  # unreadable image: still skipped
+    torch.testing.assert_close(cached.image_features, examples.image_features)
+    calls = encoder.calls
+    assert torch.equal(prepare_examples(adapter, pairs[2:3], cache=cache).image_features,
+                       cached.image_features[1:2]) and encoder.calls == calls  # served from disk
 
 
 def test_adapter_captioner(gpt2, image_encoder, tmp_path):
@@ -697,6 +706,11 @@ def test_format_v1_fixture_keeps_loading(tmp_path):
     assert adapter.logit_scale != pytest.approx(10.0) and float(adapter.logit_bias.detach()) != -10.0
     emb = adapter.encode_text(CAPTIONS)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
-    adapter.save_pretrained(tmp_path / "again")  # re-saving reproduces the same bytes
-    recorded = json.loads(LIT_V1_CONFIG)["weights_sha256"]
-    assert hashlib.sha256((tmp_path / "again" / "adapter.safetensors").read_bytes()).hexdigest() == recorded
+    assert hashlib.sha256(base64.b64decode(LIT_V1_WEIGHTS)).hexdigest() == \
+        json.loads(LIT_V1_CONFIG)["weights_sha256"]
+    from safetensors.torch import load_file
+
+    adapter.save_pretrained(tmp_path / "again")  # re-saving keeps every tensor exactly
+    original = load_file(str(folder / "adapter.safetensors"))
+    again = load_file(str(tmp_path / "again" / "adapter.safetensors"))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)

@@ -229,7 +229,8 @@ def test_similarity_reuses_a_precomputed_side(data):
     torch.testing.assert_close(asif.similarity(data["qi"], rho_t), asif.similarity(data["qi"], data["qt"]))
 
 
-def test_sparse_similarity_methods_and_converters_agree(data):
+def test_sparse_similarity_methods_and_converters_agree(data, monkeypatch):
+    monkeypatch.setattr(rel, "_DENSE_FLOATS", 64)  # force many column and row chunks
     asif = ASIF(k=50).fit((data["image"], data["text"]))
     a = asif.transform(data["qi"], modality="image")
     b = asif.transform(data["qi"][:7], modality="image")
@@ -239,3 +240,14 @@ def test_sparse_similarity_methods_and_converters_agree(data):
         torch.testing.assert_close(got, dense, atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.from_numpy(a.to_scipy().toarray()), a.to_dense())
     torch.testing.assert_close(a.to_torch_csr().to_dense(), a.to_dense())
+
+
+def test_precision_rule():
+    assert rel.resolve_precision("auto", 1000) == "fp32"
+    assert rel.resolve_precision("auto", rel.AUTO_BF16_MIN_ANCHORS) == "bf16"
+    assert rel.resolve_precision("auto", rel.AUTO_INT8_MIN_ANCHORS) == "int8"
+    assert rel.resolve_precision("auto", 10**7, "cuda") == "fp32"
+    with pytest.raises(DataError, match="CPU scan"):
+        rel.resolve_precision("int8", 10, "cuda")
+    with pytest.raises(DataError, match="precision"):
+        rel.resolve_precision("half", 10)

@@ -159,19 +159,20 @@ def prepare_examples(adapter: Adapter, pairs: Sequence[Pair] | Examples, *, cach
     """
     if isinstance(pairs, Examples):
         return pairs
-    pairs = list(pairs)
-    paths = [pair.image for pair in pairs if pair.captions]
-    kept_pairs = [pair for pair in pairs if pair.captions]
+    pairs = [pair for pair in pairs if pair.captions]
+    paths = list(dict.fromkeys(str(pair.image) for pair in pairs))  # one row per distinct image
     features, kept, skipped = (_encode_images(adapter.image_encoder, paths, adapter.feature_kind, cache, progress)
                                if paths else (torch.zeros(0), [], []))
     if skipped:
         log.warning("%s: skipped %d unreadable image(s): %s", what, len(skipped), ", ".join(skipped[:5]))
+    row_of = {paths[i]: row for row, i in enumerate(kept)}
     texts: list[str] = []
     index: list[int] = []
-    for row, pair_index in enumerate(kept):
-        for caption in kept_pairs[pair_index].captions:
-            texts.append(caption)
-            index.append(row)
+    for pair in pairs:
+        row = row_of.get(str(pair.image))
+        if row is not None:
+            texts += list(pair.captions)
+            index += [row] * len(pair.captions)
     text_features = text_mask = None
     if adapter.uses_text_features and texts:
         text_features, text_mask = adapter.text_inputs(texts, cache=cache)
@@ -467,12 +468,14 @@ def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, 
 
 
 def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-              text_encoder: str = DEFAULT_TEXT_ENCODER, epochs: int = 30, batch_size: int = 64,
+              text_encoder: str = DEFAULT_TEXT_ENCODER, epochs: int = 10, batch_size: int = 64,
               lr: float = 1e-3, loss: str = "contrastive", embed_dim: int | None = None,
               hidden_dim: int | None = None, text_layers: int = 0, **kw: Any) -> TrainResult:
     """Train a LiT text head on ``pairs_path`` (frozen features cached; seconds on a CPU).
 
-    Other keywords: ``resume``, ``overwrite``, ``device``, ``seed``, ``train_split``,
+    Defaults suit ~1k pairs: on coco-mini (700 train captions) validation R@1 peaks after ~8
+    epochs and then slowly declines. ``text_layers=1`` also tunes the text encoder's top layer
+    (about 20 s an epoch on two CPU cores instead of well under one). Other keywords: ``resume``, ``overwrite``, ``device``, ``seed``, ``train_split``,
     ``val_split``, ``cache_dir``, ``progress``, ``weight_decay``, ``warmup_steps``, ``grad_clip``.
     """
     return train_from_pairs("lit", pairs_path, backbones={"image_encoder": image_encoder,
@@ -483,19 +486,26 @@ def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = D
 
 
 def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-                  lm: str = DEFAULT_LM, epochs: int = 4, batch_size: int = 16, lr: float = 2e-4,
+                  lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
                   mapper: str = "mlp", prefix_length: int = 10, **kw: Any) -> TrainResult:
-    """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`."""
+    """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`.
+
+    Defaults suit ~1k captions on a CPU: the rate is far above the paper's 2e-5 because a small
+    set gives only tens of steps per epoch (coco-mini: 44); each epoch runs the 135M-parameter LM
+    forward and backward over every caption (minutes on two CPU cores).
+    """
     return train_from_pairs("clipcap", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"mapper": mapper, "prefix_length": prefix_length},
                             out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)
 
 
 def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-                   lm: str = DEFAULT_LM, epochs: int = 4, batch_size: int = 16, lr: float = 2e-4,
-                   num_latents: int = 32, xattn_every: int = 5, **kw: Any) -> TrainResult:
+                   lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
+                   num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 10.0,
+                   **kw: Any) -> TrainResult:
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
-    :func:`train_lit`."""
+    :func:`train_lit`, small-data defaults as in :func:`train_clipcap`."""
     return train_from_pairs("flamingo", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
-                            hparams={"num_latents": num_latents, "xattn_every": xattn_every},
+                            hparams={"num_latents": num_latents, "xattn_every": xattn_every,
+                                     "gate_lr_scale": gate_lr_scale},
                             out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)

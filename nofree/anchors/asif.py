@@ -119,8 +119,8 @@ class ASIF:
         for i in range(0, a.shape[0], chunk):
             block = a[i:i + chunk]
             if not bool(torch.isfinite(block).all()):
-                raise DataError(f"{modality} anchors contain NaN or inf (rows {i}..{i + block.shape[0] - 1}); "
-                                "rebuild the anchor set")
+                raise DataError(f"{modality} anchors contain NaN or inf (rows {i}.."
+                                f"{i + block.shape[0] - 1}); rebuild the anchor set")
             off = max(off, float((block.norm(dim=1) - 1).abs().max()))
         if off > 1e-3:
             a = l2_normalize(a)
@@ -136,7 +136,8 @@ class ASIF:
         self._check_params()
         image, text = _anchor_pair(anchors)
         if image.ndim != 2 or text.ndim != 2:
-            raise DataError(f"anchors must be 2-D: got image {tuple(image.shape)} and text {tuple(text.shape)}")
+            raise DataError(f"anchors must be 2-D: got image {tuple(image.shape)} and text "
+                            f"{tuple(text.shape)}")
         if image.shape[0] != text.shape[0]:
             raise DataError(f"anchor counts disagree: {image.shape[0]} image rows, {text.shape[0]} text rows")
         n = int(image.shape[0])
@@ -198,8 +199,8 @@ class ASIF:
         :meth:`transform` returned for it (to reuse a caption pool's representations).
         """
         self._fitted()
-        rho_i = image_emb if isinstance(image_emb, SparseRelative) else self.transform(image_emb, modality="image")
-        rho_t = text_emb if isinstance(text_emb, SparseRelative) else self.transform(text_emb, modality="text")
+        rho_i, rho_t = (emb if isinstance(emb, SparseRelative) else self.transform(emb, modality=modality)
+                        for emb, modality in ((image_emb, "image"), (text_emb, "text")))
         for rho in (rho_i, rho_t):
             if rho.n_anchors != self.n_anchors_:
                 raise DataError(f"relative representation over {rho.n_anchors} anchors given to an ASIF "

@@ -23,9 +23,11 @@ sides. Choices made here:
   ``"bf16"``) to find *candidates*, with a rigorous per-row bound e on the error of the
   approximate score. With m the k-th largest approximate score seen so far, an anchor whose
   approximate score y satisfies ``y < m - 2e - (rounding of m)`` has exact cosine below the exact
-  k-th largest, so it is dropped; the survivors are re-scored in float32 and the top k taken. The
-  result is the exact float32 top-k (ties at the float32 rounding level excepted), never an
-  approximation: the margin adapts to how crowded each row is near its k-th value.
+  k-th largest, so it is dropped; the survivors are re-scored in float32 (faiss's indexed inner
+  products, visited in anchor order) and the top k taken. The result is the exact float32 top-k
+  (ties at the float32 rounding level excepted), never an approximation: the margin adapts to how
+  crowded each row is near its k-th value. Off CPU the scan is float32 throughout (leave TF32
+  matmuls off for float32-exact cosines on NVIDIA GPUs).
 * Output rows list their anchors by decreasing cosine (ties: increasing anchor id).
 
 Shapes: Q queries, N anchors, D embedding width, k kept entries per row.
@@ -45,15 +47,19 @@ from nofree.core import DataError, l2_normalize, resolve_device
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DEFAULT_ANCHOR_CHUNK = 8192
 DEFAULT_QUERY_CHUNK = 2048
-#: ``precision="auto"`` scans with bfloat16 candidates on CPU from this many anchors on (below it
-#: the float32 scan is as fast, see benchmarks/asif_scale.py); on other devices it stays float32.
-AUTO_LOWP_MIN_ANCHORS = 65536
+#: ``precision="auto"`` on CPU: float32 below AUTO_BF16_MIN_ANCHORS, bfloat16 candidates up to
+#: AUTO_INT8_MIN_ANCHORS, int8 candidates above (int8's matmul is ~1.6x faster but its wider error
+#: band keeps ~3x more candidates; crossovers measured with benchmarks/asif_scale.py on a 2-core
+#: Zen 4). Other devices always scan in float32.
+AUTO_BF16_MIN_ANCHORS = 65536
+AUTO_INT8_MIN_ANCHORS = 500_000
 
 # Histogram of approximate scores per query row, used to track the k-th largest score cheaply.
 _BIN_W = 2.0 ** -10
 _BIN_LO = -1.5
 _N_BINS = 3072  # covers [-1.5, 1.5); values outside are clamped into the end bins
 _GROUP = 16  # column group for the max-prefilter in _select
+_DENSE_FLOATS = 1 << 24  # largest dense block sparse_similarity builds
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,7 +160,9 @@ def resolve_precision(precision: str, n_anchors: int, device: Any = None) -> str
                         f"use precision='fp32' or 'auto' on {resolve_device(device)}")
     if precision != "auto":
         return precision
-    return "bf16" if cpu and n_anchors >= AUTO_LOWP_MIN_ANCHORS else "fp32"
+    if not cpu or n_anchors < AUTO_BF16_MIN_ANCHORS:
+        return "fp32"
+    return "int8" if n_anchors >= AUTO_INT8_MIN_ANCHORS else "bf16"
 
 
 @dataclass(frozen=True)
@@ -431,8 +439,9 @@ def cosine_topk(query: Tensor, anchors: Tensor, k: int, *, precision: str = "aut
 
     query ``(Q, D)`` and anchors ``(N, D)``, L2-normalised float32 (the query is moved to the
     anchors' device). Returns cosines ``(Q, k)`` float32 (decreasing; ties by anchor id) and
-    indices ``(Q, k)`` int64. Memory is bounded by the chunk sizes: the scan never holds more than
-    ``query_chunk × anchor_chunk`` scores, plus the surviving candidates (about k per row).
+    indices ``(Q, k)`` int64. Memory is bounded by the chunk sizes: the scan holds one query
+    block's state, ``query_chunk × anchor_chunk`` scores plus that block's candidates (a few k
+    per row), besides the inputs and outputs.
     ``stats`` (from :func:`anchor_stats`) saves one pass over the anchors on repeated calls.
     """
     _check(query, anchors, k, anchor_chunk, query_chunk)
@@ -463,84 +472,88 @@ def _scan(query: Tensor, anchors: Tensor, k: int, codec: Any, stats: AnchorStats
           anchor_chunk: int, query_chunk: int) -> tuple[Tensor, Tensor]:
     """The chunked candidate scan, then exact re-scoring of the survivors (see module doc).
 
-    Per query row: ``tau`` (float64) is the current discard level, ``hist`` counts the kept
-    approximate scores by bin; ``tau`` is recomputed from ``hist`` whenever the number of anchors
-    seen has grown by 25%, and the kept candidates are pruned to ``tau`` when they have doubled.
+    One query block at a time (its state is all that is held): ``tau`` (float64, per row) is the
+    current discard level and ``hist`` counts the kept approximate scores by bin; ``tau`` is
+    recomputed from ``hist`` whenever the anchors seen have grown by 25%, and the kept candidates
+    are pruned to ``tau`` when they have doubled.
     """
     device = anchors.device
     n, nq = anchors.shape[0], query.shape[0]
     q_low, qscale, err = codec.queries(query, stats)
-    hist = torch.zeros(nq, _N_BINS, dtype=torch.int32, device=device)
-    tau = torch.full((nq,), -math.inf, dtype=torch.float64, device=device)
-    blocks = [(q0, min(q0 + query_chunk, nq)) for q0 in range(0, nq, query_chunk)]
-    thr = [codec.threshold(tau[a:b], qscale[a:b]) for a, b in blocks]
-    pieces: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in blocks]
-    held = [0] * len(blocks)  # entries in pieces[bi]
-    rate = [1.0] * len(blocks)  # fraction of entries kept from the last chunk
-    pruned_at = [0] * len(blocks)  # entries left by the last prune
     n_chunks = (n + anchor_chunk - 1) // anchor_chunk
     # a fixed shuffled chunk order: anchor sets sorted by topic would otherwise settle slowly
     order = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(0)).tolist()
-    seen, refreshed_at = 0, 0
+    out_v = torch.empty(nq, k, dtype=torch.float32, device=device)
+    out_i = torch.empty(nq, k, dtype=torch.int64, device=device)
+    for a in range(0, nq, query_chunk):
+        b = min(a + query_chunk, nq)
+        rows, cols, vals = _scan_block(q_low[a:b], qscale[a:b], err[a:b], anchors, k, codec, stats,
+                                       anchor_chunk, order)
+        cols, o = cols.sort(stable=True)  # anchor order: cache-friendly re-scoring, ties by id
+        rows, vals = rows[o], vals[o]
+        if not codec.exact:  # exact float32 scores
+            vals = _rescore_pairs(query[a:b], anchors, rows, cols)
+        out_v[a:b], out_i[a:b] = _top_per_row(rows.long(), cols.long(), vals, b - a, k)
+    return out_v, out_i
 
-    def prune(bi: int) -> None:
-        a, b = blocks[bi]
-        rows, cols, vals = (torch.cat(t) for t in zip(*pieces[bi]))
-        keep = (vals >= codec.level(tau[a:b])[rows.long()]).nonzero().squeeze(1)
-        pieces[bi] = [(rows[keep], cols[keep], vals[keep])]
-        held[bi] = pruned_at[bi] = keep.numel()
 
+def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: int, codec: Any,
+                stats: AnchorStats, anchor_chunk: int, order: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates ``(rows, cols, approx)`` of one query block: every anchor that may be in a top k."""
+    device, n, nb = anchors.device, anchors.shape[0], q_low.shape[0]
+    hist = torch.zeros(nb, _N_BINS, dtype=torch.int32, device=device)
+    tau = torch.full((nb,), -math.inf, dtype=torch.float64, device=device)
+    thr = codec.threshold(tau, qscale)
+    pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+    held = pruned_at = seen = refreshed_at = 0
+    rate = 1.0  # fraction of the last chunk's scores kept
     for step, ci in enumerate(order):
         c0 = ci * anchor_chunk
-        a_low = codec.quantize_anchors(anchors[c0:c0 + anchor_chunk].float(), stats.scale)
-        for bi, (a, b) in enumerate(blocks):
-            s = codec.scores(q_low[a:b], a_low)
-            if s.shape[1] >= k and not bool(torch.isfinite(tau[a:b]).all()):
-                # cold start: the k-th largest score of this chunk is a valid first level
-                kth = codec.values(s.topk(k, dim=1, sorted=False).values.amin(dim=1), qscale[a:b]).double()
-                level = kth - codec.out_rel * kth.abs() - 2 * err[a:b]
-                tau[a:b] = torch.maximum(tau[a:b], level)
-                thr[bi] = codec.threshold(tau[a:b], qscale[a:b])
-            r, c, sv = _select(*codec.comparable(s, thr[bi]), grouped=rate[bi] < 0.004)
-            rate[bi] = r.numel() / max(1, s.numel())
-            v = codec.values(sv, qscale[a:b][r])
-            flat = (r + a) * _N_BINS + _bins(v)
-            hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-            pieces[bi].append((r.to(torch.int32), (c + c0).to(torch.int32), v))
-            held[bi] += r.numel()
+        s = codec.scores(q_low, codec.quantize_anchors(anchors[c0:c0 + anchor_chunk].float(), stats.scale))
+        if s.shape[1] >= k and not bool(torch.isfinite(tau).all()):
+            # cold start: the k-th largest score of this chunk is a valid first level
+            kth = codec.values(s.topk(k, dim=1, sorted=False).values.amin(dim=1), qscale).double()
+            tau = torch.maximum(tau, kth - codec.out_rel * kth.abs() - 2 * err)
+            thr = codec.threshold(tau, qscale)
+        r, c, sv = _select(*codec.comparable(s, thr), grouped=rate < 0.004)
+        del s
+        rate = r.numel() / max(1, nb * anchor_chunk)
+        v = codec.values(sv, qscale[r])
+        flat = r * _N_BINS + _bins(v)
+        hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        pieces.append((r.to(torch.int32), (c + c0).to(torch.int32), v))
+        held += r.numel()
         seen += min(anchor_chunk, n - c0)
         last = step == len(order) - 1
         if seen >= 1.25 * refreshed_at or last:
             refreshed_at = seen
-            for bi, (a, b) in enumerate(blocks):
-                tau[a:b] = _tau_from_hist(hist[a:b], k, err[a:b], codec.out_rel, tau[a:b])
-                thr[bi] = codec.threshold(tau[a:b], qscale[a:b])
-                if last or held[bi] > 2 * pruned_at[bi] + (b - a) * k:
-                    prune(bi)
-    del hist
+            tau = _tau_from_hist(hist, k, err, codec.out_rel, tau)
+            thr = codec.threshold(tau, qscale)
+            if last or held > 2 * pruned_at + nb * k:
+                level = codec.level(tau)
+                for i, (pr, pc, pv) in enumerate(pieces):  # piece by piece: no second full copy
+                    keep = (pv >= level[pr.long()]).nonzero().squeeze(1)
+                    pieces[i] = (pr[keep], pc[keep], pv[keep])
+                held = pruned_at = sum(p[0].numel() for p in pieces)
+    return tuple(torch.cat(t) for t in zip(*pieces))  # type: ignore[return-value]
 
-    out_v = torch.empty(nq, k, dtype=torch.float32, device=device)
-    out_i = torch.empty(nq, k, dtype=torch.int64, device=device)
-    for bi, (a, b) in enumerate(blocks):
-        rows, cols, vals = pieces[bi][0]
-        pieces[bi] = []
-        if not codec.exact:  # exact float32 scores, visiting the pairs in anchor order
-            cols, o = cols.sort()
-            rows = rows[o]
-            vals = _rescore_pairs(query[a:b], anchors, rows, cols)
-        rows, o = rows.sort(stable=True)
-        cols, vals = cols[o].long(), vals[o]
-        rows = rows.long()
-        counts = torch.bincount(rows, minlength=b - a)
-        start = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(rows.numel(), device=device) - start[rows]
-        scores = torch.full((b - a, int(counts.max())), -math.inf, device=device)
-        ids = torch.zeros(scores.shape, dtype=torch.int64, device=device)
-        scores[rows, pos] = vals
-        ids[rows, pos] = cols
-        top, sel = scores.topk(k, dim=1)
-        out_v[a:b], out_i[a:b] = _canonical(top, ids.gather(1, sel))
-    return out_v, out_i
+
+def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> tuple[Tensor, Tensor]:
+    """The k best ``(value, col)`` of each row from flat candidate triples -> ``(nb, k)`` each.
+
+    Two stable sorts (value, then row) instead of a padded (nb, max candidates) matrix: one row
+    with a very flat score profile must not cost memory for every row.
+    """
+    o = vals.argsort(descending=True, stable=True)
+    rows, cols, vals = rows[o], cols[o], vals[o]
+    rows, o = rows.sort(stable=True)
+    cols, vals = cols[o], vals[o]
+    counts = torch.bincount(rows, minlength=nb)
+    if bool((counts < k).any()):
+        raise RuntimeError("internal error: fewer than k candidates kept for a row")
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    keep = pos < k
+    return _canonical(vals[keep].view(nb, k), cols[keep].view(nb, k))
 
 
 def relative_topk(query: Tensor, anchors: Tensor, k: int, p: float, **scan: Any) -> SparseRelative:
@@ -592,19 +605,25 @@ def sparse_similarity(a_vals: Tensor, a_idx: Tensor, b_vals: Tensor, b_idx: Tens
             a_csr = to_scipy_csr(a_vals[i:i + row_chunk], a_idx[i:i + row_chunk], n_anchors)
             out[i:i + row_chunk] = (a_csr @ b_csr).toarray()
         return torch.from_numpy(out).to(device)
-    # dense over the anchors both sides use (the others contribute nothing)
+    # dense over the anchors both sides use (the others contribute nothing), in column and row
+    # chunks so no dense piece exceeds _DENSE_FLOATS
     remap = torch.full((n_anchors,), -1, dtype=torch.int64, device=device)
     remap[both] = torch.arange(n_both, device=device)
+    a_cols, b_cols = remap[a_idx.to(device)], remap[b_idx]
+    a_vals = a_vals.to(device).float()
 
-    def densify(vals: Tensor, idx: Tensor) -> Tensor:
-        cols = remap[idx]
-        dense = torch.zeros(vals.shape[0], n_both + 1, device=device)  # last column collects misses
-        dense.scatter_add_(1, torch.where(cols < 0, n_both, cols), vals.float())
-        return dense[:, :n_both]
+    def densify(vals: Tensor, cols: Tensor, u0: int, width: int) -> Tensor:
+        local = cols - u0
+        local = torch.where((local >= 0) & (local < width), local, width)  # misses -> extra column
+        dense = torch.zeros(vals.shape[0], width + 1, device=device)
+        return dense.scatter_add_(1, local, vals)[:, :width]
 
-    b_dense_t = densify(b_vals, b_idx).T.contiguous()
-    out = torch.empty(qa, qb, device=device)
-    step = max(1, min(row_chunk, (1 << 24) // n_both))
-    for i in range(0, qa, step):
-        out[i:i + step] = densify(a_vals[i:i + step], a_idx[i:i + step].to(device)) @ b_dense_t
+    out = torch.zeros(qa, qb, device=device)
+    width = max(1, min(n_both, _DENSE_FLOATS // qb))
+    rows = max(1, min(row_chunk, _DENSE_FLOATS // width))
+    for u0 in range(0, n_both, width):
+        w = min(width, n_both - u0)
+        b_part = densify(b_vals, b_cols, u0, w).T.contiguous()  # (w, Qb)
+        for i in range(0, qa, rows):
+            out[i:i + rows] += densify(a_vals[i:i + rows], a_cols[i:i + rows], u0, w) @ b_part
     return out
