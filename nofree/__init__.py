@@ -5,8 +5,7 @@ first use of the name that needs them.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nofree._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -32,13 +31,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nofree' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("nofree", _LAZY, globals())
 
 
 def sample_dir():

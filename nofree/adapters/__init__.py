@@ -7,8 +7,7 @@ this package does not import transformers.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nofree._lazy import lazy_getattr
 
 _LAZY = {
     "Adapter": "nofree.adapters.base",
@@ -32,10 +31,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nofree.adapters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("nofree.adapters", _LAZY, globals())

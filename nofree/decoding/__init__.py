@@ -6,8 +6,7 @@ Names load lazily so ``import nofree.decoding`` stays light.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nofree._lazy import lazy_getattr
 
 _LAZY = {
     "magic_search": "nofree.decoding.magic",
@@ -26,10 +25,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nofree.decoding' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("nofree.decoding", _LAZY, globals())
