@@ -40,7 +40,8 @@ class FakeImageEncoder:
     def __init__(self, spec: str = "fake-image:v1", embed_dim: int = 12, token_dim: int = 5) -> None:
         torch.manual_seed(123)
         self.spec, self.embed_dim, self.token_dim = spec, embed_dim, token_dim
-        self.module = _frozen(nn.ModuleDict({"pool": nn.Linear(12, embed_dim), "cell": nn.Linear(3, token_dim)}))
+        self.module = _frozen(nn.ModuleDict({"pool": nn.Linear(12, embed_dim),
+                                             "cell": nn.Linear(3, token_dim)}))
         self.calls = 0
 
     @staticmethod
@@ -479,7 +480,8 @@ def test_load_errors_are_clear(gpt2, image_encoder, tmp_path):
     adapter = _build("clipcap", gpt2, image_encoder)
     adapter.save_pretrained(tmp_path / "a")
     with pytest.raises(SpecError, match="fake-image:other"):
-        ClipCap.from_pretrained(tmp_path / "a", image_encoder=FakeImageEncoder(spec="fake-image:other"), lm=gpt2)
+        ClipCap.from_pretrained(tmp_path / "a", image_encoder=FakeImageEncoder(spec="fake-image:other"),
+                                lm=gpt2)
     with pytest.raises(DataError, match="clipcap adapter, not flamingo"):
         Flamingo.from_pretrained(tmp_path / "a", image_encoder=image_encoder, lm=gpt2)
     with pytest.raises(DataError, match="config.json is missing"):
@@ -617,7 +619,8 @@ def test_train_entry_points_refuse_bad_input_before_loading_models(tmp_path):
         with pytest.raises(DataError, match="split='train'"):
             train(pairs, out=tmp_path / "out", epochs=1, **specs)
     with pytest.raises(DataError, match="split='train'"):
-        train_lit(pairs, out=tmp_path / "out", image_encoder="no-such-backend:x", text_encoder="no-such-backend:z")
+        train_lit(pairs, out=tmp_path / "out", image_encoder="no-such-backend:x",
+                  text_encoder="no-such-backend:z")
     assert not (tmp_path / "out").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")
@@ -642,7 +645,8 @@ def test_prepare_examples_encodes_each_image_once_and_skips_unreadable(gpt2, tmp
     assert examples.skipped == [str(tmp_path / "bad.png")]
     torch.testing.assert_close(examples.image_features, encoder.encode(IMAGES[:2]))
     calls = encoder.calls
-    train_adapter(adapter, examples, epochs=3, batch_size=2, lr=1e-3, out_dir=tmp_path / "run", progress=False)
+    train_adapter(adapter, examples, epochs=3, batch_size=2, lr=1e-3, out_dir=tmp_path / "run",
+                  progress=False)
     assert encoder.calls == calls  # training reads the precomputed features, never the encoder
     from nofree.cache import EmbeddingCache
 
@@ -671,7 +675,13 @@ def test_adapter_captioner(gpt2, image_encoder, tmp_path):
 # --- on-disk format fixtures (each format version must keep loading) --------------------------------
 
 #: A LiT adapter saved by format version 1 (fake backbones above): config.json and the weights.
-LIT_V1_CONFIG = '{"format":"nofree-adapter","format_version":1,"nofree_version":"0.1.0","kind":"lit","config":{"embed_dim":12,"hidden_dim":null,"text_layers":0,"loss":"sigmoid","init_temperature":10.0,"init_bias":-10.0,"max_temperature":100.0},"backbone":{"image_encoder":"fake-image:v1","text_encoder":"fake-text:v1"},"dims":{"image_embed_dim":12,"text_embed_dim":16},"weights_sha256":"2a1213d50f19a65d455b6c5ae1bc7a21739870d2d602ea492dd506785e4db225"}'
+LIT_V1_CONFIG = (
+    '{"format":"nofree-adapter","format_version":1,"nofree_version":"0.1.0","kind":"lit","config"'
+    ':{"embed_dim":12,"hidden_dim":null,"text_layers":0,"loss":"sigmoid","init_temperature":10.0,'
+    '"init_bias":-10.0,"max_temperature":100.0},"backbone":{"image_encoder":"fake-image:v1","text'
+    '_encoder":"fake-text:v1"},"dims":{"image_embed_dim":12,"text_embed_dim":16},"weights_sha256"'
+    ':"2a1213d50f19a65d455b6c5ae1bc7a21739870d2d602ea492dd506785e4db225"}'
+)
 LIT_V1_WEIGHTS = (
     "SAEAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJraW5kIjoibGl0IiwiZm9ybWF0Ijoibm9mcmVlLWFkYXB0ZXIifSwibG9nX3Rl"
     "bXBlcmF0dXJlIjp7ImR0eXBlIjoiRjMyIiwic2hhcGUiOltdLCJkYXRhX29mZnNldHMiOlswLDRdfSwibG9naXRfYmlhcyI6"

@@ -79,7 +79,8 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     return sha
 
 
-def load_tensors(path: Path, *, expected_sha256: str | None = None, what: str = "tensors") -> dict[str, Tensor]:
+def load_tensors(path: Path, *, expected_sha256: str | None = None,
+                 what: str = "tensors") -> dict[str, Tensor]:
     """Read a safetensors file to CPU tensors; a missing, torn or corrupt file is a DataError."""
     from safetensors.torch import load_file
 
@@ -525,7 +526,8 @@ class CaptioningAdapter(Adapter):
         space); keyword arguments as in :meth:`generate`."""
         eos = int(self.lm.eos_id)
         ids = self.generate(features, **kw)
-        return [" ".join(text.split()) for text in self.lm.decode([[t for t in row if t != eos] for row in ids])]
+        texts = self.lm.decode([[t for t in row if t != eos] for row in ids])
+        return [" ".join(text.split()) for text in texts]
 
 
 class AdapterCaptioner:

@@ -19,8 +19,8 @@ arguments. The frozen layers, their weights and the module tree stay untouched (
 inspects layer types or attributes is unaffected), and the hooks are inert unless this adapter is
 conditioning a forward (so the same LM object can serve other captioners meanwhile).
 
-For small data the gates get a larger learning rate (``gate_lr_scale``, default 10 × the base
-rate): from 0 at the usual rates they stay near 0 for the few hundred steps such data gives.
+Option for small data: ``gate_lr_scale`` multiplies the gates' learning rate (default 1, as in
+the paper); from 0 at the usual rates they stay near 0 for the few hundred steps such data gives.
 
 The cross-attention does not depend on the KV cache, so cached decoding works unchanged. Scope:
 one image per sequence, and every text position attends to it (captioning). Flamingo's
@@ -150,7 +150,7 @@ class Flamingo(CaptioningAdapter):
 
     def __init__(self, image_encoder: Any, lm: Any, *, num_latents: int = 32,
                  resampler_depth: int = 2, heads: int = 8, dim_head: int = 64, ff_mult: int = 2,
-                 xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 10.0,
+                 xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
                  max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         super().__init__(image_encoder, lm, max_caption_tokens=max_caption_tokens, device=device)
         for name, value in (("num_latents", num_latents), ("resampler_depth", resampler_depth),
@@ -191,8 +191,8 @@ class Flamingo(CaptioningAdapter):
                 "lm_num_layers": len(find_decoder_layers(self.lm.model))}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The tanh gates learn ``gate_lr_scale`` times faster: starting at 0, they would
-        otherwise stay near 0 for the few hundred steps a small data set gives."""
+        """Two groups: the tanh gates (learning rate × ``gate_lr_scale``, no weight decay) and
+        everything else."""
         gates = [p for name, p in self.named_parameters() if name.endswith("_gate")]
         gate_ids = {id(p) for p in gates}
         rest = [p for p in self.trainable_parameters() if id(p) not in gate_ids]
@@ -227,9 +227,11 @@ class Flamingo(CaptioningAdapter):
 
     def lm_logits(self, tokens: Tensor, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, V)`` of the LM over ``ids`` ``(B, T)`` conditioned on image tokens."""
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
         with self.attending(self.latents(tokens)):
-            out = self.lm.model(input_ids=ids.to(self.device), use_cache=False,
-                                attention_mask=None if attention_mask is None else attention_mask.to(self.device))
+            out = self.lm.model(input_ids=ids.to(self.device), attention_mask=attention_mask,
+                                use_cache=False)
         return out.logits
 
     def caption_logits(self, features: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:

@@ -90,10 +90,11 @@ class Examples:
 
     def batch(self, rows: Tensor, device: torch.device) -> Batch:
         index = self.image_index[rows]
+        text_features = None if self.text_features is None else self.text_features[rows].to(device)
+        text_mask = None if self.text_mask is None else self.text_mask[rows].to(device)
         return Batch(image_features=self.image_features[index].to(device), image_ids=index,
-                     texts=[self.texts[i] for i in rows.tolist()],
-                     text_features=None if self.text_features is None else self.text_features[rows].to(device),
-                     text_mask=None if self.text_mask is None else self.text_mask[rows].to(device))
+                     texts=[self.texts[i] for i in rows.tolist()], text_features=text_features,
+                     text_mask=text_mask)
 
     def batches(self, batch_size: int, *, device: Any, order: Tensor | None = None) -> Iterator[Batch]:
         order = torch.arange(len(self)) if order is None else order
@@ -161,8 +162,9 @@ def prepare_examples(adapter: Adapter, pairs: Sequence[Pair] | Examples, *, cach
         return pairs
     pairs = [pair for pair in pairs if pair.captions]
     paths = list(dict.fromkeys(str(pair.image) for pair in pairs))  # one row per distinct image
-    features, kept, skipped = (_encode_images(adapter.image_encoder, paths, adapter.feature_kind, cache, progress)
-                               if paths else (torch.zeros(0), [], []))
+    features, kept, skipped = (
+        _encode_images(adapter.image_encoder, paths, adapter.feature_kind, cache, progress)
+        if paths else (torch.zeros(0), [], []))
     if skipped:
         log.warning("%s: skipped %d unreadable image(s): %s", what, len(skipped), ", ".join(skipped[:5]))
     row_of = {paths[i]: row for row, i in enumerate(kept)}
@@ -195,7 +197,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tens
     return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                       meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -232,7 +235,8 @@ def save_loss_curve(path: Path, step_losses: list[float], history: list[dict[str
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.5, label="train loss (step)")
-    ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], "o-", label="train loss (epoch)")
+    ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], "o-",
+            label="train loss (epoch)")
     metric = next((k for h in history for k in h if k.startswith("val_")), None)
     if metric is not None:
         axis = ax.twinx() if metric != "val_loss" else ax
@@ -475,8 +479,9 @@ def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = D
 
     Defaults suit ~1k pairs: on coco-mini (700 train captions) validation R@1 peaks after ~8
     epochs and then slowly declines. ``text_layers=1`` also tunes the text encoder's top layer
-    (about 20 s an epoch on two CPU cores instead of well under one). Other keywords: ``resume``, ``overwrite``, ``device``, ``seed``, ``train_split``,
-    ``val_split``, ``cache_dir``, ``progress``, ``weight_decay``, ``warmup_steps``, ``grad_clip``.
+    (about 20 s an epoch on two CPU cores instead of well under one). Other keywords:
+    ``resume``, ``overwrite``, ``device``, ``seed``, ``train_split``, ``val_split``,
+    ``cache_dir``, ``progress``, ``weight_decay``, ``warmup_steps``, ``grad_clip``.
     """
     return train_from_pairs("lit", pairs_path, backbones={"image_encoder": image_encoder,
                                                           "text_encoder": text_encoder},
@@ -501,7 +506,7 @@ def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str
 
 def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
                    lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
-                   num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 10.0,
+                   num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
                    **kw: Any) -> TrainResult:
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
     :func:`train_lit`, small-data defaults as in :func:`train_clipcap`."""
