@@ -61,7 +61,7 @@ class RetrievalCaptioner:
 
     def scores(self, image_emb: Tensor) -> Tensor:
         """ASIF similarity ``(B, P)`` of images to every pool caption."""
-        return torch.as_tensor(self.pipeline.asif.similarity(image_emb, self.pool_emb))
+        return torch.as_tensor(self.pipeline.asif.similarity(image_emb, self.pool_rel))
 
     def caption_embeddings(self, image_emb: Tensor) -> list[str]:
         """Captions for already-encoded images ``(B, Di)``."""
