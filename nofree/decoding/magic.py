@@ -111,6 +111,22 @@ def _stop_reason(lm: Any, generated: list[int], token: int, stop_at_period: bool
     return None
 
 
+def _append_tokens(lm: Any, rows: Tensor, tokens: list[int], generated: list[list[int]],
+                   stop: list[str], stop_at_period: bool, max_new_tokens: int) -> list[int]:
+    """Append each live row's chosen token (eos is not kept), record why rows stop, and return
+    the positions (into ``rows``) of the rows that go on."""
+    keep = []
+    for i, (r, token) in enumerate(zip(rows.tolist(), tokens)):
+        if token != lm.eos_id:
+            generated[r].append(token)
+        reason = _stop_reason(lm, generated[r], token, stop_at_period, max_new_tokens)
+        if reason is None:
+            keep.append(i)
+        else:
+            stop[r] = reason
+    return keep
+
+
 def _tick(seconds: dict[str, float], name: str, start: float) -> float:
     now = time.perf_counter()
     seconds[name] = seconds.get(name, 0.0) + now - start
@@ -200,15 +216,7 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         tokens = candidates.cpu()[torch.arange(b), chosen].tolist()
         if trace:
             steps.append(StepTrace(rows, candidates, lm_prob, penalty, image_prob, chosen))
-        keep = []
-        for i, (r, token) in enumerate(zip(rows.tolist(), tokens)):
-            if token != lm.eos_id:
-                generated[r].append(token)
-            reason = _stop_reason(lm, generated[r], token, stop_at_period, max_new_tokens)
-            if reason is None:
-                keep.append(i)
-            else:
-                stop[r] = reason
+        keep = _append_tokens(lm, rows, tokens, generated, stop, stop_at_period, max_new_tokens)
         if not keep:
             start = _tick(seconds, "select", start)
             break
@@ -247,15 +255,7 @@ def greedy_search(lm: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_token
     start = _tick(seconds, "prefill", start)
     for _ in range(max_new_tokens):
         tokens = logits.argmax(-1).tolist()                                  # (b,)
-        keep = []
-        for i, (r, token) in enumerate(zip(rows.tolist(), tokens)):
-            if token != lm.eos_id:
-                generated[r].append(token)
-            reason = _stop_reason(lm, generated[r], token, stop_at_period, max_new_tokens)
-            if reason is None:
-                keep.append(i)
-            else:
-                stop[r] = reason
+        keep = _append_tokens(lm, rows, tokens, generated, stop, stop_at_period, max_new_tokens)
         if not keep:
             break
         keep_t = torch.tensor(keep)
