@@ -354,6 +354,53 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, train_split
     click.echo(f"wrote {result.out_dir} ({result.steps} steps; last epoch: {summary})")
 
 
+# --- evaluation ---------------------------------------------------------------------------
+@main.command("eval")
+@click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Pairs file (JSONL/CSV/folder) holding the evaluation split.")
+@click.option("--split", default="val", show_default=True, help="Split to evaluate ('' for all pairs).")
+@click.option("--method", "methods", multiple=True, type=click.Choice(
+    ["asif", "lit", "retrieval", "magic", "magic-lit", "clipcap", "flamingo"]),
+    help="Method to run (repeatable; default: every method whose inputs are given).")
+@click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Anchor set (default: built from --anchor-split of --pairs into REPORT/anchors).")
+@click.option("--anchor-split", default="train", show_default=True)
+@click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--clipcap", "clipcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--flamingo", "flamingo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Caption pool for retrieval (default: the bundled 24k COCO captions).")
+@click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for MAGIC.")
+@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Zero-shot classes, one a line (default: the pairs' 'categories').")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images of the split.")
+@click.option("--samples", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Photos in the sample-caption grid.")
+@click.option("--no-meteor", is_flag=True, help="Skip METEOR (saves ~10 s a method).")
+@click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Keep the finished methods of an earlier run in --report.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in --report.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, pool,
+                 lm, labels_file, limit, samples, no_meteor, report_dir, resume, overwrite, batch_size, device):
+    """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
+    from nofree.data.pairs import load_text_lines
+    from nofree.eval.report import EvalConfig, run_eval
+
+    adapters = {kind: d for kind, d in (("lit", lit_dir), ("clipcap", clipcap_dir), ("flamingo", flamingo_dir))
+                if d is not None}
+    config = EvalConfig(pairs=pairs, split=split or None, limit=limit, anchors=anchor_dir,
+                        anchor_split=anchor_split, adapters=adapters, pool=pool, lm=lm,
+                        labels=load_text_lines(labels_file) if labels_file else None,
+                        batch_size=batch_size, device=device, meteor=not no_meteor)
+    results = run_eval(config, methods or None, out_dir=report_dir, overwrite=overwrite, resume=resume,
+                       samples=samples, echo=lambda line: click.echo(line, err=True))
+    click.echo((report_dir / "results.md").read_text(encoding="utf-8"))
+    if any(entry["status"] != "ok" for entry in results["methods"].values()):
+        sys.exit(1)
+
+
 # --- demo ---------------------------------------------------------------------------------
 @main.command()
 @click.option("--n-images", type=click.IntRange(min=1), default=4, show_default=True,

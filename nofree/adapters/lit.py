@@ -254,6 +254,23 @@ class LiT(Adapter):
         """Cosines ``(N_img, N_txt)`` of joint-space embeddings (``encode_image``/``encode_text``)."""
         return l2_normalize(image_emb) @ l2_normalize(text_emb.to(image_emb.device)).t()
 
+    def scorer(self, *, temperature: float | None = None) -> Any:
+        """This joint space as a MAGIC scorer: ``score(image_emb, texts)`` = t · cos, where
+        ``image_emb`` are the frozen image encoder's embeddings ``(B, Di)`` and t the learned
+        temperature (or ``temperature``)."""
+        from nofree.decoding.scorers import CallableScorer
+
+        scale = self.logit_scale if temperature is None else float(temperature)
+
+        def score(image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor:
+            with torch.no_grad():
+                image = self.project_image(image_emb)                               # (B, D)
+                text = self.encode_text([t for row in texts for t in row]).to(image.device)
+                text = text.view(len(texts), len(texts[0]), -1)                    # (B, k, D)
+                return scale * torch.einsum("bd,bkd->bk", image, text).cpu()
+
+        return CallableScorer(score, embed_images=lambda images: self.image_encoder.encode(list(images)))
+
     # --- training -------------------------------------------------------------------------------
     def batch_loss(self, batch: Any) -> Tensor:
         image = self.project_image(batch.image_features)

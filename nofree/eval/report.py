@@ -1,0 +1,417 @@
+"""``nofree eval``: every fusion method on one pairs file and split, one report.
+
+The training-free methods (ASIF scoring, caption retrieval, MAGIC with the ASIF or LiT scorer)
+and the trained ones (LiT, ClipCap, Flamingo-style) run on the same evaluation images with the
+same frozen backbones and go through the same metric code (DESIGN.md §8), so the table compares
+like with like. The report folder holds
+
+- ``results.json``: every metric with its n, the split, all specs and hyperparameters, the
+  nofree version, seconds per method (model loading counted apart) and each caption;
+- ``results.md``: the tables;
+- plots (see :mod:`nofree.eval.plots`): metric bars per method, retrieval R@K curves, and a grid
+  of sample photos with each method's caption beside a reference.
+
+``results.json`` is rewritten after every method, so an interrupted run keeps what finished and
+``resume=True`` skips methods already done with the same settings. A method that raises is
+reported as failed and the others still run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Pair
+
+log = logging.getLogger(__name__)
+
+SCORING, CAPTIONING = "scoring", "captioning"
+RECALL_KS = tuple(range(1, 11))
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the report: what it computes and which inputs it needs."""
+
+    name: str
+    task: str                      # SCORING (retrieval R@K + zero-shot) or CAPTIONING
+    needs: tuple[str, ...]         # "anchors" and/or adapter kinds: "lit", "clipcap", "flamingo"
+    label: str
+
+
+METHODS = {m.name: m for m in (
+    Method("asif", SCORING, ("anchors",), "ASIF (frozen encoders + anchors)"),
+    Method("lit", SCORING, ("lit",), "LiT (trained text head)"),
+    Method("retrieval", CAPTIONING, ("anchors",), "caption retrieval by ASIF"),
+    Method("magic", CAPTIONING, ("anchors",), "MAGIC, ASIF scorer"),
+    Method("magic-lit", CAPTIONING, ("anchors", "lit"), "MAGIC, LiT scorer"),
+    Method("clipcap", CAPTIONING, ("clipcap",), "ClipCap (trained prefix)"),
+    Method("flamingo", CAPTIONING, ("flamingo",), "Flamingo-style (trained x-attn)"),
+)}
+
+
+@dataclass
+class EvalConfig:
+    """What ``run_eval`` evaluates and with what. Paths may be ``str`` or ``Path``."""
+
+    pairs: Any
+    split: str | None = "val"
+    limit: int | None = None
+    anchors: Any = None                         # anchor set dir; built from anchor_split if None
+    anchor_split: str = "train"
+    adapters: dict[str, Any] = field(default_factory=dict)   # kind -> adapter dir
+    pool: Any = None                            # caption pool for "retrieval"
+    lm: str = DEFAULT_LM
+    labels: Sequence[str] | None = None         # zero-shot classes (default: the pairs' categories)
+    magic: dict[str, Any] = field(default_factory=dict)      # MagicCaptioner options
+    max_tokens: int = 30                        # adapters' caption length limit
+    batch_size: int = 8
+    device: str = "cpu"
+    meteor: bool = True
+
+
+def available_methods(config: EvalConfig) -> list[str]:
+    """The methods whose inputs ``config`` provides (anchors can always be built)."""
+    have = {"anchors", *config.adapters}
+    return [name for name, m in METHODS.items() if set(m.needs) <= have]
+
+
+class _Context:
+    """Evaluation data and lazily loaded, shared models; counts seconds spent loading them."""
+
+    def __init__(self, config: EvalConfig, out_dir: Path, progress: bool) -> None:
+        from nofree.data.pairs import load_pairs
+
+        self.config, self.out_dir, self.progress = config, out_dir, progress
+        self.pairs = [p for p in load_pairs(config.pairs, split=config.split, limit=config.limit)
+                      if p.captions]
+        if not self.pairs:
+            raise DataError(f"no pairs with captions in {config.pairs}"
+                            + (f" for split={config.split!r}" if config.split else "")
+                            + "; check --split (the pairs' 'split' field)")
+        self.paths = [p.image for p in self.pairs]
+        self.references = [list(p.captions) for p in self.pairs]
+        self.load_seconds = 0.0
+        self._memo: dict[tuple, Any] = {}
+
+    def _load(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            start = time.perf_counter()
+            self._memo[key] = build()
+            self.load_seconds += time.perf_counter() - start
+        return self._memo[key]
+
+    # --- shared models ---------------------------------------------------------------------
+    def encoder(self, spec: str, modality: str) -> Any:
+        from nofree.registry import load_encoder
+
+        return self._load(("encoder", spec), lambda: load_encoder(spec, modality=modality,
+                                                                   device=self.config.device))
+
+    def lm(self, spec: str) -> Any:
+        from nofree.registry import load_lm
+
+        return self._load(("lm", spec), lambda: load_lm(spec, device=self.config.device))
+
+    def anchor_dir(self) -> Path:
+        if self.config.anchors is not None:
+            return Path(self.config.anchors)
+        built = self.out_dir / "anchors"
+        if not (built / "manifest.json").exists():
+            from nofree.anchors.build import build_anchor_set
+
+            log.info("no --anchors given: building them from split %r of %s into %s",
+                     self.config.anchor_split, self.config.pairs, built)
+            self._load(("built-anchors",), lambda: build_anchor_set(
+                self.config.pairs, split=self.config.anchor_split, out=built,
+                image_encoder=self.encoder(DEFAULT_IMAGE_ENCODER, "image"),
+                text_encoder=self.encoder(DEFAULT_TEXT_ENCODER, "text"),
+                device=self.config.device, progress=self.progress))
+        return built
+
+    def pipeline(self) -> Any:
+        def build() -> Any:
+            from nofree.anchors.anchor_set import AnchorSet
+            from nofree.anchors.pipeline import AsifPipeline
+            from nofree.cache import EmbeddingCache
+
+            anchors = AnchorSet.load(self.anchor_dir())
+            check_no_leak(anchors, self.config.pairs, self.config.split)
+            return AsifPipeline.from_anchors(anchors, self.encoder(anchors.image_spec, "image"),
+                                             self.encoder(anchors.text_spec, "text"),
+                                             cache=EmbeddingCache())
+        return self._load(("pipeline",), build)
+
+    def adapter(self, kind: str) -> Any:
+        from nofree.adapters.base import ROLE_MODALITY, load_adapter, read_config
+
+        if kind not in self.config.adapters:
+            raise DataError(f"method needs a {kind} adapter: pass --{kind} DIR (from `nofree train {kind}`)")
+        directory = Path(self.config.adapters[kind])
+
+        def build() -> Any:
+            header = read_config(directory)
+            if header["kind"] != kind:
+                raise DataError(f"{directory} holds a {header['kind']} adapter, not {kind}")
+            backbones = {role: self.lm(spec) if role == "lm" else self.encoder(spec, ROLE_MODALITY[role])
+                         for role, spec in header["backbone"].items()}
+            return load_adapter(directory, device=self.config.device, **backbones)
+        return self._load(("adapter", kind), build)
+
+    def image_emb(self) -> torch.Tensor:
+        """``(n_images, Di)`` ASIF image-encoder embeddings of the evaluation photos."""
+        return self._load(("image_emb",), lambda: self.pipeline().encode_images(self.paths))
+
+    def labels(self) -> list[str]:
+        if self.config.labels:
+            return list(self.config.labels)
+        from nofree.data.pairs import load_pairs
+
+        return sorted({c for p in load_pairs(self.config.pairs) for c in p.meta.get("categories", [])})
+
+
+def check_no_leak(anchors: Any, pairs: Any, split: str | None) -> None:
+    """Refuse anchors built from the evaluation split of the same pairs file (DESIGN.md §7)."""
+    target = os.path.realpath(str(pairs))
+    for source in anchors.meta.get("sources", []):
+        same_file = os.path.realpath(str(source.get("pairs", ""))) == target
+        if same_file and (source.get("split") is None or split is None or source.get("split") == split):
+            raise DataError(f"the anchor set was built from split {source.get('split')!r} of {pairs}, "
+                            f"which overlaps the evaluation split {split!r}: build anchors from "
+                            "another split (e.g. --split train) so evaluation captions never leak")
+
+
+# --- one function per task ---------------------------------------------------------------------
+def _scoring_metrics(ctx: _Context, sim_fn: Callable[[torch.Tensor | None, Sequence[str]], torch.Tensor],
+                     image_emb: torch.Tensor) -> dict[str, Any]:
+    """Retrieval R@K both ways among the eval pairs, and zero-shot hit rate over ``labels``."""
+    from nofree.eval.retrieval import retrieval_report
+    from nofree.eval.zeroshot import hit_rate
+
+    texts = [c for ref in ctx.references for c in ref]
+    owner = torch.arange(len(ctx.references)).repeat_interleave(
+        torch.tensor([len(ref) for ref in ctx.references]))
+    report = retrieval_report(sim_fn(image_emb, texts), owner, ks=RECALL_KS)
+    metrics: dict[str, Any] = {f"{way} R@{k}": report[way][f"R@{k}"] for way in ("t2i", "i2t") for k in (1, 5, 10)}
+    metrics["curve"] = {way: [report[way][f"R@{k}"] for k in RECALL_KS] for way in ("t2i", "i2t")}
+    metrics["n_texts"], metrics["n_images"] = report["t2i"]["n"], report["i2t"]["n"]
+    labels = ctx.labels()
+    rows = [i for i, p in enumerate(ctx.pairs) if p.meta.get("categories")]
+    if labels and rows:
+        index = {label: j for j, label in enumerate(labels)}
+        truth = [[index[c] for c in ctx.pairs[i].meta["categories"] if c in index] for i in rows]
+        keep = [r for r, t in zip(rows, truth) if t]
+        truth = [t for t in truth if t]
+        if keep:
+            prompts = [f"a photo of a {label}." for label in labels]
+            scores = sim_fn(image_emb[keep], prompts)
+            metrics["zero-shot top-1"] = hit_rate(scores, truth, k=1)
+            metrics["zero-shot top-5"] = hit_rate(scores, truth, k=min(5, len(labels)))
+            metrics["n_zero_shot"], metrics["n_classes"] = len(keep), len(labels)
+    return metrics
+
+
+def _eval_asif(ctx: _Context) -> tuple[dict, dict, dict]:
+    pipeline = ctx.pipeline()
+    sim = lambda image_emb, texts: pipeline.similarity(image_emb, pipeline.encode_texts(texts))  # noqa: E731
+    metrics = _scoring_metrics(ctx, sim, ctx.image_emb())
+    return metrics, _asif_params(pipeline), {}
+
+
+def _eval_lit(ctx: _Context) -> tuple[dict, dict, dict]:
+    lit = ctx.adapter("lit")
+    from nofree.data.images import load_image
+
+    with torch.no_grad():
+        image = lit.encode_image([load_image(p) for p in ctx.paths])
+    metrics = _scoring_metrics(ctx, lambda emb, texts: lit.similarity(emb, lit.encode_text(texts)), image)
+    return metrics, {"adapter": str(ctx.config.adapters["lit"]), **lit.config()}, {}
+
+
+def _asif_params(pipeline: Any) -> dict[str, Any]:
+    params = {key: getattr(pipeline.asif, key) for key in ("k", "p", "center") if hasattr(pipeline.asif, key)}
+    return {"anchors": len(pipeline.anchors), "image_encoder": pipeline.anchors.image_spec,
+            "text_encoder": pipeline.anchors.text_spec, "asif": params}
+
+
+def _batched(fn: Callable[[Sequence[Any]], list[str]], items: Sequence[Any], batch_size: int,
+             desc: str, progress: bool) -> list[str]:
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    with tqdm(total=len(items), unit="image", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(items), batch_size):
+            out += fn(items[start:start + batch_size])
+            bar.update(min(batch_size, len(items) - start))
+    return out
+
+
+def _eval_retrieval(ctx: _Context) -> tuple[dict, dict, list[str]]:
+    from nofree import sample_dir
+    from nofree.captioners import RetrievalCaptioner
+    from nofree.data.pairs import load_text_lines
+
+    pool_path = Path(ctx.config.pool or sample_dir() / "caption_corpus.txt")
+    pipeline = ctx.pipeline()
+    captioner = RetrievalCaptioner(pipeline, load_text_lines(pool_path))
+    captions = captioner.caption_embeddings(ctx.image_emb())
+    return {}, {"pool": str(pool_path), "pool_size": len(captioner.pool), **_asif_params(pipeline)}, captions
+
+
+def _magic(ctx: _Context, scorer_name: str) -> tuple[dict, dict, list[str]]:
+    from nofree.captioners import MAGIC_DEFAULTS, MagicCaptioner
+
+    pipeline = ctx.pipeline()
+    options = {**MAGIC_DEFAULTS, **ctx.config.magic}
+    lm = ctx.lm(ctx.config.lm)
+    if scorer_name == "asif":
+        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, **options)
+    else:
+        lit = ctx.adapter("lit")
+        if lit.image_encoder.spec != pipeline.anchors.image_spec:
+            raise DataError(f"the LiT adapter's image encoder {lit.image_encoder.spec!r} differs from "
+                            f"the anchors' {pipeline.anchors.image_spec!r}; MAGIC+LiT needs both on one")
+        captioner = MagicCaptioner(lm, lit.scorer(), pipeline=pipeline, **options)
+    image_emb = ctx.image_emb()
+    captions = _batched(lambda rows: captioner.caption_embeddings(image_emb[list(rows)]),
+                        range(len(image_emb)), ctx.config.batch_size, f"MAGIC+{scorer_name}", ctx.progress)
+    return {}, {"lm": ctx.config.lm, "scorer": scorer_name, **options, **_asif_params(pipeline)}, captions
+
+
+def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
+    from nofree.adapters import AdapterCaptioner
+
+    adapter = ctx.adapter(kind)
+    captioner = AdapterCaptioner(adapter, max_tokens=ctx.config.max_tokens, batch_size=ctx.config.batch_size)
+    captions = _batched(captioner.caption, ctx.paths, ctx.config.batch_size, kind, ctx.progress)
+    return {}, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
+                **adapter.backbone_specs(), **adapter.config()}, captions
+
+
+RUNNERS: dict[str, Callable[[_Context], tuple[dict, dict, Any]]] = {
+    "asif": _eval_asif, "lit": _eval_lit, "retrieval": _eval_retrieval,
+    "magic": lambda ctx: _magic(ctx, "asif"), "magic-lit": lambda ctx: _magic(ctx, "lit"),
+    "clipcap": lambda ctx: _eval_adapter(ctx, "clipcap"),
+    "flamingo": lambda ctx: _eval_adapter(ctx, "flamingo"),
+}
+
+
+# --- the run ------------------------------------------------------------------------------------
+def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_dir: str | Path,
+             overwrite: bool = False, resume: bool = False, samples: int = 6, progress: bool = True,
+             echo: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Evaluate ``methods`` (default: all whose inputs are given) and write the report folder.
+
+    Returns the ``results.json`` content. Raises :class:`DataError` for unusable input found
+    before any method runs; a method failing while it runs is recorded as failed instead.
+    """
+    from nofree import __version__
+    from nofree.eval.plots import write_plots
+    from nofree.eval.table import write_markdown
+
+    methods = list(methods or available_methods(config))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise DataError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    missing = {m: [n for n in METHODS[m].needs if n != "anchors" and n not in config.adapters] for m in methods}
+    missing = {m: n for m, n in missing.items() if n}
+    if missing:
+        raise DataError("; ".join(f"method {m} needs " + ", ".join(f"--{n} DIR" for n in needs)
+                                  for m, needs in missing.items()) + " (adapters come from `nofree train`)")
+    out_dir = Path(out_dir)
+    results_path = out_dir / "results.json"
+    previous = _previous_results(results_path, overwrite=overwrite, resume=resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _Context(config, out_dir, progress)
+    results: dict[str, Any] = {
+        "nofree_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "pairs": str(config.pairs), "split": config.split, "limit": config.limit,
+        "n_images": len(ctx.pairs), "n_references": sum(map(len, ctx.references)),
+        "images": ctx.paths, "references": ctx.references, "device": config.device,
+        "methods": {},
+    }
+    for name in methods:
+        old = previous.get("methods", {}).get(name)
+        if old and old.get("status") == "ok" and resume and old.get("images") == ctx.paths:
+            echo(f"{name}: kept from the previous run ({results_path})")
+            results["methods"][name] = old
+            continue
+        echo(f"{name}: {METHODS[name].label} ...")
+        results["methods"][name] = _run_method(ctx, name)
+        entry = results["methods"][name]
+        echo(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
+             + (f" ({entry['error']})" if entry["status"] == "failed" else ""))
+        _write_json(results_path, results)
+    results["anchors"] = _anchor_record(ctx)
+    _write_json(results_path, results)
+    write_markdown(out_dir / "results.md", results, METHODS)
+    try:
+        results["plots"] = write_plots(out_dir, results, METHODS, samples=samples)
+    except Exception as err:  # a plot must never cost the numbers
+        log.warning("plots failed: %s", err)
+        results["plots"] = {"error": f"{type(err).__name__}: {err}"}
+    _write_json(results_path, results)
+    write_markdown(out_dir / "results.md", results, METHODS)
+    return results
+
+
+def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
+    method = METHODS[name]
+    loads_before, start = ctx.load_seconds, time.perf_counter()
+    entry: dict[str, Any] = {"task": method.task, "label": method.label, "images": ctx.paths}
+    try:
+        metrics, params, captions = RUNNERS[name](ctx)
+        entry.update(status="ok", params=params)
+        if method.task == CAPTIONING:
+            from nofree.eval.captioning import caption_metrics
+
+            scored = caption_metrics(list(captions), ctx.references, meteor=ctx.config.meteor)
+            metrics = {**metrics, **scored}
+            entry["captions"] = list(captions)
+        entry["metrics"] = metrics
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - one failing method must not stop the others
+        log.debug("method %s failed", name, exc_info=True)
+        entry.update(status="failed", error=f"{type(err).__name__}: {err}",
+                     traceback=traceback.format_exc(limit=8))
+    load_s = ctx.load_seconds - loads_before
+    entry["load_s"] = round(load_s, 3)
+    entry["wall_s"] = round(time.perf_counter() - start - load_s, 3)
+    return entry
+
+
+def _anchor_record(ctx: _Context) -> dict[str, Any] | None:
+    pipeline = ctx._memo.get(("pipeline",))
+    if pipeline is None:
+        return None
+    return {"dir": str(ctx.anchor_dir()), **_asif_params(pipeline),
+            "sources": pipeline.anchors.meta.get("sources", [])}
+
+
+def _previous_results(path: Path, *, overwrite: bool, resume: bool) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    if not (overwrite or resume):
+        raise DataError(f"{path} already exists: pass --resume to keep its finished methods, "
+                        "--overwrite to replace it, or choose another --report")
+    if overwrite:
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot resume from {path} ({err}); pass --overwrite to start afresh") from err
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

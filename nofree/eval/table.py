@@ -1,0 +1,75 @@
+"""``results.md`` of an evaluation report: the captioning table, the scoring table, the settings.
+
+Scores are shown ×100 (DESIGN.md §8); times are seconds of the method itself, with the seconds
+spent loading models it was the first to need shown apart.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+CAPTION_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+SCORING_COLUMNS = ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
+                   "zero-shot top-1", "zero-shot top-5")
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Markdown lines of the captioning and the scoring table (empty lists when no such rows)."""
+    out: dict[str, list[str]] = {"captioning": [], "scoring": []}
+    rows: dict[str, list[list[str]]] = {"captioning": [], "scoring": []}
+    for name, entry in results["methods"].items():
+        if entry.get("status") != "ok":
+            continue
+        metrics, task = entry["metrics"], entry["task"]
+        columns = CAPTION_COLUMNS if task == "captioning" else SCORING_COLUMNS
+        n = metrics.get("n", metrics.get("n_images"))
+        rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
+                           *(_cell(metrics.get(c)) for c in columns), str(n),
+                           f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")])
+    if rows["captioning"]:
+        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, "n images", "seconds"], rows["captioning"])
+    if rows["scoring"]:
+        out["scoring"] = _table(["method", "what", *SCORING_COLUMNS, "n images", "seconds"], rows["scoring"])
+    return out
+
+
+def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str, Any]) -> None:
+    """Write ``results.md`` for ``results`` (the content of ``results.json``)."""
+    lines = [f"# nofree evaluation: {results['pairs']} (split {results['split']!r}, "
+             f"{results['n_images']} images, {results['n_references']} reference captions)", "",
+             f"nofree {results['nofree_version']}, {results['created']}, device {results['device']}. "
+             "Scores ×100; seconds exclude model loading (shown apart as +load).", ""]
+    tables = method_tables(results, methods)
+    if tables["captioning"]:
+        lines += ["## Captioning", "", *tables["captioning"], ""]
+    if tables["scoring"]:
+        lines += ["## Retrieval among the evaluation pairs and zero-shot classification", "",
+                  *tables["scoring"], "",
+                  "Zero-shot: an image counts as a hit when the top class is one of its annotated "
+                  "categories (prompt 'a photo of a {label}.').", ""]
+    failed = {n: e for n, e in results["methods"].items() if e.get("status") != "ok"}
+    if failed:
+        lines += ["## Failed", ""] + [f"- **{n}**: {e.get('error')}" for n, e in failed.items()] + [""]
+    plots = results.get("plots") or {}
+    if isinstance(plots, dict) and plots and "error" not in plots:
+        lines += ["## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
+    anchors = results.get("anchors")
+    lines += ["## Settings", ""]
+    if anchors:
+        lines.append(f"- anchors: {anchors['dir']} ({anchors['anchors']} pairs; {anchors['image_encoder']} + "
+                     f"{anchors['text_encoder']}; ASIF {anchors['asif']})")
+    for name, entry in results["methods"].items():
+        if entry.get("status") == "ok":
+            params = {k: v for k, v in entry["params"].items()
+                      if k not in ("anchors", "image_encoder", "text_encoder", "asif")}
+            lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

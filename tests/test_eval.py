@@ -1,0 +1,151 @@
+"""`nofree eval`: every method on one split, one report; failures isolated; no leakage; resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from nofree.cli import main
+from nofree.core import DataError
+from nofree.eval import report as report_module
+from nofree.eval.report import METHODS, EvalConfig, available_methods, run_eval
+from nofree.testing import make_tiny_hf_text, make_tiny_hf_vision, make_tiny_lm_dir
+from tests.test_anchors import make_pairs
+
+CATEGORIES = (["bus"], ["dog", "bus"], ["cat"], [], ["dog"])
+
+
+def _with_categories(pairs):
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["categories"] = CATEGORIES[i % len(CATEGORIES)]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny backbones, a 12-image pairs file (8 train / 4 val), anchors from train, three adapters."""
+    import os
+
+    root = tmp_path_factory.mktemp("eval")
+    old_cache = os.environ.get("NOFREE_CACHE")
+    os.environ["NOFREE_CACHE"] = str(root / "cache")
+    image, text = f"local:{make_tiny_hf_vision(root / 'vision')}", f"local:{make_tiny_hf_text(root / 'text')}"
+    lm = f"local:{make_tiny_lm_dir(root / 'lm')}"
+    pairs = _with_categories(make_pairs(root / "data", n=12))
+    pool = root / "pool.txt"
+    pool.write_text("a red bus\na dog on grass\nphoto number 3\na cat\n")
+    runner = CliRunner()
+    anchors = root / "anchors"
+    result = runner.invoke(main, ["anchors", "build", "--pairs", str(pairs), "--split", "train",
+                                  "--image-encoder", image, "--text-encoder", text, "--out", str(anchors)])
+    assert result.exit_code == 0, result.output
+    adapters = {}
+    for kind in ("lit", "clipcap", "flamingo"):
+        backbone = ["--text-encoder", text] if kind == "lit" else ["--lm", lm]
+        result = runner.invoke(main, ["train", kind, "--pairs", str(pairs), "--image-encoder", image,
+                                      *backbone, "--out", str(root / kind), "--epochs", "1"])
+        assert result.exit_code == 0, result.output
+        adapters[kind] = root / kind
+    yield {"root": root, "pairs": pairs, "anchors": anchors, "adapters": adapters, "lm": lm, "pool": pool}
+    if old_cache is None:
+        os.environ.pop("NOFREE_CACHE", None)
+    else:
+        os.environ["NOFREE_CACHE"] = old_cache
+
+
+def _config(setup, **kw):
+    return EvalConfig(pairs=setup["pairs"], anchors=setup["anchors"], adapters=setup["adapters"],
+                      lm=setup["lm"], pool=setup["pool"], magic={"max_new_tokens": 4, "k": 5},
+                      max_tokens=4, meteor=False, **kw)
+
+
+def test_every_method_in_one_report(setup, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, [
+        "eval", "--pairs", str(setup["pairs"]), "--anchors", str(setup["anchors"]), "--lm", setup["lm"],
+        "--pool", str(setup["pool"]), "--no-meteor", "--samples", "2", "--report", str(out),
+        *(arg for kind, d in setup["adapters"].items() for arg in (f"--{kind}", str(d)))])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(METHODS)
+    assert results["split"] == "val" and results["n_images"] == 4 and results["n_references"] == 8
+    for name, entry in results["methods"].items():
+        assert entry["status"] == "ok", (name, entry.get("traceback"))
+        assert entry["wall_s"] >= 0 and entry["params"]
+        metrics = entry["metrics"]
+        if entry["task"] == "captioning":
+            assert len(entry["captions"]) == 4 and all(isinstance(c, str) for c in entry["captions"])
+            assert metrics["n"] == 4 and 0 <= metrics["BLEU-1"] <= 1 and metrics["CIDEr"] >= 0
+        else:
+            curve = metrics["curve"]["t2i"]
+            assert len(curve) == 10 and curve == sorted(curve) and curve[3] == 1.0  # 4 images: R@4 = 1
+            assert metrics["n_images"] == 4 and metrics["n_texts"] == 8
+            # val images 0, 3, 6, 9 -> categories bus, (none), cat, bus: 3 images score zero-shot
+            assert metrics["n_zero_shot"] == 3 and metrics["n_classes"] == 3
+            assert 0 <= metrics["zero-shot top-1"] <= metrics["zero-shot top-5"] == 1.0
+    # the retrieval captioner can only answer with captions of the pool
+    assert set(results["methods"]["retrieval"]["captions"]) <= set(setup["pool"].read_text().splitlines())
+    markdown = (out / "results.md").read_text()
+    for name in METHODS:
+        assert f"| {name} |" in markdown
+    for png in results["plots"].values():
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert set(results["plots"].values()) == {"captioning.png", "samples.png", "scoring.png", "recall_at_k.png"}
+    assert "| magic |" in result.stdout  # the table goes to stdout
+
+
+def test_a_failing_method_is_reported_and_the_rest_run(setup, tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setitem(report_module.RUNNERS, "retrieval", broken)
+    result = CliRunner().invoke(main, ["eval", "--pairs", str(setup["pairs"]), "--anchors", str(setup["anchors"]),
+                                       "--method", "retrieval", "--method", "asif", "--pool", str(setup["pool"]),
+                                       "--no-meteor", "--report", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["methods"]["retrieval"]["status"] == "failed"
+    assert "out of cheese" in results["methods"]["retrieval"]["error"]
+    assert results["methods"]["asif"]["status"] == "ok"
+    assert "out of cheese" in (tmp_path / "r" / "results.md").read_text()
+
+
+def test_resume_keeps_finished_methods_and_refuses_silent_overwrite(setup, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    first = run_eval(_config(setup), ["asif", "retrieval"], out_dir=out, progress=False)
+    with pytest.raises(DataError, match="--resume"):
+        run_eval(_config(setup), ["asif"], out_dir=out, progress=False)
+    calls = []
+    original = report_module.RUNNERS["asif"]
+    monkeypatch.setitem(report_module.RUNNERS, "asif", lambda ctx: calls.append(1) or original(ctx))
+    again = run_eval(_config(setup), ["asif", "retrieval"], out_dir=out, resume=True, progress=False)
+    assert calls == [] and again["methods"]["asif"] == first["methods"]["asif"]
+    run_eval(_config(setup), ["asif"], out_dir=out, overwrite=True, progress=False)
+    assert calls == [1]
+
+
+def test_anchors_from_the_evaluation_split_are_refused(setup, tmp_path):
+    leaky = tmp_path / "leaky"
+    result = CliRunner().invoke(main, ["anchors", "build", "--pairs", str(setup["pairs"]), "--split", "val",
+                                       "--image-encoder", "local:" + str(setup["root"] / "vision"),
+                                       "--text-encoder", "local:" + str(setup["root"] / "text"),
+                                       "--out", str(leaky)])
+    assert result.exit_code == 0, result.output
+    results = run_eval(EvalConfig(pairs=setup["pairs"], anchors=leaky, meteor=False), ["asif"],
+                       out_dir=tmp_path / "r", progress=False)
+    assert results["methods"]["asif"]["status"] == "failed"
+    assert "leak" in results["methods"]["asif"]["error"]
+
+
+def test_method_inputs_are_checked_before_anything_runs(setup, tmp_path):
+    assert available_methods(EvalConfig(pairs=setup["pairs"])) == ["asif", "retrieval", "magic"]
+    with pytest.raises(DataError, match="--clipcap DIR"):
+        run_eval(EvalConfig(pairs=setup["pairs"]), ["clipcap"], out_dir=tmp_path / "r")
+    with pytest.raises(DataError, match="unknown method"):
+        run_eval(EvalConfig(pairs=setup["pairs"]), ["nope"], out_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(DataError, match="split='test'"):
+        run_eval(EvalConfig(pairs=setup["pairs"], split="test"), ["asif"], out_dir=tmp_path / "r")
