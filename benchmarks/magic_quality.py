@@ -48,7 +48,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--configs", nargs="*", default=None, help="subset of method names (substrings)")
     parser.add_argument("--anchors", default="runs/bench/anchors-train", help="anchor set (built if missing)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="2 photos, 4 tokens, a 2,000-caption pool")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.limit, args.configs = 2, args.configs or ["plain prompting", "beta=2"]
 
     from pathlib import Path
 
@@ -62,16 +65,18 @@ def main(argv=None) -> dict:
     results: dict[str, dict] = {}
 
     start = time.perf_counter()
-    retrieval = RetrievalCaptioner(pipeline, load_text_lines(sample_dir() / "caption_corpus.txt"))
+    pool = load_text_lines(sample_dir() / "caption_corpus.txt")[: 2000 if args.smoke else None]
+    retrieval = RetrievalCaptioner(pipeline, pool)
     captions = retrieval.caption_embeddings(image_emb)
-    results["retrieval (ASIF + consensus, 24k pool)"] = _score(captions, references, time.perf_counter() - start)
+    results[f"retrieval (ASIF + CSLS + consensus, {len(pool):,}-caption pool)"] = _score(captions, references, time.perf_counter() - start)
     _print(results)
 
     lm = load_lm(DEFAULT_LM)
     for name, options in CONFIGS.items():
         if args.configs and not any(c in name for c in args.configs):
             continue
-        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, **options)
+        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, **{**options, **(
+            {"max_new_tokens": 4} if args.smoke else {})})
         start = time.perf_counter()
         captions = []
         for i in range(0, len(val), args.batch_size):
@@ -106,12 +111,22 @@ def _print(results: dict) -> None:
 
 
 def markdown(out: dict) -> str:
-    lines = ["| method | BLEU-4 | METEOR | ROUGE-L | CIDEr | s/image |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"{out['n_images']} `{out['split']}` photos; EfficientNet-Lite0 + MiniLM composed by the train "
+             f"anchors (`{out['anchors']}`), `{out['lm']}` frozen; PTB-tokenised COCO metrics (×100); "
+             "seconds per image on the machine above.", "",
+             "| method | BLEU-4 | METEOR | ROUGE-L | CIDEr | s/image |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in out["results"].items():
         m = r["metrics"]
         lines.append(f"| {name} | {100 * m['BLEU-4']:.1f} | {100 * m['METEOR']:.1f} | {100 * m['ROUGE-L']:.1f} | "
                      f"{100 * m['CIDEr']:.1f} | {r['seconds_per_image']:.1f} |")
     return "\n".join(lines)
+
+
+NOTES = """Settings were tuned on `val` itself (coco-mini has no separate test split); every
+setting tried is in the table, so the selection is visible. Plain prompting sees no image and
+writes one caption for every photo: it is the floor. MAGIC's β term re-weights only the LM's own
+top-k candidates, so a 135M LM bounds what it can write; the in-context examples (nearest anchor
+captions by ASIF) give it the vocabulary of the photo."""
 
 
 if __name__ == "__main__":

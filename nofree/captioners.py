@@ -60,8 +60,8 @@ class RetrievalCaptioner:
         self.pool_rel = pipeline.asif.transform(self.pool_emb, modality="text")
 
     def scores(self, image_emb: Tensor) -> Tensor:
-        """ASIF similarity ``(B, P)`` of images to every pool caption."""
-        return torch.as_tensor(self.pipeline.asif.similarity(image_emb, self.pool_rel))
+        """ASIF similarity ``(B, P)`` of images to every pool caption (the pipeline's, CSLS included)."""
+        return self.pipeline.similarity(image_emb, self.pool_rel)
 
     def caption_embeddings(self, image_emb: Tensor) -> list[str]:
         """Captions for already-encoded images ``(B, Di)``."""

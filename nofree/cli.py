@@ -92,22 +92,81 @@ def _pairs_options(f):
 
 @anchors.command("build")
 @click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Pairs: JSONL (image, captions), CSV (image,caption) or an image folder with .txt sidecars.")
+              help="Pairs: JSONL (image, captions), CSV (image,caption), an image folder with .txt "
+                   "sidecars, or webdataset .tar shards (a shard or a folder of them).")
 @click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)
 @click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a pool of Ray encoder actors (GPU actors when the "
+                   "cluster has GPUs; --device is then ignored).")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray: encoder actors (default: one per "
+              "GPU, else one per CPU).")
+@click.option("--ray-address", help="Ray: an existing cluster (e.g. ray://head:10001 or auto); "
+              "default: start a local Ray for this command.")
+@click.option("--index", "index_factory", metavar="FACTORY", help="Also add a faiss search index, "
+              "e.g. 'IVF4096,PQ32' (see `nofree anchors index`).")
 @_pairs_options
-def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, limit, split, batch_size, device):
+def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, engine, workers, ray_address,
+                  index_factory, limit, split, batch_size, device):
     """Encode pairs into an anchor set (resumes an interrupted build)."""
     from nofree.anchors.build import build_anchor_set
 
     built = build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
                              split=split, limit=limit, batch_size=batch_size, device=device,
-                             overwrite=overwrite)
+                             overwrite=overwrite, engine=engine, workers=workers,
+                             ray_address=ray_address, index=index_factory)
     skipped = built.meta.get("skipped_images", [])
     click.echo(f"wrote {out}: {len(built)} anchors ({built.image_dim}-d image, {built.text_dim}-d text)"
-               + (f", {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+               + (f", {len(skipped)} unreadable image(s) or sample(s) skipped" if skipped else ""))
+    if index_factory:
+        click.echo(_index_line(built.meta["index"]))
+
+
+def _index_line(entry: dict) -> str:
+    """One line describing an anchor set's index entry (see nofree.anchors.index)."""
+    if entry.get("search") != "index":
+        return f"index        {entry['factory']}: not built, exact search ({entry.get('reason', '')})"
+    sides = "; ".join(f"{m} recall@{s['k']} {s['recall_at_k']:.3f} (" + (f"nprobe {s['nprobe']}, " if s["nprobe"]
+                      else "") + f"refine {s.get('refine', 2)}, {s['bytes'] / 2**20:.1f} MiB)"
+                      for m, s in entry["sides"].items())
+    return f"index        {entry['factory']} (center={entry['center']}): {sides}"
+
+
+@anchors.command("index")
+@click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--factory", required=True, help="faiss index_factory string, e.g. 'IVF4096,PQ32', "
+              "'IVF1024,Flat', 'HNSW32'.")
+@click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists visited per query "
+              "(default: enough to scan ~16·k anchors, at least 16).")
+@click.option("--refine", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Candidates per kept anchor, re-scored exactly (higher recall, slower).")
+@click.option("--recall-k", type=click.IntRange(min=1), help="k for the measured recall@k "
+              "(default: ASIF's k = min(800, N)).")
+def anchors_index(anchor_dir, factory, nprobe, refine, recall_k):
+    """Add a faiss search index to an anchor set and measure its recall against exact search."""
+    from nofree.anchors.index import add_index
+
+    click.echo(_index_line(add_index(anchor_dir, factory, nprobe=nprobe, refine=refine, recall_k=recall_k)))
+
+
+@anchors.command("import")
+@click.option("--embeddings", required=True, type=click.Path(exists=True, path_type=Path),
+              help="clip-retrieval output (img_emb/, text_emb/, metadata/) or parquet files with "
+                   "image_embedding / text_embedding / caption columns.")
+@click.option("--image-spec", required=True, help="The image encoder that made the image embeddings.")
+@click.option("--text-spec", required=True, help="The text encoder that made the text embeddings.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing set at --out.")
+@click.option("--index", "index_factory", metavar="FACTORY", help="Also add a faiss search index.")
+def anchors_import(embeddings, image_spec, text_spec, out, overwrite, index_factory):
+    """Import pre-computed embeddings (clip-retrieval, parquet) as an anchor set."""
+    from nofree.anchors.import_embeddings import import_embeddings
+
+    built = import_embeddings(embeddings, image_spec=image_spec, text_spec=text_spec, out=out,
+                              overwrite=overwrite, index=index_factory)
+    click.echo(f"wrote {out}: {len(built)} anchors ({built.image_dim}-d image, {built.text_dim}-d text)")
 
 
 @anchors.command("extend")
@@ -127,7 +186,7 @@ def anchors_extend(anchor_dir, pairs, limit, split, batch_size, device):
 @click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def anchors_info(anchor_dir, fmt):
-    """Show an anchor set's manifest: encoders, counts, sources, skipped images."""
+    """Show an anchor set's manifest: encoders, counts, sources, skipped images, search index."""
     from nofree.anchors.anchor_set import AnchorSet
 
     anchor_set = AnchorSet.load(anchor_dir)
@@ -146,12 +205,16 @@ def anchors_info(anchor_dir, fmt):
     skipped = manifest.get("skipped_images", [])
     click.echo(f"skipped      {len(skipped)} unreadable image(s)" + (f": {', '.join(skipped[:5])}"
                                                                      if skipped else ""))
+    if manifest.get("index"):
+        click.echo(_index_line(manifest["index"]))
     for caption in anchor_set.captions[:3]:
         click.echo(f"e.g.         {caption}")
 
 
 # --- ASIF tasks -----------------------------------------------------------------------------
 def _asif_options(f):
+    f = click.option("--csls", type=click.IntRange(min=0), default=None,
+                     help="CSLS hubness correction: neighbours averaged (0: off; default: nofree's).")(f)
     f = click.option("--p", "asif_p", type=float, default=None,
                      help="ASIF power applied to kept similarities (default: nofree's tuned value).")(f)
     f = click.option("--k", "asif_k", type=click.IntRange(min=1), default=None,
@@ -163,11 +226,11 @@ def _asif_options(f):
     return f
 
 
-def _pipeline(anchor_dir, device, asif_k, asif_p):
+def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None):
     from nofree.anchors.pipeline import AsifPipeline
     from nofree.cache import EmbeddingCache
 
-    params = {key: value for key, value in (("k", asif_k), ("p", asif_p)) if value is not None}
+    params = {key: value for key, value in (("k", asif_k), ("p", asif_p), ("csls", csls)) if value is not None}
     return AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), **params)
 
 
@@ -199,7 +262,7 @@ def _image_paths(images) -> list[str]:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def classify(anchor_dir, device, asif_k, asif_p, labels_file, inline_labels, templates,
+def classify(anchor_dir, device, asif_k, asif_p, csls, labels_file, inline_labels, templates,
              average_templates, top, fmt, images):
     """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set."""
     from nofree.anchors.pipeline import DEFAULT_TEMPLATES, top_k_rows
@@ -211,7 +274,7 @@ def classify(anchor_dir, device, asif_k, asif_p, labels_file, inline_labels, tem
         labels += json.loads(text) if text.startswith("[") else load_text_lines(labels_file)
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p)
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls)
     paths = _image_paths(images)
     scores = pipeline.classify(pipeline.encode_images(paths), labels,
                                templates=templates or DEFAULT_TEMPLATES,
@@ -232,7 +295,7 @@ def classify(anchor_dir, device, asif_k, asif_p, labels_file, inline_labels, tem
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-def retrieve(anchor_dir, device, asif_k, asif_p, queries, image_queries, top, fmt, target):
+def retrieve(anchor_dir, device, asif_k, asif_p, csls, queries, image_queries, top, fmt, target):
     """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
 
     TARGET is an image folder, or a pairs file (its images for --query, its captions for
@@ -242,7 +305,7 @@ def retrieve(anchor_dir, device, asif_k, asif_p, queries, image_queries, top, fm
 
     if bool(queries) == bool(image_queries):
         raise click.UsageError("give either --query TEXT or --image-query IMAGE (not both, not neither)")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p)
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls)
     if queries:
         paths = _image_paths([target]) if target.is_dir() else _pairs_images(target)
         sim = pipeline.similarity(pipeline.encode_images(paths), pipeline.encode_texts(list(queries)))
@@ -320,6 +383,8 @@ def _train_options(f):
     f = click.option("--val-split", default="val", show_default=True,
                      help="Split scored each epoch ('' to skip validation).")(f)
     f = click.option("--train-split", default="train", show_default=True)(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="Training arithmetic: bf16 autocast (default for clipcap/flamingo) or fp32.")(f)
     f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Learning rate (default: the method's).")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=None)(f)
@@ -335,13 +400,13 @@ def _train_options(f):
 @_train_options
 @click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True, help="LiT's text side.")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Frozen LM (clipcap, flamingo).")
-def train(method, pairs, image_encoder, out, epochs, batch_size, lr, train_split, val_split, device,
-          seed, overwrite, resume, text_encoder, lm):
+def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, train_split, val_split,
+          device, seed, overwrite, resume, text_encoder, lm):
     """Train a light adapter (LiT, ClipCap or Flamingo-style) on frozen backbones."""
     from nofree.adapters import train_clipcap, train_flamingo, train_lit
 
-    tuned = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr))
-             if value is not None}
+    tuned = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
+                                           ("precision", precision)) if value is not None}
     common = dict(out=out, image_encoder=image_encoder, train_split=train_split,
                   val_split=val_split or None, device=device, seed=seed, overwrite=overwrite,
                   resume=resume, **tuned)

@@ -301,3 +301,92 @@ def make_tiny_open_clip(directory: str | Path, *, seed: int = 0) -> Path:
               "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     return directory
+
+
+# --- synthetic webdataset ---
+
+_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 50),
+            "black": (20, 20, 20), "white": (240, 240, 240), "purple": (140, 50, 170), "orange": (240, 140, 30)}
+_SHAPES = ("circle", "square", "triangle", "stripe")
+
+
+def synthetic_sample(i: int, size: int = 32):
+    """Sample ``i`` of a synthetic image–caption set: a PIL image (a coloured shape on a coloured
+    background) and its caption ("a red circle on a blue background"); deterministic in ``i``."""
+    from PIL import Image, ImageDraw
+
+    names = list(_COLOURS)
+    fg, bg = names[i % len(names)], names[(i // len(names) + 1 + i % 3) % len(names)]
+    if bg == fg:
+        bg = names[(names.index(fg) + 3) % len(names)]
+    shape = _SHAPES[(i // 7) % len(_SHAPES)]
+    image = Image.new("RGB", (size, size), _COLOURS[bg])
+    draw = ImageDraw.Draw(image)
+    lo, hi = size // 5 + i % 3, size - size // 5 - (i // 3) % 3
+    if shape == "circle":
+        draw.ellipse((lo, lo, hi, hi), fill=_COLOURS[fg])
+    elif shape == "square":
+        draw.rectangle((lo, lo, hi, hi), fill=_COLOURS[fg])
+    elif shape == "triangle":
+        draw.polygon([(lo, hi), (hi, hi), ((lo + hi) // 2, lo)], fill=_COLOURS[fg])
+    else:
+        draw.rectangle((0, lo, size, (lo + hi) // 2), fill=_COLOURS[fg])
+    return image, f"a {fg} {shape} on a {bg} background, picture {i}"
+
+
+def make_webdataset(folder: str | Path, n_samples: int, *, per_shard: int = 100, size: int = 32,
+                     caption_in: str = "txt") -> list[Path]:
+    """Write ``n_samples`` synthetic samples as img2dataset-style webdataset shards.
+
+    ``folder/00000.tar``, ``00001.tar``, ...; each sample ``KEY.jpg`` + ``KEY.json`` (``key``,
+    ``caption``, ``status``) and, when ``caption_in == "txt"``, ``KEY.txt``. Returns the shards.
+    """
+    import io
+    import json
+    import tarfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard_index, start in enumerate(range(0, n_samples, per_shard)):
+        path = folder / f"{shard_index:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(start, min(start + per_shard, n_samples)):
+                image, caption = synthetic_sample(i, size)
+                jpeg = io.BytesIO()
+                image.save(jpeg, format="JPEG", quality=90)
+                key = f"{shard_index:05d}{i:06d}"
+                members = {"jpg": jpeg.getvalue(),
+                           "json": json.dumps({"key": key, "caption": caption, "status": "success"}).encode()}
+                if caption_in == "txt":
+                    members["txt"] = caption.encode()
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(path)
+    return shards
+
+
+class FailingTextEncoder(TinyTextEncoder):
+    """For failure tests only: a :class:`TinyTextEncoder` (same spec, same embeddings) that
+    appends each batch it encodes to ``log_file`` (one JSON list a line) and kills its own
+    process, as a crashed or pre-empted worker would, when a text contains ``trigger`` while
+    ``flag_file`` exists (``once``: removing the flag first, so a retry succeeds)."""
+
+    def __init__(self, dim: int = 8, seed: int = 0, *, log_file: str, flag_file: str,
+                 trigger: str = "poison", once: bool = False, device=None) -> None:
+        super().__init__(dim, seed, device=device)
+        self.log_file, self.flag_file, self.trigger, self.once = str(log_file), str(flag_file), trigger, once
+
+    def encode(self, batch, *, batch_size: int = 32):
+        import json
+        import os
+
+        with open(self.log_file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(list(batch)) + "\n")
+        if os.path.exists(self.flag_file) and any(self.trigger in text for text in batch):
+            if self.once:
+                os.remove(self.flag_file)
+            os._exit(17)
+        return super().encode(batch, batch_size=batch_size)

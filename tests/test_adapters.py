@@ -584,6 +584,35 @@ def test_training_writes_checkpoint_curve_and_validation(gpt2, image_encoder, tm
         train_adapter(adapter, train, epochs=1, batch_size=2, lr=1e-2, out_dir=out, progress=False)
 
 
+def test_bf16_autocast_training_learns_and_keeps_float32_weights(gpt2, image_encoder, tmp_path):
+    adapter = _build("clipcap", gpt2, image_encoder)
+    train = _examples(adapter, captions=CAPTIONS[:2], repeats=2)
+    frozen = {n: p.clone() for n, p in gpt2.model.named_parameters()}
+    result = train_adapter(adapter, train, epochs=3, batch_size=2, lr=1e-2, warmup_steps=1,
+                           precision="bf16", out_dir=tmp_path / "run", progress=False)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert all(p.dtype == torch.float32 for p in adapter.trainable_parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in gpt2.model.named_parameters())
+    state = json.loads((tmp_path / "run" / "training" / "state.json").read_text())
+    assert state["settings"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        train_adapter(adapter, train, epochs=1, batch_size=2, lr=1e-2, precision="fp16",
+                      out_dir=tmp_path / "other", progress=False)
+
+
+def test_lit_as_magic_scorer_is_its_temperature_times_joint_cosine(image_encoder):
+    adapter = _build("lit", None, image_encoder)
+    scorer = adapter.scorer()
+    image_emb = scorer.embed_images(IMAGES[:2])                      # frozen encoder embeddings
+    torch.testing.assert_close(image_emb, image_encoder.encode(IMAGES[:2]))
+    texts = [CAPTIONS[:3], CAPTIONS[1:4]]
+    scores = scorer.score(image_emb, texts)
+    joint = adapter.encode_image(IMAGES[:2])
+    expected = torch.stack([adapter.logit_scale * joint[b] @ adapter.encode_text(texts[b]).T for b in range(2)])
+    torch.testing.assert_close(scores, expected)
+    assert adapter.scorer(temperature=1.0).score(image_emb, texts).abs().max() <= 1.0 + 1e-5
+
+
 def test_lit_validation_metric_is_retrieval(image_encoder, tmp_path):
     adapter = _build("lit", None, image_encoder)
     examples = _examples(adapter, repeats=2)

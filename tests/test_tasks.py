@@ -129,3 +129,23 @@ def test_cli_task_errors_are_clear(runner, tmp_path, specs):  # noqa: F811
     assert result.exit_code != 0 and "--query" in result.output
     result = runner.invoke(main, ["caption", "--method", "retrieval", image])
     assert result.exit_code != 0 and "--anchors" in result.output
+
+
+def test_csls_matches_its_definition_and_zero_turns_it_off(pipeline):
+    image_emb = pipeline.encode_images([_img(i) for i in range(4)])
+    text_emb = pipeline.encode_texts(["photo number 1", "a red bus 2", "a cat", "photo number 3", "x"])
+    plain = torch.as_tensor(pipeline.asif.similarity(image_emb, text_emb))
+    off = AsifPipeline.from_anchors(pipeline.anchors, pipeline.image_encoder, pipeline.text_encoder,
+                                    k=6, p=2.0, csls=0)
+    torch.testing.assert_close(off.similarity(image_emb, text_emb), plain)
+    assert pipeline.csls > 0  # on by default
+    anchors, n = pipeline.anchors, pipeline.csls
+    r_image = torch.as_tensor(pipeline.asif.similarity(image_emb, anchors.text)).topk(n, 1).values.mean(1)
+    r_text = torch.as_tensor(pipeline.asif.similarity(anchors.image, text_emb)).topk(n, 0).values.mean(0)
+    torch.testing.assert_close(pipeline.similarity(image_emb, text_emb), 2 * plain - r_image[:, None] - r_text)
+    # a precomputed relative representation (a caption pool's) gives the same scores
+    rel = pipeline.asif.transform(text_emb, modality="text")
+    torch.testing.assert_close(pipeline.similarity(image_emb, rel), pipeline.similarity(image_emb, text_emb))
+    torch.testing.assert_close(pipeline.similarity(image_emb, rel), pipeline.similarity(image_emb, text_emb))
+    with pytest.raises(DataError, match="csls"):
+        AsifPipeline.from_anchors(anchors, pipeline.image_encoder, pipeline.text_encoder, csls=-1)

@@ -283,7 +283,7 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
                   lr: float, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
                   seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
                   weight_decay: float = 0.0, warmup_steps: int = 20, grad_clip: float | None = 1.0,
-                  cache: Any = None) -> TrainResult:
+                  precision: str = "fp32", cache: Any = None) -> TrainResult:
     """Train ``adapter`` on ``train_pairs`` (pairs or prepared :class:`Examples`), checkpointing
     to ``out_dir`` after every epoch; see the module docstring.
 
@@ -291,8 +291,13 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     raised to train longer). Without it, a non-empty ``out_dir`` is an error unless
     ``overwrite``. ``device`` must be the adapter's (where its backbone was loaded); ``None``
     means that. Learning rate: linear warmup over ``warmup_steps``, then constant (times each
-    parameter group's ``lr_scale``, see ``Adapter.param_groups``).
+    parameter group's ``lr_scale``, see ``Adapter.param_groups``). ``precision="bf16"`` runs the
+    training and validation forward/backward under bfloat16 autocast (weights, optimizer state and
+    the loss stay float32; the frozen backbone is untouched): about 2–3× faster through a frozen
+    LM on CPUs with bf16 matrix units. Inference is float32 either way.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
     if not isinstance(epochs, int) or not isinstance(batch_size, int):
         raise ValueError("epochs and batch_size must be whole numbers")
@@ -318,13 +323,15 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
         val = None
     settings = {"kind": adapter.kind, "config": adapter.config(), "backbone": adapter.backbone_specs(),
                 "batch_size": batch_size, "lr": lr, "seed": seed, "weight_decay": weight_decay,
-                "warmup_steps": warmup_steps, "grad_clip": grad_clip, "train_digest": train.digest()}
+                "warmup_steps": warmup_steps, "grad_clip": grad_clip, "precision": precision,
+                "train_digest": train.digest()}
     optimizer = torch.optim.AdamW(adapter.param_groups(), lr=lr, weight_decay=weight_decay)
     history: list[dict[str, Any]] = []
     step_losses: list[float] = []
     start_epoch, step = 0, 0
     if saved is not None:
-        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
+        before = {"precision": "fp32", **saved["settings"]}  # runs saved before the option was added
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise DataError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
                             "resume with the same ones, or start over with overwrite=True")
@@ -355,7 +362,8 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
             batch = train.batch(batch_rows, adapter.device)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0) * min(1.0, (step + 1) / max(1, warmup_steps))
-            loss = adapter.batch_loss(batch)
+            with _autocast(adapter.device, precision):
+                loss = adapter.batch_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the training loss became {float(loss)} at step {step + 1}; "
                                          "lower the learning rate")
@@ -370,7 +378,8 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
         adapter.eval()
         record = {"epoch": epoch + 1, "step": step, "train_loss": sum(epoch_losses) / len(epoch_losses)}
         if val is not None:
-            record.update(adapter.evaluate(val))
+            with _autocast(adapter.device, precision):
+                record.update(adapter.evaluate(val))
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if isinstance(v, float)})
         bar.close()
         record["seconds"] = time.perf_counter() - began
@@ -385,6 +394,14 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     adapter.eval()
     return TrainResult(adapter=adapter, out_dir=out_dir, history=history, steps=step,
                        step_losses=step_losses, loss_curve=curve)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    """bfloat16 autocast on ``device`` for ``precision="bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def check_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
@@ -492,25 +509,29 @@ def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = D
 
 def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
                   lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
-                  mapper: str = "mlp", prefix_length: int = 10, **kw: Any) -> TrainResult:
+                  mapper: str = "mlp", prefix_length: int = 10, precision: str = "bf16",
+                  **kw: Any) -> TrainResult:
     """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`.
 
     Defaults suit ~1k captions on a CPU: the rate is far above the paper's 2e-5 because a small
     set gives only tens of steps per epoch (coco-mini: 44); each epoch runs the 135M-parameter LM
-    forward and backward over every caption (minutes on two CPU cores).
+    forward and backward over every caption (minutes on two CPU cores), under bf16 autocast by
+    default (``precision="fp32"`` to turn it off).
     """
     return train_from_pairs("clipcap", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"mapper": mapper, "prefix_length": prefix_length},
-                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, **kw)
 
 
 def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
                    lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
-                   num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
-                   **kw: Any) -> TrainResult:
+                   num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
+                   precision: str = "bf16", **kw: Any) -> TrainResult:
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
-    :func:`train_lit`, small-data defaults as in :func:`train_clipcap`."""
+    :func:`train_lit`, small-data defaults as in :func:`train_clipcap`. ``gate_lr_scale`` = 30:
+    with tens of steps per epoch at lr 1e-3 the zero-initialised tanh gates otherwise stay near
+    0.02 and the LM ignores the image."""
     return train_from_pairs("flamingo", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"num_latents": num_latents, "xattn_every": xattn_every,
                                      "gate_lr_scale": gate_lr_scale},
-                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, **kw)
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, **kw)

@@ -8,6 +8,9 @@ directory::
                             counts, dims, source pairs (path + sha256), skipped images
     embeddings.safetensors  "image" (N, Di) float32 and "text" (N, Dt) float32, L2-normalised
     captions.jsonl          one {"caption": ..., "image": ...} per anchor, in anchor order
+    index-image.faiss       optional search index of each side, described by the manifest's
+    index-text.faiss        "index" entry (see :mod:`nofree.anchors.index`); readers that do
+                            not use it ignore it. ``save`` writes a set without an index.
 
 Loading reads only JSON and safetensors (never executes code) and checks every shape and count
 against the manifest, so a truncated or hand-edited set is a clear error, not a wrong answer.
@@ -120,7 +123,9 @@ class AnchorSet:
                 for i, caption in enumerate(self.captions):
                     row = {"caption": caption, "image": self.images[i] if self.images else None}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n", encoding="utf-8")
+            manifest = self.manifest()
+            manifest.pop("index", None)  # the index files describe another directory's set
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             _apply_umask(tmp)
             replace_dir(tmp, path)
         finally:

@@ -14,6 +14,7 @@ scikit-learn conventions: hyperparameters only in ``__init__``; :meth:`ASIF.fit`
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -56,6 +57,9 @@ class ASIF:
         precision: scan precision for the top-k search, ``"auto"`` | ``"fp32"`` | ``"bf16"`` |
             ``"int8"``; every choice returns the exact float32 top-k (see ``relative.py``).
         anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan.
+        search: ``"exact"`` (default) or ``"index"``: take top-k candidates from the anchor
+            set's faiss index (:mod:`nofree.anchors.index`; pass ``indexes=`` to :meth:`fit`),
+            re-scored exactly; approximate top-k sets, for sets too large to scan.
         device: where anchors live and the math runs (``None`` = CPU).
 
     Fitted attributes: ``anchors_`` (what was passed to fit), ``n_anchors_``, ``image_anchors_``
@@ -67,7 +71,7 @@ class ASIF:
     def __init__(self, *, k: int | None = None, p: float = 8.0, k_image: int | None = None,
                  k_text: int | None = None, center: bool = False, precision: str = "auto",
                  anchor_chunk: int = DEFAULT_ANCHOR_CHUNK, query_chunk: int = DEFAULT_QUERY_CHUNK,
-                 device: Any = None) -> None:
+                 search: str = "exact", device: Any = None) -> None:
         self.k = k
         self.p = p
         self.k_image = k_image
@@ -76,11 +80,12 @@ class ASIF:
         self.precision = precision
         self.anchor_chunk = anchor_chunk
         self.query_chunk = query_chunk
+        self.search = search
         self.device = device
 
     def __repr__(self) -> str:
         names = ("k", "p", "k_image", "k_text", "center", "precision", "anchor_chunk", "query_chunk",
-                 "device")
+                 "search", "device")
         defaults = ASIF()
         changed = [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(defaults, n)]
         return f"ASIF({', '.join(changed)})"
@@ -92,6 +97,8 @@ class ASIF:
             raise DataError(f"ASIF p must be a positive finite number, got {self.p!r}")
         if self.precision not in PRECISIONS:
             raise DataError(f"ASIF precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.search not in ("exact", "index"):
+            raise DataError(f"ASIF search must be 'exact' or 'index', got {self.search!r}")
         for name in ("anchor_chunk", "query_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -131,8 +138,12 @@ class ASIF:
             a = l2_normalize(a - mean)
         return a.contiguous(), mean
 
-    def fit(self, anchors: Any) -> "ASIF":
-        """Learn from N anchor pairs: an AnchorSet or ``(image (N, Di), text (N, Dt))``."""
+    def fit(self, anchors: Any, *, indexes: dict | None = None) -> "ASIF":
+        """Learn from N anchor pairs: an AnchorSet or ``(image (N, Di), text (N, Dt))``.
+
+        ``indexes`` (``search="index"`` only): ``{modality: AnchorIndex}`` from
+        :func:`nofree.anchors.index.load_indexes`; a side without one is searched exactly.
+        """
         self._check_params()
         image, text = _anchor_pair(anchors)
         if image.ndim != 2 or text.ndim != 2:
@@ -153,7 +164,24 @@ class ASIF:
         self.image_dim_, self.text_dim_ = int(image.shape[1]), int(text.shape[1])
         self.device_ = device
         self._stats: dict[tuple[str, str], AnchorStats] = {}
+        self.indexes_ = self._check_indexes(indexes or {}, n)
         return self
+
+    def _check_indexes(self, indexes: dict, n: int) -> dict:
+        if self.search == "exact":
+            return {}
+        for modality, index in indexes.items():
+            if index.center != self.center:
+                raise DataError(f"the {modality} index was built with center={index.center} but this ASIF "
+                                f"has center={self.center}: its candidates would rank other vectors. Use "
+                                f"center={index.center} or add the index again with that setting")
+            if index.index.ntotal != n:
+                raise DataError(f"the {modality} index covers {index.index.ntotal} anchors, not {n}")
+        if not indexes:
+            logging.getLogger(__name__).warning(
+                "search='index' but the anchor set has no usable index (none added, or too few anchors "
+                "to train one): using exact search")
+        return dict(indexes)
 
     # --- using it -------------------------------------------------------------------------------
     def _fitted(self) -> None:
@@ -182,6 +210,13 @@ class ASIF:
         x = self._queries(emb, modality)
         anchors = self.image_anchors_ if modality == "image" else self.text_anchors_
         k = self.k_image_ if modality == "image" else self.k_text_
+        if modality in getattr(self, "indexes_", {}):
+            from nofree.anchors.index import index_topk
+            from nofree.anchors.relative import power_normalize
+
+            cosines, indices = index_topk(x.cpu(), anchors.cpu(), self.indexes_[modality], k)
+            cosines, indices = cosines.to(self.device_), indices.to(self.device_)
+            return SparseRelative(power_normalize(cosines, float(self.p)), indices, cosines, self.n_anchors_)
         precision = resolve_precision(self.precision, self.n_anchors_, self.device_)
         stats = None
         if precision != "fp32":

@@ -6,6 +6,11 @@ always complete. Interrupted (Ctrl-C, kill, crash) and run again with the same a
 build skips the finished shards and ends with exactly the set an uninterrupted build gives (shard
 boundaries and encoder batches depend only on the pairs and the settings recorded in
 ``plan.json``). Images that cannot be read are skipped, counted, and listed in the manifest.
+
+Two engines share the shard format, the plan and the assembly: ``engine="local"`` encodes the
+shards one after the other in this process; ``engine="ray"`` hands them to a pool of encoder
+actors on Ray (:mod:`nofree.anchors.ray_build`). For the same pairs and settings both give the
+same shards, so either can finish a build the other started.
 """
 from __future__ import annotations
 
@@ -14,8 +19,9 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -36,7 +42,11 @@ def pairs_digest(pairs: Sequence[Pair]) -> str:
     return digest.hexdigest()
 
 
-def _resolve_encoder(encoder: str | Encoder, modality: str, device: Any) -> Encoder:
+def _resolve_encoder(encoder: str | Encoder | Callable[[], Encoder], modality: str,
+                     device: Any) -> Encoder:
+    """An encoder from a spec string, an encoder, or a zero-argument factory returning one."""
+    if not isinstance(encoder, (str, Encoder)) and callable(encoder):
+        encoder = encoder()
     if isinstance(encoder, str):
         from nofree.registry import load_encoder
 
@@ -77,7 +87,7 @@ def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: E
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
@@ -96,21 +106,19 @@ def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | 
     return tensors, meta
 
 
-def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
-                           work_dir: Path, *, batch_size: int = 32,
-                           shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
-                           ) -> tuple[AnchorSet, list[str]]:
-    """Encode ``pairs`` into an in-memory AnchorSet through resumable shards in ``work_dir``.
+def shard_path(work_dir: Path, index: int) -> Path:
+    return work_dir / f"shard-{index:05d}.safetensors"
 
-    Returns the anchors and the image paths that were skipped. ``work_dir`` holds ``plan.json``
-    (what is being built) and ``shard-NNNNN.safetensors``; a plan that differs from the current
-    arguments is an error rather than silently mixing two builds.
+
+def start_work_dir(work_dir: Path, pairs: Sequence[Pair], image_spec: str, text_spec: str,
+                   shard_size: int, batch_size: int) -> int:
+    """Write ``plan.json`` into ``work_dir`` (or check the one there); returns the shard count.
+
+    A plan that differs from the current arguments is an error rather than silently mixing two
+    builds. The plan does not name the engine: local and Ray shards are interchangeable.
     """
-    from tqdm.auto import tqdm
-
-    plan = {"pairs_sha256": pairs_digest(pairs), "n_pairs": len(pairs),
-            "image_spec": image_encoder.spec, "text_spec": text_encoder.spec,
-            "shard_size": shard_size, "batch_size": batch_size}
+    plan = {"pairs_sha256": pairs_digest(pairs), "n_pairs": len(pairs), "image_spec": image_spec,
+            "text_spec": text_spec, "shard_size": shard_size, "batch_size": batch_size}
     work_dir.mkdir(parents=True, exist_ok=True)
     plan_file = work_dir / "plan.json"
     if plan_file.exists():
@@ -124,14 +132,39 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
         tmp = plan_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(plan, indent=2))
         os.replace(tmp, plan_file)
+    return (len(pairs) + shard_size - 1) // shard_size
 
-    n_shards = (len(pairs) + shard_size - 1) // shard_size
+
+def assemble_shards(parts: Sequence[tuple[dict[str, torch.Tensor], dict[str, Any]]], image_spec: str,
+                    text_spec: str, dims: tuple[int, int] = (0, 0)) -> tuple[AnchorSet, list[str]]:
+    """One in-memory AnchorSet from shard parts in shard order, and the skipped image paths."""
+    skipped = [path for _, meta in parts for path in meta["skipped"]]
+    image = torch.cat([t["image"] for t, _ in parts]) if parts else torch.zeros(0, dims[0])
+    text = torch.cat([t["text"] for t, _ in parts]) if parts else torch.zeros(0, dims[1])
+    captions = tuple(c for _, meta in parts for c in meta["captions"])
+    images = tuple(p for _, meta in parts for p in meta["images"])
+    return AnchorSet(image, text, captions, image_spec, text_spec, images), skipped
+
+
+def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
+                           work_dir: Path, *, batch_size: int = 32,
+                           shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
+                           ) -> tuple[AnchorSet, list[str]]:
+    """Encode ``pairs`` into an in-memory AnchorSet through resumable shards in ``work_dir``.
+
+    Returns the anchors and the image paths that were skipped. ``work_dir`` holds ``plan.json``
+    (what is being built, see :func:`start_work_dir`) and ``shard-NNNNN.safetensors``.
+    """
+    from tqdm.auto import tqdm
+
+    n_shards = start_work_dir(work_dir, pairs, image_encoder.spec, text_encoder.spec, shard_size,
+                              batch_size)
     parts: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
     bar = tqdm(total=len(pairs), unit="pair", desc="encoding anchors", disable=not progress)
     try:
         for index in range(n_shards):
             chunk = pairs[index * shard_size:(index + 1) * shard_size]
-            path = work_dir / f"shard-{index:05d}.safetensors"
+            path = shard_path(work_dir, index)
             part = _read_shard(path) if path.exists() else None
             if part is None:
                 tensors, metadata = _encode_shard(chunk, image_encoder, text_encoder, batch_size)
@@ -146,23 +179,24 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
                     "command again to resume", min(done, len(pairs)), len(pairs), work_dir)
         raise
     bar.close()
-
-    skipped = [path for _, meta in parts for path in meta["skipped"]]
-    image = torch.cat([t["image"] for t, _ in parts]) if parts else torch.zeros(0, image_encoder.embed_dim)
-    text = torch.cat([t["text"] for t, _ in parts]) if parts else torch.zeros(0, text_encoder.embed_dim)
-    captions = tuple(c for _, meta in parts for c in meta["captions"])
-    images = tuple(p for _, meta in parts for p in meta["images"])
-    anchors = AnchorSet(image, text, captions, image_encoder.spec, text_encoder.spec, images)
-    return anchors, skipped
+    return assemble_shards(parts, image_encoder.spec, text_encoder.spec,
+                           (image_encoder.embed_dim, text_encoder.embed_dim))
 
 
-def _load_pairs(pairs: str | Path | Sequence[Pair], split: str | None, limit: int | None) -> list[Pair]:
+def _load_pairs(pairs: str | Path | Sequence[Pair], split: str | None,
+                limit: int | None) -> tuple[list[Pair], list[str]]:
+    """The pairs to encode, and the samples a webdataset source had to skip (missing caption or
+    image, truncated shard: logged by the reader)."""
     if isinstance(pairs, (str, Path)):
         from nofree.data.pairs import load_pairs
+        from nofree.data.webdataset import is_webdataset, scan_webdataset
 
-        return list(load_pairs(pairs, split=split, limit=limit))
+        if split is None and is_webdataset(pairs):
+            scan = scan_webdataset(pairs, limit=limit)
+            return scan.pairs, [ref for ref, _ in scan.skipped]
+        return list(load_pairs(pairs, split=split, limit=limit)), []
     selected = [p for p in pairs if split is None or p.split == split]
-    return selected[:limit] if limit is not None else selected
+    return (selected[:limit] if limit is not None else selected), []
 
 
 def _source_record(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair], split, limit) -> dict:
@@ -171,30 +205,47 @@ def _source_record(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair], s
             "pairs_sha256": pairs_digest(loaded)}
 
 
-def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str | Encoder,
-                     text_encoder: str | Encoder, out: str | Path, split: str | None = None,
+def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str | Encoder | Callable[[], Encoder],
+                     text_encoder: str | Encoder | Callable[[], Encoder], out: str | Path, split: str | None = None,
                      limit: int | None = None, batch_size: int = 32, device: Any = None,
                      shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-                     progress: bool = True) -> AnchorSet:
-    """Encode a pairs file (JSONL / CSV / image folder) into an anchor set saved at ``out``.
+                     progress: bool = True, engine: str = "local", workers: int | None = None,
+                     ray_address: str | None = None, index: str | None = None) -> AnchorSet:
+    """Encode pairs (JSONL / CSV / image folder / webdataset shards) into an anchor set at ``out``.
 
     Resumable: an interrupted build keeps its shards in ``OUT.partial`` and the same call
     continues it. ``split`` keeps only pairs of that split (e.g. ``"train"``); ``limit`` the
-    first n pairs. Returns the saved set.
+    first n pairs. ``engine="ray"`` encodes the shards on a pool of ``workers`` Ray actors (a
+    local Ray started for the call, or the cluster at ``ray_address``); the encoders must then be
+    spec strings or zero-argument factories, which each actor calls to build its own encoder
+    (``device`` is then chosen per actor: its GPU if Ray gave it one, else CPU). ``index``, a
+    faiss ``index_factory`` string such as ``"IVF4096,PQ32"``, adds a search index to the set
+    (:func:`nofree.anchors.index.add_index`). Returns the saved set.
     """
+    if engine not in ("local", "ray"):
+        raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; use `nofree anchors extend` to add pairs, pass "
                         "--overwrite to replace it, or choose another --out")
-    loaded = _load_pairs(pairs, split, limit)
+    loaded, unread = _load_pairs(pairs, split, limit)
     if not loaded:
         raise DataError(f"no pairs to build from in {pairs}" + (f" with split={split!r}" if split else ""))
-    image_encoder = _resolve_encoder(image_encoder, "image", device)
-    text_encoder = _resolve_encoder(text_encoder, "text", device)
     work_dir = out.with_name(out.name + ".partial")
-    anchors, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
-                                              batch_size=batch_size, shard_size=shard_size,
-                                              progress=progress)
+    if engine == "ray":
+        from nofree.anchors.ray_build import encode_pairs_ray
+
+        anchors, skipped = encode_pairs_ray(loaded, image_encoder, text_encoder, work_dir,
+                                            batch_size=batch_size, shard_size=shard_size,
+                                            workers=workers, ray_address=ray_address,
+                                            progress=progress)
+    else:
+        image_encoder = _resolve_encoder(image_encoder, "image", device)
+        text_encoder = _resolve_encoder(text_encoder, "text", device)
+        anchors, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
+                                                  batch_size=batch_size, shard_size=shard_size,
+                                                  progress=progress)
+    skipped = unread + skipped
     if len(anchors) == 0:
         raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
                         f"(e.g. {skipped[:3]}); check the image paths")
@@ -204,7 +255,12 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
     anchors.save(out, overwrite=overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     if skipped:
-        log.warning("skipped %d unreadable image(s) (listed in %s/manifest.json)", len(skipped), out)
+        log.warning("skipped %d unreadable image(s) or sample(s) (listed in %s/manifest.json)",
+                    len(skipped), out)
+    if index:
+        from nofree.anchors.index import add_index
+
+        meta["index"] = add_index(out, index, anchors=anchors)
     return anchors
 
 
@@ -219,7 +275,7 @@ def extend_anchor_set(path: str | Path, pairs: str | Path | Sequence[Pair], *,
     text_encoder = _resolve_encoder(text_encoder or base.text_spec, "text", device)
     base.check_encoder(image_encoder, "image")
     base.check_encoder(text_encoder, "text")
-    loaded = _load_pairs(pairs, split, limit)
+    loaded, unread = _load_pairs(pairs, split, limit)
     if not loaded:
         raise DataError(f"no pairs to add from {pairs}" + (f" with split={split!r}" if split else ""))
     work_dir = path.with_name(path.name + ".extend-partial")
@@ -227,7 +283,10 @@ def extend_anchor_set(path: str | Path, pairs: str | Path | Sequence[Pair], *,
                                             batch_size=batch_size, progress=progress)
     meta = dict(base.meta)
     meta["sources"] = [*meta.get("sources", []), _source_record(pairs, loaded, split, limit)]
-    meta["skipped_images"] = [*meta.get("skipped_images", []), *skipped]
+    meta["skipped_images"] = [*meta.get("skipped_images", []), *unread, *skipped]
+    if meta.pop("index", None):
+        log.warning("%s: its search index covers the old anchors only and was dropped; add it again "
+                    "with `nofree anchors index %s --factory ...`", path, path)
     merged = AnchorSet(torch.cat([base.image, extra.image]), torch.cat([base.text, extra.text]),
                        base.captions + extra.captions, base.image_spec, base.text_spec,
                        (base.images + extra.images) if base.images else (), meta)

@@ -22,6 +22,11 @@ from nofree.core import DataError, Encoder
 #: centring each modality on its anchor mean and a milder power than the paper's p = 8. Chosen
 #: by 5-fold cross-validation on coco-mini train (benchmarks/asif_quality.py, RESULTS.md).
 PIPELINE_ASIF_DEFAULTS = {"center": True, "p": 2.0}
+#: CSLS hubness correction (Lample et al., 2018, "Word translation without parallel data"):
+#: neighbours averaged per query, and the most anchors of the other modality used as its
+#: reference set (a seeded random subset beyond that). Chosen by the same cross-validation.
+PIPELINE_CSLS = 10
+CSLS_REFERENCE = 10_000
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 #: Prompt ensemble for ``average_templates`` (a short subset in the spirit of CLIP's 80).
 ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.",
@@ -39,6 +44,11 @@ class AsifPipeline:
     text_encoder: Encoder
     cache: Any = None
     batch_size: int = 32
+    csls: int = PIPELINE_CSLS
+
+    def __post_init__(self) -> None:
+        self._reference: dict[str, Any] = {}
+        self._hubness: dict[int, tuple[Any, Tensor]] = {}
 
     @classmethod
     def load(cls, anchor_dir: str | Path, *, device: Any = None, cache: Any = None,
@@ -51,17 +61,30 @@ class AsifPipeline:
         anchors = AnchorSet.load(anchor_dir)
         image_encoder = image_encoder or load_encoder(anchors.image_spec, modality="image", device=device)
         text_encoder = text_encoder or load_encoder(anchors.text_spec, modality="text", device=device)
-        return cls.from_anchors(anchors, image_encoder, text_encoder, cache=cache, **asif_params)
+        indexes = None
+        if asif_params.get("search") == "index":  # the set's optional faiss index (anchors index)
+            from nofree.anchors.index import load_indexes
+
+            indexes = load_indexes(anchor_dir)
+            asif_params.setdefault("center", anchors.meta.get("index", {}).get("center", True))
+        return cls.from_anchors(anchors, image_encoder, text_encoder, cache=cache, indexes=indexes,
+                                **asif_params)
 
     @classmethod
     def from_anchors(cls, anchors: AnchorSet, image_encoder: Encoder, text_encoder: Encoder, *,
-                     cache: Any = None, **asif_params: Any) -> "AsifPipeline":
+                     cache: Any = None, indexes: dict | None = None, csls: int | None = None,
+                     **asif_params: Any) -> "AsifPipeline":
+        """``csls``: CSLS neighbours (``None``: nofree's default, 0: plain ASIF similarity)."""
         from nofree.anchors.asif import ASIF
 
         anchors.check_encoder(image_encoder, "image")
         anchors.check_encoder(text_encoder, "text")
         params = {**PIPELINE_ASIF_DEFAULTS, **asif_params}
-        return cls(anchors, ASIF(**params).fit(anchors), image_encoder, text_encoder, cache)
+        csls = PIPELINE_CSLS if csls is None else int(csls)
+        if csls < 0:
+            raise DataError(f"csls must be >= 0 neighbours (0 turns CSLS off), got {csls}")
+        return cls(anchors, ASIF(**params).fit(anchors, indexes=indexes), image_encoder, text_encoder, cache,
+                   csls=csls)
 
     # --- embeddings ---------------------------------------------------------------------
     def _encode(self, encoder: Encoder, items: Sequence[Any]) -> Tensor:
@@ -83,9 +106,37 @@ class AsifPipeline:
         """``(N, Dt)`` embeddings of texts."""
         return self._encode(self.text_encoder, texts)
 
-    def similarity(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
-        """ASIF similarity ``(n_images, n_texts)`` of already-encoded images and texts."""
-        return torch.as_tensor(self.asif.similarity(image_emb, text_emb))
+    def similarity(self, image_emb: Any, text_emb: Any) -> Tensor:
+        """ASIF similarity ``(n_images, n_texts)`` of already-encoded images and texts, CSLS-
+        corrected when ``csls`` > 0: ``2·s(x, y) − r(x) − r(y)``. Either side may also be the
+        relative representation ``asif.transform`` gave for it (to reuse a caption pool's)."""
+        sim = torch.as_tensor(self.asif.similarity(image_emb, text_emb))
+        if not self.csls:
+            return sim
+        return 2 * sim - self.hubness(image_emb, "image")[:, None] - self.hubness(text_emb, "text")[None, :]
+
+    def hubness(self, emb: Any, modality: str) -> Tensor:
+        """CSLS r(q) ``(n,)``: the mean of the ``csls`` highest ASIF similarities of each query (of
+        ``modality``) to the other modality's anchors (at most ``CSLS_REFERENCE`` of them)."""
+        from nofree.anchors.relative import SparseRelative
+
+        if isinstance(emb, SparseRelative) and id(emb) in self._hubness:   # e.g. a caption pool's
+            return self._hubness[id(emb)][1]
+        other = "text" if modality == "image" else "image"
+        if other not in self._reference:
+            side = self.anchors.text if other == "text" else self.anchors.image
+            if len(side) > CSLS_REFERENCE:
+                side = side[torch.randperm(len(side), generator=torch.Generator().manual_seed(0))[:CSLS_REFERENCE]]
+            self._reference[other] = self.asif.transform(side, modality=other)
+        reference = self._reference[other]
+        if modality == "image":
+            sim = torch.as_tensor(self.asif.similarity(emb, reference))        # (n, R)
+        else:
+            sim = torch.as_tensor(self.asif.similarity(reference, emb)).T      # (n, R)
+        r = sim.topk(min(self.csls, sim.shape[1]), dim=1).values.mean(1)
+        if isinstance(emb, SparseRelative):
+            self._hubness[id(emb)] = (emb, r)  # keeps emb alive, so its id stays its own
+        return r
 
     # --- tasks --------------------------------------------------------------------------
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,

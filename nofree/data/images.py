@@ -13,12 +13,15 @@ CLIP preprocessing), so encoders see the stored pixel grid.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
 from typing import NamedTuple, Sequence
 
 from nofree.core import DataError
+
+REF_SEP = ".tar#"  # a webdataset member reference: SHARD.tar#MEMBER (see nofree.data.webdataset)
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +42,23 @@ class LoadedImages(NamedTuple):
 def load_image(path: str | os.PathLike):
     """Read and fully decode one image file; returns an RGB ``PIL.Image.Image``.
 
+    ``path`` may also be a webdataset member reference ``SHARD.tar#MEMBER``.
+
     Raises ``DataError`` naming ``path`` when the file is missing, not an image, truncated or
     corrupt, or too large for PIL's decompression-bomb guard.
     """
     from PIL import Image, UnidentifiedImageError
 
     name = os.fspath(path)
+    source = name
+    if isinstance(name, str) and REF_SEP in name and not os.path.exists(name):
+        from nofree.data.webdataset import read_member
+
+        source = io.BytesIO(read_member(name))  # a webdataset member: SHARD.tar#MEMBER
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            with Image.open(name) as image:
+            with Image.open(source) as image:
                 image.load()
                 if image.mode == "P" and "transparency" in image.info:
                     image = image.convert("RGBA")

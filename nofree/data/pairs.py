@@ -1,6 +1,7 @@
-"""Read (image, captions) pairs from JSONL, CSV or a folder of images with caption sidecars.
+"""Read (image, captions) pairs from JSONL, CSV, a folder of images with caption sidecars, or
+webdataset tar shards.
 
-Three layouts, told apart by the source itself:
+Four layouts, told apart by the source itself:
 
 * ``*.jsonl``: one JSON object a line, ``{"image": "images/1.jpg", "captions": [...],
   "split": "train", ...}``; a single ``"caption": "..."`` string is accepted too. Other fields
@@ -10,6 +11,10 @@ Three layouts, told apart by the source itself:
   image's first row go to ``Pair.meta``.
 * a directory: every image file ``foo.jpg`` (any depth) with a sidecar ``foo.txt`` holding one
   caption per non-empty line.
+* a ``.tar`` file, or a directory holding ``.tar`` files: webdataset shards as img2dataset writes
+  them (``KEY.jpg`` + ``KEY.txt`` / ``KEY.json`` per sample); see :mod:`nofree.data.webdataset`.
+  Image paths are then member references ``SHARD.tar#MEMBER``; samples without a caption or
+  image, and truncated shards, are skipped and logged.
 
 Relative image paths are resolved against the folder of the pairs file and stored as absolute
 path strings. Captions are stripped and runs of whitespace (line breaks, tabs) become one
@@ -49,7 +54,11 @@ def load_pairs(source: str | os.PathLike, *, split: str | None = None,
     if not path.exists():
         raise DataError(f"pairs source {path} does not exist: pass a .jsonl or .csv pairs file or a "
                         "folder of images with .txt caption sidecars")
-    if path.is_dir():
+    from nofree.data.webdataset import is_webdataset, scan_webdataset
+
+    if is_webdataset(path):
+        pairs = scan_webdataset(path, limit=limit if split is None else None).pairs
+    elif path.is_dir():
         pairs = _read_folder(path)
     elif path.suffix.lower() == ".jsonl":
         pairs = _read_jsonl(path)
@@ -58,7 +67,8 @@ def load_pairs(source: str | os.PathLike, *, split: str | None = None,
     else:
         raise DataError(f"{path}: unknown pairs format {path.suffix!r}; use a .jsonl file (one "
                         "{\"image\": ..., \"captions\": [...]} object a line), a .csv file with an "
-                        "'image,caption' header, or a folder of images with .txt sidecars")
+                        "'image,caption' header, a folder of images with .txt sidecars, or "
+                        "webdataset .tar shards")
     if not pairs:
         raise DataError(f"{path} holds no pairs: add at least one image with a caption")
     if split is not None:

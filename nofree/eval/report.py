@@ -99,14 +99,20 @@ class _Context:
                             + "; check --split (the pairs' 'split' field)")
         self.paths = [p.image for p in self.pairs]
         self.references = [list(p.captions) for p in self.pairs]
-        self.load_seconds = 0.0
+        self.load_seconds, self._loading = 0.0, False
         self._memo: dict[tuple, Any] = {}
 
     def _load(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key; the outermost load's seconds go to ``load_seconds``."""
         if key not in self._memo:
+            outermost, self._loading = not self._loading, True
             start = time.perf_counter()
-            self._memo[key] = build()
-            self.load_seconds += time.perf_counter() - start
+            try:
+                self._memo[key] = build()
+            finally:
+                if outermost:
+                    self._loading = False
+                    self.load_seconds += time.perf_counter() - start
         return self._memo[key]
 
     # --- shared models ---------------------------------------------------------------------
@@ -239,7 +245,7 @@ def _eval_lit(ctx: _Context) -> tuple[dict, dict, dict]:
 def _asif_params(pipeline: Any) -> dict[str, Any]:
     params = {key: getattr(pipeline.asif, key) for key in ("k", "p", "center") if hasattr(pipeline.asif, key)}
     return {"anchors": len(pipeline.anchors), "image_encoder": pipeline.anchors.image_spec,
-            "text_encoder": pipeline.anchors.text_spec, "asif": params}
+            "text_encoder": pipeline.anchors.text_spec, "asif": {**params, "csls": pipeline.csls}}
 
 
 def _batched(fn: Callable[[Sequence[Any]], list[str]], items: Sequence[Any], batch_size: int,

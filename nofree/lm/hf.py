@@ -97,7 +97,8 @@ class HFLanguageModel:
     def head_logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits ``(B, V)`` float32 from last-layer hidden states ``(B, H)``."""
         with torch.inference_mode():
-            out = self.model.get_output_embeddings()(hidden.to(self.device))
+            head = self.model.get_output_embeddings()
+            out = head(hidden.to(self.device, head.weight.dtype))
             cap = getattr(self.model.config, "final_logit_softcapping", None)
             if cap:
                 out = torch.tanh(out / cap) * cap
