@@ -30,10 +30,10 @@ from nofree.data.pairs import load_pairs, load_text_lines
 
 CONFIGS = {
     "plain prompting (greedy, no image)": dict(examples=0, alpha=0.0, beta=0.0, prompt=PLAIN_PROMPT),
-    "MAGIC + ASIF, plain prompt": dict(examples=0, prompt=PLAIN_PROMPT),
     "in-context examples (m=5), greedy": dict(examples=5, alpha=0.0, beta=0.0),
-    "MAGIC + ASIF + examples (m=5), beta=0.5": dict(examples=5, beta=0.5),
-    "MAGIC + ASIF + examples (m=5), beta=2": dict(examples=5, beta=2.0),
+    "MAGIC + ASIF (T=100) + examples (m=5), beta=2": dict(examples=5, beta=2.0, temperature=100.0),
+    "MAGIC + ASIF (T=20) + examples (m=5), beta=2": dict(examples=5, beta=2.0, temperature=20.0),
+    "MAGIC + ASIF (T=20) + examples (m=5), beta=0.5": dict(examples=5, beta=0.5, temperature=20.0),
 }
 
 

@@ -166,7 +166,8 @@ GPU here): 1,500 pairs/s per GPU is clip-retrieval's published CLIP ViT-B/32 inf
 one RTX 3080; the embedded encoders are smaller, and JPEG decoding (a few CPU cores per GPU) then
 sets the pace. Index memory: IVF-PQ keeps codes + ids + coarse centroids in RAM, but nofree
 re-scores `refine x k` candidates per query exactly, so the float32 anchors must also be at hand
-(memory-mapped from `embeddings.safetensors`; only the candidate rows are read). At ASIF's
+(today the whole anchor set is loaded into RAM; memory-mapping it so that only the candidate
+rows are read is the next step for sets larger than a node's memory). At ASIF's
 k = 800 recall is limited by how many IVF lists are probed more than by the codes; the default
 nprobe scans about 16·k anchors (`nofree anchors index --nprobe/--refine` trade speed for
 recall, and `nofree anchors info` shows the measured recall). At 50k anchors exact search is
