@@ -45,7 +45,7 @@ SECTIONS = (
     Section("asif_quality", "ASIF on coco-mini (embedded encoders only)"),
     Section("fusion", "Frozen vs trained fusion on coco-mini val",
             previous_titles=("Trained adapters on the same frozen backbones (first measurements)",)),
-    Section("magic_quality", "Training-free captioning quality on coco-mini val", full=("--limit", "16"),
+    Section("magic_quality", "Training-free captioning quality on coco-mini val",
             previous_titles=("Training-free captioning quality on coco-mini val (partial)",)),
     Section("magic_speed", "MAGIC decoding speed"),
     Section("asif_scale", "ASIF at scale (synthetic)"),
