@@ -84,7 +84,7 @@ def index_part(n: int, tmp: Path, factory: str, nprobe: int | None) -> dict:
     from benchmarks.asif_scale import _views
     from nofree.anchors.anchor_set import AnchorSet
     from nofree.anchors.index import add_index, index_topk, load_indexes
-    from nofree.anchors.relative import cosine_topk
+    from nofree.anchors.topk import cosine_topk
 
     concepts = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(1))
     image, text = _views(concepts, 11, 0.6, dims=(64, DIMS[1]))

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from nofree.core import DataError, l2_normalize
+from nofree.core import DataError, clean_caption, l2_normalize
 
 
 def consensus_rerank(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:
@@ -174,12 +174,6 @@ class MagicCaptioner:
             image_emb = self.scorer.embed_images(images)
         return self.caption_embeddings(image_emb)
 
-
-def clean_caption(text: str) -> str:
-    """First line, surrounding quotes/bullets/spaces removed, first letter upper-cased."""
-    text = text.strip().splitlines()[0] if text.strip() else ""
-    text = text.strip().lstrip("-*• ").strip().strip('"').strip()
-    return text[:1].upper() + text[1:]
 
 def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
                    lm: str | None = None, device: Any = None, options: dict | None = None) -> Any:

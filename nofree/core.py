@@ -128,6 +128,13 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
 
 
+def clean_caption(text: str) -> str:
+    """First line, surrounding quotes/bullets/spaces removed, first letter upper-cased."""
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    text = text.strip().lstrip("-*• ").strip().strip('"').strip()
+    return text[:1].upper() + text[1:]
+
+
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
     """Split ``"backend:name[@tag]"`` into ``(backend, name, tag)``.
 

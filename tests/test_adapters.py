@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nofree.adapters.base import AdapterCaptioner, load_adapter
+from nofree.adapters.base import load_adapter
+from nofree.adapters.captioning import AdapterCaptioner
 from nofree.adapters.clipcap import ClipCap
 from nofree.adapters.flamingo import Flamingo, find_decoder_layers
 from nofree.adapters.lit import LiT
@@ -699,6 +700,14 @@ def test_adapter_captioner(gpt2, image_encoder, tmp_path):
         AdapterCaptioner(adapter, FakeImageEncoder(spec="fake-image:other"))
     flamingo = _build("flamingo", gpt2, image_encoder)
     assert len(AdapterCaptioner(flamingo, max_tokens=4, beams=2).caption(IMAGES[:2])) == 2
+
+
+def test_adapter_captioner_cleans_captions(gpt2, image_encoder, monkeypatch):
+    """A decoded "- a dog." (ClipCap often starts with a bullet) comes out as "A dog."."""
+    adapter = _build("clipcap", gpt2, image_encoder)
+    decoded = ['- a dog.', '"a cat on a sofa"\nmore text']
+    monkeypatch.setattr(adapter, "caption_features", lambda features, **kw: decoded[:len(features)])
+    assert AdapterCaptioner(adapter, max_tokens=5).caption(IMAGES[:2]) == ["A dog.", "A cat on a sofa"]
 
 
 # --- on-disk format fixtures (each format version must keep loading) --------------------------------

@@ -8,8 +8,10 @@ import torch
 from torch.nn.functional import normalize
 
 import nofree.anchors.relative as rel
+import nofree.anchors.topk as topk
 from nofree.anchors.asif import ASIF, default_k
-from nofree.anchors.relative import cosine_topk, relative_topk, sparse_similarity
+from nofree.anchors.relative import relative_topk, sparse_similarity
+from nofree.anchors.topk import cosine_topk
 from nofree.core import DataError, NofreeError
 
 
@@ -144,8 +146,8 @@ def test_error_bound_holds_for_low_precision_matmul():
     anchors, x = clustered(2000, 64, seed=7), clustered(50, 64, seed=8)
     exact = x.double() @ anchors.double().T
     for name in ("bf16", "int8"):
-        codec = rel._CODECS[name]
-        stats = rel.anchor_stats(anchors, name)
+        codec = topk._CODECS[name]
+        stats = topk.anchor_stats(anchors, name)
         q_low, qscale, err = codec.queries(x, stats)
         s = codec.scores(q_low, codec.quantize_anchors(anchors, stats.scale))
         approx = codec.values(s, qscale[:, None]).double()
@@ -156,13 +158,13 @@ def test_error_bound_holds_for_low_precision_matmul():
 
 def test_chunk_sizes_bound_the_score_blocks(monkeypatch, data):
     shapes = []
-    scores = rel._Fp32.scores
+    scores = topk._Fp32.scores
 
     def spy(q_low, a_low):
         shapes.append((q_low.shape[0], a_low.shape[0]))
         return scores(q_low, a_low)
 
-    monkeypatch.setattr(rel._Fp32, "scores", staticmethod(spy))
+    monkeypatch.setattr(topk._Fp32, "scores", staticmethod(spy))
     asif = ASIF(k=10, precision="bf16", anchor_chunk=32, query_chunk=6).fit((data["image"], data["text"]))
     asif.transform(data["qi"], modality="image")
     assert shapes and max(a for a, _ in shapes) <= 6 and max(b for _, b in shapes) <= 32
@@ -243,11 +245,11 @@ def test_sparse_similarity_methods_and_converters_agree(data, monkeypatch):
 
 
 def test_precision_rule():
-    assert rel.resolve_precision("auto", 1000) == "fp32"
-    assert rel.resolve_precision("auto", rel.AUTO_BF16_MIN_ANCHORS) == "bf16"
-    assert rel.resolve_precision("auto", rel.AUTO_INT8_MIN_ANCHORS) == "int8"
-    assert rel.resolve_precision("auto", 10**7, "cuda") == "fp32"
+    assert topk.resolve_precision("auto", 1000) == "fp32"
+    assert topk.resolve_precision("auto", topk.AUTO_BF16_MIN_ANCHORS) == "bf16"
+    assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
+    assert topk.resolve_precision("auto", 10**7, "cuda") == "fp32"
     with pytest.raises(DataError, match="CPU scan"):
-        rel.resolve_precision("int8", 10, "cuda")
+        topk.resolve_precision("int8", 10, "cuda")
     with pytest.raises(DataError, match="precision"):
-        rel.resolve_precision("half", 10)
+        topk.resolve_precision("half", 10)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.anchors.asif import ASIF
 from nofree.anchors.index import INDEX_FILES, add_index, index_topk, load_indexes, measure_recall
-from nofree.anchors.relative import cosine_topk
+from nofree.anchors.topk import cosine_topk
 from nofree.cli import main
 from nofree.core import DataError
 

@@ -11,8 +11,8 @@ from nofree._lazy import lazy_getattr
 
 _LAZY = {
     "Adapter": "nofree.adapters.base",
-    "CaptioningAdapter": "nofree.adapters.base",
-    "AdapterCaptioner": "nofree.adapters.base",
+    "CaptioningAdapter": "nofree.adapters.captioning",
+    "AdapterCaptioner": "nofree.adapters.captioning",
     "load_adapter": "nofree.adapters.base",
     "count_parameters": "nofree.adapters.base",
     "LiT": "nofree.adapters.lit",

@@ -22,7 +22,7 @@ Departures from the reference implementation, on purpose:
 
 Any Hugging Face causal LM works (GPT-2, Llama-family such as SmolLM2): the prefix is passed as
 ``inputs_embeds``. Decoding (greedy or beam search, with the KV cache) lives in
-:class:`nofree.adapters.base.CaptioningAdapter`.
+:class:`nofree.adapters.captioning.CaptioningAdapter`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nofree.adapters.base import CaptioningAdapter
+from nofree.adapters.captioning import CaptioningAdapter
 from nofree.adapters.losses import caption_batch
 from nofree.core import LMStep, l2_normalize
 

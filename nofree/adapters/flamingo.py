@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nofree.adapters.base import CaptioningAdapter, find_layers
+from nofree.adapters.base import find_layers
+from nofree.adapters.captioning import CaptioningAdapter
 from nofree.adapters.losses import caption_batch
 from nofree.core import LMStep
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.anchors.relative import (DEFAULT_ANCHOR_CHUNK, DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats,
-                                     SparseRelative, anchor_stats, relative_topk, resolve_precision,
-                                     sparse_similarity)
+from nofree.anchors.relative import SparseRelative, relative_topk, sparse_similarity
+from nofree.anchors.topk import (DEFAULT_ANCHOR_CHUNK, DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats,
+                                 anchor_stats, resolve_precision)
 from nofree.core import MODALITIES, DataError, NofreeError, l2_normalize, resolve_device
 
 #: The paper's number of kept anchors per row (it used 1.6M anchors).
@@ -55,7 +55,7 @@ class ASIF:
         k_image, k_text: per-modality k overriding ``k`` (``None`` = use ``k``).
         center: subtract each modality's anchor mean from anchors and queries, then re-normalise.
         precision: scan precision for the top-k search, ``"auto"`` | ``"fp32"`` | ``"bf16"`` |
-            ``"int8"``; every choice returns the exact float32 top-k (see ``relative.py``).
+            ``"int8"``; every choice returns the exact float32 top-k (see ``topk.py``).
         anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan.
         search: ``"exact"`` (default) or ``"index"``: take top-k candidates from the anchor
             set's faiss index (:mod:`nofree.anchors.index`; pass ``indexes=`` to :meth:`fit`),

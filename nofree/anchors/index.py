@@ -1,6 +1,6 @@
 """Optional faiss indices over an anchor set, for the ASIF top-k at tens of millions of anchors.
 
-ASIF keeps, for every query, its k nearest anchors. Exact search (:mod:`nofree.anchors.relative`)
+ASIF keeps, for every query, its k nearest anchors. Exact search (:mod:`nofree.anchors.topk`)
 scans every anchor; at 10^7–10^8 anchors an inverted-file / product-quantisation index (Jégou et
 al., 2011; faiss, Douze et al., 2024) visits a few lists of compressed codes instead. Here the
 index only proposes *candidates* (``refine`` x k of them): their cosines are recomputed exactly
@@ -152,7 +152,7 @@ def train_index(vectors: Tensor, factory: str, *, nprobe: int | None = None,
 def measure_recall(index: AnchorIndex, anchors: Tensor, k: int, *,
                    n_queries: int = DEFAULT_RECALL_QUERIES, seed: int = 0) -> float:
     """Mean recall@k of :func:`index_topk` against exact top-k, on sampled anchors as queries."""
-    from nofree.anchors.relative import cosine_topk
+    from nofree.anchors.topk import cosine_topk
 
     n = anchors.shape[0]
     pick = torch.from_numpy(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
@@ -166,12 +166,12 @@ def measure_recall(index: AnchorIndex, anchors: Tensor, k: int, *,
 def index_topk(query: Tensor, anchors: Tensor, index: AnchorIndex, k: int) -> tuple[Tensor, Tensor]:
     """Top-k cosines ``(Q, k)`` and anchor ids ``(Q, k)`` via the index's candidates.
 
-    Same contract as :func:`nofree.anchors.relative.cosine_topk` (decreasing, ties by id): the
+    Same contract as :func:`nofree.anchors.topk.cosine_topk` (decreasing, ties by id): the
     index proposes ``index.refine * k`` candidates, whose cosines are computed exactly (float32)
     and the best k kept; rows for which the index finds fewer than k candidates (few IVF lists
     visited) are answered by exact search.
     """
-    from nofree.anchors.relative import _canonical, cosine_topk
+    from nofree.anchors.topk import _canonical, cosine_topk
 
     query = query.float()
     ids = index.search(query, min(anchors.shape[0], max(k, index.refine * k)))
