@@ -4,6 +4,7 @@
     python -m benchmarks --only asif_quality  # rerun one section, re-render the whole file
     python -m benchmarks --render             # re-render RESULTS.md from the saved JSON only
     python -m benchmarks --smoke              # every section on tiny sizes (a few minutes; CI runs it)
+    python -m benchmarks --only fusion --args=--reuse-adapters   # extra arguments for the section
 
 Each section is one module of this package with ``main(argv) -> dict`` (writing ``--json``),
 ``markdown(result) -> str`` and optionally ``NOTES`` (commentary shown under its table). Every
@@ -23,11 +24,13 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,7 +53,7 @@ SECTIONS = (
     Section("magic_speed", "MAGIC decoding speed"),
     Section("asif_scale", "ASIF at scale (synthetic)"),
     Section("ray_scale", "Ray scale-out (synthetic webdataset)",
-            full=("--limit", "768", "--shard-size", "128", "--index-anchors", "50000")),
+            full=("--single-limit", "1000", "--shard-size", "256", "--index-anchors", "50000")),
 )
 
 HEADER = """# Benchmark results
@@ -86,10 +89,11 @@ def machine() -> dict:
             "load_before": os.getloadavg()[0]}
 
 
-def run_section(section: Section, *, smoke: bool, json_path: Path) -> dict:
-    """Run one section in its own process; returns its record (also written to ``json_path``)."""
+def run_section(section: Section, *, smoke: bool, json_path: Path, extra: Sequence[str] = ()) -> dict:
+    """Run one section in its own process; returns its record (also written to ``json_path``).
+    ``extra``: further arguments for the section's own command line."""
     argv = [sys.executable, "-m", f"benchmarks.{section.name}",
-            *(section.smoke if smoke else section.full), "--json", str(json_path)]
+            *(section.smoke if smoke else section.full), *extra, "--json", str(json_path)]
     command = "python -m benchmarks." + section.name + "".join(f" {a}" for a in argv[3:-2])
     print(f"\n=== {section.name}: {command}", flush=True)
     info = machine()
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; writes under --out only")
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SECTIONS], help="sections to run")
     parser.add_argument("--render", action="store_true", help="only re-render RESULTS.md from saved JSON")
+    parser.add_argument("--args", default="", help="extra arguments for the chosen sections' own command "
+                        "lines, e.g. --only fusion --args=--reuse-adapters")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/ for full runs, runs/bench-smoke for --smoke)")
     args = parser.parse_args(argv)
@@ -172,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.render:
         for section in chosen:
-            record = run_section(section, smoke=args.smoke, json_path=results_dir / f"{section.name}.json")
+            record = run_section(section, smoke=args.smoke, json_path=results_dir / f"{section.name}.json",
+                                 extra=shlex.split(args.args))
             if record["status"] != "ok":
                 failed.append(section.name)
     render(out_md, results_dir)

@@ -58,6 +58,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--work", type=Path, default=None, help="adapters, anchors and report go here")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N val photos")
+    parser.add_argument("--reuse-adapters", action="store_true",
+                        help="keep the adapters already in --work (with the training record it holds) "
+                             "and rerun only the evaluation")
     args = parser.parse_args(argv)
 
     work = args.work or (Path(tempfile.mkdtemp(prefix="nofree-fusion-")) if args.smoke
@@ -79,10 +82,17 @@ def main(argv=None) -> dict:
     build_anchor_set(pairs, split="train", image_encoder=backbones["image"], text_encoder=backbones["text"],
                      out=anchors)
     training = {}
+    previous = {}
+    if args.reuse_adapters and (work / "training.json").exists():
+        previous = json.loads((work / "training.json").read_text())
     trainers = {"lit": (train_lit, {"text_encoder": backbones["text"]}),
                 "clipcap": (train_clipcap, {"lm": backbones["lm"]}),
                 "flamingo": (train_flamingo, {"lm": backbones["lm"]})}
     for kind, (trainer, backbone) in trainers.items():
+        if args.reuse_adapters and (work / kind / "config.json").exists() and kind in previous:
+            training[kind] = {**previous[kind], "reused": True}
+            print(f"reusing the {kind} adapter in {work / kind}", flush=True)
+            continue
         start = time.perf_counter()
         result = trainer(pairs, out=work / kind, image_encoder=backbones["image"], overwrite=True,
                          **backbone, **epochs)
@@ -92,6 +102,7 @@ def main(argv=None) -> dict:
                           "frozen_parameters": _frozen_parameters(result.adapter),
                           "config": result.adapter.config(), "history": result.history}
         print(f"trained {kind}: {seconds:.0f} s, {result.steps} steps, last epoch {result.history[-1]}", flush=True)
+    (work / "training.json").write_text(json.dumps(training, indent=1, default=str))
 
     config = EvalConfig(pairs=pairs, anchors=anchors, adapters={k: work / k for k in trainers},
                         pool=pool, lm=backbones["lm"], limit=args.limit, meteor=not args.smoke)
@@ -135,7 +146,8 @@ def markdown(out: dict) -> str:
         shown = ", ".join(f"{k} {v:.3g}" for k, v in last.items() if k.startswith(("val", "train_loss"))
                           and isinstance(v, float))
         lines.append(f"| {kind} | {t['trainable_parameters']:,} | {t['frozen_parameters']:,} | "
-                     f"{last.get('epoch', '–')} | {t['steps']} | {t['seconds']:.0f} s | {shown} |")
+                     f"{last.get('epoch', '–')} | {t['steps']} | {t['seconds']:.0f} s{' (earlier run)' if t.get('reused') else ''} | "
+                     f"{shown} |")
     for name, file in (out.get("plots") or {}).items():
         if name in ("captioning metrics", "sample captions"):
             lines += ["", f"![{name}](results/{file})"]

@@ -1,97 +1,168 @@
-"""Training-free captioning quality on the bundled coco-mini ``val`` split (40 photos).
+"""Training-free captioning quality: settings chosen on ``train`` by cross-validation, reported on ``val``.
 
-Embedded models only: EfficientNet-Lite0 + all-MiniLM-L6-v2 composed by ASIF over the 700
-``train`` anchors, SmolLM2-135M-Instruct as the frozen LM. Methods, all through the same
-captioners the CLI uses:
+Embedded models only: EfficientNet-Lite0 + all-MiniLM-L6-v2 composed by ASIF, SmolLM2-135M-Instruct
+as the frozen LM, the bundled 24k-caption text pool (no coco-mini photo's captions are in it).
 
-- plain prompting: the LM with the instruction only (no image: one caption for all photos);
-- retrieval: the best pool caption by ASIF + consensus re-ranking (``RetrievalCaptioner``);
-- MAGIC + ASIF scorer, plain instruction;
-- in-context examples only (β = 0): the m anchor captions nearest by ASIF in the prompt;
-- MAGIC + ASIF scorer + in-context examples, for a few β.
+1. **Tuning, on ``train`` only** (140 photos): 5-fold cross-validation. Each fold builds the
+   anchors from 4/5 of the train photos' pairs and captions the other 28 photos; the 140 held-out
+   captions are scored together against their own references. Every setting of the grid is
+   listed, so the selection is visible.
+2. **Report, on ``val``** (40 photos, anchors from all 700 train pairs): the reference methods
+   (plain prompting, caption retrieval, MAGIC with the ASIF scorer at the paper's β = 2) and the
+   settings the cross-validation chose, each run once. ``val`` chooses nothing.
 
-Settings were tuned on ``val`` itself (the split is all there is); the table reports every
-setting tried, so the selection is visible.
+Methods, all through the captioners the CLI uses: plain prompting (the instruction only: one
+caption for every photo), retrieval (ASIF + CSLS + consensus re-ranking over the pool),
+in-context examples (the m best captions for the photo, from the pool by retrieval + consensus or
+from the anchors by ASIF, listed in the prompt; greedy decoding), and MAGIC (the same prompt,
+each step's top-k candidates re-weighted by the ASIF image–text score, Su et al., 2022).
 
-    python -m benchmarks.magic_quality [--limit N] [--json PATH] [--configs NAME ...]
+    python -m benchmarks.magic_quality [--folds 5] [--skip-cv] [--json PATH] [--smoke]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
+
+import torch
 
 from nofree import sample_dir
-from nofree.anchors.pipeline import AsifPipeline
-from nofree.cache import EmbeddingCache
 from nofree.captioners import PLAIN_PROMPT, MagicCaptioner, RetrievalCaptioner
-from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
-from nofree.data.pairs import load_pairs, load_text_lines
+from nofree.core import DEFAULT_LM
 
-CONFIGS = {
-    "plain prompting (greedy, no image)": dict(examples=0, alpha=0.0, beta=0.0, prompt=PLAIN_PROMPT),
-    "in-context examples (m=5), greedy": dict(examples=5, alpha=0.0, beta=0.0),
-    "MAGIC + ASIF (T=100) + examples (m=5), beta=2": dict(examples=5, beta=2.0, temperature=100.0),
-    "MAGIC + ASIF (T=20) + examples (m=5), beta=2": dict(examples=5, beta=2.0, temperature=20.0),
-    "MAGIC + ASIF (T=20) + examples (m=5), beta=0.5": dict(examples=5, beta=0.5, temperature=20.0),
+#: The cross-validation grid: name -> MagicCaptioner options (``source``: where examples come from).
+GRID = {
+    **{f"in-context, {m} from the anchors, greedy": dict(examples=m, source="anchors", alpha=0.0, beta=0.0)
+       for m in (3, 5)},
+    **{f"in-context, {m} from the pool, greedy": dict(examples=m, source="pool", alpha=0.0, beta=0.0)
+       for m in (1, 2, 3, 4, 5)},
 }
+#: MAGIC settings tried on top of the best in-context setting (each costs ~10x a greedy run).
+MAGIC_GRID = {"α=0.1, β=0": dict(alpha=0.1, beta=0.0),
+              "α=0.1, β=0.1, T=100": dict(alpha=0.1, beta=0.1, temperature=100.0)}
+PAPER_MAGIC = dict(alpha=0.1, beta=2.0, temperature=100.0)
 
 
 def main(argv=None) -> dict:
-    from nofree.anchors.build import build_anchor_set
-    from nofree.eval import caption_metrics
-    from nofree.registry import load_lm
+    from benchmarks.asif_quality import anchors_of, encode_split
+    from nofree.anchors.pipeline import AsifPipeline
+    from nofree.cache import EmbeddingCache
+    from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from nofree.data.pairs import load_text_lines
+    from nofree.registry import load_encoder, load_lm
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=None, help="only the first N val photos")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--skip-cv", action="store_true", help="report val for the current defaults only")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--configs", nargs="*", default=None, help="subset of method names (substrings)")
-    parser.add_argument("--anchors", default="runs/bench/anchors-train", help="anchor set (built if missing)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--smoke", action="store_true", help="2 photos, 4 tokens, a 2,000-caption pool")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 folds of 4 photos, 3 val photos, 2+1 settings, 4 tokens, a 2,000-caption pool")
     args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    cache = EmbeddingCache()
+    image_encoder = load_encoder(DEFAULT_IMAGE_ENCODER, modality="image")
+    text_encoder = load_encoder(DEFAULT_TEXT_ENCODER, modality="text")
+    train, val = (encode_split(s, image_encoder, text_encoder, cache) for s in ("train", "val"))
+    grid, magic_grid = GRID, MAGIC_GRID
     if args.smoke:
-        args.limit, args.configs = 2, args.configs or ["plain prompting", "beta=2"]
-
-    from pathlib import Path
-
-    if not (Path(args.anchors) / "manifest.json").exists():
-        build_anchor_set(sample_dir() / "pairs.jsonl", split="train", image_encoder=DEFAULT_IMAGE_ENCODER,
-                         text_encoder=DEFAULT_TEXT_ENCODER, out=args.anchors)
-    pipeline = AsifPipeline.load(args.anchors, cache=EmbeddingCache())
-    val = load_pairs(sample_dir() / "pairs.jsonl", split="val", limit=args.limit)
-    references = [list(p.captions) for p in val]
-    image_emb = pipeline.encode_images([p.image for p in val])
-    results: dict[str, dict] = {}
-
-    start = time.perf_counter()
+        val.image_emb, val.pairs = val.image_emb[:3], val.pairs[:3]
+        grid = {n: o for n, o in GRID.items() if n.startswith(("in-context, 3 from the anchors",
+                                                                   "in-context, 2 from the pool"))}
+        magic_grid = dict(list(MAGIC_GRID.items())[1:])
     pool = load_text_lines(sample_dir() / "caption_corpus.txt")[: 2000 if args.smoke else None]
-    retrieval = RetrievalCaptioner(pipeline, pool)
-    captions = retrieval.caption_embeddings(image_emb)
-    results[f"retrieval (ASIF + CSLS + consensus, {len(pool):,}-caption pool)"] = _score(captions, references, time.perf_counter() - start)
-    _print(results)
-
     lm = load_lm(DEFAULT_LM)
-    for name, options in CONFIGS.items():
-        if args.configs and not any(c in name for c in args.configs):
-            continue
-        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, **{**options, **(
-            {"max_new_tokens": 4} if args.smoke else {})})
+    tokens = {"max_new_tokens": 4} if args.smoke else {}
+
+    def pipeline_of(anchors):
+        return AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache)
+
+    def run(pipeline, retrieval, image_emb, options) -> tuple[list[str], float]:
+        options = {**options, **tokens}
+        source = options.pop("source", "pool")
+        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, examples_from=source, pool=retrieval,
+                                                 **options)
         start = time.perf_counter()
-        captions = []
-        for i in range(0, len(val), args.batch_size):
+        captions: list[str] = []
+        for i in range(0, len(image_emb), args.batch_size):
             captions += captioner.caption_embeddings(image_emb[i:i + args.batch_size])
-        results[name] = _score(captions, references, time.perf_counter() - start, options)
-        _print({name: results[name]})
-    out = {"n_images": len(val), "split": "val", "lm": DEFAULT_LM, "anchors": args.anchors,
-           "results": results}
+        return captions, time.perf_counter() - start
+
+    cv: dict[str, dict] = {}
+    n_cv = 0
+    chosen = {"examples": 2, "source": "pool", "alpha": 0.0, "beta": 0.0}
+    if not args.skip_cv:
+        order = torch.randperm(len(train.pairs), generator=torch.Generator().manual_seed(0))
+        n_held = 4 if args.smoke else len(order)
+        folds = []
+        for fold in range(2 if args.smoke else args.folds):
+            held = order[:n_held][fold::args.folds if not args.smoke else 2]
+            kept = order[torch.isin(order, held, invert=True)]
+            pipeline = pipeline_of(anchors_of(train, kept))
+            folds.append((held, pipeline, RetrievalCaptioner(pipeline, pool)))
+        references = [list(train.pairs[i].captions) for held, _, _ in folds for i in held.tolist()]
+        n_cv = len(references)
+
+        def cross_validate(name, options):
+            captions, seconds = [], 0.0
+            for held, pipeline, retrieval in folds:
+                out, s = run(pipeline, retrieval, train.image_emb[held], options)
+                captions, seconds = captions + out, seconds + s
+            cv[name] = _score(captions, references, seconds, options)
+            _print(name, cv[name])
+
+        captions, start = [], time.perf_counter()
+        for held, _, retrieval in folds:
+            captions += retrieval.caption_embeddings(train.image_emb[held])
+        cv["retrieval (for comparison; not a candidate)"] = _score(captions, references, time.perf_counter() - start)
+        for name, options in grid.items():
+            cross_validate(name, options)
+        best = max(grid, key=lambda n: cv[n]["metrics"]["CIDEr"])
+        chosen = dict(grid[best])
+        for name, options in magic_grid.items():
+            cross_validate(f"{best.removesuffix(', greedy')}, MAGIC {name}", {**chosen, **options})
+        best = max((n for n in cv if cv[n]["options"]), key=lambda n: cv[n]["metrics"]["CIDEr"])
+        chosen = cv[best]["options"]
+
+    pipeline = pipeline_of(anchors_of(train))
+    retrieval = RetrievalCaptioner(pipeline, pool)
+    references = [list(p.captions) for p in val.pairs]
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
+    results[f"retrieval (ASIF + CSLS + consensus, {len(pool):,}-caption pool)"] = _score(
+        retrieval.caption_embeddings(val.image_emb), references, time.perf_counter() - start)
+    rows = {"plain prompting (instruction only, greedy; no image)":
+            dict(examples=0, alpha=0.0, beta=0.0, prompt=PLAIN_PROMPT),
+            "in-context, 5 from the anchors, greedy (the previous example source)":
+            dict(examples=5, source="anchors", alpha=0.0, beta=0.0),
+            "MAGIC + ASIF (α=0.1, β=2, T=100), 5 anchor examples (previous default)":
+            dict(examples=5, source="anchors", **PAPER_MAGIC),
+            f"MAGIC + ASIF (α=0.1, β=2, T=100), {chosen['examples']} pool examples":
+            {**chosen, **PAPER_MAGIC},
+            "chosen by cross-validation: " + _describe(chosen): chosen}
+    for name, options in rows.items():
+        captions, seconds = run(pipeline, retrieval, val.image_emb, options)
+        results[name] = _score(captions, references, seconds, options)
+        _print(name, results[name])
+    out = {"n_images": len(val.pairs), "split": "val", "lm": DEFAULT_LM, "n_cv_images": n_cv,
+           "folds": 2 if args.smoke else args.folds, "cv": cv, "chosen": chosen, "results": results}
     print(markdown(out))
     if args.json:
-        from pathlib import Path
-
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
+
+
+def _describe(options: dict) -> str:
+    text = f"{options['examples']} examples from the {options.get('source', 'pool')}"
+    if options.get("beta", 0) or options.get("alpha", 0):
+        text += f", MAGIC α={options['alpha']}, β={options['beta']}"
+        if options.get("beta"):
+            text += f", T={options.get('temperature', 100.0):g}"
+    return text + (", greedy" if not options.get("beta") and not options.get("alpha") else "")
 
 
 def _score(captions, references, seconds, options=None) -> dict:
@@ -103,30 +174,52 @@ def _score(captions, references, seconds, options=None) -> dict:
             "examples": captions[:4]}
 
 
-def _print(results: dict) -> None:
+def _print(name: str, r: dict) -> None:
+    m = r["metrics"]
+    print(f"{name:60s} CIDEr {100 * m['CIDEr']:5.1f}  BLEU-4 {100 * m['BLEU-4']:4.1f}  "
+          f"{r['seconds_per_image']:.2f} s/image  e.g. {r['examples'][0]!r}", flush=True)
+
+
+def _table(results: dict) -> list[str]:
+    lines = ["| method | BLEU-4 | METEOR | ROUGE-L | CIDEr | s/image |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         m = r["metrics"]
-        print(f"{name:45s} CIDEr {100 * m['CIDEr']:5.1f}  BLEU-4 {100 * m['BLEU-4']:4.1f}  "
-              f"{r['seconds_per_image']:.2f} s/image  e.g. {r['examples'][0]!r}", flush=True)
+        lines.append(f"| {name} | {100 * m['BLEU-4']:.1f} | {100 * m['METEOR']:.1f} | {100 * m['ROUGE-L']:.1f} | "
+                     f"{100 * m['CIDEr']:.1f} | {r['seconds_per_image']:.2f} |")
+    return lines
 
 
 def markdown(out: dict) -> str:
-    lines = [f"{out['n_images']} `{out['split']}` photos; EfficientNet-Lite0 + MiniLM composed by the train "
-             f"anchors (`{out['anchors']}`), `{out['lm']}` frozen; PTB-tokenised COCO metrics (×100); "
-             "seconds per image on the machine above.", "",
-             "| method | BLEU-4 | METEOR | ROUGE-L | CIDEr | s/image |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, r in out["results"].items():
-        m = r["metrics"]
-        lines.append(f"| {name} | {100 * m['BLEU-4']:.1f} | {100 * m['METEOR']:.1f} | {100 * m['ROUGE-L']:.1f} | "
-                     f"{100 * m['CIDEr']:.1f} | {r['seconds_per_image']:.1f} |")
+    lines = [f"{out['n_images']} `{out['split']}` photos; EfficientNet-Lite0 + MiniLM composed by the 700 "
+             f"train anchors, `{out['lm']}` frozen, 16 new tokens at most; PTB-tokenised COCO metrics (×100); "
+             "seconds per image on the machine above.", ""]
+    lines += _table(out["results"])
+    if out["cv"]:
+        lines += ["", f"Tuning: {out['folds']}-fold cross-validation on the {out['n_cv_images']} `train` photos "
+                  "(anchors from the other folds' pairs; all held-out captions scored together). Chosen: "
+                  f"**{_describe(out['chosen'])}**.", ""]
+        lines += _table(out["cv"])
     return "\n".join(lines)
 
 
-NOTES = """Settings were tuned on `val` itself (coco-mini has no separate test split); every
-setting tried is in the table, so the selection is visible. Plain prompting sees no image and
-writes one caption for every photo: it is the floor. MAGIC's β term re-weights only the LM's own
-top-k candidates, so a 135M LM bounds what it can write; the in-context examples (nearest anchor
-captions by ASIF) give it the vocabulary of the photo."""
+NOTES = """How the settings were chosen: on `train` only. Every train photo was captioned once by
+each setting of the grid, with anchors from the other four folds (560 pairs) and the same 24k pool
+(none of its captions belongs to a sample photo); `val` chose nothing, and each `val` row ran once.
+(Before this protocol, exploratory runs on `val` tried MAGIC with β = 0.2, 0.5 and 1 on the ASIF
+scorer and a scorer built from the retrieved captions; every one lowered CIDEr against greedy
+decoding with the same examples, as β does in the tables above.)
+
+What the numbers say. The image reaches the 135M LM through its in-context examples, and where
+they come from matters most: the pool's best captions for the photo by retrieval + consensus
+(cross-validated CIDEr 42–47 for 1–5 examples) against the anchor captions nearest by ASIF (27).
+MAGIC's per-step terms add nothing on top of that prompt here: the degeneration penalty
+(α = 0.1) left CIDEr unchanged, the ASIF image term at β = 0.1 moved it by −0.1, and at the
+paper's β = 2 it pulls the LM to odd tokens (18.8 on `val`): the ASIF similarity of a *partial*
+sentence over two unimodal encoders is too noisy a per-token signal. nofree's MAGIC defaults are
+therefore the cross-validated setting (4 pool examples, α = β = 0); `--alpha 0.1 --beta 2`
+restores the paper's steering. The best training-free writer (48.5) ties caption retrieval
+(48.7) on `val` and trails it in cross-validation (46.5 vs 47.2): the target of CIDEr ≥ 50,
+above retrieval, is not met with these models."""
 
 
 if __name__ == "__main__":

@@ -18,22 +18,26 @@ from torch import Tensor
 from nofree.core import DataError, clean_caption, l2_normalize
 
 
-def consensus_rerank(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:
-    """Index of the chosen candidate per row.
+def consensus_scores(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:
+    """``(B, m)`` consensus score of each row's top-m candidates (higher is better).
 
     ``asif_scores`` ``(B, m)`` are the image–text scores of each row's top-m candidates and
     ``candidate_emb`` ``(B, m, Dt)`` their text embeddings (L2-normalised). The consensus of a
-    candidate is its mean cosine to the row's other candidates; the final score mixes it with
-    the max-scaled ASIF score: ``weight·consensus + (1−weight)·score/max(score)``.
-    Returns ``(B,)`` long indices into the m candidates.
+    candidate is its mean cosine to the row's other candidates; the score mixes it with the
+    max-scaled ASIF score: ``weight·consensus + (1−weight)·score/max(score)``.
     """
     m = candidate_emb.shape[1]
     if m == 1:
-        return torch.zeros(candidate_emb.shape[0], dtype=torch.long)
+        return torch.ones_like(asif_scores)
     cos = candidate_emb @ candidate_emb.transpose(1, 2)
     consensus = (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / (m - 1)
     scaled = asif_scores / asif_scores.amax(dim=1, keepdim=True).clamp_min(1e-12)
-    return (weight * consensus + (1 - weight) * scaled).argmax(dim=1)
+    return weight * consensus + (1 - weight) * scaled
+
+
+def consensus_rerank(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:
+    """``(B,)`` index of the chosen candidate per row: the argmax of :func:`consensus_scores`."""
+    return consensus_scores(asif_scores, candidate_emb, weight=weight).argmax(dim=1)
 
 
 class RetrievalCaptioner:
@@ -63,14 +67,32 @@ class RetrievalCaptioner:
         """ASIF similarity ``(B, P)`` of images to every pool caption (the pipeline's, CSLS included)."""
         return self.pipeline.similarity(image_emb, self.pool_rel)
 
+    def ranked(self, image_emb: Tensor, m: int) -> list[list[str]]:
+        """For each image ``(B, Di)``, its ``m`` best distinct pool captions, best first.
+
+        Best means highest consensus among the top ``rerank`` pool captions by ASIF (plain
+        ASIF order when ``rerank`` <= 1); captions equal up to case and a final period count once.
+        """
+        sim = self.scores(image_emb)
+        depth = min(max(self.rerank, m), len(self.pool))
+        top = sim.argsort(dim=1, descending=True, stable=True)[:, :depth]   # ties: pool order
+        top_scores = sim.gather(1, top)
+        if self.rerank > 1:
+            order = consensus_scores(top_scores, self.pool_emb[top], weight=self.consensus_weight)
+            top = top.gather(1, order.argsort(dim=1, descending=True, stable=True))
+        out = []
+        for row in top.tolist():
+            chosen: dict[str, str] = {}
+            for j in row:
+                chosen.setdefault(self.pool[j].strip().rstrip(".").lower(), self.pool[j].strip())
+                if len(chosen) == m:
+                    break
+            out.append(list(chosen.values()))
+        return out
+
     def caption_embeddings(self, image_emb: Tensor) -> list[str]:
         """Captions for already-encoded images ``(B, Di)``."""
-        sim = self.scores(image_emb)
-        if self.rerank <= 1:
-            return [self.pool[j] for j in sim.argmax(dim=1).tolist()]
-        top_scores, top = sim.topk(self.rerank, dim=1)
-        chosen = consensus_rerank(top_scores, self.pool_emb[top], weight=self.consensus_weight)
-        return [self.pool[j] for j in top.gather(1, chosen[:, None]).squeeze(1).tolist()]
+        return [row[0] for row in self.ranked(image_emb, 1)]
 
     def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
         """One caption per image (paths or PIL images)."""
@@ -78,9 +100,16 @@ class RetrievalCaptioner:
 
 
 
-#: MAGIC defaults for the embedded instruct LM (chosen on coco-mini val: benchmarks/RESULTS.md).
-MAGIC_DEFAULTS = {"k": 45, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 16, "examples": 5,
+#: MAGIC defaults for the embedded instruct LM, chosen by 5-fold cross-validation on coco-mini
+#: ``train`` (benchmarks/magic_quality.py, RESULTS.md): 4 in-context examples from the caption
+#: pool. Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1 scored no better
+#: in CIDEr than α = β = 0, so the image reaches the LM through the retrieved examples; pass
+#: ``alpha=0.1, beta=2`` (the paper's values, :data:`MAGIC_PAPER`) to steer every step.
+MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "examples": 4,
+                  "examples_from": "pool",
                   "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
+#: The MAGIC paper's weights (Su et al., 2022, COCO): what a scorer-steered run uses.
+MAGIC_PAPER = {"alpha": 0.1, "beta": 2.0}
 PLAIN_PROMPT = "Write a short caption of a photo."
 
 
@@ -88,16 +117,20 @@ class MagicCaptioner:
     """MAGIC captions (Su et al., 2022): a frozen LM steered by an image–text scorer.
 
     ``prompt`` is the instruction (wrapped in the LM's chat template when it has one); with
-    ``examples`` > 0 the m anchor captions nearest to the image by ASIF are listed in the prompt
-    as in-context examples (``pipeline`` is then required). The scorer (e.g.
+    ``examples`` > 0, m captions chosen for the image are listed in the prompt as in-context
+    examples (``pipeline`` is then required): ``examples_from="pool"`` takes the m best captions
+    of ``pool`` (a :class:`RetrievalCaptioner` or a list of captions; default the bundled 24k
+    COCO captions) by ASIF retrieval + consensus, ``"anchors"`` the m anchor captions nearest to
+    the image by ASIF. The scorer (e.g.
     :class:`~nofree.decoding.scorers.AsifScorer`) sees only the generated continuation.
     """
 
     def __init__(self, lm: Any, scorer: Any, *, pipeline: Any = None, image_encoder: Any = None,
+                 examples_from: str = MAGIC_DEFAULTS["examples_from"],
                  prompt: str = MAGIC_DEFAULTS["prompt"], examples: int = MAGIC_DEFAULTS["examples"],
                  k: int = MAGIC_DEFAULTS["k"], alpha: float = MAGIC_DEFAULTS["alpha"],
                  beta: float = MAGIC_DEFAULTS["beta"],
-                 max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"]) -> None:
+                 max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"], pool: Any = None) -> None:
         if not prompt or not prompt.strip():
             raise DataError("the MAGIC prompt is empty: give --prompt a short instruction, e.g. "
                             f"{PLAIN_PROMPT!r}")
@@ -105,7 +138,18 @@ class MagicCaptioner:
             raise DataError("in-context examples need an anchor set (pipeline=) to draw captions from")
         if k > lm.vocab_size:
             raise DataError(f"k={k} is larger than the LM's vocabulary ({lm.vocab_size}); use a smaller --k")
+        if examples_from not in ("pool", "anchors"):
+            raise DataError(f"examples_from={examples_from!r}: choose 'pool' or 'anchors'")
         self.lm, self.scorer, self.pipeline = lm, scorer, pipeline
+        self.examples_from = examples_from
+        if examples and examples_from == "pool" and not isinstance(pool, RetrievalCaptioner):
+            if pool is None:
+                from nofree import sample_dir
+                from nofree.data.pairs import load_text_lines
+
+                pool = load_text_lines(sample_dir() / "caption_corpus.txt")
+            pool = RetrievalCaptioner(pipeline, pool)
+        self.pool = pool if examples and examples_from == "pool" else None
         self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
         self.prompt, self.examples = prompt.strip(), int(examples)
         self.k, self.alpha, self.beta, self.max_new_tokens = int(k), float(alpha), float(beta), int(max_new_tokens)
@@ -126,9 +170,11 @@ class MagicCaptioner:
         return cls(lm, scorer, pipeline=pipeline, **options)
 
     def example_captions(self, image_emb: Tensor) -> list[list[str]]:
-        """For each image, the ``examples`` distinct anchor captions nearest to it by ASIF."""
+        """For each image, its ``examples`` distinct in-context captions (pool or anchors)."""
         if not self.examples:
             return [[] for _ in range(len(image_emb))]
+        if self.pool is not None:
+            return self.pool.ranked(image_emb, self.examples)
         anchors = self.pipeline.anchors
         sim = self.pipeline.similarity(image_emb, anchors.text)  # (B, N)
         order = sim.argsort(dim=1, descending=True)
@@ -195,6 +241,10 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
             if unused:
                 raise DataError(f"--method retrieval takes no {', '.join('--' + k for k in unused)}")
             return RetrievalCaptioner(pipeline, load_text_lines(pool or sample_dir() / "caption_corpus.txt"))
+        if pool is not None:
+            from nofree.data.pairs import load_text_lines
+
+            options["pool"] = load_text_lines(pool)
         return MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, **options)
     if method in ("clipcap", "flamingo"):
         if adapter_dir is None:

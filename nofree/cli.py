@@ -213,6 +213,9 @@ def anchors_info(anchor_dir, fmt):
 
 # --- ASIF tasks -----------------------------------------------------------------------------
 def _asif_options(f):
+    f = click.option("--search", type=click.Choice(["exact", "index"]), default="exact", show_default=True,
+                     help="ASIF top-k: exact scan, or the set's faiss index (`nofree anchors index`; "
+                          "exact search, with a message, when the set has none).")(f)
     f = click.option("--csls", type=click.IntRange(min=0), default=None,
                      help="CSLS hubness correction: neighbours averaged (0: off; default: nofree's).")(f)
     f = click.option("--p", "asif_p", type=float, default=None,
@@ -226,11 +229,13 @@ def _asif_options(f):
     return f
 
 
-def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None):
+def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact"):
     from nofree.anchors.pipeline import AsifPipeline
     from nofree.cache import EmbeddingCache
 
     params = {key: value for key, value in (("k", asif_k), ("p", asif_p), ("csls", csls)) if value is not None}
+    if search != "exact":
+        params["search"] = search
     return AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), **params)
 
 
@@ -262,7 +267,7 @@ def _image_paths(images) -> list[str]:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def classify(anchor_dir, device, asif_k, asif_p, csls, labels_file, inline_labels, templates,
+def classify(anchor_dir, device, asif_k, asif_p, csls, search, labels_file, inline_labels, templates,
              average_templates, top, fmt, images):
     """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set."""
     from nofree.anchors.pipeline import DEFAULT_TEMPLATES, top_k_rows
@@ -274,7 +279,7 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, labels_file, inline_label
         labels += json.loads(text) if text.startswith("[") else load_text_lines(labels_file)
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls)
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search)
     paths = _image_paths(images)
     scores = pipeline.classify(pipeline.encode_images(paths), labels,
                                templates=templates or DEFAULT_TEMPLATES,
@@ -295,7 +300,7 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, labels_file, inline_label
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-def retrieve(anchor_dir, device, asif_k, asif_p, csls, queries, image_queries, top, fmt, target):
+def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, queries, image_queries, top, fmt, target):
     """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
 
     TARGET is an image folder, or a pairs file (its images for --query, its captions for
@@ -305,7 +310,7 @@ def retrieve(anchor_dir, device, asif_k, asif_p, csls, queries, image_queries, t
 
     if bool(queries) == bool(image_queries):
         raise click.UsageError("give either --query TEXT or --image-query IMAGE (not both, not neither)")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls)
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search)
     if queries:
         paths = _image_paths([target]) if target.is_dir() else _pairs_images(target)
         sim = pipeline.similarity(pipeline.encode_images(paths), pipeline.encode_texts(list(queries)))
@@ -347,7 +352,8 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Trained adapter directory (clipcap, flamingo).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Caption pool for --method retrieval (default: the bundled 24k COCO captions).")
+              help="Caption pool for --method retrieval and MAGIC's in-context examples "
+                   "(default: the bundled 24k COCO captions).")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for --method magic.")
 @click.option("--k", "top_k", type=click.IntRange(min=1), default=None, help="MAGIC: LM candidates per step.")
 @click.option("--alpha", type=float, default=None, help="MAGIC: degeneration penalty weight.")
@@ -355,18 +361,21 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most new tokens per caption.")
 @click.option("--prompt", default=None, help="MAGIC: text the caption starts from (instruct LMs: the user turn).")
 @click.option("--examples", type=click.IntRange(min=0), default=None,
-              help="MAGIC: anchor captions nearest to the image put in the prompt as examples.")
+              help="MAGIC: number of captions for the image put in the prompt as examples (0: none).")
+@click.option("--examples-from", type=click.Choice(["pool", "anchors"]), default=None,
+              help="MAGIC: take the examples from the caption pool (retrieval + consensus; the default) "
+                   "or from the anchor captions nearest by ASIF.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, prompt, examples,
-            batch_size, device, fmt, images):
+            examples_from, batch_size, device, fmt, images):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioners import caption_paths, load_captioner
 
     options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens,
-               "prompt": prompt, "examples": examples}
+               "prompt": prompt, "examples": examples, "examples_from": examples_from}
     captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
                                device=device, options={k: v for k, v in options.items() if v is not None})
     paths = _image_paths(images)
@@ -434,7 +443,7 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--clipcap", "clipcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--flamingo", "flamingo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Caption pool for retrieval (default: the bundled 24k COCO captions).")
+              help="Caption pool for retrieval and MAGIC's examples (default: the bundled 24k COCO captions).")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for MAGIC.")
 @click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Zero-shot classes, one a line (default: the pairs' 'categories').")

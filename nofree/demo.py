@@ -4,8 +4,9 @@
    captions = 700 anchors) with two unrelated frozen encoders: EfficientNet-Lite0 (ImageNet
    classifier) for images and all-MiniLM-L6-v2 for text.
 2. For a few held-out ``val`` photos: zero-shot COCO categories, the caption retrieved from a
-   24k-caption pool that shares no image with the sample, and a MAGIC caption written by a frozen
-   SmolLM2 steered by the ASIF scorer — beside a human reference.
+   24k-caption pool that shares no image with the sample, and a caption written by a frozen
+   SmolLM2 with nofree's MAGIC defaults (the pool's best captions for the photo as in-context
+   examples) — beside a human reference.
 3. Text→image retrieval among the held-out photos for a few queries.
 
 Embeddings go through the on-disk cache, so a second run takes seconds.
@@ -58,7 +59,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     echo("encoding the caption pool (cached after the first run) ...")
     retrieval = RetrievalCaptioner(pipeline, load_text_lines(sample / "caption_corpus.txt"))
     retrieved = retrieval.caption_embeddings(image_emb)
-    magic_captions = _magic_captions(pipeline, anchors, shown, device, echo) if magic else None
+    magic_captions = _magic_captions(pipeline, retrieval, shown, device, echo) if magic else None
 
     results = []
     for i, pair in enumerate(shown):
@@ -68,7 +69,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
         echo(f"  zero-shot    {labels_shown}   [true: {truth}]")
         echo(f"  retrieval    {retrieved[i]}")
         if magic_captions is not None:
-            echo(f"  MAGIC+ASIF   {magic_captions[i]}")
+            echo(f"  MAGIC        {magic_captions[i]}")
         echo(f"  reference    {pair.captions[0]}")
         results.append({"image": pair.image, "zero_shot": top[i], "retrieval": retrieved[i],
                         "magic": magic_captions[i] if magic_captions else None})
@@ -83,10 +84,10 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     return {"anchors": len(anchors), "images": results}
 
 
-def _magic_captions(pipeline, anchors, pairs, device, echo) -> list[str]:
-    """MAGIC captions with the embedded LM and the ASIF scorer."""
+def _magic_captions(pipeline, retrieval, pairs, device, echo) -> list[str]:
+    """MAGIC captions with the embedded LM, the ASIF scorer and in-context examples from the pool."""
     from nofree.captioners import MagicCaptioner
 
-    echo("captioning with MAGIC (frozen SmolLM2 steered by ASIF) ...")
-    captioner = MagicCaptioner.from_pipeline(pipeline, device=device)
+    echo("captioning with MAGIC (frozen SmolLM2, retrieved in-context examples) ...")
+    captioner = MagicCaptioner.from_pipeline(pipeline, device=device, pool=retrieval)
     return captioner.caption([p.image for p in pairs])

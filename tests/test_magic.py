@@ -278,3 +278,29 @@ def test_magic_generate_captions_images(gpt2):
     texts = magic_generate(lm.model, lm.tokenizer, ["img0", "img1"], scorer, prompt="a picture of", **kw)
     expected = magic_search(lm, scorer, image_index(2), prompt_ids=lm.tokenize(["a picture of"] * 2), **kw)
     assert texts == expected.texts and "dog" in texts[0] and "bus" in texts[1]
+
+
+def test_cache_budget_chunks_the_candidates_and_keeps_the_tokens(lm):
+    """Under a tiny cache budget the k candidates run in row chunks (bounded memory) and the
+    chosen tokens once more on the unexpanded cache: the same captions as the one-forward path."""
+    prompts = lm.tokenize(PROMPTS)
+    kw = dict(prompt_ids=prompts, k=8, alpha=0.2, beta=1.0, max_new_tokens=6, stop_at_period=False)
+    scorer = word_scorer(["dog", "bus", "cat"])
+    expected = magic_search(lm, scorer, image_index(3), **kw)
+    rows_seen = []
+    original = lm.step
+
+    def counting_step(ids=None, **step_kw):
+        rows_seen.append(len(ids) if ids is not None else 0)
+        return original(ids, **step_kw)
+
+    lm.step = counting_step
+    try:
+        per_row = lm.cache_nbytes(lm.step(torch.tensor([prompts[0]])).cache)   # one prompt row
+        rows_seen.clear()
+        got = magic_search(lm, scorer, image_index(3), cache_budget=5 * per_row, **kw)
+    finally:
+        del lm.step
+    assert got.ids == expected.ids and got.stop == expected.stop
+    assert max(rows_seen[1:]) <= 5 < 3 * 8      # candidates ran in chunks of at most 5 rows
+    assert 3 in rows_seen[1:]                    # ... and the 3 chosen tokens once more

@@ -1,14 +1,18 @@
 """MagicCaptioner: prompts, in-context examples, the greedy shortcut, clear errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nofree.anchors.pipeline import AsifPipeline
-from nofree.captioners import MagicCaptioner, clean_caption
+from nofree.captioners import MagicCaptioner, RetrievalCaptioner, clean_caption
+from nofree.cli import main
 from nofree.core import DataError
 from nofree.decoding.magic import magic_search
 from nofree.testing import TinyImageEncoder, TinyTextEncoder, tiny_lm
 from tests.test_anchors import build, make_pairs
+from tests.test_cli import build_set, runner, specs  # noqa: F401  (fixtures)
 from tests.test_tasks import _img
 
 
@@ -23,6 +27,7 @@ def parts(tmp_path_factory):
 
 def captioner(parts, **kw):
     pipeline, lm = parts
+    kw.setdefault("examples_from", "anchors")
     return MagicCaptioner.from_pipeline(pipeline, lm=lm, max_new_tokens=5, k=4, **kw)
 
 
@@ -37,6 +42,34 @@ def test_examples_are_the_nearest_anchor_captions_in_the_prompt(parts):
     prompt = cap.prompt_texts(image_emb)[0]
     assert all(e in prompt for e in examples) and cap.prompt in prompt
     assert captioner(parts, examples=0).prompt_texts(image_emb)[0].count("- ") == 0
+
+
+POOL = ["photo number 3", "Photo number 3.", "a red bus 7", "photo number 4", "nothing like it",
+        "photo number 8", "a photo, number 4"]
+
+
+def test_pool_examples_follow_the_retrieval_ranking(parts):
+    pipeline, _ = parts
+    image_emb = pipeline.encode_images([_img(4), _img(8)])
+    for rerank in (0, 4):
+        retrieval = RetrievalCaptioner(pipeline, POOL, rerank=rerank)
+        cap = captioner(parts, examples=3, examples_from="pool", pool=retrieval)
+        examples = cap.example_captions(image_emb)
+        assert [row[0] for row in examples] == retrieval.caption_embeddings(image_emb)
+        for row in examples:
+            assert len(row) == 3 and set(row) <= set(POOL)
+            assert len({e.lower().rstrip(".") for e in row}) == 3  # case/period twins count once
+    plain = RetrievalCaptioner(pipeline, POOL, rerank=0)
+    sim = plain.scores(image_emb)[0]
+    distinct: dict[str, str] = {}
+    for j in sim.argsort(descending=True, stable=True).tolist():
+        distinct.setdefault(POOL[j].lower().rstrip("."), POOL[j])
+    assert plain.ranked(image_emb, 4)[0] == list(distinct.values())[:4]
+    from_list = captioner(parts, examples=2, examples_from="pool", pool=POOL)
+    assert from_list.example_captions(image_emb) == \
+        RetrievalCaptioner(pipeline, POOL).ranked(image_emb, 2)
+    prompt = from_list.prompt_texts(image_emb)[1]
+    assert all(e.rstrip(".") in prompt for e in from_list.example_captions(image_emb)[1])
 
 
 def test_greedy_shortcut_equals_magic_with_zero_weights(parts):
@@ -57,9 +90,32 @@ def test_bad_settings_are_clear(parts):
         MagicCaptioner.from_pipeline(parts[0], lm=parts[1], k=10**6)
     with pytest.raises(DataError, match="anchor set"):
         MagicCaptioner(parts[1], scorer=None, pipeline=None, examples=3)
+    with pytest.raises(DataError, match="choose 'pool' or 'anchors'"):
+        captioner(parts, examples_from="web")
 
 
 def test_clean_caption():
     assert clean_caption('- "a dog on a beach."\nmore') == "A dog on a beach."
     assert clean_caption("  a cat.\nsecond line") == "A cat."
     assert clean_caption("") == ""
+
+
+def test_cli_caption_magic_jsonl(runner, tmp_path, specs):  # noqa: F811
+    """The output contract: one JSON object per image with the path as given and a caption."""
+    from nofree.testing import make_tiny_lm_dir
+
+    pairs, out, _ = build_set(runner, tmp_path, specs)
+    images = sorted(str(p) for p in (tmp_path / "data").glob("*.png"))[:2]
+    lm_dir = make_tiny_lm_dir(tmp_path / "lm", family="llama")
+    pool = tmp_path / "pool.txt"
+    pool.write_text("a red bus\nphoto of a thing\na dog on grass\n")
+    for extra in ([], ["--examples-from", "anchors", "--beta", "1.0", "--alpha", "0.1"]):
+        result = runner.invoke(main, ["caption", "--method", "magic", "--anchors", str(out), "--lm",
+                                      f"local:{lm_dir}", "--pool", str(pool), "--k", "4", "--max-tokens", "3",
+                                      "--format", "jsonl", *extra, *images])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [r["image"] for r in rows] == images and all(isinstance(r["caption"], str) for r in rows)
+    result = runner.invoke(main, ["caption", "--method", "magic", "--anchors", str(out), "--examples-from",
+                                  "web", images[0]])
+    assert result.exit_code != 0 and "examples-from" in result.output

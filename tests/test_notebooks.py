@@ -85,7 +85,8 @@ def test_asif_anchors_notebook(tmp_path, shared_cache, monkeypatch):
 def test_training_free_captioning_notebook(tmp_path, shared_cache, monkeypatch):
     r = run_notebook(EXAMPLES / "02_training_free_captioning.ipynb", tmp_path, shared_cache, monkeypatch)
     assert r["n_val_photos"] == 10 and r["n_magic_photos"] == 2 and r["lm"].startswith("local:")
-    assert set(r["all_photos"]) == {"retrieval", "greedy, 0 examples", "greedy, 1 examples"}
+    assert set(r["all_photos"]) == {"retrieval", "greedy, 0 examples", "greedy, 1 examples",
+                                    "greedy, 1 anchor examples"}
     assert len(r["magic_grid_cider"]) == 4
     assert all(v >= 0 for v in r["magic_grid_cider"].values())
     assert all(s["CIDEr"] >= 0 and _unit(s["BLEU-4"]) for s in r["subset"].values())

@@ -97,6 +97,10 @@ def test_cli_classify_retrieve_caption(runner, tmp_path, specs):  # noqa: F811
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["image"] for r in rows] == images and all(len(r["top"]) == 2 for r in rows)
     assert all(r["top"][0]["score"] >= r["top"][1]["score"] for r in rows)
+    indexed = runner.invoke(main, ["classify", "--anchors", str(out), "--k", "4", "--label", "bus", "--label",
+                                   "photo", "--label", "cat", "--top", "2", "--format", "jsonl",
+                                   "--search", "index", *images])  # no index in the set: exact search
+    assert indexed.exit_code == 0 and [json.loads(line) for line in indexed.stdout.splitlines()] == rows
 
     result = runner.invoke(main, ["retrieve", "--anchors", str(out), "--query", "a red bus", "--top", "3",
                                   "--format", "jsonl", str(tmp_path / "data")])

@@ -17,7 +17,9 @@ temperature). The highest score wins; with α = β = 0 this is exactly greedy de
 :func:`magic_search` is the whole method in one loop, read top to bottom. One batched LM forward
 per step covers all B×k candidates: the prompt cache is expanded to k rows per image, each row
 is fed one candidate, and the chosen row's cache and logits are kept, so no second forward is
-needed. Finished rows drop out of the batch (their output never changes again).
+needed. When that expanded cache would pass ``cache_budget`` bytes (long prompts, large batches)
+the candidates run in row chunks instead and the chosen tokens once more on the unexpanded
+cache. Finished rows drop out of the batch (their output never changes again).
 
 Why this is not a transformers ``LogitsProcessor``: a processor sees only the next-token scores
 ``(B, V)`` and the ids so far. The degeneration penalty needs the last-layer hidden state each
@@ -43,6 +45,8 @@ __all__ = ["Generation", "StepTrace", "magic_search", "greedy_search", "magic_cu
            "magic_generate"]
 
 _WORD = re.compile(r"\w")
+#: Most bytes of k-expanded KV cache magic_search holds at once (see its ``cache_budget``).
+CANDIDATE_CACHE_BUDGET = 1 << 30
 
 
 @dataclass
@@ -137,7 +141,7 @@ def _tick(seconds: dict[str, float], name: str, start: float) -> float:
 def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
                  prompt_ids: Sequence[Sequence[int]], k: int = 45, alpha: float = 0.1,
                  beta: float = 2.0, max_new_tokens: int = 16, stop_at_period: bool = True,
-                 trace: bool = True) -> Generation:
+                 trace: bool = True, cache_budget: int = CANDIDATE_CACHE_BUDGET) -> Generation:
     """MAGIC greedy decoding of one continuation per image.
 
     lm: a :class:`nofree.core.LanguageModel`; scorer: a :class:`~nofree.decoding.scorers.Scorer`
@@ -149,6 +153,10 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
     ``max_new_tokens``. ``trace=False`` skips the per-step diagnostics. An LM that offers
     ``head_logits(hidden (b, H)) -> (b, V)`` and ``step(..., logits=False)`` is asked for the
     candidates' hidden states only, and its output head runs on the b chosen rows.
+    cache_budget: most bytes of k-expanded cache held at once (for an LM with
+    ``cache_nbytes(cache)``). Beyond it the candidates run in chunks of rows, their caches are
+    dropped, and the b chosen tokens run once more on the b-row cache: the same tokens, memory
+    bounded by the budget rather than by b·k·(prompt length).
     """
     _check_prompts(lm, prompt_ids, max_new_tokens)
     k = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k
@@ -187,12 +195,18 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         b = len(rows)
         # 2. the LM's top-k candidates and their full-vocabulary probabilities
         lm_prob, candidates = logits.softmax(-1).topk(k, dim=-1)            # (b, k) each
-        # 3. one forward of all b·k candidates on the k-expanded cache
+        # 3. the b·k candidates on the k-expanded cache: one forward, or row chunks under the budget
         expand = torch.arange(b).repeat_interleave(k)                        # (b·k,)
         cand_mask = torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1)    # (b·k, T+1)
-        cand = lm.step(candidates.reshape(-1, 1), cache=lm.select_cache(cache, expand),
-                       attention_mask=cand_mask, **({"logits": False} if head else {}))
-        cand_hidden = l2_normalize(cand.hidden[:, -1]).view(b, k, -1)        # (b, k, H)
+        per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
+        chunk = b * k if per_row * b * k <= cache_budget else max(1, cache_budget // max(per_row, 1))
+        hidden = []
+        for lo in range(0, b * k, chunk):
+            part = slice(lo, lo + chunk)
+            cand = lm.step(candidates.reshape(-1, 1)[part], cache=lm.select_cache(cache, expand[part]),
+                           attention_mask=cand_mask[part], **({"logits": False} if head else {}))
+            hidden.append(cand.hidden[:, -1])
+        cand_hidden = l2_normalize(torch.cat(hidden)).view(b, k, -1)         # (b, k, H)
         start = _tick(seconds, "lm_candidates", start)
         # 4. degeneration penalty: max cosine to every earlier real position
         cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
@@ -222,9 +236,14 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             break
         keep_t = torch.tensor(keep)
         pick = keep_t * k + chosen[keep_t]                                   # rows of the b·k batch
-        cache = lm.select_cache(cand.cache, pick)
-        logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
         mask = cand_mask[pick]
+        if chunk >= b * k:  # the chosen rows' cache and logits carry on
+            cache = lm.select_cache(cand.cache, pick)
+            logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
+        else:               # chunked: run the chosen tokens once more on the b-row cache
+            nxt = lm.step(torch.tensor(tokens)[keep_t][:, None], cache=lm.select_cache(cache, keep_t),
+                          attention_mask=mask)
+            cache, logits = nxt.cache, nxt.logits
         past = torch.cat([past[keep_t], cand_hidden[keep_t, chosen[keep_t]][:, None]], 1)
         past_real = torch.cat([past_real[keep_t], past_real.new_ones(len(keep), 1)], 1)
         rows = rows[keep_t]

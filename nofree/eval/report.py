@@ -51,8 +51,8 @@ METHODS = {m.name: m for m in (
     Method("asif", SCORING, ("anchors",), "ASIF (frozen encoders + anchors)"),
     Method("lit", SCORING, ("lit",), "LiT (trained text head)"),
     Method("retrieval", CAPTIONING, ("anchors",), "caption retrieval by ASIF"),
-    Method("magic", CAPTIONING, ("anchors",), "MAGIC, ASIF scorer"),
-    Method("magic-lit", CAPTIONING, ("anchors", "lit"), "MAGIC, LiT scorer"),
+    Method("magic", CAPTIONING, ("anchors",), "MAGIC, ASIF scorer (nofree defaults)"),
+    Method("magic-lit", CAPTIONING, ("anchors", "lit"), "MAGIC, LiT scorer (α=0.1, β=2)"),
     Method("clipcap", CAPTIONING, ("clipcap",), "ClipCap (trained prefix)"),
     Method("flamingo", CAPTIONING, ("flamingo",), "Flamingo-style (trained x-attn)"),
 )}
@@ -68,7 +68,7 @@ class EvalConfig:
     anchors: Any = None                         # anchor set dir; built from anchor_split if None
     anchor_split: str = "train"
     adapters: dict[str, Any] = field(default_factory=dict)   # kind -> adapter dir
-    pool: Any = None                            # caption pool for "retrieval"
+    pool: Any = None                            # caption pool: retrieval, MAGIC's examples
     lm: str = DEFAULT_LM
     labels: Sequence[str] | None = None         # zero-shot classes (default: the pairs' categories)
     magic: dict[str, Any] = field(default_factory=dict)      # MagicCaptioner options
@@ -273,10 +273,17 @@ def _eval_retrieval(ctx: _Context) -> tuple[dict, dict, list[str]]:
 
 
 def _magic(ctx: _Context, scorer_name: str) -> tuple[dict, dict, list[str]]:
-    from nofree.captioners import MAGIC_DEFAULTS, MagicCaptioner
+    from nofree.captioners import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
+
+    from nofree import sample_dir
+    from nofree.data.pairs import load_text_lines
 
     pipeline = ctx.pipeline()
-    options = {**MAGIC_DEFAULTS, **ctx.config.magic}
+    # "magic-lit" exists to steer with the LiT scorer: the paper's α, β unless told otherwise
+    options = {**MAGIC_DEFAULTS, **(MAGIC_PAPER if scorer_name == "lit" else {}), **ctx.config.magic}
+    pool_path = Path(ctx.config.pool or sample_dir() / "caption_corpus.txt")
+    if options["examples"] and options["examples_from"] == "pool":
+        options["pool"] = load_text_lines(pool_path)
     lm = ctx.lm(ctx.config.lm)
     if scorer_name == "asif":
         captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, **options)
@@ -289,6 +296,8 @@ def _magic(ctx: _Context, scorer_name: str) -> tuple[dict, dict, list[str]]:
     image_emb = ctx.image_emb()
     captions = _batched(lambda rows: captioner.caption_embeddings(image_emb[list(rows)]),
                         range(len(image_emb)), ctx.config.batch_size, f"MAGIC+{scorer_name}", ctx.progress)
+    if "pool" in options:
+        options["pool"] = str(pool_path)
     return {}, {"lm": ctx.config.lm, "scorer": scorer_name, **options, **_asif_params(pipeline)}, captions
 
 
