@@ -159,10 +159,12 @@ def _bytes(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-NOTES = """Reading the numbers: pairs/s include loading the models and, for Ray, starting Ray and its
-actors (about 10 s), so short runs understate Ray. On a shared 2-core machine Ray can add little
-beyond one process per core; the `single-1t` row separates what one torch thread per process
-buys from what the extra process buys. Ray's and the single-process sets are the same shards in
+NOTES = """Reading the numbers: pairs/s include loading the models (a few seconds) and, for Ray,
+starting Ray and its actors (about 10 s). Ray's run encodes the whole synthetic set; with
+`--single-limit` the single-process paths encode fewer pairs, so their start-up weighs more and
+the ratio flatters Ray somewhat (single's 1,000 pairs include ~5 s of loading). On 2 cores Ray can
+add little beyond one process per core; the `single-1t` row separates what one torch thread per
+process buys from what the extra process buys. Ray's and the single-process sets are the same shards in
 the same order (the `max |diff|` line). The GPU column is an assumption, not a measurement (no
 GPU here): 1,500 pairs/s per GPU is clip-retrieval's published CLIP ViT-B/32 inference rate on
 one RTX 3080; the embedded encoders are smaller, and JPEG decoding (a few CPU cores per GPU) then
