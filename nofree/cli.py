@@ -356,12 +356,14 @@ def _target_texts(target: Path) -> list[str]:
                    "(default: the bundled 24k COCO captions).")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for --method magic.")
 @click.option("--k", "top_k", type=click.IntRange(min=1), default=None, help="MAGIC: LM candidates per step.")
-@click.option("--alpha", type=float, default=None, help="MAGIC: degeneration penalty weight.")
-@click.option("--beta", type=float, default=None, help="MAGIC: image-scorer weight.")
+@click.option("--alpha", type=float, default=None,
+              help="MAGIC: degeneration penalty weight (default 0; the paper's 0.1).")
+@click.option("--beta", type=float, default=None,
+              help="MAGIC: image-scorer weight (default 0, cross-validated on the sample; the paper's 2).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most new tokens per caption.")
 @click.option("--prompt", default=None, help="MAGIC: text the caption starts from (instruct LMs: the user turn).")
 @click.option("--examples", type=click.IntRange(min=0), default=None,
-              help="MAGIC: number of captions for the image put in the prompt as examples (0: none).")
+              help="MAGIC: captions for the image put in the prompt as examples (default 4; 0: none).")
 @click.option("--examples-from", type=click.Choice(["pool", "anchors"]), default=None,
               help="MAGIC: take the examples from the caption pool (retrieval + consensus; the default) "
                    "or from the anchor captions nearest by ASIF.")
@@ -443,7 +445,7 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--clipcap", "clipcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--flamingo", "flamingo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Caption pool for retrieval and MAGIC's examples (default: the bundled 24k COCO captions).")
+              help="Caption pool for retrieval and MAGIC's examples (default: the bundled 24k captions).")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for MAGIC.")
 @click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Zero-shot classes, one a line (default: the pairs' 'categories').")
