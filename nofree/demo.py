@@ -85,7 +85,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
 
 
 def _magic_captions(pipeline, retrieval, pairs, device, echo) -> list[str]:
-    """MAGIC captions with the embedded LM, the ASIF scorer and in-context examples from the pool."""
+    """Captions with nofree's MAGIC defaults: the embedded LM, in-context examples from the pool."""
     from nofree.captioners import MagicCaptioner
 
     echo("captioning with MAGIC (frozen SmolLM2, retrieved in-context examples) ...")

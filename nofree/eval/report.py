@@ -51,7 +51,7 @@ METHODS = {m.name: m for m in (
     Method("asif", SCORING, ("anchors",), "ASIF (frozen encoders + anchors)"),
     Method("lit", SCORING, ("lit",), "LiT (trained text head)"),
     Method("retrieval", CAPTIONING, ("anchors",), "caption retrieval by ASIF"),
-    Method("magic", CAPTIONING, ("anchors",), "MAGIC, ASIF scorer (nofree defaults)"),
+    Method("magic", CAPTIONING, ("anchors",), "MAGIC, nofree defaults (ASIF scorer at β > 0)"),
     Method("magic-lit", CAPTIONING, ("anchors", "lit"), "MAGIC, LiT scorer (α=0.1, β=2)"),
     Method("clipcap", CAPTIONING, ("clipcap",), "ClipCap (trained prefix)"),
     Method("flamingo", CAPTIONING, ("flamingo",), "Flamingo-style (trained x-attn)"),
