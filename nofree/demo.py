@@ -17,14 +17,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 QUERIES = ("a dog playing outside", "a plate of food on a table", "a train at a station")
 
 
 def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "runs/demo",
-             magic: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Run the demo, printing as it goes; returns what it printed as data (for tests)."""
+             magic: bool = True, echo: Callable[[str], None] = print,
+             image_encoder: str = DEFAULT_IMAGE_ENCODER, text_encoder: str = DEFAULT_TEXT_ENCODER,
+             lm: str = DEFAULT_LM, pool_limit: int | None = None) -> dict:
+    """Run the demo, printing as it goes; returns what it printed as data (for tests).
+
+    The model specs and ``pool_limit`` (first N pool captions; None: all) exist so that tests
+    can run the same code on tiny models; an anchor set already in ``workdir`` is reused.
+    """
     import json
 
     from nofree import sample_dir
@@ -43,8 +49,8 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
         echo(f"reusing the anchor set in {anchor_dir}")
     else:
         echo(f"building an anchor set from {sample / 'pairs.jsonl'} (train split) -> {anchor_dir}")
-        build_anchor_set(sample / "pairs.jsonl", split="train", image_encoder=DEFAULT_IMAGE_ENCODER,
-                         text_encoder=DEFAULT_TEXT_ENCODER, out=anchor_dir, device=device)
+        build_anchor_set(sample / "pairs.jsonl", split="train", image_encoder=image_encoder,
+                         text_encoder=text_encoder, out=anchor_dir, device=device)
     anchors = AnchorSet.load(anchor_dir)
     echo(f"{anchors}\n")
 
@@ -57,9 +63,9 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     labels = json.loads((sample / "coco_categories.json").read_text())
     top = top_k_rows(pipeline.classify(image_emb, labels), labels, 3)
     echo("encoding the caption pool (cached after the first run) ...")
-    retrieval = RetrievalCaptioner(pipeline, load_text_lines(sample / "caption_corpus.txt"))
+    retrieval = RetrievalCaptioner(pipeline, load_text_lines(sample / "caption_corpus.txt")[:pool_limit])
     retrieved = retrieval.caption_embeddings(image_emb)
-    magic_captions = _magic_captions(pipeline, retrieval, shown, device, echo) if magic else None
+    magic_captions = _magic_captions(pipeline, retrieval, lm, shown, device, echo) if magic else None
 
     results = []
     for i, pair in enumerate(shown):
@@ -84,10 +90,10 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     return {"anchors": len(anchors), "images": results}
 
 
-def _magic_captions(pipeline, retrieval, pairs, device, echo) -> list[str]:
+def _magic_captions(pipeline, retrieval, lm, pairs, device, echo) -> list[str]:
     """Captions with nofree's MAGIC defaults: the embedded LM, in-context examples from the pool."""
     from nofree.captioners import MagicCaptioner
 
     echo("captioning with MAGIC (frozen SmolLM2, retrieved in-context examples) ...")
-    captioner = MagicCaptioner.from_pipeline(pipeline, device=device, pool=retrieval)
+    captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, pool=retrieval)
     return captioner.caption([p.image for p in pairs])
