@@ -239,7 +239,7 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
 
             unused = sorted(k for k in options if k not in {"max_new_tokens"})
             if unused:
-                raise DataError(f"--method retrieval takes no {', '.join('--' + k for k in unused)}")
+                raise DataError(f"--method retrieval takes no {_flags(unused)}")
             return RetrievalCaptioner(pipeline, load_text_lines(pool or sample_dir() / "caption_corpus.txt"))
         if pool is not None:
             from nofree.data.pairs import load_text_lines
@@ -253,13 +253,18 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
 
         unused = sorted(k for k in options if k != "max_new_tokens")
         if unused:
-            raise DataError(f"--method {method} takes no {', '.join('--' + k for k in unused)}")
+            raise DataError(f"--method {method} takes no {_flags(unused)}")
         adapter = load_adapter(adapter_dir, device=device)
         if adapter.kind != method:
             raise DataError(f"{adapter_dir} holds a {adapter.kind} adapter, not {method}: "
                             f"use --method {adapter.kind}")
         return AdapterCaptioner(adapter, max_tokens=options.get("max_new_tokens", 30))
     raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap or flamingo")
+
+
+def _flags(options: Sequence[str]) -> str:
+    """Captioner option names as the CLI spells them (``max_new_tokens`` -> ``--max-tokens``)."""
+    return ", ".join("--max-tokens" if o == "max_new_tokens" else "--" + o.replace("_", "-") for o in options)
 
 
 def caption_paths(captioner: Any, paths: Sequence[str], *, batch_size: int = 8,

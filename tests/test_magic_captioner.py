@@ -119,3 +119,11 @@ def test_cli_caption_magic_jsonl(runner, tmp_path, specs):  # noqa: F811
     result = runner.invoke(main, ["caption", "--method", "magic", "--anchors", str(out), "--examples-from",
                                   "web", images[0]])
     assert result.exit_code != 0 and "examples-from" in result.output
+
+
+def test_cli_names_options_a_method_does_not_take(runner, tmp_path, specs):  # noqa: F811
+    _, out, _ = build_set(runner, tmp_path, specs)
+    image = str(next((tmp_path / "data").glob("*.png")))
+    result = runner.invoke(main, ["caption", "--method", "retrieval", "--anchors", str(out),
+                                  "--examples-from", "anchors", "--beta", "1", image])
+    assert result.exit_code != 0 and "takes no --beta, --examples-from" in result.output
