@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from nofree import sample_dir
-from nofree.captioners import PLAIN_PROMPT, MagicCaptioner, RetrievalCaptioner
+from nofree.captioners import (MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner, RetrievalCaptioner,
+                               default_pool_path)
 from nofree.core import DEFAULT_LM
 
 #: The cross-validation grid: name -> MagicCaptioner options (``source``: where examples come from).
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
         grid = {n: o for n, o in GRID.items() if n.startswith(("in-context, 3 from the anchors",
                                                                    "in-context, 2 from the pool"))}
         magic_grid = dict(list(MAGIC_GRID.items())[1:])
-    pool = load_text_lines(sample_dir() / "caption_corpus.txt")[: 2000 if args.smoke else None]
+    pool = load_text_lines(default_pool_path())[: 2000 if args.smoke else None]
     lm = load_lm(DEFAULT_LM)
     tokens = {"max_new_tokens": 4} if args.smoke else {}
 
@@ -93,7 +93,9 @@ def main(argv=None) -> dict:
 
     cv: dict[str, dict] = {}
     n_cv = 0
-    chosen = {"examples": 2, "source": "pool", "alpha": 0.0, "beta": 0.0}
+    # without --skip-cv the cross-validation below replaces these (nofree's current defaults)
+    chosen = {"examples": MAGIC_DEFAULTS["examples"], "source": MAGIC_DEFAULTS["examples_from"],
+              "alpha": MAGIC_DEFAULTS["alpha"], "beta": MAGIC_DEFAULTS["beta"]}
     if not args.skip_cv:
         order = torch.randperm(len(train.pairs), generator=torch.Generator().manual_seed(0))
         n_held = 4 if args.smoke else len(order)
@@ -142,7 +144,8 @@ def main(argv=None) -> dict:
             dict(examples=5, source="anchors", **PAPER_MAGIC),
             f"MAGIC + ASIF (α=0.1, β=2, T=100), {chosen['examples']} pool examples":
             {**chosen, **PAPER_MAGIC},
-            "chosen by cross-validation: " + _describe(chosen): chosen}
+            ("nofree's MAGIC defaults: " if args.skip_cv else "chosen by cross-validation: ")
+            + _describe(chosen): chosen}
     for name, options in rows.items():
         captions, seconds = run(pipeline, retrieval, val.image_emb, options)
         results[name] = _score(captions, references, seconds, options)

@@ -10,12 +10,20 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from nofree.core import DataError, clean_caption, l2_normalize
+
+
+def default_pool_path() -> Path:
+    """The bundled caption pool: 24k COCO captions, none of them of a sample photo."""
+    from nofree import sample_dir
+
+    return sample_dir() / "caption_corpus.txt"
 
 
 def consensus_scores(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:
@@ -144,10 +152,9 @@ class MagicCaptioner:
         self.examples_from = examples_from
         if examples and examples_from == "pool" and not isinstance(pool, RetrievalCaptioner):
             if pool is None:
-                from nofree import sample_dir
                 from nofree.data.pairs import load_text_lines
 
-                pool = load_text_lines(sample_dir() / "caption_corpus.txt")
+                pool = load_text_lines(default_pool_path())
             pool = RetrievalCaptioner(pipeline, pool)
         self.pool = pool if examples and examples_from == "pool" else None
         self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
@@ -234,13 +241,12 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
 
         pipeline = AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache())
         if method == "retrieval":
-            from nofree import sample_dir
             from nofree.data.pairs import load_text_lines
 
             unused = sorted(k for k in options if k not in {"max_new_tokens"})
             if unused:
                 raise DataError(f"--method retrieval takes no {_flags(unused)}")
-            return RetrievalCaptioner(pipeline, load_text_lines(pool or sample_dir() / "caption_corpus.txt"))
+            return RetrievalCaptioner(pipeline, load_text_lines(pool or default_pool_path()))
         if pool is not None:
             from nofree.data.pairs import load_text_lines
 

@@ -234,9 +234,7 @@ def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact"):
     from nofree.cache import EmbeddingCache
 
     params = {key: value for key, value in (("k", asif_k), ("p", asif_p), ("csls", csls)) if value is not None}
-    if search != "exact":
-        params["search"] = search
-    return AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), **params)
+    return AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), search=search, **params)
 
 
 def _image_paths(images) -> list[str]:

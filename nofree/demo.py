@@ -38,7 +38,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     from nofree.anchors.build import build_anchor_set
     from nofree.anchors.pipeline import AsifPipeline, top_k_rows
     from nofree.cache import EmbeddingCache
-    from nofree.captioners import RetrievalCaptioner
+    from nofree.captioners import RetrievalCaptioner, default_pool_path
     from nofree.data.pairs import load_pairs, load_text_lines
 
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     labels = json.loads((sample / "coco_categories.json").read_text())
     top = top_k_rows(pipeline.classify(image_emb, labels), labels, 3)
     echo("encoding the caption pool (cached after the first run) ...")
-    retrieval = RetrievalCaptioner(pipeline, load_text_lines(sample / "caption_corpus.txt")[:pool_limit])
+    retrieval = RetrievalCaptioner(pipeline, load_text_lines(default_pool_path())[:pool_limit])
     retrieved = retrieval.caption_embeddings(image_emb)
     magic_captions = _magic_captions(pipeline, retrieval, lm, shown, device, echo) if magic else None
 

@@ -156,6 +156,19 @@ class _Context:
                                              cache=EmbeddingCache())
         return self._load(("pipeline",), build)
 
+    def pool_path(self) -> Path:
+        from nofree.captioners import default_pool_path
+
+        return Path(self.config.pool or default_pool_path())
+
+    def retrieval(self) -> Any:
+        """One :class:`RetrievalCaptioner` over the pool, shared by retrieval and MAGIC's examples."""
+        from nofree.captioners import RetrievalCaptioner
+        from nofree.data.pairs import load_text_lines
+
+        return self._load(("retrieval",), lambda: RetrievalCaptioner(self.pipeline(),
+                                                                    load_text_lines(self.pool_path())))
+
     def adapter(self, kind: str) -> Any:
         from nofree.adapters.base import ROLE_MODALITY, load_adapter, read_config
 
@@ -261,43 +274,33 @@ def _batched(fn: Callable[[Sequence[Any]], list[str]], items: Sequence[Any], bat
 
 
 def _eval_retrieval(ctx: _Context) -> tuple[dict, dict, list[str]]:
-    from nofree import sample_dir
-    from nofree.captioners import RetrievalCaptioner
-    from nofree.data.pairs import load_text_lines
-
-    pool_path = Path(ctx.config.pool or sample_dir() / "caption_corpus.txt")
-    pipeline = ctx.pipeline()
-    captioner = RetrievalCaptioner(pipeline, load_text_lines(pool_path))
+    captioner = ctx.retrieval()
     captions = captioner.caption_embeddings(ctx.image_emb())
-    return {}, {"pool": str(pool_path), "pool_size": len(captioner.pool), **_asif_params(pipeline)}, captions
+    return {}, {"pool": str(ctx.pool_path()), "pool_size": len(captioner.pool),
+                **_asif_params(ctx.pipeline())}, captions
 
 
 def _magic(ctx: _Context, scorer_name: str) -> tuple[dict, dict, list[str]]:
     from nofree.captioners import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
 
-    from nofree import sample_dir
-    from nofree.data.pairs import load_text_lines
-
     pipeline = ctx.pipeline()
     # "magic-lit" exists to steer with the LiT scorer: the paper's α, β unless told otherwise
     options = {**MAGIC_DEFAULTS, **(MAGIC_PAPER if scorer_name == "lit" else {}), **ctx.config.magic}
-    pool_path = Path(ctx.config.pool or sample_dir() / "caption_corpus.txt")
-    if options["examples"] and options["examples_from"] == "pool":
-        options["pool"] = load_text_lines(pool_path)
+    pool = ctx.retrieval() if options["examples"] and options["examples_from"] == "pool" else None
     lm = ctx.lm(ctx.config.lm)
     if scorer_name == "asif":
-        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, **options)
+        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=pool, **options)
     else:
         lit = ctx.adapter("lit")
         if lit.image_encoder.spec != pipeline.anchors.image_spec:
             raise DataError(f"the LiT adapter's image encoder {lit.image_encoder.spec!r} differs from "
                             f"the anchors' {pipeline.anchors.image_spec!r}; MAGIC+LiT needs both on one")
-        captioner = MagicCaptioner(lm, lit.scorer(), pipeline=pipeline, **options)
+        captioner = MagicCaptioner(lm, lit.scorer(), pipeline=pipeline, pool=pool, **options)
     image_emb = ctx.image_emb()
     captions = _batched(lambda rows: captioner.caption_embeddings(image_emb[list(rows)]),
                         range(len(image_emb)), ctx.config.batch_size, f"MAGIC+{scorer_name}", ctx.progress)
-    if "pool" in options:
-        options["pool"] = str(pool_path)
+    if pool is not None:
+        options["pool"] = str(ctx.pool_path())
     return {}, {"lm": ctx.config.lm, "scorer": scorer_name, **options, **_asif_params(pipeline)}, captions
 
 
