@@ -255,7 +255,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--k", type=int, default=800)
     parser.add_argument("--p", type=float, default=8.0)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--anchor-chunk", type=int, default=8192)
+    parser.add_argument("--anchor-chunk", type=int, default=None,
+                        help="anchor rows per scan chunk (default: nofree's choice for the precision)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--json", help="write the results here")
@@ -280,8 +281,9 @@ def main(argv=None) -> dict:
                 cmd = [sys.executable, "-m", "benchmarks.asif_scale", "--worker", variant, "--n", str(n),
                        "--queries", str(args.queries), "--classes", str(args.classes),
                        "--ref-queries", str(ref_q), "--k", str(args.k), "--p", str(args.p),
-                       "--precision", args.precision, "--anchor-chunk", str(args.anchor_chunk),
-                       "--out", tmp]
+                       "--precision", args.precision, "--out", tmp]
+                if args.anchor_chunk:
+                    cmd += ["--anchor-chunk", str(args.anchor_chunk)]
                 print(f"[{time.strftime('%H:%M:%S')}] {variant} at {n:,} anchors (load {load_avg()})",
                       file=sys.stderr, flush=True)
                 subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])

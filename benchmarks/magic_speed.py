@@ -8,8 +8,9 @@ can decode it) with a CLIP ViT-B/32 scorer (``open_clip.create_model('ViT-B-32')
 embedded SmolLM2-135M with an ASIF scorer over the embedded MiniLM text encoder (synthetic
 anchors). k=45, 16 new tokens (no early stop), α=0.1, β=2, batch 1 and 8. The table splits each
 caption's time into phases measured inside :func:`nofree.decoding.magic_search` (the real code
-path) and reports the k-expanded KV cache size; a second table times one scorer call (k=45)
-for the CLIP variants. ``--smoke`` runs the same code on tiny models in a few seconds.
+path) and the KV cache a step holds (tree attention: B rows of prompt + generated + k
+positions; the k-expanded path, one row per candidate, is timed beside it); a second table
+times one scorer call (k=45) for the CLIP variants. ``--smoke`` runs the same code on tiny models in a few seconds.
 """
 from __future__ import annotations
 
@@ -121,12 +122,24 @@ class TinyTextEncoder:
 
 # --- measurements ------------------------------------------------------------------------------
 
-def kv_cache_bytes(lm, batch, k, new_tokens):
-    """Bytes of the k-expanded cache at the last step (prompt + new_tokens positions, B·k rows)."""
+def kv_cache_bytes(lm, batch, k, new_tokens, *, tree=True):
+    """Bytes of KV cache a MAGIC step holds at the last step: B rows of prompt + new_tokens + k
+    positions with tree attention, or B·k rows of prompt + new_tokens + 1 (k-expanded)."""
     prompt = lm.tokenize([PROMPT])[0]
-    ids = torch.tensor([prompt + [lm.eos_id] * new_tokens] * batch)
-    cache = lm.step(ids).cache
-    return lm.cache_nbytes(lm.select_cache(cache, torch.arange(batch).repeat_interleave(k)))
+    length = len(prompt) + new_tokens + (k if tree else 1)
+    cache = lm.step(torch.tensor([prompt + [lm.eos_id] * (length - len(prompt))] * batch)).cache
+    rows = torch.arange(batch) if tree else torch.arange(batch).repeat_interleave(k)
+    return lm.cache_nbytes(lm.select_cache(cache, rows))
+
+
+def one_row_per_candidate(lm):
+    """The same LM without tree attention: MAGIC expands its cache to one row per candidate."""
+    from nofree.lm.hf import HFLanguageModel
+
+    class Expanded(HFLanguageModel):
+        candidate_step = None
+
+    return Expanded(lm.model, lm.tokenizer, spec=lm.spec, eos_id=lm.eos_id)
 
 
 def time_decoding(lm, scorer, batch, *, magic, k, new_tokens, repeats, image_dim):
@@ -196,7 +209,7 @@ def step_texts(lm, batch, k, n_words, seed=0):
 
 def markdown(results):
     lines = ["| LM + scorer | batch | method | tokens | s/caption | × greedy | prefill | LM candidates | penalty | "
-             "texts | scorer (parts†) | select | k-expanded KV cache |",
+             "texts | scorer (parts†) | select | KV cache held in a step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["decoding"]:
         ph = row["phases"]
@@ -281,7 +294,7 @@ def main(argv=None):
     else:
         lm, make_clip, setup = gpt2_small(args.lm_tokenizer), clip_b32, "GPT-2 small + CLIP ViT-B/32"
     clip = make_clip()
-    lm_bf16, clip_bf16 = head_on_chosen(bf16_copy(lm)), make_clip(dtype=torch.bfloat16)
+    lm_bf16, clip_bf16 = bf16_copy(lm), make_clip(dtype=torch.bfloat16)
     image_dim = int(clip.model.text_projection.shape[1])
     for batch in (1, 8):
         reps = repeats if batch == 1 else 1
@@ -291,23 +304,25 @@ def main(argv=None):
                                image_dim=image_dim)
         magic = time_decoding(lm, clip, batch, magic=True, k=k, new_tokens=new_tokens, repeats=reps,
                               image_dim=image_dim)
-        headless = time_decoding(head_on_chosen(lm), clip, batch, magic=True, k=k, new_tokens=new_tokens,
-                                 repeats=reps, image_dim=image_dim)
+        expanded = time_decoding(one_row_per_candidate(lm), clip, batch, magic=True, k=k,
+                                 new_tokens=new_tokens, repeats=reps, image_dim=image_dim)
         half = time_decoding(lm_bf16, clip_bf16, batch, magic=True, k=k, new_tokens=new_tokens,
                              repeats=reps, image_dim=image_dim)
         half["same_tokens_as_fp32"] = same_tokens(half["ids"], magic["ids"])
+        expanded["same_tokens_as_fp32"] = same_tokens(expanded["ids"], magic["ids"])
         kv = kv_cache_bytes(lm, batch, k, new_tokens)
+        common = dict(batch=batch, method="MAGIC", greedy_s=greedy["s_per_caption"])
         results["decoding"] += [dict(setup=setup, batch=batch, method="greedy", **greedy),
-                                dict(setup=setup, batch=batch, method="MAGIC", greedy_s=greedy["s_per_caption"],
-                                     kv_bytes=kv, **magic),
-                                dict(setup=setup + ", LM head on chosen rows only*", batch=batch, method="MAGIC",
-                                     greedy_s=greedy["s_per_caption"], kv_bytes=kv, **headless),
-                                dict(setup=setup + f", all bf16, head on chosen* ({half['same_tokens_as_fp32']:.0%} "
-                                     "tokens as fp32)", batch=batch, method="MAGIC",
-                                     greedy_s=greedy["s_per_caption"], kv_bytes=kv // 2, **half)]
+                                dict(setup=setup, kv_bytes=kv, **common, **magic),
+                                dict(setup=setup + ", one LM row per candidate (k-expanded cache; "
+                                     f"{expanded['same_tokens_as_fp32']:.0%} tokens as above)",
+                                     kv_bytes=kv_cache_bytes(lm, batch, k, new_tokens, tree=False),
+                                     **common, **expanded),
+                                dict(setup=setup + f", all bf16 ({half['same_tokens_as_fp32']:.0%} "
+                                     "tokens as fp32)", kv_bytes=kv // 2, **common, **half)]
         print(f"{setup} batch {batch}: greedy {greedy['s_per_caption']:.3f} s, MAGIC "
-              f"{magic['s_per_caption']:.3f} s, head on chosen only {headless['s_per_caption']:.3f} s per caption "
-              f"(load {load_avg()})", flush=True)
+              f"{magic['s_per_caption']:.3f} s, k-expanded {expanded['s_per_caption']:.3f} s, bf16 "
+              f"{half['s_per_caption']:.3f} s per caption (load {load_avg()})", flush=True)
 
     # 2. CLIP scorer variants on one step's texts
     variants = {"fp32 shared prefix": clip, "bf16 shared prefix": make_clip(dtype=torch.bfloat16),
@@ -328,24 +343,10 @@ def main(argv=None):
           f"load before/after: {results['load_before']} / {results['load_after']}; {kind}")
     print()
     print(markdown(results))
-    print("\n* needs LanguageModel.step(logits=False) + head_logits(): emulated here on HFLanguageModel")
-    print("† CLIP: tokenise / text tower; ASIF: text encoder / relative representations")
+    print("\n† CLIP: tokenise / text tower; ASIF: text encoder / relative representations")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
-
-
-class _NoLogits:
-    """Calls the HF model with an empty ``logits_to_keep`` (no output-head matmul)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, **kw):
-        kw["logits_to_keep"] = torch.empty(0, dtype=torch.long)
-        out = self.model(**kw)
-        out.logits = out.logits.new_zeros(out.logits.shape[0], 1, 1)
-        return out
 
 
 def bf16_copy(lm):
@@ -362,30 +363,6 @@ def same_tokens(a, b):
     total = sum(len(x) for x in a)
     same = sum(sum(1 for u, v in zip(x, y) if u == v) for x, y in zip(a, b))
     return same / max(total, 1)
-
-
-def head_on_chosen(lm):
-    """The LM with the proposed ``step(logits=False)`` + ``head_logits`` (see the report)."""
-    from nofree.core import LMStep
-    from nofree.lm.hf import HFLanguageModel
-
-    class HeadOnChosen(HFLanguageModel):
-        def step(self, ids=None, *, embeds=None, cache=None, attention_mask=None, logits=True):
-            if logits:
-                return super().step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask)
-            model, self.model = self.model, _NoLogits(self.model)
-            try:
-                out = super().step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask)
-            finally:
-                self.model = model
-            return LMStep(logits=None, hidden=out.hidden, cache=out.cache)
-
-        @torch.inference_mode()
-        def head_logits(self, hidden):
-            head = self.model.get_output_embeddings()
-            return head(hidden.to(head.weight.dtype)).float()
-
-    return HeadOnChosen(lm.model, lm.tokenizer, spec=lm.spec, eos_id=lm.eos_id)
 
 
 class _PlainClip:

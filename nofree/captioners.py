@@ -163,15 +163,23 @@ class MagicCaptioner:
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, *, lm: Any = None, device: Any = None,
-                      temperature: float | None = None, **options: Any) -> "MagicCaptioner":
-        """A captioner over an :class:`~nofree.anchors.pipeline.AsifPipeline` and an LM spec/object."""
+                      temperature: float | None = None, precision: str = "fp32",
+                      **options: Any) -> "MagicCaptioner":
+        """A captioner over an :class:`~nofree.anchors.pipeline.AsifPipeline` and an LM spec/object.
+
+        ``precision``: the LM's arithmetic, ``"fp32"`` or ``"bf16"`` (see
+        :func:`nofree.registry.load_lm`).
+        """
         from nofree.core import DEFAULT_LM
         from nofree.decoding.scorers import AsifScorer
+        from nofree.registry import LM_PRECISIONS, load_lm
 
+        if precision not in LM_PRECISIONS:
+            raise DataError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
         if lm is None or isinstance(lm, str):
-            from nofree.registry import load_lm
-
-            lm = load_lm(lm or DEFAULT_LM, device=device)
+            lm = load_lm(lm or DEFAULT_LM, device=device, precision=precision)
+        elif precision != "fp32":
+            lm = lm.to_dtype(LM_PRECISIONS[precision])
         extra = {} if temperature is None else {"temperature": temperature}
         scorer = AsifScorer(pipeline.asif, pipeline.text_encoder, pipeline.image_encoder, **extra)
         return cls(lm, scorer, pipeline=pipeline, **options)

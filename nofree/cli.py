@@ -365,17 +365,21 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--examples-from", type=click.Choice(["pool", "anchors"]), default=None,
               help="MAGIC: take the examples from the caption pool (retrieval + consensus; the default) "
                    "or from the anchor captions nearest by ASIF.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
+                   "and can change a few words).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, prompt, examples,
-            examples_from, batch_size, device, fmt, images):
+            examples_from, precision, batch_size, device, fmt, images):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioners import caption_paths, load_captioner
 
     options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens,
-               "prompt": prompt, "examples": examples, "examples_from": examples_from}
+               "prompt": prompt, "examples": examples, "examples_from": examples_from,
+               "precision": precision}
     captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
                                device=device, options={k: v for k, v in options.items() if v is not None})
     paths = _image_paths(images)

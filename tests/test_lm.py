@@ -96,3 +96,28 @@ def test_headless_step_and_head_logits_equal_the_full_step(lm):
     nxt = lm.step(torch.tensor([[4], [5]]), cache=headless.cache)
     ref = lm.step(torch.tensor([[4], [5]]), cache=full.cache)
     torch.testing.assert_close(nxt.logits, ref.logits)
+
+
+def test_bf16_copy_keeps_float32_outputs_close(lm):
+    """to_dtype(bfloat16) is a copy: the original stays float32, outputs come back float32 and
+    close to the float32 ones; load_lm(precision=...) caches it and rejects unknown names."""
+    fast = lm.to_dtype(torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and lm.dtype == torch.float32 and lm.to_dtype(torch.float32) is lm
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref, out = lm.step(ids), fast.step(ids)
+    assert out.logits.dtype == torch.float32 and out.hidden.dtype == torch.float32
+    torch.testing.assert_close(out.hidden, ref.hidden, atol=0.1, rtol=0.05)
+    assert not torch.equal(out.hidden, ref.hidden)  # really computed in bfloat16
+
+
+def test_load_lm_precision(tmp_path):
+    from nofree.core import SpecError
+    from nofree.registry import load_lm
+    from nofree.testing import make_tiny_lm_dir
+
+    spec = f"local:{make_tiny_lm_dir(tmp_path / 'lm')}"
+    fast = load_lm(spec, precision="bf16")
+    assert fast.dtype == torch.bfloat16 and load_lm(spec).dtype == torch.float32
+    assert load_lm(spec, precision="bf16") is fast
+    with pytest.raises(SpecError, match="precision"):
+        load_lm(spec, precision="int4")

@@ -248,6 +248,7 @@ def test_lm_without_candidate_logits_gives_the_same_tokens(lm):
 
     class HeadlessLM(HFLanguageModel):
         calls: list
+        candidate_step = None  # one row per candidate, as an LM without tree attention
 
         def step(self, ids=None, *, embeds=None, cache=None, attention_mask=None, logits=True):
             out = super().step(ids, embeds=embeds, cache=cache, attention_mask=attention_mask)
@@ -295,12 +296,40 @@ def test_cache_budget_chunks_the_candidates_and_keeps_the_tokens(lm):
         return original(ids, **step_kw)
 
     lm.step = counting_step
+    lm.candidate_step = None  # the k-expanded path (LMs without tree attention)
     try:
         per_row = lm.cache_nbytes(lm.step(torch.tensor([prompts[0]])).cache)   # one prompt row
         rows_seen.clear()
         got = magic_search(lm, scorer, image_index(3), cache_budget=5 * per_row, **kw)
     finally:
-        del lm.step
+        del lm.step, lm.candidate_step
     assert got.ids == expected.ids and got.stop == expected.stop
     assert max(rows_seen[1:]) <= 5 < 3 * 8      # candidates ran in chunks of at most 5 rows
     assert 3 in rows_seen[1:]                    # ... and the 3 chosen tokens once more
+
+
+def test_tree_attention_candidates_equal_one_row_per_candidate(lm):
+    """candidate_step runs the k candidates side by side after each row's (left-padded) cache:
+    the hidden states of k-expanded rows, a cache of past + k positions (the caller's untouched),
+    and keep_candidates leaves the cache that stepping the chosen tokens gives."""
+    from nofree.lm.hf import left_pad
+
+    ids, mask = left_pad(lm.tokenize(PROMPTS), lm.pad_id)
+    out = lm.step(ids, attention_mask=mask)
+    (b, past), k = ids.shape, 6
+    cands = torch.randint(3, lm.vocab_size, (b, k), generator=torch.Generator().manual_seed(0))
+    tree = lm.candidate_step(cands, cache=out.cache, attention_mask=mask)
+    assert tree.hidden.shape == (b, k, lm.hidden_size)
+    assert tree.cache.get_seq_length() == past + k and out.cache.get_seq_length() == past
+    expand = torch.arange(b).repeat_interleave(k)
+    rows = lm.step(cands.reshape(-1, 1), cache=lm.select_cache(out.cache, expand),
+                   attention_mask=torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1))
+    torch.testing.assert_close(tree.hidden, rows.hidden[:, -1].view(b, k, -1), atol=1e-5, rtol=1e-4)
+    chosen, keep = torch.tensor([2, 5]), torch.tensor([0, 2])  # row 1 finished
+    kept = lm.keep_candidates(tree.cache, keep, chosen, k)
+    stepped = lm.step(cands[keep, chosen][:, None], cache=lm.select_cache(out.cache, keep),
+                      attention_mask=torch.cat([mask[keep], mask.new_ones(2, 1)], 1)).cache
+    probe, probe_mask = torch.tensor([[7], [9]]), torch.cat([mask[keep], mask.new_ones(2, 2)], 1)
+    torch.testing.assert_close(lm.step(probe, cache=kept, attention_mask=probe_mask).logits,
+                               lm.step(probe, cache=stepped, attention_mask=probe_mask).logits,
+                               atol=1e-5, rtol=1e-4)

@@ -109,7 +109,7 @@ def test_cli_caption_magic_jsonl(runner, tmp_path, specs):  # noqa: F811
     lm_dir = make_tiny_lm_dir(tmp_path / "lm", family="llama")
     pool = tmp_path / "pool.txt"
     pool.write_text("a red bus\nphoto of a thing\na dog on grass\n")
-    for extra in ([], ["--examples-from", "anchors", "--beta", "1.0", "--alpha", "0.1"]):
+    for extra in ([], ["--examples-from", "anchors", "--beta", "1.0", "--alpha", "0.1"], ["--precision", "bf16"]):
         result = runner.invoke(main, ["caption", "--method", "magic", "--anchors", str(out), "--lm",
                                       f"local:{lm_dir}", "--pool", str(pool), "--k", "4", "--max-tokens", "3",
                                       "--format", "jsonl", *extra, *images])
@@ -127,3 +127,20 @@ def test_cli_names_options_a_method_does_not_take(runner, tmp_path, specs):  # n
     result = runner.invoke(main, ["caption", "--method", "retrieval", "--anchors", str(out),
                                   "--examples-from", "anchors", "--beta", "1", image])
     assert result.exit_code != 0 and "takes no --beta, --examples-from" in result.output
+    result = runner.invoke(main, ["caption", "--method", "retrieval", "--anchors", str(out),
+                                  "--precision", "bf16", image])
+    assert result.exit_code != 0 and "takes no --precision" in result.output
+
+
+def test_bf16_captioner_runs_a_bf16_copy_of_the_lm(parts):
+    """precision="bf16" decodes with a bfloat16 copy; the float32 LM passed in is left as it was."""
+    import torch
+
+    pipeline, lm = parts
+    fast = captioner(parts, precision="bf16")
+    assert fast.lm.dtype == torch.bfloat16 and lm.dtype == torch.float32
+    assert fast.lm.model is not lm.model and fast.lm.spec == lm.spec
+    captions = fast.caption_embeddings(pipeline.image_encoder.encode([_img(0), _img(1)]))
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    with pytest.raises(DataError, match="precision"):
+        captioner(parts, precision="fp16")

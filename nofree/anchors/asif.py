@@ -56,7 +56,8 @@ class ASIF:
         center: subtract each modality's anchor mean from anchors and queries, then re-normalise.
         precision: scan precision for the top-k search, ``"auto"`` | ``"fp32"`` | ``"bf16"`` |
             ``"int8"``; every choice returns the exact float32 top-k (see ``topk.py``).
-        anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan.
+        anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan (``anchor_chunk=None``:
+            the measured best for the scan precision).
         search: ``"exact"`` (default) or ``"index"``: take top-k candidates from the anchor
             set's faiss index (:mod:`nofree.anchors.index`; pass ``indexes=`` to :meth:`fit`),
             re-scored exactly; approximate top-k sets, for sets too large to scan.
@@ -70,7 +71,7 @@ class ASIF:
 
     def __init__(self, *, k: int | None = None, p: float = 8.0, k_image: int | None = None,
                  k_text: int | None = None, center: bool = False, precision: str = "auto",
-                 anchor_chunk: int = DEFAULT_ANCHOR_CHUNK, query_chunk: int = DEFAULT_QUERY_CHUNK,
+                 anchor_chunk: int | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
                  search: str = "exact", device: Any = None) -> None:
         self.k = k
         self.p = p
@@ -101,8 +102,11 @@ class ASIF:
             raise DataError(f"ASIF search must be 'exact' or 'index', got {self.search!r}")
         for name in ("anchor_chunk", "query_chunk"):
             value = getattr(self, name)
+            if name == "anchor_chunk" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DataError(f"ASIF {name} must be a positive integer, got {value!r}")
+                raise DataError(f"ASIF {name} must be a positive integer"
+                                f"{' or None' if name == 'anchor_chunk' else ''}, got {value!r}")
 
     def _resolve_k(self, name: str, n: int) -> int:
         value = getattr(self, name)
@@ -121,7 +125,7 @@ class ASIF:
     def _prepare(self, anchors: Tensor, modality: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Anchors as float32 unit rows on ``device`` (no copy when they already are)."""
         a = anchors.to(device=device, dtype=torch.float32)
-        chunk = self.anchor_chunk
+        chunk = self.anchor_chunk or DEFAULT_ANCHOR_CHUNK
         off = 0.0
         for i in range(0, a.shape[0], chunk):
             block = a[i:i + chunk]
@@ -222,7 +226,8 @@ class ASIF:
         if precision != "fp32":
             key = (modality, precision)
             if key not in self._stats:
-                self._stats[key] = anchor_stats(anchors, precision, chunk=self.anchor_chunk)
+                self._stats[key] = anchor_stats(anchors, precision,
+                                                   chunk=self.anchor_chunk or DEFAULT_ANCHOR_CHUNK)
             stats = self._stats[key]
         return relative_topk(x, anchors, k, float(self.p), precision=precision, stats=stats,
                              anchor_chunk=self.anchor_chunk, query_chunk=self.query_chunk)

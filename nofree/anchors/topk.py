@@ -33,6 +33,10 @@ from nofree.core import DataError, resolve_device
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DEFAULT_ANCHOR_CHUNK = 8192
 DEFAULT_QUERY_CHUNK = 2048
+#: anchor rows per scan chunk when none is given, by scan precision (measured with
+#: benchmarks/asif_scale.py on a 2-core Zen 4, 2,048 queries: int8 at 1M anchors 9.3 s with 2,048
+#: vs 10.4 s with 8,192; bf16 at 200k 13.3 s with 4,096 vs 13.9 s with 8,192, 10k queries)
+ANCHOR_CHUNK_BY_PRECISION = {"fp32": DEFAULT_ANCHOR_CHUNK, "bf16": 4096, "int8": 2048}
 #: ``precision="auto"`` on CPU: float32 below AUTO_BF16_MIN_ANCHORS, bfloat16 candidates up to
 #: AUTO_INT8_MIN_ANCHORS, int8 candidates above (int8's matmul is ~1.6x faster but its wider error
 #: band keeps ~3x more candidates; crossovers measured with benchmarks/asif_scale.py on a 2-core
@@ -330,7 +334,7 @@ def _check(query: Tensor, anchors: Tensor, k: int, anchor_chunk: int, query_chun
 
 
 def cosine_topk(query: Tensor, anchors: Tensor, k: int, *, precision: str = "auto",
-                anchor_chunk: int = DEFAULT_ANCHOR_CHUNK, query_chunk: int = DEFAULT_QUERY_CHUNK,
+                anchor_chunk: int | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
                 stats: AnchorStats | None = None) -> tuple[Tensor, Tensor]:
     """Exact top-k cosines of every query row among the anchors.
 
@@ -341,12 +345,14 @@ def cosine_topk(query: Tensor, anchors: Tensor, k: int, *, precision: str = "aut
     per row), besides the inputs and outputs.
     ``stats`` (from :func:`anchor_stats`) saves one pass over the anchors on repeated calls.
     """
+    precision = resolve_precision(precision, anchors.shape[0] if anchors.ndim == 2 else 0, anchors.device)
+    if anchor_chunk is None:
+        anchor_chunk = ANCHOR_CHUNK_BY_PRECISION[precision]
     _check(query, anchors, k, anchor_chunk, query_chunk)
     query = query.to(anchors.device).float()
     if not bool(torch.isfinite(query).all()):
         raise DataError("query embeddings contain NaN or inf; check the encoder output")
     n, nq = anchors.shape[0], query.shape[0]
-    precision = resolve_precision(precision, n, anchors.device)
     codec = _CODECS[precision]
     if nq == 0:
         return (torch.zeros(0, k, device=anchors.device),
@@ -438,13 +444,16 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
 def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> tuple[Tensor, Tensor]:
     """The k best ``(value, col)`` of each row from flat candidate triples -> ``(nb, k)`` each.
 
-    Two stable sorts (value, then row) instead of a padded (nb, max candidates) matrix: one row
-    with a very flat score profile must not cost memory for every row.
+    One stable sort of an int64 key (row in the high 32 bits, the value's order-preserving bit
+    pattern, flipped for decreasing order, in the low ones) instead of a padded (nb, max
+    candidates) matrix: one row with a very flat score profile must not cost memory for every
+    row. Ties keep the input order.
     """
-    o = vals.argsort(descending=True, stable=True)
+    bits = (vals.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the value
+    key = (rows.long() << 32) | ((0x7FFFFFFF - ordered) & 0xFFFFFFFF)
+    key, o = key.sort(stable=True)
     rows, cols, vals = rows[o], cols[o], vals[o]
-    rows, o = rows.sort(stable=True)
-    cols, vals = cols[o], vals[o]
     counts = torch.bincount(rows, minlength=nb)
     if bool((counts < k).any()):
         raise RuntimeError("internal error: fewer than k candidates kept for a row")

@@ -15,11 +15,14 @@ earlier position, prompt included, padding excluded), x_gen is the continuation 
 temperature). The highest score wins; with α = β = 0 this is exactly greedy decoding.
 
 :func:`magic_search` is the whole method in one loop, read top to bottom. One batched LM forward
-per step covers all B×k candidates: the prompt cache is expanded to k rows per image, each row
-is fed one candidate, and the chosen row's cache and logits are kept, so no second forward is
-needed. When that expanded cache would pass ``cache_budget`` bytes (long prompts, large batches)
-the candidates run in row chunks instead and the chosen tokens once more on the unexpanded
-cache. Finished rows drop out of the batch (their output never changes again).
+per step covers all B×k candidates. With an LM that offers ``candidate_step`` (every
+transformers LM with a dynamic cache) the k candidates of a row sit side by side after its cache,
+each attending to the cache and to itself only (tree attention): the cache is read once per
+row, never copied k times, and the chosen candidate's keys/values and hidden state carry on, so
+no second forward is needed. Other LMs get the cache expanded to k rows per image, one candidate
+per row; when that expanded cache would pass ``cache_budget`` bytes (long prompts, large batches)
+the candidates run in row chunks and the chosen tokens once more on the unexpanded cache.
+Finished rows drop out of the batch (their output never changes again).
 
 Why this is not a transformers ``LogitsProcessor``: a processor sees only the next-token scores
 ``(B, V)`` and the ids so far. The degeneration penalty needs the last-layer hidden state each
@@ -152,9 +155,11 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
     token containing '.' after at least one word (kept; when ``stop_at_period``) or after
     ``max_new_tokens``. ``trace=False`` skips the per-step diagnostics. An LM that offers
     ``head_logits(hidden (b, H)) -> (b, V)`` and ``step(..., logits=False)`` is asked for the
-    candidates' hidden states only, and its output head runs on the b chosen rows.
-    cache_budget: most bytes of k-expanded cache held at once (for an LM with
-    ``cache_nbytes(cache)``). Beyond it the candidates run in chunks of rows, their caches are
+    candidates' hidden states only, and its output head runs on the b chosen rows; one that
+    also offers ``candidate_step`` / ``keep_candidates`` (see
+    :meth:`nofree.lm.hf.HFLanguageModel.candidate_step`) runs them with tree attention.
+    cache_budget (LMs without tree attention): most bytes of k-expanded cache held at once (for
+    an LM with ``cache_nbytes(cache)``). Beyond it the candidates run in chunks of rows, their caches are
     dropped, and the b chosen tokens run once more on the b-row cache: the same tokens, memory
     bounded by the budget rather than by b·k·(prompt length).
     """
@@ -195,18 +200,25 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         b = len(rows)
         # 2. the LM's top-k candidates and their full-vocabulary probabilities
         lm_prob, candidates = logits.softmax(-1).topk(k, dim=-1)            # (b, k) each
-        # 3. the b·k candidates on the k-expanded cache: one forward, or row chunks under the budget
-        expand = torch.arange(b).repeat_interleave(k)                        # (b·k,)
-        cand_mask = torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1)    # (b·k, T+1)
-        per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
-        chunk = b * k if per_row * b * k <= cache_budget else max(1, cache_budget // max(per_row, 1))
-        hidden = []
-        for lo in range(0, b * k, chunk):
-            part = slice(lo, lo + chunk)
-            cand = lm.step(candidates.reshape(-1, 1)[part], cache=lm.select_cache(cache, expand[part]),
-                           attention_mask=cand_mask[part], **({"logits": False} if head else {}))
-            hidden.append(cand.hidden[:, -1])
-        cand_hidden = l2_normalize(torch.cat(hidden)).view(b, k, -1)         # (b, k, H)
+        # 3. the b·k candidates in one forward: side by side after each row's cache (tree
+        #    attention), or for LMs without it one row per candidate on the k-expanded cache
+        #    (row chunks under the budget)
+        tree_step = getattr(lm, "candidate_step", None)
+        tree = tree_step(candidates, cache=cache, attention_mask=mask) if tree_step and head else None
+        if tree is not None:
+            cand_hidden = l2_normalize(tree.hidden)                           # (b, k, H)
+        else:
+            expand = torch.arange(b).repeat_interleave(k)                    # (b·k,)
+            cand_mask = torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1)  # (b·k, T+1)
+            per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
+            chunk = b * k if per_row * b * k <= cache_budget else max(1, cache_budget // max(per_row, 1))
+            hidden = []
+            for lo in range(0, b * k, chunk):
+                part = slice(lo, lo + chunk)
+                cand = lm.step(candidates.reshape(-1, 1)[part], cache=lm.select_cache(cache, expand[part]),
+                               attention_mask=cand_mask[part], **({"logits": False} if head else {}))
+                hidden.append(cand.hidden[:, -1])
+            cand_hidden = l2_normalize(torch.cat(hidden)).view(b, k, -1)     # (b, k, H)
         start = _tick(seconds, "lm_candidates", start)
         # 4. degeneration penalty: max cosine to every earlier real position
         cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
@@ -236,11 +248,16 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             break
         keep_t = torch.tensor(keep)
         pick = keep_t * k + chosen[keep_t]                                   # rows of the b·k batch
-        mask = cand_mask[pick]
-        if chunk >= b * k:  # the chosen rows' cache and logits carry on
+        if tree is not None:  # the chosen candidates' keys/values and logits carry on
+            mask = torch.cat([mask[keep_t], mask.new_ones(len(keep), 1)], 1)
+            cache = lm.keep_candidates(tree.cache, keep_t, chosen[keep_t], k)
+            logits = head(tree.hidden[keep_t, chosen[keep_t]]).float()
+        elif chunk >= b * k:  # the chosen rows' cache and logits carry on
+            mask = cand_mask[pick]
             cache = lm.select_cache(cand.cache, pick)
             logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
-        else:               # chunked: run the chosen tokens once more on the b-row cache
+        else:                 # chunked: run the chosen tokens once more on the b-row cache
+            mask = cand_mask[pick]
             nxt = lm.step(torch.tensor(tokens)[keep_t][:, None], cache=lm.select_cache(cache, keep_t),
                           attention_mask=mask)
             cache, logits = nxt.cache, nxt.logits

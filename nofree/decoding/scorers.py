@@ -163,32 +163,40 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
                          share: bool = True) -> Tensor:
     """Pooled text features ``(B, k, D)`` of ``ids (B, k, L)`` pooled at ``pool (B, k)``.
 
-    Per image b the k rows' longest common token prefix (before the earliest pooled position)
-    runs once; then every distinct row's remaining tokens up to its pooled one run *packed* in
-    a single sequence per image, each attending to the cached prefix and to its own earlier
-    tokens only (rows with identical ids, e.g. candidates differing only in case, run once).
-    Exact for causal towers. ``share=False`` runs every row from position 0 (same packing).
+    Per image b one reference row's tokens run once, causally, with their keys/values kept; every
+    row i shares that prefix up to ``lcp[b, i]``, its common prefix with the reference (at most
+    its pooled position). Then every distinct row's remaining tokens ``lcp .. pool`` run *packed*
+    in a single sequence per image, each attending to the first ``lcp`` cached positions and to
+    its own earlier tokens only (rows with identical ids, e.g. candidates differing only in case,
+    run once). A row whose new piece re-tokenises the last word shares less; the others keep the
+    whole prefix. The reference is the row sharing most with the others. Exact for causal
+    towers. ``share=False`` runs every row from position 0 (same packing).
     """
     n_img, k, length = ids.shape
     device = ids.device
-    same = (ids == ids[:, :1]).all(1).long().cumprod(1).sum(1)             # (B,) common prefix
-    shared = torch.minimum(same, pool.min(1).values) if share else torch.zeros_like(same)
-    prefix_len = int(shared.max())
-    past = None
-    if prefix_len > 0:  # 1. the shared prefix of each image, causal, keys/values kept
-        positions = torch.arange(prefix_len, device=device)
-        x = tower.token_embedding(ids[:, 0, :prefix_len]).float() + tower.positions[:prefix_len]
-        causal = (positions[None, :] <= positions[:, None])[None, None]     # (1, 1, P, P)
-        _, past = _layers(tower, x, causal, None)
-    # 2. each distinct row's own tokens shared[b] .. pool[b, i], packed into one sequence per image
     rows = torch.arange(k, device=device)
+    positions = torch.arange(length, device=device)
+    prefix_len, past = 0, None
+    lcp = torch.zeros(n_img, k, dtype=torch.long, device=device)
+    if share:
+        # common prefix of every pair of rows (k² comparisons of short id rows), capped below pools
+        eq = (ids[:, :, None, :] == ids[:, None, :, :]).long().cumprod(-1).sum(-1)   # (B, k, k)
+        ref = eq.sum(2).argmax(1)                                                     # (B,)
+        lcp = torch.minimum(eq[torch.arange(n_img, device=device), ref], pool)        # (B, k)
+        prefix_len = int(lcp.max())
+    if prefix_len > 0:  # 1. each image's reference row up to the longest shared prefix, causal
+        x = tower.token_embedding(ids[torch.arange(n_img, device=device), ref, :prefix_len]).float() + \
+            tower.positions[:prefix_len]
+        causal = (positions[None, :prefix_len] <= positions[:prefix_len, None])[None, None]  # (1, 1, P, P)
+        _, past = _layers(tower, x, causal, None)
+    # 2. each distinct row's own tokens lcp[b, i] .. pool[b, i], packed into one sequence per image
     rep = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1).int().argmax(-1)  # (B, k) first twin
-    counts = torch.where(rep == rows, pool - shared[:, None] + 1, 0).reshape(-1)  # (B·k,) tokens to run
+    counts = torch.where(rep == rows, pool - lcp + 1, 0).reshape(-1)      # (B·k,) tokens to run
     seg = torch.repeat_interleave(torch.arange(n_img * k, device=device), counts)  # row of each token
     ends = torch.cumsum(counts, 0)
     offset = torch.arange(len(seg), device=device) - (ends - counts)[seg]   # index within its row
     img = seg // k
-    position = shared[img] + offset
+    position = lcp.reshape(-1)[seg] + offset
     token = ids.reshape(n_img * k, length)[seg, position]
     per_img = counts.view(n_img, k).sum(1)
     slot = torch.arange(len(seg), device=device) - (torch.cumsum(per_img, 0) - per_img)[img]
@@ -202,8 +210,10 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
     own = (packed_seg[:, :, None] == packed_seg[:, None, :]) & \
           (packed_pos[:, None, :] <= packed_pos[:, :, None])                # (B, Q, Q)
     if past is not None:
-        cached = torch.arange(prefix_len, device=device)[None, :] < shared[:, None]   # (B, P)
-        own = torch.cat([cached[:, None, :].expand(-1, width, -1), own], 2)
+        visible = torch.zeros(n_img, width, dtype=torch.long, device=device)  # padding: none
+        visible[img, slot] = lcp.reshape(-1)[seg]
+        cached = positions[None, None, :prefix_len] < visible[:, :, None]   # (B, Q, P)
+        own = torch.cat([cached, own], 2)
     x, _ = _layers(tower, x, own[:, None], past)
     twin = (torch.arange(n_img, device=device)[:, None] * k + rep).reshape(-1)    # (B·k,)
     pooled = x[twin // k, slot[ends[twin] - 1]]                             # (B·k, W)

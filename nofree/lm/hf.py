@@ -53,7 +53,20 @@ class HFLanguageModel:
         self.pad_id = int(pad) if pad is not None else self.eos_id
 
     def __repr__(self) -> str:
-        return f"HFLanguageModel({self.spec!r}, H={self.hidden_size}, V={self.vocab_size})"
+        dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).removeprefix('torch.')}"
+        return f"HFLanguageModel({self.spec!r}, H={self.hidden_size}, V={self.vocab_size}{dtype})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (hidden states and logits always come back float32)."""
+        return self.model.get_output_embeddings().weight.dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> "HFLanguageModel":
+        """This LM with its weights in ``dtype`` (a copy; ``self`` when already in it)."""
+        if dtype == self.dtype:
+            return self
+        return HFLanguageModel(copy.deepcopy(self.model).to(dtype), self.tokenizer, spec=self.spec,
+                               eos_id=self.eos_id, device=self.device)
 
     # --- text <-> ids -------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -136,6 +149,47 @@ class HFLanguageModel:
         out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
         return LMStep(logits=out.logits[:, -1].float(), hidden=out.hidden_states[-1].float(),
                       cache=out.cache)
+
+    def candidate_step(self, candidates: Tensor, *, cache: Any, attention_mask: Tensor) -> LMStep | None:
+        """Feed k alternative next tokens per row side by side ("tree attention").
+
+        ``candidates (B, k)`` ids go after ``cache`` (B rows; ``attention_mask (B, past)``, 1 =
+        real): all k at the next position, each attending to its row's real cached positions and
+        to itself only, never to the other candidates. The cache is read once per row instead of
+        being copied k times, so memory stays B·(past + k) positions. Returns last-layer hidden
+        states ``(B, k, H)`` float32 (``logits`` None) and a cache of past + k positions for
+        :meth:`keep_candidates`; ``None`` when the cache is not a plain dynamic one (sliding
+        windows, static caches), so that the caller falls back to one row per candidate.
+        """
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            return None
+        mask = attention_mask.to(self.device).bool()                        # (B, past)
+        (batch, k), past = candidates.shape, mask.shape[1]
+        if cache.get_seq_length() != past:
+            raise ValueError(f"attention_mask must be (B, past) = {(batch, cache.get_seq_length())}, "
+                             f"got {tuple(mask.shape)}")
+        own = torch.eye(k, dtype=torch.bool, device=self.device)
+        allowed = torch.cat([mask[:, None, None, :].expand(batch, 1, k, past),
+                             own[None, None].expand(batch, 1, k, k)], -1)   # (B, 1, k, past + k)
+        position_ids = mask.sum(-1, keepdim=True).expand(batch, k)           # real tokens so far
+        out = self.model.base_model(input_ids=candidates.to(self.device),
+                                    cache=self.select_cache(cache, None), attention_mask=allowed,
+                                    position_ids=position_ids, use_cache=True)
+        return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=out.cache)
+
+    def keep_candidates(self, cache: Any, rows: Tensor, chosen: Tensor, k: int) -> Any:
+        """The cache after a :meth:`candidate_step` of ``k`` candidates: batch rows ``rows (b,)``,
+        each with its past and its candidate ``chosen (b,)`` (an index into k) appended."""
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+        rows, chosen = rows.to(self.device), chosen.to(self.device)
+        for layer in new.layers:
+            keys, values = layer.keys, layer.values                          # (B, h, past + k, d)
+            past = keys.shape[2] - k
+            at = past + chosen
+            layer.keys = torch.cat([keys[rows, :, :past], keys[rows, :, at][:, :, None]], 2)
+            layer.values = torch.cat([values[rows, :, :past], values[rows, :, at][:, :, None]], 2)
+        return new
 
     def select_cache(self, cache: Any, index: Tensor | None) -> Any:
         """A new cache holding batch rows ``index`` ``(B',)`` of ``cache`` (``None``: all rows).
