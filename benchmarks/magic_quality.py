@@ -58,6 +58,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-cv", action="store_true", help="report val for the current defaults only")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the LM's arithmetic (see nofree caption --precision)")
     parser.add_argument("--smoke", action="store_true",
                         help="2 folds of 4 photos, 3 val photos, 2+1 settings, 4 tokens, a 2,000-caption pool")
     args = parser.parse_args(argv)
@@ -74,7 +76,7 @@ def main(argv=None) -> dict:
                                                                    "in-context, 2 from the pool"))}
         magic_grid = dict(list(MAGIC_GRID.items())[1:])
     pool = load_text_lines(default_pool_path())[: 2000 if args.smoke else None]
-    lm = load_lm(DEFAULT_LM)
+    lm = load_lm(DEFAULT_LM, precision=args.precision)
     tokens = {"max_new_tokens": 4} if args.smoke else {}
 
     def pipeline_of(anchors):
@@ -150,7 +152,8 @@ def main(argv=None) -> dict:
         captions, seconds = run(pipeline, retrieval, val.image_emb, options)
         results[name] = _score(captions, references, seconds, options)
         _print(name, results[name])
-    out = {"n_images": len(val.pairs), "split": "val", "lm": DEFAULT_LM, "n_cv_images": n_cv,
+    out = {"n_images": len(val.pairs), "split": "val", "lm": DEFAULT_LM, "precision": args.precision,
+           "n_cv_images": n_cv,
            "folds": 2 if args.smoke else args.folds, "cv": cv, "chosen": chosen, "results": results}
     print(markdown(out))
     if args.json:
@@ -194,7 +197,8 @@ def _table(results: dict) -> list[str]:
 
 def markdown(out: dict) -> str:
     lines = [f"{out['n_images']} `{out['split']}` photos; EfficientNet-Lite0 + MiniLM composed by the 700 "
-             f"train anchors, `{out['lm']}` frozen, 16 new tokens at most; PTB-tokenised COCO metrics (×100); "
+             f"train anchors, `{out['lm']}` frozen{' in bf16' if out.get('precision') == 'bf16' else ''}, "
+             "16 new tokens at most; PTB-tokenised COCO metrics (×100); "
              "seconds per image on the machine above.", ""]
     lines += _table(out["results"])
     if out["cv"]:
