@@ -333,3 +333,27 @@ def test_tree_attention_candidates_equal_one_row_per_candidate(lm):
     torch.testing.assert_close(lm.step(probe, cache=kept, attention_mask=probe_mask).logits,
                                lm.step(probe, cache=stepped, attention_mask=probe_mask).logits,
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tree_attention_with_eager_attention_and_fallbacks(family, tmp_path):
+    """The tree mask is additive, so eager attention (which adds it to the scores) gets the same
+    candidates as sdpa; kernels without custom masks get None (the k-expanded fallback)."""
+    from nofree.lm.hf import left_pad, load_hf_lm
+    from nofree.testing import make_tiny_lm_dir
+
+    folder = make_tiny_lm_dir(tmp_path / "lm", family=family)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    cands = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    hidden = {}
+    for impl in ("sdpa", "eager"):
+        lm = load_hf_lm(folder, attn_implementation=impl)
+        assert lm.model.config._attn_implementation == impl
+        out = lm.step(ids, attention_mask=mask)
+        hidden[impl] = lm.candidate_step(cands, cache=out.cache, attention_mask=mask).hidden
+    torch.testing.assert_close(hidden["eager"], hidden["sdpa"], atol=1e-5, rtol=1e-4)
+    lm.model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert lm.candidate_step(cands, cache=out.cache, attention_mask=mask) is None
+    finally:
+        lm.model.config._attn_implementation = "eager"

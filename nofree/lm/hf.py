@@ -159,9 +159,11 @@ class HFLanguageModel:
         being copied k times, so memory stays B·(past + k) positions. Returns last-layer hidden
         states ``(B, k, H)`` float32 (``logits`` None) and a cache of past + k positions for
         :meth:`keep_candidates`; ``None`` when the cache is not a plain dynamic one (sliding
-        windows, static caches), so that the caller falls back to one row per candidate.
+        windows, static caches) or the attention kernel takes no custom mask (only "sdpa" and
+        "eager" do), so that the caller falls back to one row per candidate.
         """
-        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        if getattr(self.model.config, "_attn_implementation", None) not in ("sdpa", "eager") or \
+                any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
             return None
         mask = attention_mask.to(self.device).bool()                        # (B, past)
         (batch, k), past = candidates.shape, mask.shape[1]
@@ -171,6 +173,9 @@ class HFLanguageModel:
         own = torch.eye(k, dtype=torch.bool, device=self.device)
         allowed = torch.cat([mask[:, None, None, :].expand(batch, 1, k, past),
                              own[None, None].expand(batch, 1, k, k)], -1)   # (B, 1, k, past + k)
+        # additive float mask: eager attention adds it to the scores, sdpa accepts it as well
+        blocked = torch.finfo(self.dtype).min
+        allowed = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, blocked)
         position_ids = mask.sum(-1, keepdim=True).expand(batch, k)           # real tokens so far
         out = self.model.base_model(input_ids=candidates.to(self.device),
                                     cache=self.select_cache(cache, None), attention_mask=allowed,
