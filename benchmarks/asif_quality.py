@@ -26,6 +26,7 @@ import torch
 
 from nofree import sample_dir
 from nofree.anchors.anchor_set import AnchorSet
+from nofree.captioners import default_pool_path
 from nofree.anchors.pipeline import PIPELINE_ASIF_DEFAULTS, PIPELINE_CSLS
 from nofree.cache import EmbeddingCache
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
     text_encoder = load_encoder(DEFAULT_TEXT_ENCODER, modality="text")
     train = encode_split("train", image_encoder, text_encoder, cache)
     val = encode_split("val", image_encoder, text_encoder, cache)
-    pool = load_text_lines(sample_dir() / "caption_corpus.txt")[: 2000 if args.smoke else None]
+    pool = load_text_lines(default_pool_path())[: 2000 if args.smoke else None]
     pool_emb = cache.encode(text_encoder, pool, batch_size=128, progress=True)
     labels = json.loads((sample_dir() / "coco_categories.json").read_text())
     label_emb = cache.encode(text_encoder, [f"a photo of a {label}." for label in labels])

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from nofree import sample_dir
+from nofree.captioners import default_pool_path
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
         backbones = _tiny_backbones(work / "backbones")
         pairs = _small_pairs(work, 30, 8)
         pool = work / "pool.txt"
-        pool.write_text("\n".join(open(sample_dir() / "caption_corpus.txt").read().splitlines()[:2000]) + "\n")
+        pool.write_text("\n".join(default_pool_path().read_text().splitlines()[:2000]) + "\n")
         epochs = {"epochs": 1}
     else:
         backbones = {"image": DEFAULT_IMAGE_ENCODER, "text": DEFAULT_TEXT_ENCODER, "lm": DEFAULT_LM}

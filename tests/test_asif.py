@@ -253,3 +253,19 @@ def test_precision_rule():
         topk.resolve_precision("int8", 10, "cuda")
     with pytest.raises(DataError, match="precision"):
         topk.resolve_precision("half", 10)
+
+
+def test_top_per_row_orders_signs_zeros_and_ties():
+    """The packed (row, value) sort keeps each row's k largest values, negative ones and -0.0
+    included, and at a tie across the k-th place the earlier candidate (lower anchor id)."""
+    gen = torch.Generator().manual_seed(0)
+    nb, n, k = 6, 60, 7
+    cols = torch.arange(n)                                   # candidates come in anchor order ...
+    rows = torch.randperm(n, generator=gen) % nb             # ... with the rows interleaved
+    vals = torch.randint(-8, 3, (n,), generator=gen) / 8.0   # mostly negative, many exact ties
+    vals[::7] = -0.0
+    vals[rows == 0] = torch.tensor([-0.0, 0.0] + [1.0] * 6 + [-1.0] * 2)  # a tie -0.0 == 0.0 at k
+    got_v, got_i = topk._top_per_row(rows, cols, vals, nb, k)
+    for r in range(nb):
+        best = sorted((-float(v), int(c)) for v, c, rr in zip(vals, cols, rows) if rr == r)[:k]
+        assert got_v[r].tolist() == [-v for v, _ in best] and got_i[r].tolist() == [c for _, c in best]
