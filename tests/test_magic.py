@@ -357,3 +357,22 @@ def test_tree_attention_with_eager_attention_and_fallbacks(family, tmp_path):
         assert lm.candidate_step(cands, cache=out.cache, attention_mask=mask) is None
     finally:
         lm.model.config._attn_implementation = "eager"
+
+
+def test_alpha_zero_skips_the_candidate_forward(lm):
+    """With α = 0 the penalty, the only user of the candidates' hidden states, is off: no
+    k-candidate forward runs, and the tokens are those of the full path (α = 1e-30)."""
+    prompts = lm.tokenize(PROMPTS)
+    kw = dict(prompt_ids=prompts, k=8, beta=1.0, max_new_tokens=6, stop_at_period=False)
+    scorer = word_scorer(["dog", "bus", "cat"])
+    calls = []
+    original = lm.candidate_step
+    lm.candidate_step = lambda *a, **kw_: calls.append(1) or original(*a, **kw_)
+    try:
+        full = magic_search(lm, scorer, image_index(3), alpha=1e-30, **kw)
+        n_full = len(calls)
+        fast = magic_search(lm, scorer, image_index(3), alpha=0.0, **kw)
+    finally:
+        del lm.candidate_step
+    assert n_full > 0 and len(calls) == n_full
+    assert fast.ids == full.ids and fast.stop == full.stop

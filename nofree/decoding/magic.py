@@ -22,7 +22,9 @@ row, never copied k times, and the chosen candidate's keys/values and hidden sta
 no second forward is needed. Other LMs get the cache expanded to k rows per image, one candidate
 per row; when that expanded cache would pass ``cache_budget`` bytes (long prompts, large batches)
 the candidates run in row chunks and the chosen tokens once more on the unexpanded cache.
-Finished rows drop out of the batch (their output never changes again).
+With α = 0 the candidates' hidden states are not needed (only the penalty uses them): no
+candidate forward runs, and the chosen tokens step like greedy decoding. Finished rows drop out
+of the batch (their output never changes again).
 
 Why this is not a transformers ``LogitsProcessor``: a processor sees only the next-token scores
 ``(B, V)`` and the ids so far. The degeneration penalty needs the last-layer hidden state each
@@ -202,12 +204,14 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         lm_prob, candidates = logits.softmax(-1).topk(k, dim=-1)            # (b, k) each
         # 3. the b·k candidates in one forward: side by side after each row's cache (tree
         #    attention), or for LMs without it one row per candidate on the k-expanded cache
-        #    (row chunks under the budget)
+        #    (row chunks under the budget). Only the penalty needs them: none when α = 0.
         tree_step = getattr(lm, "candidate_step", None)
-        tree = tree_step(candidates, cache=cache, attention_mask=mask) if tree_step and head else None
+        tree = tree_step(candidates, cache=cache, attention_mask=mask) \
+            if tree_step and head and alpha != 0 else None
+        cand_hidden = None
         if tree is not None:
             cand_hidden = l2_normalize(tree.hidden)                           # (b, k, H)
-        else:
+        elif alpha != 0:
             expand = torch.arange(b).repeat_interleave(k)                    # (b·k,)
             cand_mask = torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1)  # (b·k, T+1)
             per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
@@ -221,8 +225,10 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             cand_hidden = l2_normalize(torch.cat(hidden)).view(b, k, -1)     # (b, k, H)
         start = _tick(seconds, "lm_candidates", start)
         # 4. degeneration penalty: max cosine to every earlier real position
-        cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
-        penalty = cosine.masked_fill(~past_real[:, None, :], float("-inf")).amax(-1)   # (b, k)
+        penalty = torch.zeros_like(lm_prob)
+        if cand_hidden is not None:
+            cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
+            penalty = cosine.masked_fill(~past_real[:, None, :], float("-inf")).amax(-1)   # (b, k)
         start = _tick(seconds, "penalty", start)
         # 5. image relevance of (continuation so far ⊕ candidate), softmax over the k candidates
         image_prob = None
@@ -248,21 +254,21 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             break
         keep_t = torch.tensor(keep)
         pick = keep_t * k + chosen[keep_t]                                   # rows of the b·k batch
+        next_mask = torch.cat([mask[keep_t], mask.new_ones(len(keep), 1)], 1)
         if tree is not None:  # the chosen candidates' keys/values and logits carry on
-            mask = torch.cat([mask[keep_t], mask.new_ones(len(keep), 1)], 1)
             cache = lm.keep_candidates(tree.cache, keep_t, chosen[keep_t], k)
             logits = head(tree.hidden[keep_t, chosen[keep_t]]).float()
-        elif chunk >= b * k:  # the chosen rows' cache and logits carry on
-            mask = cand_mask[pick]
+        elif cand_hidden is not None and chunk >= b * k:  # the chosen rows' cache and logits
             cache = lm.select_cache(cand.cache, pick)
             logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
-        else:                 # chunked: run the chosen tokens once more on the b-row cache
-            mask = cand_mask[pick]
+        else:  # chunked, or no candidate forward (α = 0): the chosen tokens on the b-row cache
             nxt = lm.step(torch.tensor(tokens)[keep_t][:, None], cache=lm.select_cache(cache, keep_t),
-                          attention_mask=mask)
+                          attention_mask=next_mask)
             cache, logits = nxt.cache, nxt.logits
-        past = torch.cat([past[keep_t], cand_hidden[keep_t, chosen[keep_t]][:, None]], 1)
-        past_real = torch.cat([past_real[keep_t], past_real.new_ones(len(keep), 1)], 1)
+        mask = next_mask
+        if cand_hidden is not None:
+            past = torch.cat([past[keep_t], cand_hidden[keep_t, chosen[keep_t]][:, None]], 1)
+            past_real = torch.cat([past_real[keep_t], past_real.new_ones(len(keep), 1)], 1)
         rows = rows[keep_t]
         start = _tick(seconds, "select", start)
 
