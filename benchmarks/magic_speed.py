@@ -142,7 +142,7 @@ def one_row_per_candidate(lm):
     return Expanded(lm.model, lm.tokenizer, spec=lm.spec, eos_id=lm.eos_id)
 
 
-def time_decoding(lm, scorer, batch, *, magic, k, new_tokens, repeats, image_dim):
+def time_decoding(lm, scorer, batch, *, magic, k, new_tokens, repeats, image_dim, alpha=0.1):
     """Median seconds per caption over ``repeats`` runs, and the phase split of the median run."""
     from nofree.decoding.magic import greedy_search, magic_search
 
@@ -157,7 +157,7 @@ def time_decoding(lm, scorer, batch, *, magic, k, new_tokens, repeats, image_dim
                 inner[key] = 0.0
         start = time.perf_counter()
         if magic:
-            out = magic_search(lm, scorer, image_emb, prompt_ids=prompts, k=k, alpha=0.1, beta=2.0,
+            out = magic_search(lm, scorer, image_emb, prompt_ids=prompts, k=k, alpha=alpha, beta=2.0,
                                max_new_tokens=new_tokens, stop_at_period=False, trace=False)
         else:
             out = greedy_search(lm, prompts, max_new_tokens=new_tokens, stop_at_period=False)
@@ -308,6 +308,8 @@ def main(argv=None):
                                  new_tokens=new_tokens, repeats=reps, image_dim=image_dim)
         half = time_decoding(lm_bf16, clip_bf16, batch, magic=True, k=k, new_tokens=new_tokens,
                              repeats=reps, image_dim=image_dim)
+        no_penalty = time_decoding(lm, clip, batch, magic=True, k=k, new_tokens=new_tokens, repeats=reps,
+                                   image_dim=image_dim, alpha=0.0)
         half["same_tokens_as_fp32"] = same_tokens(half["ids"], magic["ids"])
         expanded["same_tokens_as_fp32"] = same_tokens(expanded["ids"], magic["ids"])
         kv = kv_cache_bytes(lm, batch, k, new_tokens)
@@ -319,7 +321,9 @@ def main(argv=None):
                                      kv_bytes=kv_cache_bytes(lm, batch, k, new_tokens, tree=False),
                                      **common, **expanded),
                                 dict(setup=setup + f", all bf16 ({half['same_tokens_as_fp32']:.0%} "
-                                     "tokens as fp32)", kv_bytes=kv // 2, **common, **half)]
+                                     "tokens as fp32)", kv_bytes=kv // 2, **common, **half),
+                                dict(setup=setup + ", α = 0 (no penalty, so no candidate forward)",
+                                     **common, **no_penalty)]
         print(f"{setup} batch {batch}: greedy {greedy['s_per_caption']:.3f} s, MAGIC "
               f"{magic['s_per_caption']:.3f} s, k-expanded {expanded['s_per_caption']:.3f} s, bf16 "
               f"{half['s_per_caption']:.3f} s per caption (load {load_avg()})", flush=True)
