@@ -391,13 +391,17 @@ decoding with the same LM in the same run is the baseline. The CLIP scorer runs 
 common prefix once through CLIP's causal text tower and only the differing tail tokens per
 candidate (exact to 1e-6; the default).
 
+The LM's k candidates run with tree attention (side by side after each row's cache; the
+k-expanded row is timed beside it), and with α = 0 they do not run at all (only the penalty
+needs their hidden states).
+
 Target of the MAGIC issue (GPT-2 + CLIP ViT-B/32): ≤ 1.5 s per caption at batch 1 and ≤ 0.75 s
-at batch 8; the paper's public implementation took 5.8 s at batch 1 on this CPU. **Not met**:
-an earlier uncontended run of the same benchmark on two pinned cores of an idle Intel Xeon host
-(`taskset -c 0,1 python -m benchmarks.magic_speed --threads 2 --skip-asif`) measured 3.6 s at
-batch 1 and 2.7 s at batch 8 — the remaining time is arithmetic: about half the LM forward of the
-45 candidates, half CLIP's text tower. bf16 everywhere roughly halves it but changes the chosen
-token on most random-weight captions, so exact fp32 stays the default."""
+at batch 8; the paper's public implementation took 5.8 s at batch 1 on the issue's machine.
+**Not met** on this 2-core CPU (2026-11-27: 3.35 / 2.27 s exact fp32, 2.07 / 1.22 s bf16): per
+step and image, 45 one-token LM rows and ~115 CLIP text-tower tokens remain, ~9 G
+multiply-adds, ≥ 1.9 s per caption at ~73 G/s fp32. bf16 keeps 84–88% of the tokens on random
+weights (real-weight quality: `benchmarks.magic_quality --precision bf16`), so exact fp32 stays
+the default and bf16 is `nofree caption --precision bf16`."""
 
 
 if __name__ == "__main__":
