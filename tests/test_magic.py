@@ -376,3 +376,21 @@ def test_alpha_zero_skips_the_candidate_forward(lm):
         del lm.candidate_step
     assert n_full > 0 and len(calls) == n_full
     assert fast.ids == full.ids and fast.stop == full.stop
+
+
+def test_tree_attention_in_bfloat16(lm):
+    """A bf16 copy of the LM runs the same tree step (its mask in bf16) close to float32, and
+    MAGIC with the penalty on decodes with it."""
+    from nofree.lm.hf import left_pad
+
+    fast = lm.to_dtype(torch.bfloat16)
+    ids, mask = left_pad(lm.tokenize(PROMPTS), lm.pad_id)
+    cands = torch.randint(3, lm.vocab_size, (len(PROMPTS), 4), generator=torch.Generator().manual_seed(2))
+    ref = lm.candidate_step(cands, cache=lm.step(ids, attention_mask=mask).cache, attention_mask=mask)
+    got = fast.candidate_step(cands, cache=fast.step(ids, attention_mask=mask).cache, attention_mask=mask)
+    assert got.hidden.dtype == torch.float32
+    torch.testing.assert_close(got.hidden, ref.hidden, atol=0.15, rtol=0.05)
+    out = magic_search(fast, word_scorer(["dog", "bus", "cat"]), image_index(3),
+                       prompt_ids=lm.tokenize(PROMPTS), k=6, alpha=0.2, beta=1.0, max_new_tokens=3,
+                       stop_at_period=False)
+    assert all(len(ids_) == 3 for ids_ in out.ids)
