@@ -401,7 +401,8 @@ at batch 8; the paper's public implementation took 5.8 s at batch 1 on the issue
 step and image, 45 one-token LM rows and ~115 CLIP text-tower tokens remain, ~9 G
 multiply-adds, ≥ 1.9 s per caption at ~73 G/s fp32. bf16 keeps 84–88% of the tokens on random
 weights (real-weight quality: `benchmarks.magic_quality --precision bf16`), so exact fp32 stays
-the default and bf16 is `nofree caption --precision bf16`."""
+the default; bf16 is an option (`nofree caption --precision bf16` / `load_lm(precision="bf16")`
+for the LM, `ClipScorer(dtype=torch.bfloat16)` for CLIP's text tower)."""
 
 
 if __name__ == "__main__":
