@@ -269,3 +269,26 @@ def test_top_per_row_orders_signs_zeros_and_ties():
     for r in range(nb):
         best = sorted((-float(v), int(c)) for v, c, rr in zip(vals, cols, rows) if rr == r)[:k]
         assert got_v[r].tolist() == [-v for v, _ in best] and got_i[r].tolist() == [c for _, c in best]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_default_anchor_chunk_follows_the_scan_precision(monkeypatch, precision):
+    """anchor_chunk=None scans in the chunk measured best for the precision; an explicit one wins."""
+    codec = topk._CODECS[precision]
+    widths, scores = [], codec.scores
+
+    def spy(q_low, a_low):
+        widths.append(a_low.shape[0])
+        return scores(q_low, a_low)
+
+    monkeypatch.setattr(codec, "scores", staticmethod(spy))
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.nn.functional.normalize(torch.randn(9000, 16, generator=gen), dim=1)
+    query = anchors[:5] + 0.01
+    expected = topk.cosine_topk(query, anchors, 20, precision="fp32")[1]
+    got = topk.cosine_topk(query, anchors, 20, precision=precision)[1]
+    assert torch.equal(got, expected)
+    assert max(widths) == topk.ANCHOR_CHUNK_BY_PRECISION[precision]
+    widths.clear()
+    topk.cosine_topk(query, anchors, 20, precision=precision, anchor_chunk=1000)
+    assert max(widths) == 1000
