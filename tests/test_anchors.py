@@ -155,6 +155,7 @@ def test_encoder_mismatch_is_a_clear_error(tmp_path, encoders):
     (lambda d: _truncate(d / "embeddings.safetensors"), "unreadable or truncated"),
     (lambda d: _drop_last_line(d / "captions.jsonl"), "captions but the manifest"),
     (lambda d: (d / "captions.jsonl").write_text("not json\n"), "line 1"),
+    (lambda d: _nan_in_last_value(d / "embeddings.safetensors", "text"), "'text' holds NaN"),
 ])
 def test_damaged_sets_fail_clearly(tmp_path, encoders, damage, message):
     build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
@@ -167,6 +168,15 @@ def _edit_manifest(folder: Path, **changes) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.update(changes)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _nan_in_last_value(path: Path, name: str) -> None:
+    """Overwrite the last float32 of tensor ``name`` in a safetensors file with NaN."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    end = json.loads(bytes(raw[8:start]))[name]["data_offsets"][1]
+    raw[start + end - 4:start + end] = b"\x00\x00\xc0\x7f"  # a quiet NaN, little-endian
+    path.write_bytes(bytes(raw))
 
 
 def _truncate(path: Path) -> None:
