@@ -231,7 +231,7 @@ def load_lm(spec: str, *, device: str | torch.device | None = None, precision: s
     near-tied tokens can differ from float32.
     """
     if precision not in LM_PRECISIONS:
-        raise SpecError(f"precision must be one of {LM_PRECISIONS}, got {precision!r}")
+        raise SpecError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
     spec = normalize_spec(spec)
     dev = resolve_device(device)
     if precision != "fp32":

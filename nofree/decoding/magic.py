@@ -253,12 +253,12 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             start = _tick(seconds, "select", start)
             break
         keep_t = torch.tensor(keep)
-        pick = keep_t * k + chosen[keep_t]                                   # rows of the b·k batch
         next_mask = torch.cat([mask[keep_t], mask.new_ones(len(keep), 1)], 1)
         if tree is not None:  # the chosen candidates' keys/values and logits carry on
             cache = lm.keep_candidates(tree.cache, keep_t, chosen[keep_t], k)
             logits = head(tree.hidden[keep_t, chosen[keep_t]]).float()
         elif cand_hidden is not None and chunk >= b * k:  # the chosen rows' cache and logits
+            pick = keep_t * k + chosen[keep_t]                               # rows of the b·k batch
             cache = lm.select_cache(cand.cache, pick)
             logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
         else:  # chunked, or no candidate forward (α = 0): the chosen tokens on the b-row cache

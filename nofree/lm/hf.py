@@ -185,8 +185,7 @@ class HFLanguageModel:
     def keep_candidates(self, cache: Any, rows: Tensor, chosen: Tensor, k: int) -> Any:
         """The cache after a :meth:`candidate_step` of ``k`` candidates: batch rows ``rows (b,)``,
         each with its past and its candidate ``chosen (b,)`` (an index into k) appended."""
-        new = copy.copy(cache)
-        new.layers = [copy.copy(layer) for layer in cache.layers]
+        new = self.select_cache(cache, None)  # shallow copy: the layers below are re-bound
         rows, chosen = rows.to(self.device), chosen.to(self.device)
         for layer in new.layers:
             keys, values = layer.keys, layer.values                          # (B, h, past + k, d)
