@@ -29,16 +29,24 @@ from pathlib import Path
 import torch
 
 from nofree.captioners import (MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner, RetrievalCaptioner,
-                               default_pool_path)
+                               default_pool_path, example_windows)
 from nofree.core import DEFAULT_LM
 
-#: The cross-validation grid: name -> MagicCaptioner options (``source``: where examples come from).
+#: The cross-validation grid: name -> MagicCaptioner options (``source``: where examples come from);
+#: one caption per photo (a single example window, no consensus choice).
+SINGLE = dict(drafts=1, with_retrieved=False)
 GRID = {
-    **{f"in-context, {m} from the anchors, greedy": dict(examples=m, source="anchors", alpha=0.0, beta=0.0)
-       for m in (3, 5)},
-    **{f"in-context, {m} from the pool, greedy": dict(examples=m, source="pool", alpha=0.0, beta=0.0)
+    **{f"in-context, {m} from the anchors, greedy": dict(examples=m, source="anchors", alpha=0.0, beta=0.0,
+                                                         **SINGLE) for m in (3, 5)},
+    **{f"in-context, {m} from the pool, greedy": dict(examples=m, source="pool", alpha=0.0, beta=0.0, **SINGLE)
        for m in (1, 2, 3, 4, 5)},
 }
+#: Several candidates, one kept: subsets of EXAMPLE_WINDOWS (one greedy caption each), with or
+#: without the retrieval caption, chosen by CIDEr-D against the top N retrieved pool captions.
+WINDOW_SETS = {"8 windows": tuple(example_windows(4, 8)),
+               "4 windows of 4 (from 1st, 2nd, 3rd, 5th)": ((0, 4), (1, 4), (2, 4), (4, 4)),
+               "5 windows from the 1st (2, 3, 4, 5, 8)": ((0, 2), (0, 3), (0, 4), (0, 5), (0, 8))}
+CONSENSUS_REFS = (5, 10, 20)
 #: MAGIC settings tried on top of the best in-context setting (each costs ~10x a greedy run).
 MAGIC_GRID = {"α=0.1, β=0": dict(alpha=0.1, beta=0.0),
               "α=0.1, β=0.1, T=100": dict(alpha=0.1, beta=0.1, temperature=100.0)}
@@ -93,11 +101,16 @@ def main(argv=None) -> dict:
             captions += captioner.caption_embeddings(image_emb[i:i + args.batch_size])
         return captions, time.perf_counter() - start
 
+    def examples_pool(pipeline):  # MagicCaptioner's own choice: examples ranked by embedding consensus
+        return RetrievalCaptioner(pipeline, pool, consensus="embedding")
+
     cv: dict[str, dict] = {}
     n_cv = 0
     # without --skip-cv the cross-validation below replaces these (nofree's current defaults)
     chosen = {"examples": MAGIC_DEFAULTS["examples"], "source": MAGIC_DEFAULTS["examples_from"],
-              "alpha": MAGIC_DEFAULTS["alpha"], "beta": MAGIC_DEFAULTS["beta"]}
+              "alpha": MAGIC_DEFAULTS["alpha"], "beta": MAGIC_DEFAULTS["beta"],
+              "drafts": MAGIC_DEFAULTS["drafts"], "consensus": MAGIC_DEFAULTS["consensus"],
+              "with_retrieved": MAGIC_DEFAULTS["with_retrieved"]}
     if not args.skip_cv:
         order = torch.randperm(len(train.pairs), generator=torch.Generator().manual_seed(0))
         n_held = 4 if args.smoke else len(order)
@@ -106,7 +119,7 @@ def main(argv=None) -> dict:
             held = order[:n_held][fold::args.folds if not args.smoke else 2]
             kept = order[torch.isin(order, held, invert=True)]
             pipeline = pipeline_of(anchors_of(train, kept))
-            folds.append((held, pipeline, RetrievalCaptioner(pipeline, pool)))
+            folds.append((held, pipeline, examples_pool(pipeline)))
         references = [list(train.pairs[i].captions) for held, _, _ in folds for i in held.tolist()]
         n_cv = len(references)
 
@@ -118,36 +131,47 @@ def main(argv=None) -> dict:
             cv[name] = _score(captions, references, seconds, options)
             _print(name, cv[name])
 
-        captions, start = [], time.perf_counter()
-        for held, _, retrieval in folds:
-            captions += retrieval.caption_embeddings(train.image_emb[held])
-        cv["retrieval (for comparison; not a candidate)"] = _score(captions, references, time.perf_counter() - start)
+        for consensus in ("cider", "embedding"):
+            captions, start = [], time.perf_counter()
+            for held, pipeline, _ in folds:
+                captions += RetrievalCaptioner(pipeline, pool, consensus=consensus).caption_embeddings(
+                    train.image_emb[held])
+            cv[f"retrieval, {consensus} consensus (for comparison; not a candidate)"] = _score(
+                captions, references, time.perf_counter() - start)
         for name, options in grid.items():
             cross_validate(name, options)
         best = max(grid, key=lambda n: cv[n]["metrics"]["CIDEr"])
         chosen = dict(grid[best])
         for name, options in magic_grid.items():
             cross_validate(f"{best.removesuffix(', greedy')}, MAGIC {name}", {**chosen, **options})
+        cv.update(_consensus_grid(folds, train, references, lm, tokens, smoke=args.smoke))
         best = max((n for n in cv if cv[n]["options"]), key=lambda n: cv[n]["metrics"]["CIDEr"])
         chosen = cv[best]["options"]
 
     pipeline = pipeline_of(anchors_of(train))
-    retrieval = RetrievalCaptioner(pipeline, pool)
+    retrieval = examples_pool(pipeline)
     references = [list(p.captions) for p in val.pairs]
     results: dict[str, dict] = {}
-    start = time.perf_counter()
-    results[f"retrieval (ASIF + CSLS + consensus, {len(pool):,}-caption pool)"] = _score(
-        retrieval.caption_embeddings(val.image_emb), references, time.perf_counter() - start)
+    for consensus, m in (("cider", 50), ("embedding", 100)):
+        start = time.perf_counter()
+        captions = RetrievalCaptioner(pipeline, pool, consensus=consensus).caption_embeddings(val.image_emb)
+        results[f"retrieval (ASIF + CSLS + {consensus} consensus of the top {m}, {len(pool):,}-caption pool)"] = \
+            _score(captions, references, time.perf_counter() - start)
+    single = {**chosen, **SINGLE, "examples": MAGIC_DEFAULTS["examples"]}
     rows = {"plain prompting (instruction only, greedy; no image)":
-            dict(examples=0, alpha=0.0, beta=0.0, prompt=PLAIN_PROMPT),
+            dict(examples=0, alpha=0.0, beta=0.0, prompt=PLAIN_PROMPT, **SINGLE),
             "in-context, 5 from the anchors, greedy (the previous example source)":
-            dict(examples=5, source="anchors", alpha=0.0, beta=0.0),
-            "MAGIC + ASIF (α=0.1, β=2, T=100), 5 anchor examples (previous default)":
-            dict(examples=5, source="anchors", **PAPER_MAGIC),
-            f"MAGIC + ASIF (α=0.1, β=2, T=100), {chosen['examples']} pool examples":
-            {**chosen, **PAPER_MAGIC},
-            ("nofree's MAGIC defaults: " if args.skip_cv else "chosen by cross-validation: ")
-            + _describe(chosen): chosen}
+            dict(examples=5, source="anchors", alpha=0.0, beta=0.0, **SINGLE),
+            "MAGIC + ASIF (α=0.1, β=2, T=100), 5 anchor examples": dict(examples=5, source="anchors",
+                                                                        **PAPER_MAGIC, **SINGLE),
+            f"MAGIC + ASIF (α=0.1, β=2, T=100), {single['examples']} pool examples": {**single, **PAPER_MAGIC},
+            f"in-context, {single['examples']} from the pool, greedy (the previous default)":
+            {**single, "alpha": 0.0, "beta": 0.0}}
+    if chosen.get("with_retrieved"):
+        rows[_describe({**chosen, "with_retrieved": False}) + " (generated captions only)"] = \
+            {**chosen, "with_retrieved": False}
+    rows[("nofree's MAGIC defaults: " if args.skip_cv else "chosen by cross-validation: ")
+         + _describe(chosen)] = chosen
     for name, options in rows.items():
         captions, seconds = run(pipeline, retrieval, val.image_emb, options)
         results[name] = _score(captions, references, seconds, options)
@@ -162,7 +186,58 @@ def main(argv=None) -> dict:
     return out
 
 
-def _describe(options: dict) -> str:
+def _consensus_grid(folds, train, references, lm, tokens, *, smoke: bool) -> dict[str, dict]:
+    """CV of candidate sets chosen by CIDEr-D consensus: every window's caption is written once
+    per photo, then each subset / pseudo-reference count / retrieval candidate is scored."""
+    all_windows = WINDOW_SETS["8 windows"][:2 if smoke else None]
+    rows, refs_by_n, seconds = [], {n: [] for n in CONSENSUS_REFS}, 0.0
+    for held, pipeline, examples in folds:
+        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, windows=all_windows,
+                                                 with_retrieved=True, alpha=0.0, beta=0.0, **tokens)
+        start = time.perf_counter()
+        for i in range(0, len(held), 8):
+            emb = train.image_emb[held[i:i + 8]]
+            rows += captioner.candidates(emb)
+            for n in CONSENSUS_REFS:
+                refs_by_n[n] += examples.top(emb, n)
+        seconds += time.perf_counter() - start
+    cider = folds[0][2].cider  # n-gram weights from the pool, the same in every fold
+    out = {}
+    for set_name, windows in WINDOW_SETS.items():
+        cols = [all_windows.index(w) for w in windows if w in all_windows]
+        for with_retrieved in (False, True):
+            for n in CONSENSUS_REFS:
+                start = time.perf_counter()
+                captions = []
+                for row, refs in zip(rows, refs_by_n[n]):
+                    cands = [row[c] for c in cols] + (row[-1:] if with_retrieved else [])
+                    captions.append(cands[cider.choose(cands, refs)])
+                options = dict(examples=4, source="pool", alpha=0.0, beta=0.0, consensus=n,
+                               with_retrieved=with_retrieved)
+                if windows == WINDOW_SETS["8 windows"]:  # the schedule --drafts 8 writes
+                    options["drafts"] = 8
+                else:
+                    options["windows"] = list(windows)
+                name = _describe(options, set_name)
+                # time: the captions this subset writes (a share of all windows') + the choice
+                share = len(cols) / len(all_windows)
+                out[name] = _score(captions, references, seconds * share + time.perf_counter() - start, options)
+                _print(name, out[name])
+    return out
+
+
+def _describe(options: dict, windows_name: str | None = None) -> str:
+    windows = [tuple(w) for w in options.get("windows") or example_windows(options["examples"],
+                                                                            options.get("drafts", 1))]
+    if windows and (len(windows) > 1 or options.get("with_retrieved")):
+        if windows_name is None:
+            windows_name = next((k for k, v in WINDOW_SETS.items() if list(v) == windows),
+                                ", ".join(f"{a}:{n}" for a, n in windows))
+        text = f"pool examples in {windows_name}, greedy"
+        text += " + the retrieval caption" if options.get("with_retrieved") else ""
+        return text + f"; CIDEr-D consensus with the top {options['consensus']}"
+    if windows:
+        options = {**options, "examples": windows[0][1]}
     text = f"{options['examples']} examples from the {options.get('source', 'pool')}"
     if options.get("beta", 0) or options.get("alpha", 0):
         text += f", MAGIC α={options['alpha']}, β={options['beta']}"

@@ -1,15 +1,17 @@
 """Captioners: one ``caption(images) -> list[str]`` protocol over every method.
 
 - :class:`RetrievalCaptioner` picks, for each image, a caption from a text pool by ASIF
-  similarity, then re-ranks the top ``m`` candidates by *consensus*: how close each is, in the
-  text encoder's space, to the other candidates (Devlin et al., 2015, "Exploring Nearest
-  Neighbor Approaches for Image Captioning", choose the caption most similar to its
-  neighbours). The pool's embeddings and ASIF relative representations are computed once.
+  similarity, then re-ranks the top ``m`` candidates by *consensus* with the other retrieved
+  captions (Devlin et al., 2015, "Exploring Nearest Neighbor Approaches for Image Captioning",
+  choose the caption most similar to its neighbours): by CIDEr-D against the top retrieved
+  captions (:mod:`nofree.decoding.consensus`, the default) or by mean cosine in the text
+  encoder's space. The pool's embeddings and ASIF relative representations are computed once.
 - ``MagicCaptioner`` (``nofree.decoding``) and ``AdapterCaptioner`` (``nofree.adapters``)
   implement the same protocol.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,28 +50,67 @@ def consensus_rerank(asif_scores: Tensor, candidate_emb: Tensor, *, weight: floa
     return consensus_scores(asif_scores, candidate_emb, weight=weight).argmax(dim=1)
 
 
+#: How RetrievalCaptioner re-ranks its top candidates, and the default m for each (5-fold
+#: cross-validation on coco-mini ``train``, benchmarks/magic_quality.py: CIDEr-D consensus over
+#: the top 50 with 50 pseudo-references 52.0, embedding consensus over the top 100 47.2).
+CONSENSUS_RERANK = {"cider": 50, "embedding": 100}
+
+
 class RetrievalCaptioner:
     """Caption images with the best pool caption under an ASIF pipeline.
 
     ``pool`` is a list of candidate captions (e.g. ``caption_corpus.txt``; never the evaluation
-    references). ``rerank`` is the number m of top candidates re-ranked by consensus
-    (0 = plain argmax of the ASIF similarity), ``consensus_weight`` the mix described in
-    :func:`consensus_rerank`.
+    references). ``rerank`` is the number m of top candidates (by ASIF similarity) re-ranked by
+    consensus (0 or 1 = plain argmax of the ASIF similarity; default :data:`CONSENSUS_RERANK`).
+    ``consensus="cider"`` scores each candidate by CIDEr-D against the top ``references``
+    retrieved captions (leaving itself out; n-gram weights from the pool), ``"embedding"`` by its
+    mean text-encoder cosine to the other candidates, mixed with the ASIF score by
+    ``consensus_weight`` (see :func:`consensus_scores`).
     """
 
-    def __init__(self, pipeline: Any, pool: Sequence[str], *, rerank: int = 100,
-                 consensus_weight: float = 1.0, chunk: int = 4096) -> None:
+    def __init__(self, pipeline: Any, pool: Sequence[str], *, rerank: int | None = None,
+                 consensus: str = "cider", references: int = 50, consensus_weight: float = 1.0,
+                 chunk: int = 4096) -> None:
         if len(pool) == 0:
             raise DataError("the caption pool is empty: give --pool a text file with one caption a line")
-        if rerank < 0:
-            raise DataError(f"rerank must be >= 0, got {rerank}")
+        if consensus not in CONSENSUS_RERANK:
+            raise DataError(f"consensus must be one of {tuple(CONSENSUS_RERANK)}, got {consensus!r}")
+        rerank = CONSENSUS_RERANK[consensus] if rerank is None else rerank
+        if rerank < 0 or references < 1:
+            raise DataError(f"rerank must be >= 0 and references >= 1, got {rerank} and {references}")
         self.pipeline = pipeline
         self.pool = list(pool)
         self.rerank = min(rerank, len(self.pool))
+        self.consensus, self.references = consensus, min(references, len(self.pool))
         self.consensus_weight = consensus_weight
         self.chunk = chunk
+        self._cider = None
         self.pool_emb = l2_normalize(pipeline.encode_texts(self.pool))  # (P, Dt)
         self.pool_rel = pipeline.asif.transform(self.pool_emb, modality="text")
+
+    def with_consensus(self, consensus: str, rerank: int | None = None) -> "RetrievalCaptioner":
+        """The same pool (embeddings shared, nothing re-encoded) re-ranked another way."""
+        if consensus not in CONSENSUS_RERANK:
+            raise DataError(f"consensus must be one of {tuple(CONSENSUS_RERANK)}, got {consensus!r}")
+        other = copy.copy(self)
+        other.consensus = consensus
+        other.rerank = min(CONSENSUS_RERANK[consensus] if rerank is None else rerank, len(self.pool))
+        return other
+
+    @property
+    def cider(self) -> Any:
+        """:class:`~nofree.decoding.consensus.CiderD` with n-gram weights from the pool (built once)."""
+        if self._cider is None:
+            from nofree.decoding.consensus import CiderD
+
+            self._cider = CiderD(self.pool)
+        return self._cider
+
+    def top(self, image_emb: Tensor, n: int) -> list[list[str]]:
+        """Each image's ``n`` pool captions of highest ASIF similarity, best first (ties: pool order)."""
+        sim = self.scores(image_emb)
+        top = sim.argsort(dim=1, descending=True, stable=True)[:, :min(n, len(self.pool))]
+        return [[self.pool[j] for j in row] for row in top.tolist()]
 
     def scores(self, image_emb: Tensor) -> Tensor:
         """ASIF similarity ``(B, P)`` of images to every pool caption (the pipeline's, CSLS included)."""
@@ -78,16 +119,27 @@ class RetrievalCaptioner:
     def ranked(self, image_emb: Tensor, m: int) -> list[list[str]]:
         """For each image ``(B, Di)``, its ``m`` best distinct pool captions, best first.
 
-        Best means highest consensus among the top ``rerank`` pool captions by ASIF (plain
-        ASIF order when ``rerank`` <= 1); captions equal up to case and a final period count once.
+        Best means highest consensus among the top ``rerank`` pool captions by ASIF, then the
+        rest in ASIF order (plain ASIF order when ``rerank`` <= 1); captions equal up to case and
+        a final period count once.
         """
         sim = self.scores(image_emb)
-        depth = min(max(self.rerank, m), len(self.pool))
+        depth = min(max(self.rerank, m, self.references if self.consensus == "cider" else 0), len(self.pool))
         top = sim.argsort(dim=1, descending=True, stable=True)[:, :depth]   # ties: pool order
         top_scores = sim.gather(1, top)
-        if self.rerank > 1:
-            order = consensus_scores(top_scores, self.pool_emb[top], weight=self.consensus_weight)
-            top = top.gather(1, order.argsort(dim=1, descending=True, stable=True))
+        if self.rerank > 1 and self.consensus == "embedding":
+            order = consensus_scores(top_scores[:, :self.rerank], self.pool_emb[top[:, :self.rerank]],
+                                     weight=self.consensus_weight)
+            top = torch.cat([top[:, :self.rerank].gather(1, order.argsort(dim=1, descending=True, stable=True)),
+                             top[:, self.rerank:]], dim=1)
+        elif self.rerank > 1:
+            reordered = []
+            for row in top.tolist():
+                texts = [self.pool[j] for j in row]
+                score = self.cider.scores(texts[:self.rerank], texts[:self.references])
+                head = sorted(range(len(score)), key=lambda i: (-score[i], i))
+                reordered.append([row[i] for i in head] + row[self.rerank:])
+            top = torch.tensor(reordered, dtype=torch.long)
         out = []
         for row in top.tolist():
             chosen: dict[str, str] = {}
@@ -108,13 +160,25 @@ class RetrievalCaptioner:
 
 
 
+def example_windows(examples: int, drafts: int) -> list[tuple[int, int]]:
+    """The in-context example windows ``(first, count)`` of MAGIC's drafts, over the image's
+    ranked pool captions: the ``examples`` best, then fewer, more, and shifted windows
+    (``examples=4``: 0:4, 0:2, 0:3, 0:5, 1:4, 2:4, 4:4, 0:8), the first ``drafts`` of them."""
+    m = int(examples)
+    schedule = [(0, m), (0, max(1, m // 2)), (0, max(1, m - 1)), (0, m + 1), (1, m), (2, m), (m, m), (0, 2 * m)]
+    return list(dict.fromkeys(schedule))[:max(1, int(drafts))] if m else [(0, 0)]
+
+
 #: MAGIC defaults for the embedded instruct LM, chosen by 5-fold cross-validation on coco-mini
-#: ``train`` (benchmarks/magic_quality.py, RESULTS.md): 4 in-context examples from the caption
-#: pool. Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1 scored no better
-#: in CIDEr than α = β = 0, so the image reaches the LM through the retrieved examples; pass
-#: ``alpha=0.1, beta=2`` (the paper's values, :data:`MAGIC_PAPER`) to steer every step.
+#: ``train`` (benchmarks/magic_quality.py, RESULTS.md): in-context examples from the caption pool;
+#: the LM writes 8 drafts (one per window of :func:`example_windows`), the retrieval caption is
+#: added, and the candidate with the highest CIDEr-D against the image's 20 top retrieved
+#: captions is kept. Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1
+#: scored no better in CIDEr than α = β = 0, so the image reaches the LM through the retrieved
+#: examples; pass ``alpha=0.1, beta=2`` (the paper's values, :data:`MAGIC_PAPER`) to steer
+#: every step.
 MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "examples": 4,
-                  "examples_from": "pool",
+                  "examples_from": "pool", "drafts": 8, "consensus": 20, "with_retrieved": True,
                   "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
 #: The MAGIC paper's weights (Su et al., 2022, COCO): what a scorer-steered run uses.
 MAGIC_PAPER = {"alpha": 0.1, "beta": 2.0}
@@ -127,10 +191,19 @@ class MagicCaptioner:
     ``prompt`` is the instruction (wrapped in the LM's chat template when it has one); with
     ``examples`` > 0, m captions chosen for the image are listed in the prompt as in-context
     examples (``pipeline`` is then required): ``examples_from="pool"`` takes the m best captions
-    of ``pool`` (a :class:`RetrievalCaptioner` or a list of captions; default the bundled 24k
-    COCO captions) by ASIF retrieval + consensus, ``"anchors"`` the m anchor captions nearest to
+    of ``pool`` by ASIF retrieval + consensus (a :class:`RetrievalCaptioner`, whose ranking is used
+    as it is, or a list of captions, ranked by embedding consensus as the defaults were tuned;
+    default the bundled 24k COCO captions), ``"anchors"`` the m anchor captions nearest to
     the image by ASIF. The scorer (e.g.
     :class:`~nofree.decoding.scorers.AsifScorer`) sees only the generated continuation.
+
+    Several candidates, one kept (pool examples only): the LM writes ``drafts`` captions, each
+    with another window ``(first, count)`` of the image's ranked pool captions as its examples
+    (:func:`example_windows`; ``windows`` gives the list explicitly), ``with_retrieved`` adds the
+    retrieval caption itself, and among more than one candidate the kept one has the highest
+    CIDEr-D against the image's top ``consensus`` pool captions by ASIF similarity
+    (:mod:`nofree.decoding.consensus`: minimum-Bayes-risk selection with retrieved captions as
+    pseudo-references). ``drafts=1, with_retrieved=False`` is one plain caption.
     """
 
     def __init__(self, lm: Any, scorer: Any, *, pipeline: Any = None, image_encoder: Any = None,
@@ -138,7 +211,10 @@ class MagicCaptioner:
                  prompt: str = MAGIC_DEFAULTS["prompt"], examples: int = MAGIC_DEFAULTS["examples"],
                  k: int = MAGIC_DEFAULTS["k"], alpha: float = MAGIC_DEFAULTS["alpha"],
                  beta: float = MAGIC_DEFAULTS["beta"],
-                 max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"], pool: Any = None) -> None:
+                 max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"], pool: Any = None,
+                 drafts: int = MAGIC_DEFAULTS["drafts"], windows: Sequence[tuple[int, int]] | None = None,
+                 consensus: int = MAGIC_DEFAULTS["consensus"],
+                 with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"]) -> None:
         if not prompt or not prompt.strip():
             raise DataError("the MAGIC prompt is empty: give --prompt a short instruction, e.g. "
                             f"{PLAIN_PROMPT!r}")
@@ -148,6 +224,15 @@ class MagicCaptioner:
             raise DataError(f"k={k} is larger than the LM's vocabulary ({lm.vocab_size}); use a smaller --k")
         if examples_from not in ("pool", "anchors"):
             raise DataError(f"examples_from={examples_from!r}: choose 'pool' or 'anchors'")
+        if drafts < 1:
+            raise DataError(f"drafts must be >= 1, got {drafts}")
+        if not examples or examples_from != "pool":
+            drafts, windows, with_retrieved = 1, None, False  # several candidates need the pool's rankings
+        windows = example_windows(examples, drafts) if windows is None else [(int(a), int(n)) for a, n in windows]
+        if not windows or any(a < 0 or n < 0 for a, n in windows):
+            raise DataError(f"windows must be (first >= 0, count >= 0) pairs, got {windows}")
+        if consensus < 1:
+            raise DataError(f"consensus (pseudo-references) must be >= 1, got {consensus}")
         self.lm, self.scorer, self.pipeline = lm, scorer, pipeline
         self.examples_from = examples_from
         if examples and examples_from == "pool" and not isinstance(pool, RetrievalCaptioner):
@@ -155,8 +240,10 @@ class MagicCaptioner:
                 from nofree.data.pairs import load_text_lines
 
                 pool = load_text_lines(default_pool_path())
-            pool = RetrievalCaptioner(pipeline, pool)
+            # examples ranked by embedding consensus: the order the defaults were tuned with
+            pool = RetrievalCaptioner(pipeline, pool, consensus="embedding")
         self.pool = pool if examples and examples_from == "pool" else None
+        self.windows, self.consensus, self.with_retrieved = windows, int(consensus), bool(with_retrieved)
         self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
         self.prompt, self.examples = prompt.strip(), int(examples)
         self.k, self.alpha, self.beta, self.max_new_tokens = int(k), float(alpha), float(beta), int(max_new_tokens)
@@ -184,12 +271,14 @@ class MagicCaptioner:
         scorer = AsifScorer(pipeline.asif, pipeline.text_encoder, pipeline.image_encoder, **extra)
         return cls(lm, scorer, pipeline=pipeline, **options)
 
-    def example_captions(self, image_emb: Tensor) -> list[list[str]]:
-        """For each image, its ``examples`` distinct in-context captions (pool or anchors)."""
-        if not self.examples:
+    def example_captions(self, image_emb: Tensor, count: int | None = None) -> list[list[str]]:
+        """For each image, its ``count`` (default ``examples``) best distinct captions, best
+        first (pool or anchors)."""
+        count = self.examples if count is None else count
+        if not count:
             return [[] for _ in range(len(image_emb))]
         if self.pool is not None:
-            return self.pool.ranked(image_emb, self.examples)
+            return self.pool.ranked(image_emb, count)
         anchors = self.pipeline.anchors
         sim = self.pipeline.similarity(image_emb, anchors.text)  # (B, N)
         order = sim.argsort(dim=1, descending=True)
@@ -200,32 +289,56 @@ class MagicCaptioner:
                 caption = anchors.captions[j].strip()
                 if caption.lower() not in {c.lower() for c in chosen}:
                     chosen.append(caption)
-                if len(chosen) == self.examples:
+                if len(chosen) == count:
                     break
             out.append(chosen)
         return out
 
-    def prompt_texts(self, image_emb: Tensor) -> list[str]:
-        """The full prompt of each image (instruction, examples, chat template)."""
+    def prompt_texts(self, image_emb: Tensor, window: tuple[int, int] | None = None,
+                     ranked: list[list[str]] | None = None) -> list[str]:
+        """The full prompt of each image (instruction, examples, chat template) for one example
+        ``window`` ``(first, count)`` (default: the first of ``windows``)."""
+        first, count = window or self.windows[0]
+        if ranked is None:
+            ranked = self.example_captions(image_emb, first + count)
         texts = []
-        for examples in self.example_captions(image_emb):
+        for examples in ranked:
+            examples = examples[first:first + count]
             user = self.prompt if not examples else \
                 self.prompt + "\n" + "\n".join(f"- {c.rstrip('.')}." for c in examples)
             texts.append(self.lm.chat_prompt(user))
         return texts
 
-    def caption_embeddings(self, image_emb: Tensor) -> list[str]:
-        """Captions for images already embedded by the image encoder ``(B, Di)``."""
+    def candidates(self, image_emb: Tensor) -> list[list[str]]:
+        """Each image's candidate captions: one written per example window, then the retrieval
+        caption when ``with_retrieved`` (the best-ranked pool caption)."""
         from nofree.decoding.magic import greedy_search, magic_search
 
-        prompt_ids = [self.lm.tokenizer.encode(t, add_special_tokens=False) for t in self.prompt_texts(image_emb)]
-        if self.alpha == 0 and self.beta == 0:  # identical tokens (tested), without the k-candidate forwards
-            out = greedy_search(self.lm, prompt_ids, max_new_tokens=self.max_new_tokens)
-        else:
-            out = magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
-                               alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
-                               trace=False)
-        return [clean_caption(text) for text in out.texts]
+        ranked = self.example_captions(image_emb, max(a + n for a, n in self.windows))
+        out: list[list[str]] = [[] for _ in range(len(image_emb))]
+        for window in self.windows:
+            prompt_ids = [self.lm.tokenizer.encode(t, add_special_tokens=False)
+                          for t in self.prompt_texts(image_emb, window, ranked)]
+            if self.alpha == 0 and self.beta == 0:  # identical tokens (tested), without the k-candidate forwards
+                gen = greedy_search(self.lm, prompt_ids, max_new_tokens=self.max_new_tokens)
+            else:
+                gen = magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
+                                   alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
+                                   trace=False)
+            for row, text in zip(out, gen.texts):
+                row.append(clean_caption(text))
+        if self.with_retrieved:
+            for row, examples in zip(out, ranked):
+                row.append(examples[0].strip())
+        return out
+
+    def caption_embeddings(self, image_emb: Tensor) -> list[str]:
+        """Captions for images already embedded by the image encoder ``(B, Di)``."""
+        candidates = self.candidates(image_emb)
+        if all(len(row) == 1 for row in candidates):
+            return [row[0] for row in candidates]
+        references = self.pool.top(image_emb, self.consensus)
+        return [row[self.pool.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
 
     def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
         """One caption per image (paths or PIL images)."""

@@ -342,6 +342,19 @@ def _target_texts(target: Path) -> list[str]:
 
 
 # --- captioning ---------------------------------------------------------------------------
+def _parse_windows(ctx, param, value):
+    """``"0:4,1:4"`` -> ``[(0, 4), (1, 4)]``."""
+    if value is None:
+        return None
+    try:
+        windows = [tuple(int(x) for x in part.split(":")) for part in value.split(",") if part.strip()]
+    except ValueError:
+        windows = []
+    if not windows or any(len(w) != 2 or w[0] < 0 or w[1] < 0 for w in windows):
+        raise click.BadParameter(f"{value!r}: give FIRST:COUNT pairs separated by commas, e.g. 0:4,1:4")
+    return windows
+
+
 @main.command()
 @click.option("--method", type=click.Choice(["retrieval", "magic", "clipcap", "flamingo"]),
               default="magic", show_default=True)
@@ -365,6 +378,17 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--examples-from", type=click.Choice(["pool", "anchors"]), default=None,
               help="MAGIC: take the examples from the caption pool (retrieval + consensus; the default) "
                    "or from the anchor captions nearest by ASIF.")
+@click.option("--drafts", type=click.IntRange(min=1), default=None,
+              help="MAGIC: captions written per photo, each with another window of pool examples; the "
+                   "one agreeing most with the retrieved captions is kept (default 8; 1: a single draft).")
+@click.option("--windows", callback=_parse_windows, default=None,
+              help="MAGIC: the drafts' example windows FIRST:COUNT over the photo's ranked pool captions, "
+                   "comma-separated (overrides --drafts), e.g. 0:4,1:4.")
+@click.option("--consensus", type=click.IntRange(min=1), default=None,
+              help="MAGIC: retrieved captions used as pseudo-references to choose among candidates "
+                   "(CIDEr-D; default 20).")
+@click.option("--with-retrieved/--no-retrieved", default=None,
+              help="MAGIC: also offer the retrieval caption as a candidate (default: yes).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
                    "and can change a few words).")
@@ -373,15 +397,18 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, prompt, examples,
-            examples_from, precision, batch_size, device, fmt, images):
+            examples_from, drafts, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
+            images):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioners import caption_paths, load_captioner
 
     options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens,
                "prompt": prompt, "examples": examples, "examples_from": examples_from,
+               "drafts": drafts, "windows": windows, "consensus": consensus, "with_retrieved": with_retrieved,
                "precision": precision}
+    options = {k: v for k, v in options.items() if v is not None}
     captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
-                               device=device, options={k: v for k, v in options.items() if v is not None})
+                               device=device, options=options)
     paths = _image_paths(images)
     rows = caption_paths(captioner, paths, batch_size=batch_size)
     _emit(rows, fmt, ["image", "caption"])

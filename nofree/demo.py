@@ -91,9 +91,12 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
 
 
 def _magic_captions(pipeline, retrieval, lm, pairs, device, echo) -> list[str]:
-    """Captions with nofree's MAGIC defaults: the embedded LM, in-context examples from the pool."""
+    """Captions with nofree's MAGIC defaults: the embedded LM writes one caption per window of
+    in-context examples from the pool, and the one agreeing most with the retrieved captions is kept."""
     from nofree.captioners import MagicCaptioner
 
-    echo("captioning with MAGIC (frozen SmolLM2, retrieved in-context examples) ...")
-    captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, pool=retrieval)
+    echo("captioning with MAGIC (frozen SmolLM2, retrieved in-context examples, 8 drafts per photo) ...")
+    # in-context examples ranked by embedding consensus, as MAGIC's defaults were tuned
+    captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device,
+                                             pool=retrieval.with_consensus("embedding"))
     return captioner.caption([p.image for p in pairs])

@@ -292,3 +292,60 @@ def test_default_anchor_chunk_follows_the_scan_precision(monkeypatch, precision)
     widths.clear()
     topk.cosine_topk(query, anchors, 20, precision=precision, anchor_chunk=1000)
     assert max(widths) == 1000
+
+
+def _torch_select(s, thr):
+    r, c = (s >= thr.to(s.dtype)[:, None]).nonzero(as_tuple=True)
+    return r, c, s[r, c]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.float32])
+def test_native_select_equals_torch_ops(dtype):
+    """The compiled tile selection returns the same entries, in the same order, as torch ops,
+    including hits in the last partial column block and more hits than its first buffer holds."""
+    from nofree.anchors.native import library, select_above
+
+    if library() is None:
+        pytest.skip("no C compiler: the native scan is optional")
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(37, 203, generator=g) * 1000).to(dtype)  # 203 = 3 blocks of 64 + 11
+    wide = s[:, :150]  # a strided view: rows are not contiguous
+    for tile in (s, wide):
+        for thr in (tile.float().quantile(0.97, dim=1), tile.float().amin(dim=1)):  # few hits / all hits
+            thr = thr.to(dtype)
+            got = select_above(tile, thr)
+            want = _torch_select(tile, thr)
+            assert got[0].numel() == want[0].numel() > 0
+            for a, b in zip(got, want):
+                assert torch.equal(a.to(b.dtype), b)
+    thr = torch.full((37,), torch.iinfo(torch.int16).max if dtype == torch.int16 else 10 ** 6).to(dtype)
+    assert select_above(s, thr)[0].numel() == 0
+    torch.set_num_threads(2)  # rows split over two threads (the fixture restores the count)
+    tall = (torch.randn(700, 130, generator=g) * 1000).to(dtype)
+    thr = tall.float().quantile(0.9, dim=1).to(dtype)
+    for a, b in zip(select_above(tall, thr), _torch_select(tall, thr)):
+        assert torch.equal(a.to(b.dtype), b)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_scan_same_with_and_without_native(monkeypatch, precision):
+    anchors, x = clustered(3000, 32, seed=1), clustered(40, 32, seed=2)
+    v0, i0 = cosine_topk(x, anchors, 30, precision=precision, anchor_chunk=256, query_chunk=16)
+    monkeypatch.setattr(topk, "select_above", lambda s, thr: None)
+    v1, i1 = cosine_topk(x, anchors, 30, precision=precision, anchor_chunk=256, query_chunk=16)
+    assert torch.equal(i0, i1) and torch.equal(v0, v1)
+
+
+def test_native_library_can_be_switched_off(monkeypatch, tmp_path):
+    import nofree.anchors.native as native
+
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("NOFREE_NATIVE", "0")
+    assert native.library() is None and native.select_above(torch.zeros(2, 2, dtype=torch.int32),
+                                                             torch.zeros(2, dtype=torch.int32)) is None
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("NOFREE_NATIVE", "1")
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    assert native.library() is None  # no compiler: torch ops, no error

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nofree.anchors.pipeline import AsifPipeline
-from nofree.captioners import MagicCaptioner, RetrievalCaptioner, clean_caption
+from nofree.captioners import MagicCaptioner, RetrievalCaptioner, clean_caption, example_windows
 from nofree.cli import main
 from nofree.core import DataError
 from nofree.decoding.magic import magic_search
@@ -67,7 +67,7 @@ def test_pool_examples_follow_the_retrieval_ranking(parts):
     assert plain.ranked(image_emb, 4)[0] == list(distinct.values())[:4]
     from_list = captioner(parts, examples=2, examples_from="pool", pool=POOL)
     assert from_list.example_captions(image_emb) == \
-        RetrievalCaptioner(pipeline, POOL).ranked(image_emb, 2)
+        RetrievalCaptioner(pipeline, POOL, consensus="embedding").ranked(image_emb, 2)
     prompt = from_list.prompt_texts(image_emb)[1]
     assert all(e.rstrip(".") in prompt for e in from_list.example_captions(image_emb)[1])
 
@@ -144,3 +144,69 @@ def test_bf16_captioner_runs_a_bf16_copy_of_the_lm(parts):
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     with pytest.raises(DataError, match="precision"):
         captioner(parts, precision="fp16")
+
+
+def test_cider_retrieval_keeps_the_candidate_with_most_consensus(parts):
+    pipeline, _ = parts
+    image_emb = pipeline.encode_images([_img(4), _img(8)])
+    retrieval = RetrievalCaptioner(pipeline, POOL, rerank=4, references=5)
+    tops = retrieval.top(image_emb, 5)
+    for top, got in zip(tops, retrieval.caption_embeddings(image_emb)):
+        scores = retrieval.cider.scores(top[:4], top)
+        assert got == top[max(range(4), key=lambda i: (scores[i], -i))]
+    assert RetrievalCaptioner(pipeline, POOL, rerank=0).caption_embeddings(image_emb) == \
+        [row[0] for row in tops]  # no re-ranking: the ASIF argmax
+    with pytest.raises(DataError, match="consensus must be one of"):
+        RetrievalCaptioner(pipeline, POOL, consensus="votes")
+
+
+def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts):
+    pipeline, lm = parts
+    image_emb = pipeline.encode_images([_img(4), _img(8), _img(1)])
+    windows = [(0, 2), (1, 2), (3, 1)]
+    cap = captioner(parts, examples_from="pool", pool=POOL, windows=windows, consensus=3)
+    ranked = cap.example_captions(image_emb, 4)
+    prompt = cap.prompt_texts(image_emb, (1, 2))[0]
+    assert ranked[0][1] in prompt and ranked[0][2] in prompt and f"- {ranked[0][0]}" not in prompt
+    candidates = cap.candidates(image_emb)
+    assert [len(row) for row in candidates] == [4, 4, 4]
+    assert [row[-1] for row in candidates] == [r[0] for r in ranked]  # the retrieval caption
+    single = captioner(parts, examples_from="pool", pool=POOL, windows=[(1, 2)], with_retrieved=False)
+    assert single.caption_embeddings(image_emb) == [row[1] for row in candidates]  # one window, no choice
+    refs = cap.pool.top(image_emb, 3)
+    chosen = cap.caption_embeddings(image_emb)
+    assert chosen == [row[cap.pool.cider.choose(row, r)] for row, r in zip(candidates, refs)]
+    assert [cap.caption_embeddings(image_emb[i:i + 1])[0] for i in range(3)] == chosen  # batch-independent
+    with pytest.raises(DataError, match="windows must be"):
+        captioner(parts, examples_from="pool", pool=POOL, windows=[(-1, 2)])
+    with pytest.raises(DataError, match="drafts must be"):
+        captioner(parts, examples_from="pool", pool=POOL, drafts=0)
+    drafts = captioner(parts, examples_from="pool", pool=POOL, examples=2, drafts=3)
+    assert drafts.windows == example_windows(2, 3) == [(0, 2), (0, 1), (0, 3)]
+
+
+def test_example_window_schedule():
+    assert example_windows(4, 8) == [(0, 4), (0, 2), (0, 3), (0, 5), (1, 4), (2, 4), (4, 4), (0, 8)]
+    assert example_windows(4, 1) == [(0, 4)] and example_windows(0, 8) == [(0, 0)]
+    one = example_windows(1, 8)
+    assert one[0] == (0, 1) and len(one) == len(set(one))  # repeated windows are written once
+
+
+def test_cli_windows_are_parsed_and_checked(runner, tmp_path, specs):  # noqa: F811
+    from nofree.testing import make_tiny_lm_dir
+
+    _, out, _ = build_set(runner, tmp_path, specs)
+    image = str(next((tmp_path / "data").glob("*.png")))
+    lm_dir = make_tiny_lm_dir(tmp_path / "lm", family="llama")
+    pool = tmp_path / "pool.txt"
+    pool.write_text("a red bus\nphoto of a thing\na dog on grass\n")
+    base = ["caption", "--method", "magic", "--anchors", str(out), "--lm", f"local:{lm_dir}", "--pool",
+            str(pool), "--max-tokens", "3", "--format", "jsonl"]
+    for extra in (["--windows", "0:2,1:1", "--consensus", "2", "--no-retrieved"], ["--drafts", "2"]):
+        result = runner.invoke(main, [*base, *extra, image])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, [*base, "--windows", "0-2", image])
+    assert result.exit_code != 0 and "FIRST:COUNT" in result.output
+    result = runner.invoke(main, ["caption", "--method", "retrieval", "--anchors", str(out),
+                                  "--windows", "0:2", image])
+    assert result.exit_code != 0 and "takes no --windows" in result.output
