@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.anchors.native import select_above
 from nofree.core import DataError, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -246,14 +245,9 @@ _CODECS = {"fp32": _Fp32, "bf16": _Bf16, "int8": _Int8}
 def _select(s: Tensor, thr: Tensor, grouped: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Entries ``s[r, c] >= thr[r]`` of ``s (R, C)``: rows, cols, values (dtype of ``s``).
 
-    The compiled loop of :mod:`nofree.anchors.native` when it is available (one pass over the
-    tile); otherwise torch ops, where ``grouped`` first compares each group of 16 columns'
-    maximum with the row threshold and looks inside passing groups only (about 3x cheaper than a
-    full mask when few entries pass).
+    ``grouped``: first compare each group of 16 columns' maximum with the row threshold and look
+    inside passing groups only; about 3x cheaper than a full mask when few entries pass.
     """
-    found = select_above(s, thr)
-    if found is not None:
-        return found
     r_, c_ = s.shape
     thr = thr.to(s.dtype)[:, None]
     if grouped and c_ % _GROUP == 0:
