@@ -12,10 +12,14 @@ as the frozen LM, the bundled 24k-caption text pool (no coco-mini photo's captio
    settings the cross-validation chose, each run once. ``val`` chooses nothing.
 
 Methods, all through the captioners the CLI uses: plain prompting (the instruction only: one
-caption for every photo), retrieval (ASIF + CSLS + consensus re-ranking over the pool),
-in-context examples (the m best captions for the photo, from the pool by retrieval + consensus or
-from the anchors by ASIF, listed in the prompt; greedy decoding), and MAGIC (the same prompt,
-each step's top-k candidates re-weighted by the ASIF image–text score, Su et al., 2022).
+caption for every photo), retrieval (ASIF + CSLS + consensus re-ranking over the pool, by CIDEr-D
+or by text-embedding cosine), in-context examples (the m best captions for the photo, from the
+pool by retrieval + consensus or from the anchors by ASIF, listed in the prompt; greedy
+decoding), MAGIC (the same prompt, each step's top-k candidates re-weighted by the ASIF
+image–text score, Su et al., 2022), and drafts + consensus (several greedy drafts with different
+windows of pool examples, optionally the retrieval caption, the one with the highest CIDEr-D
+against the photo's top retrieved captions kept; every draft is written once per fold and the
+selection settings are scored from them).
 
     python -m benchmarks.magic_quality [--folds 5] [--skip-cv] [--json PATH] [--smoke]
 """
@@ -28,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from nofree.captioners import (MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner, RetrievalCaptioner,
-                               default_pool_path, example_windows)
+from nofree.captioners import (CONSENSUS_RERANK, MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner,
+                               RetrievalCaptioner, default_pool_path, example_windows)
 from nofree.core import DEFAULT_LM
 
 #: The cross-validation grid: name -> MagicCaptioner options (``source``: where examples come from);
@@ -41,7 +45,7 @@ GRID = {
     **{f"in-context, {m} from the pool, greedy": dict(examples=m, source="pool", alpha=0.0, beta=0.0, **SINGLE)
        for m in (1, 2, 3, 4, 5)},
 }
-#: Several candidates, one kept: subsets of EXAMPLE_WINDOWS (one greedy caption each), with or
+#: Several candidates, one kept: subsets of example_windows(4, 8) (one greedy draft each), with or
 #: without the retrieval caption, chosen by CIDEr-D against the top N retrieved pool captions.
 WINDOW_SETS = {"8 windows": tuple(example_windows(4, 8)),
                "4 windows of 4 (from 1st, 2nd, 3rd, 5th)": ((0, 4), (1, 4), (2, 4), (4, 4)),
@@ -152,7 +156,7 @@ def main(argv=None) -> dict:
     retrieval = examples_pool(pipeline)
     references = [list(p.captions) for p in val.pairs]
     results: dict[str, dict] = {}
-    for consensus, m in (("cider", 50), ("embedding", 100)):
+    for consensus, m in CONSENSUS_RERANK.items():
         start = time.perf_counter()
         captions = RetrievalCaptioner(pipeline, pool, consensus=consensus).caption_embeddings(val.image_emb)
         results[f"retrieval (ASIF + CSLS + {consensus} consensus of the top {m}, {len(pool):,}-caption pool)"] = \
