@@ -158,6 +158,10 @@ def test_cider_retrieval_keeps_the_candidate_with_most_consensus(parts):
         [row[0] for row in tops]  # no re-ranking: the ASIF argmax
     with pytest.raises(DataError, match="consensus must be one of"):
         RetrievalCaptioner(pipeline, POOL, consensus="votes")
+    by_embedding = retrieval.with_consensus("embedding")  # shares the encoded pool, ranks the other way
+    assert by_embedding.pool_rel is retrieval.pool_rel and retrieval.consensus == "cider"
+    assert by_embedding.ranked(image_emb, 3) == \
+        RetrievalCaptioner(pipeline, POOL, consensus="embedding").ranked(image_emb, 3)
 
 
 def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts):
