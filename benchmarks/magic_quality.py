@@ -202,8 +202,9 @@ def _consensus_grid(folds, train, references, lm, tokens, *, smoke: bool) -> dic
         for i in range(0, len(held), 8):
             emb = train.image_emb[held[i:i + 8]]
             rows += captioner.candidates(emb)
+            top = examples.top(emb, max(CONSENSUS_REFS))  # each n's references are a prefix
             for n in CONSENSUS_REFS:
-                refs_by_n[n] += examples.top(emb, n)
+                refs_by_n[n] += [row[:n] for row in top]
         seconds += time.perf_counter() - start
     cider = folds[0][2].cider  # n-gram weights from the pool, the same in every fold
     out = {}

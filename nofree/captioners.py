@@ -56,6 +56,13 @@ def consensus_rerank(asif_scores: Tensor, candidate_emb: Tensor, *, weight: floa
 CONSENSUS_RERANK = {"cider": 50, "embedding": 100}
 
 
+def _rerank_depth(consensus: str, rerank: int | None) -> int:
+    """``rerank``, or the default m of ``consensus``; an unknown consensus is a clear error."""
+    if consensus not in CONSENSUS_RERANK:
+        raise DataError(f"consensus must be one of {tuple(CONSENSUS_RERANK)}, got {consensus!r}")
+    return CONSENSUS_RERANK[consensus] if rerank is None else rerank
+
+
 class RetrievalCaptioner:
     """Caption images with the best pool caption under an ASIF pipeline.
 
@@ -73,9 +80,7 @@ class RetrievalCaptioner:
                  chunk: int = 4096) -> None:
         if len(pool) == 0:
             raise DataError("the caption pool is empty: give --pool a text file with one caption a line")
-        if consensus not in CONSENSUS_RERANK:
-            raise DataError(f"consensus must be one of {tuple(CONSENSUS_RERANK)}, got {consensus!r}")
-        rerank = CONSENSUS_RERANK[consensus] if rerank is None else rerank
+        rerank = _rerank_depth(consensus, rerank)
         if rerank < 0 or references < 1:
             raise DataError(f"rerank must be >= 0 and references >= 1, got {rerank} and {references}")
         self.pipeline = pipeline
@@ -90,11 +95,9 @@ class RetrievalCaptioner:
 
     def with_consensus(self, consensus: str, rerank: int | None = None) -> "RetrievalCaptioner":
         """The same pool (embeddings shared, nothing re-encoded) re-ranked another way."""
-        if consensus not in CONSENSUS_RERANK:
-            raise DataError(f"consensus must be one of {tuple(CONSENSUS_RERANK)}, got {consensus!r}")
         other = copy.copy(self)
+        other.rerank = min(_rerank_depth(consensus, rerank), len(self.pool))
         other.consensus = consensus
-        other.rerank = min(CONSENSUS_RERANK[consensus] if rerank is None else rerank, len(self.pool))
         return other
 
     @property
