@@ -207,6 +207,10 @@ class MagicCaptioner:
     CIDEr-D against the image's top ``consensus`` pool captions by ASIF similarity
     (:mod:`nofree.decoding.consensus`: minimum-Bayes-risk selection with retrieved captions as
     pseudo-references). ``drafts=1, with_retrieved=False`` is one plain caption.
+
+    ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
+    with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.packing`; float32
+    outputs equal to ~1e-6, 1.2–2× faster steps), shared with every captioner of that LM.
     """
 
     def __init__(self, lm: Any, scorer: Any, *, pipeline: Any = None, image_encoder: Any = None,
@@ -217,7 +221,7 @@ class MagicCaptioner:
                  max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"], pool: Any = None,
                  drafts: int = MAGIC_DEFAULTS["drafts"], windows: Sequence[tuple[int, int]] | None = None,
                  consensus: int = MAGIC_DEFAULTS["consensus"],
-                 with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"]) -> None:
+                 with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"], packed: bool = True) -> None:
         if not prompt or not prompt.strip():
             raise DataError("the MAGIC prompt is empty: give --prompt a short instruction, e.g. "
                             f"{PLAIN_PROMPT!r}")
@@ -236,7 +240,8 @@ class MagicCaptioner:
             raise DataError(f"windows must be (first >= 0, count >= 0) pairs, got {windows}")
         if consensus < 1:
             raise DataError(f"consensus (pseudo-references) must be >= 1, got {consensus}")
-        self.lm, self.scorer, self.pipeline = lm, scorer, pipeline
+        self.lm = lm.packed() if packed and hasattr(lm, "packed") else lm
+        self.scorer, self.pipeline = scorer, pipeline
         self.examples_from = examples_from
         if examples and examples_from == "pool" and not isinstance(pool, RetrievalCaptioner):
             if pool is None:

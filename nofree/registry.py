@@ -222,18 +222,25 @@ def load_encoder(spec: str, *, modality: str | None = None,
 LM_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_lm(spec: str, *, device: str | torch.device | None = None, precision: str = "fp32") -> Any:
+def load_lm(spec: str, *, device: str | torch.device | None = None, precision: str = "fp32",
+            packed: bool = False) -> Any:
     """A frozen :class:`nofree.core.LanguageModel` for ``hf-lm:``, ``local:`` or
-    ``embedded:smollm2-135m`` on ``device`` (default CPU); cached per ``(spec, device, precision)``.
+    ``embedded:smollm2-135m`` on ``device`` (default CPU); cached per
+    ``(spec, device, precision)``.
 
     ``precision="bf16"``: weights and matmuls in bfloat16 (hidden states and logits still come
     back float32); about twice as fast on CPUs with bf16 units, and greedy choices between
-    near-tied tokens can differ from float32.
+    near-tied tokens can differ from float32. ``packed=True``: an inference-only copy with the
+    linear weights packed for the CPU's matrix kernels (``HFLanguageModel.packed()``; faster
+    decoding, one more copy of the linear weights, no gradients through it): for captioning,
+    not for training adapters.
     """
     if precision not in LM_PRECISIONS:
         raise SpecError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
     spec = normalize_spec(spec)
     dev = resolve_device(device)
+    if packed:  # made once per LM and kept by it
+        return load_lm(spec, device=dev, precision=precision).packed()
     if precision != "fp32":
         key = (spec, "lm", str(dev), precision)
         if key not in _CACHE:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from nofree.core import LMStep, MissingDependencyError, SpecError, resolve_device
 from nofree.encoders.base import freeze
+from nofree.packing import PackedLinear, packed_copy
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,20 +52,46 @@ class HFLanguageModel:
         self.eos_id = int(eos_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
+        self._packed: HFLanguageModel | None = None
 
     def __repr__(self) -> str:
         dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).removeprefix('torch.')}"
-        return f"HFLanguageModel({self.spec!r}, H={self.hidden_size}, V={self.vocab_size}{dtype})"
+        packed = ", packed" if self.is_packed else ""
+        return f"HFLanguageModel({self.spec!r}, H={self.hidden_size}, V={self.vocab_size}{dtype}{packed})"
 
     @property
     def dtype(self) -> torch.dtype:
         """The weights' dtype (hidden states and logits always come back float32)."""
         return self.model.get_output_embeddings().weight.dtype
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether this is an inference-only copy made by :meth:`packed`."""
+        return any(isinstance(m, PackedLinear) for m in self.model.modules())
+
+    def packed(self) -> "HFLanguageModel":
+        """An inference-only copy whose linear layers keep their weights packed for the CPU's
+        matrix kernels (:mod:`nofree.packing`): same outputs (float32 to ~1e-6), 1.2–2× faster
+        steps at decoding sizes. Every tensor is shared with ``self`` except the packed matrices
+        (one more copy of each linear weight), made once and kept. No gradient flows through it:
+        adapters train through ``self``. ``self`` when nothing can be packed here (e.g. a GPU
+        model).
+        """
+        if self._packed is None and self.is_packed:
+            self._packed = self
+        elif self._packed is None:
+            model, count = packed_copy(self.model)
+            self._packed = self if count == 0 else \
+                HFLanguageModel(model, self.tokenizer, spec=self.spec, eos_id=self.eos_id, device=self.device)
+            self._packed._packed = self._packed
+        return self._packed
+
     def to_dtype(self, dtype: torch.dtype) -> "HFLanguageModel":
         """This LM with its weights in ``dtype`` (a copy; ``self`` when already in it)."""
         if dtype == self.dtype:
             return self
+        if self.is_packed:
+            raise ValueError("to_dtype() on a packed LM: change the dtype first, then call packed()")
         return HFLanguageModel(copy.deepcopy(self.model).to(dtype), self.tokenizer, spec=self.spec,
                                eos_id=self.eos_id, device=self.device)
 
