@@ -52,17 +52,18 @@ def gpt2_small(tokenizer_dir=None):
     return HFLanguageModel(model, tokenizer, spec="bench:gpt2-small-random", eos_id=eos)
 
 
-def clip_b32(dtype=torch.float32, prefix_cache=True):
+def clip_b32(**kw):
+    """CLIP ViT-B/32 as a ClipScorer (``kw``: dtype, prefix_cache, packed)."""
     import open_clip
 
     from nofree.decoding.scorers import ClipScorer
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)
-    return ClipScorer(model, open_clip.get_tokenizer("ViT-B-32"), dtype=dtype, prefix_cache=prefix_cache)
+    return ClipScorer(model, open_clip.get_tokenizer("ViT-B-32"), **kw)
 
 
-def tiny_clip(dtype=torch.float32, prefix_cache=True):
+def tiny_clip(**kw):
     import open_clip
 
     from nofree.decoding.scorers import ClipScorer
@@ -71,7 +72,7 @@ def tiny_clip(dtype=torch.float32, prefix_cache=True):
     model = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1,
                                                          head_width=16),
                            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
-    return ClipScorer(model, open_clip.get_tokenizer("ViT-B-32"), dtype=dtype, prefix_cache=prefix_cache)
+    return ClipScorer(model, open_clip.get_tokenizer("ViT-B-32"), **kw)
 
 
 class StandInAsif:
@@ -244,7 +245,8 @@ def asif_rows(args, lm, k, new_tokens, repeats, results):
         from nofree.lm.hf import load_embedded_smollm2
         from nofree.registry import load_encoder
 
-        small_lm, text_encoder = load_embedded_smollm2(), load_encoder("embedded:minilm-l6", modality="text")
+        small_lm, text_encoder = load_embedded_smollm2().packed(), load_encoder("embedded:minilm-l6",
+                                                                                  modality="text")
         setup = "SmolLM2-135M + ASIF (MiniLM-L6)"
     scorer, kind = asif_scorer(text_encoder, n_anchors=64 if args.smoke else 2000, image_dim=1280)
     for batch in (1, 8):
@@ -293,8 +295,10 @@ def main(argv=None):
         make_clip, setup = tiny_clip, "tiny GPT-2 + tiny CLIP"
     else:
         lm, make_clip, setup = gpt2_small(args.lm_tokenizer), clip_b32, "GPT-2 small + CLIP ViT-B/32"
-    clip = make_clip()
-    lm_bf16, clip_bf16 = bf16_copy(lm), make_clip(dtype=torch.bfloat16)
+    # the default code path: MagicCaptioner decodes with lm.packed(), ClipScorer packs its tower
+    plain_lm, plain_clip = lm, make_clip(packed=False)
+    lm, clip = plain_lm.packed(), make_clip()
+    lm_bf16, clip_bf16 = bf16_copy(plain_lm).packed(), make_clip(dtype=torch.bfloat16)
     image_dim = int(clip.model.text_projection.shape[1])
     for batch in (1, 8):
         reps = repeats if batch == 1 else 1
@@ -304,18 +308,23 @@ def main(argv=None):
                                image_dim=image_dim)
         magic = time_decoding(lm, clip, batch, magic=True, k=k, new_tokens=new_tokens, repeats=reps,
                               image_dim=image_dim)
+        plain = time_decoding(plain_lm, plain_clip, batch, magic=True, k=k, new_tokens=new_tokens,
+                              repeats=reps, image_dim=image_dim)
         expanded = time_decoding(one_row_per_candidate(lm), clip, batch, magic=True, k=k,
                                  new_tokens=new_tokens, repeats=reps, image_dim=image_dim)
         half = time_decoding(lm_bf16, clip_bf16, batch, magic=True, k=k, new_tokens=new_tokens,
                              repeats=reps, image_dim=image_dim)
         no_penalty = time_decoding(lm, clip, batch, magic=True, k=k, new_tokens=new_tokens, repeats=reps,
                                    image_dim=image_dim, alpha=0.0)
-        half["same_tokens_as_fp32"] = same_tokens(half["ids"], magic["ids"])
-        expanded["same_tokens_as_fp32"] = same_tokens(expanded["ids"], magic["ids"])
+        for other in (plain, half, expanded):
+            other["same_tokens_as_fp32"] = same_tokens(other["ids"], magic["ids"])
         kv = kv_cache_bytes(lm, batch, k, new_tokens)
         common = dict(batch=batch, method="MAGIC", greedy_s=greedy["s_per_caption"])
         results["decoding"] += [dict(setup=setup, batch=batch, method="greedy", **greedy),
                                 dict(setup=setup, kv_bytes=kv, **common, **magic),
+                                dict(setup=setup + ", plain matmuls (weights not packed; "
+                                     f"{plain['same_tokens_as_fp32']:.0%} tokens as above)",
+                                     kv_bytes=kv, **common, **plain),
                                 dict(setup=setup + ", one LM row per candidate (k-expanded cache; "
                                      f"{expanded['same_tokens_as_fp32']:.0%} tokens as above)",
                                      kv_bytes=kv_cache_bytes(lm, batch, k, new_tokens, tree=False),
@@ -325,12 +334,13 @@ def main(argv=None):
                                 dict(setup=setup + ", α = 0 (no penalty, so no candidate forward)",
                                      **common, **no_penalty)]
         print(f"{setup} batch {batch}: greedy {greedy['s_per_caption']:.3f} s, MAGIC "
-              f"{magic['s_per_caption']:.3f} s, k-expanded {expanded['s_per_caption']:.3f} s, bf16 "
-              f"{half['s_per_caption']:.3f} s per caption (load {load_avg()})", flush=True)
+              f"{magic['s_per_caption']:.3f} s, unpacked {plain['s_per_caption']:.3f} s, k-expanded "
+              f"{expanded['s_per_caption']:.3f} s, bf16 {half['s_per_caption']:.3f} s per caption "
+              f"(load {load_avg()})", flush=True)
 
     # 2. CLIP scorer variants on one step's texts
-    variants = {"fp32 shared prefix": clip, "bf16 shared prefix": make_clip(dtype=torch.bfloat16),
-                "fp32 no prefix sharing": make_clip(prefix_cache=False)}
+    variants = {"fp32 shared prefix": clip, "fp32 shared prefix, weights not packed": plain_clip,
+                "bf16 shared prefix": clip_bf16, "fp32 no prefix sharing": make_clip(prefix_cache=False)}
     for batch in (1, 8):
         texts = step_texts(lm, batch, k, n_words=8)
         plain = {"fp32 plain encode_text (77 tokens)": _PlainClip(clip)} if batch == 1 else {}

@@ -7,11 +7,18 @@ import torch
 from torch import nn
 
 from nofree.decoding.magic import greedy_search, magic_search
+from nofree import packing
 from nofree.packing import PackedLinear, PackedMatrix, can_pack, linear, pack, packed_copy
 from nofree.testing import tiny_lm
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(2, 2)),
                                 reason="PyTorch has no oneDNN linear kernels on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _pack_tiny_layers(monkeypatch):
+    """The tiny test models' layers are below the size worth packing: pack them anyway."""
+    monkeypatch.setattr(packing, "MIN_ELEMENTS", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,7 +78,7 @@ def test_packed_copy_shares_parameters_and_leaves_the_model_alone():
         torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_what_is_not_packed():
+def test_what_is_not_packed(monkeypatch):
     class Scaled(nn.Linear):  # a subclass may mean another forward: left alone
         def forward(self, x):
             return 2 * super().forward(x)
@@ -79,6 +86,8 @@ def test_what_is_not_packed():
     model = nn.Sequential(Scaled(4, 4), nn.Linear(4, 4).half())
     _, count = packed_copy(model)
     assert count == 0
+    monkeypatch.setattr(packing, "MIN_ELEMENTS", 32)  # too small to be worth it
+    assert packed_copy(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 8)))[1] == 1
     assert not can_pack(torch.zeros(3)) and not can_pack(torch.zeros(2, 2, dtype=torch.float16))
     assert pack(torch.zeros(2, 2, dtype=torch.float16)).dtype == torch.float16  # unchanged
 
