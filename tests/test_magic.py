@@ -394,3 +394,42 @@ def test_tree_attention_in_bfloat16(lm):
                        prompt_ids=lm.tokenize(PROMPTS), k=6, alpha=0.2, beta=1.0, max_new_tokens=3,
                        stop_at_period=False)
     assert all(len(ids_) == 3 for ids_ in out.ids)
+
+
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(lm):
+    """Prompts with a long common start (a chat template, an instruction): the start runs once
+    and its cache serves every row, with the same logits, hidden states and tokens as each
+    prompt decoded alone."""
+    from nofree.decoding.magic import SHARED_PREFIX_MIN, prefill
+    from nofree.lm.hf import left_pad
+
+    instruction = "write a short caption of the photo in the style of the red bus on the beach :"
+    prompts = lm.tokenize([f"{instruction} a dog", f"{instruction} the man riding a red bus with",
+                           f"{instruction} cat on the sofa of the"])
+    shared = 0
+    while all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    assert shared >= SHARED_PREFIX_MIN, "the test needs prompts that share a long start"
+    calls = []
+    step = lm.step
+    lm.step = lambda ids, **kw: calls.append(ids.shape) or step(ids, **kw)
+    try:
+        out, mask = prefill(lm, prompts)
+    finally:
+        del lm.step
+    assert calls[0] == (1, shared) and len(calls) == 2, "the common start must run once"
+    ids, plain_mask = left_pad(prompts, lm.pad_id)
+    plain = lm.step(ids, attention_mask=plain_mask)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-4, atol=1e-4)
+    for row in range(len(prompts)):  # the real positions' hidden states, in order
+        torch.testing.assert_close(out.hidden[row][mask[row].bool()],
+                                   plain.hidden[row][plain_mask[row].bool()], rtol=1e-4, atol=1e-4)
+    scorer = word_scorer(["dog", "bus", "beach"])
+    batched = magic_search(lm, scorer, image_index(3), prompt_ids=prompts, k=lm.vocab_size,
+                           alpha=0.1, beta=2.0, max_new_tokens=6)
+    greedy = greedy_search(lm, prompts, max_new_tokens=6)
+    for row in range(3):
+        alone = magic_search(lm, scorer, image_index(3)[row:row + 1], prompt_ids=[prompts[row]],
+                             k=lm.vocab_size, alpha=0.1, beta=2.0, max_new_tokens=6)
+        assert batched.ids[row] == alone.ids[0]
+        assert greedy.ids[row] == greedy_search(lm, [prompts[row]], max_new_tokens=6).ids[0]

@@ -52,6 +52,8 @@ __all__ = ["Generation", "StepTrace", "magic_search", "greedy_search", "magic_cu
 _WORD = re.compile(r"\w")
 #: Most bytes of k-expanded KV cache magic_search holds at once (see its ``cache_budget``).
 CANDIDATE_CACHE_BUDGET = 1 << 30
+#: Fewest leading tokens, common to every prompt of a batch, that :func:`prefill` runs once.
+SHARED_PREFIX_MIN = 8
 
 
 @dataclass
@@ -136,6 +138,37 @@ def _append_tokens(lm: Any, rows: Tensor, tokens: list[int], generated: list[lis
     return keep
 
 
+def prefill(lm: Any, prompt_ids: Sequence[Sequence[int]]) -> tuple[Any, Tensor]:
+    """Run B prompts: the LM's step (logits ``(B, V)``, hidden ``(B, T, H)``, cache) and the
+    mask ``(B, T)`` (1 = real token).
+
+    The longest prefix common to every prompt (a chat template and instruction, typically), when
+    at least :data:`SHARED_PREFIX_MIN` tokens and the LM can copy cache rows, runs once and its
+    cache serves all B rows; each row's own tokens follow it, left-padded:
+    ``[shared][pad][own]``. Position ids count real tokens only, so every row computes what it
+    would alone (to float rounding). Otherwise the prompts are simply left-padded.
+    """
+    from nofree.lm.hf import left_pad
+
+    shortest = min(len(p) for p in prompt_ids)
+    shared = 0
+    if len(prompt_ids) > 1 and hasattr(lm, "select_cache"):
+        first = prompt_ids[0]
+        while shared < shortest - 1 and all(p[shared] == first[shared] for p in prompt_ids):
+            shared += 1       # each row keeps at least one own token: its logits come from it
+    if shared < SHARED_PREFIX_MIN:
+        ids, mask = left_pad(prompt_ids, lm.pad_id)
+        return lm.step(ids, attention_mask=mask), mask
+    head = lm.step(torch.tensor([list(prompt_ids[0][:shared])]))
+    n = len(prompt_ids)
+    cache = lm.select_cache(head.cache, torch.zeros(n, dtype=torch.long))
+    own, own_mask = left_pad([p[shared:] for p in prompt_ids], lm.pad_id)
+    mask = torch.cat([own_mask.new_ones(n, shared), own_mask], 1)
+    out = lm.step(own, cache=cache, attention_mask=mask)
+    hidden = torch.cat([head.hidden.expand(n, -1, -1), out.hidden], 1)
+    return type(out)(logits=out.logits, hidden=hidden, cache=out.cache), mask
+
+
 def _tick(seconds: dict[str, float], name: str, start: float) -> float:
     now = time.perf_counter()
     seconds[name] = seconds.get(name, 0.0) + now - start
@@ -179,13 +212,10 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             got = None if image_emb is None else tuple(image_emb.shape)
             raise DataError(f"image_emb must be (B, D) with B = {n_rows} prompts, got {got}; "
                             "compute it with scorer.embed_images(images)")
-    from nofree.lm.hf import left_pad
-
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     # 1. prefill the prompts; `past` holds unit-norm hidden states of every real position so far
-    ids, mask = left_pad(prompt_ids, lm.pad_id)
-    out = lm.step(ids, attention_mask=mask)
+    out, mask = prefill(lm, prompt_ids)
     logits, cache = out.logits, out.cache                        # (b, V), cache of b rows
     past = l2_normalize(out.hidden)                              # (b, T, H)
     past_real = mask.to(past.device).bool()                      # (b, T)
@@ -284,12 +314,9 @@ def greedy_search(lm: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_token
     The reference MAGIC with α = β = 0 must reproduce token for token.
     """
     _check_prompts(lm, prompt_ids, max_new_tokens)
-    from nofree.lm.hf import left_pad
-
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    ids, mask = left_pad(prompt_ids, lm.pad_id)
-    out = lm.step(ids, attention_mask=mask)
+    out, mask = prefill(lm, prompt_ids)
     logits, cache = out.logits, out.cache
     rows = torch.arange(len(prompt_ids))
     generated: list[list[int]] = [[] for _ in prompt_ids]
