@@ -194,6 +194,33 @@ def clip_variants_table(scorers, texts, repeats):
     return rows
 
 
+LINEAR_SHAPES = ((1, 768, 49152), (45, 768, 3072), (45, 3072, 768), (130, 512, 2048), (360, 768, 3072))
+
+
+def linear_table(shapes, repeats):
+    """Milliseconds of one ``x (M, K) @ W (N, K).T`` at decoding sizes: F.linear against the weight
+    packed once (:mod:`nofree.packing`), float32 and bfloat16."""
+    from nofree.packing import PackedMatrix, can_pack, linear
+
+    rows = []
+    for m, k, n in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            weight = torch.randn(n, k).to(dtype)
+            if not can_pack(weight):
+                continue
+            x, packed = torch.randn(m, k).to(dtype), PackedMatrix(weight)
+            row = {"shape": f"{m} × {k} → {n}", "dtype": str(dtype).removeprefix("torch.")}
+            for name, w in (("plain_ms", weight), ("packed_ms", packed)):
+                for _ in range(3):
+                    linear(x, w)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    linear(x, w)
+                row[name] = (time.perf_counter() - start) / repeats * 1e3
+            rows.append(row)
+    return rows
+
+
 def step_texts(lm, batch, k, n_words, seed=0):
     """Candidate texts like a MAGIC step makes: B continuations, each ⊕ k LM tokens."""
     gen = torch.Generator().manual_seed(seed)
@@ -234,6 +261,11 @@ def markdown(results):
     for row in results["clip_variants"]:
         lines.append(f"| {row['variant']} | {row['batch']} | {row['seconds']:.3f} | {row['max_abs_diff']:.4f} | "
                      f"{row['top1_agree']:.2f} |")
+    lines += ["", "| linear layer (rows × in → out) | dtype | F.linear ms | packed ms | speed-up |",
+              "|---|---|---|---|---|"]
+    for row in results.get("linear", []):
+        lines.append(f"| {row['shape']} | {row['dtype']} | {row['plain_ms']:.3f} | {row['packed_ms']:.3f} | "
+                     f"{row['plain_ms'] / row['packed_ms']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -347,7 +379,10 @@ def main(argv=None):
         for row in clip_variants_table({**variants, **plain}, texts, 2 if args.smoke else repeats):
             results["clip_variants"].append(dict(batch=batch, **row))
 
-    # 3. SmolLM2 + ASIF over MiniLM
+    # 3. one linear layer at decoding sizes, plain and packed
+    results["linear"] = linear_table(((4, 32, 64),) if args.smoke else LINEAR_SHAPES, 5 if args.smoke else 50)
+
+    # 4. SmolLM2 + ASIF over MiniLM
     kind = "ASIF rows skipped" if args.skip_asif else asif_rows(args, lm, k, new_tokens, repeats, results)
     results["asif"] = kind
 
@@ -403,16 +438,19 @@ candidate (exact to 1e-6; the default).
 
 The LM's k candidates run with tree attention (side by side after each row's cache; the
 k-expanded row is timed beside it), and with α = 0 they do not run at all (only the penalty
-needs their hidden states).
+needs their hidden states). Both models keep their weight matrices packed once for oneDNN's CPU
+kernels (`nofree.packing`: `MagicCaptioner` decodes with `lm.packed()`, `ClipScorer` packs its
+tower); the "plain matmuls" rows use `F.linear`, which re-packs every weight on every call.
 
 Target of the MAGIC issue (GPT-2 + CLIP ViT-B/32): ≤ 1.5 s per caption at batch 1 and ≤ 0.75 s
 at batch 8; the paper's public implementation took 5.8 s at batch 1 on the issue's machine.
-**Not met** on this 2-core CPU (2026-11-27: 3.35 / 2.27 s exact fp32, 2.07 / 1.22 s bf16): per
-step and image, 45 one-token LM rows and ~115 CLIP text-tower tokens remain, ~9 G
-multiply-adds, ≥ 1.9 s per caption at ~73 G/s fp32. bf16 keeps 84–88% of the tokens on random
-weights (real-weight quality: `benchmarks.magic_quality --precision bf16`), so exact fp32 stays
-the default; bf16 is an option (`nofree caption --precision bf16` / `load_lm(precision="bf16")`
-for the LM, `ClipScorer(dtype=torch.bfloat16)` for CLIP's text tower)."""
+**Not met** on this 2-core CPU (2026-11-27: 2.52 / 2.18 s exact fp32, 1.60–1.68 / 1.18–1.22 s
+bf16): per step and image, 45 one-token LM rows and 100–140 CLIP text-tower tokens remain,
+~8.8 G multiply-adds, ≥ 1.4 s per caption at the ~100 G/s of packed fp32 kernels here. bf16
+keeps 84–88% of the tokens on random weights (real-weight quality:
+`benchmarks.magic_quality --precision bf16`), so exact fp32 stays the default; bf16 is an option
+(`nofree caption --precision bf16` / `load_lm(precision="bf16")` for the LM,
+`ClipScorer(dtype=torch.bfloat16)` for CLIP's text tower)."""
 
 
 if __name__ == "__main__":
