@@ -324,16 +324,20 @@ class MagicCaptioner:
 
         ranked = self.example_captions(image_emb, max(a + n for a, n in self.windows))
         out: list[list[str]] = [[] for _ in range(len(image_emb))]
-        for window in self.windows:
-            prompt_ids = [self.lm.tokenizer.encode(t, add_special_tokens=False)
-                          for t in self.prompt_texts(image_emb, window, ranked)]
-            if self.alpha == 0 and self.beta == 0:  # identical tokens (tested), without the k-candidate forwards
-                gen = greedy_search(self.lm, prompt_ids, max_new_tokens=self.max_new_tokens)
-            else:
-                gen = magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
+        prompts = [[self.lm.tokenizer.encode(t, add_special_tokens=False)
+                    for t in self.prompt_texts(image_emb, window, ranked)] for window in self.windows]
+        if self.alpha == 0 and self.beta == 0:
+            # greedy (identical tokens, tested): every draft of every image in one batch, whose
+            # prefill groups prompts by length and whose steps read the weights once for all
+            texts = greedy_search(self.lm, [ids for window in prompts for ids in window],
+                                  max_new_tokens=self.max_new_tokens).texts
+            drafts = [texts[i:i + len(image_emb)] for i in range(0, len(texts), len(image_emb))]
+        else:
+            drafts = [magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
                                    alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
-                                   trace=False)
-            for row, text in zip(out, gen.texts):
+                                   trace=False).texts for prompt_ids in prompts]
+        for window_texts in drafts:
+            for row, text in zip(out, window_texts):
                 row.append(clean_caption(text))
         if self.with_retrieved:
             for row, examples in zip(out, ranked):

@@ -266,7 +266,10 @@ def test_lm_without_candidate_logits_gives_the_same_tokens(lm):
     expected = magic_search(lm, scorer, image_index(3), **kw)
     got = magic_search(headless, scorer, image_index(3), **kw)
     assert got.ids == expected.ids
-    assert headless.calls == [True] + [False] * 6
+    from nofree.decoding.magic import length_groups
+
+    prefill_calls = len(length_groups([len(p) for p in prompts]))  # one per group of similar lengths
+    assert prefill_calls > 1 and headless.calls == [True] * prefill_calls + [False] * 6
 
 
 def test_magic_generate_captions_images(gpt2):
@@ -396,20 +399,23 @@ def test_tree_attention_in_bfloat16(lm):
     assert all(len(ids_) == 3 for ids_ in out.ids)
 
 
-def test_shared_prompt_prefix_runs_once_and_changes_nothing(lm):
+@pytest.mark.parametrize("instruction", ["", "write a short caption of the photo in the style of the red bus on the beach :"],
+                         ids=["length-groups", "shared-start"])
+def test_prefill_shares_and_groups_and_changes_nothing(lm, instruction):
     """Prompts with a long common start (a chat template, an instruction): the start runs once
-    and its cache serves every row, with the same logits, hidden states and tokens as each
-    prompt decoded alone."""
+    and its cache serves every row; the rest runs in groups of similar length whose caches are
+    stacked with masked gaps. Same logits, hidden states and tokens as plain left padding and as
+    each prompt decoded alone, rows in the callers' order."""
     from nofree.decoding.magic import SHARED_PREFIX_MIN, prefill
     from nofree.lm.hf import left_pad
 
-    instruction = "write a short caption of the photo in the style of the red bus on the beach :"
-    prompts = lm.tokenize([f"{instruction} a dog", f"{instruction} the man riding a red bus with",
+    prompts = lm.tokenize([f"{instruction} the man riding a red bus with a dog on the", f"{instruction} a dog",
                            f"{instruction} cat on the sofa of the"])
     shared = 0
     while all(p[shared] == prompts[0][shared] for p in prompts):
         shared += 1
-    assert shared >= SHARED_PREFIX_MIN, "the test needs prompts that share a long start"
+    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    assert bool(shared) == bool(instruction), "the test needs prompts that share a long start"
     calls = []
     step = lm.step
     lm.step = lambda ids, **kw: calls.append(ids.shape) or step(ids, **kw)
@@ -417,7 +423,11 @@ def test_shared_prompt_prefix_runs_once_and_changes_nothing(lm):
         out, mask = prefill(lm, prompts)
     finally:
         del lm.step
-    assert calls[0] == (1, shared) and len(calls) == 2, "the common start must run once"
+    from nofree.decoding.magic import length_groups
+
+    groups = length_groups([len(p) - shared for p in prompts])
+    assert not shared or calls.pop(0) == (1, shared), "the common start must run once"
+    assert len(groups) > 1 and len(calls) == len(groups), "the rest runs in groups of similar length"
     ids, plain_mask = left_pad(prompts, lm.pad_id)
     plain = lm.step(ids, attention_mask=plain_mask)
     torch.testing.assert_close(out.logits, plain.logits, rtol=1e-4, atol=1e-4)

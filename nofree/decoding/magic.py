@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from nofree.core import DataError, l2_normalize
+from nofree.core import DataError, LMStep, l2_normalize
 
 __all__ = ["Generation", "StepTrace", "magic_search", "greedy_search", "magic_custom_generate",
            "magic_generate"]
@@ -142,31 +142,69 @@ def prefill(lm: Any, prompt_ids: Sequence[Sequence[int]]) -> tuple[Any, Tensor]:
     """Run B prompts: the LM's step (logits ``(B, V)``, hidden ``(B, T, H)``, cache) and the
     mask ``(B, T)`` (1 = real token).
 
-    The longest prefix common to every prompt (a chat template and instruction, typically), when
-    at least :data:`SHARED_PREFIX_MIN` tokens and the LM can copy cache rows, runs once and its
-    cache serves all B rows; each row's own tokens follow it, left-padded:
-    ``[shared][pad][own]``. Position ids count real tokens only, so every row computes what it
-    would alone (to float rounding). Otherwise the prompts are simply left-padded.
+    Two savings, both exact up to float rounding (position ids count real tokens only, so every
+    row computes what it would alone):
+
+    * the longest prefix common to every prompt (a chat template and instruction, typically),
+      when at least :data:`SHARED_PREFIX_MIN` tokens, runs once and its cache serves all rows;
+    * the rest of each prompt runs in groups of similar length (:func:`length_groups`), so that
+      short prompts are not padded to the longest one; the groups' caches are then stacked, with
+      masked gaps between the shared prefix and each row's own tokens: ``[shared][pad][own]``.
+
+    LMs without ``select_cache`` / ``stack_caches`` get the prompts simply left-padded.
     """
     from nofree.lm.hf import left_pad
 
-    shortest = min(len(p) for p in prompt_ids)
-    shared = 0
-    if len(prompt_ids) > 1 and hasattr(lm, "select_cache"):
-        first = prompt_ids[0]
-        while shared < shortest - 1 and all(p[shared] == first[shared] for p in prompt_ids):
-            shared += 1       # each row keeps at least one own token: its logits come from it
-    if shared < SHARED_PREFIX_MIN:
+    n = len(prompt_ids)
+    if n == 1 or not (hasattr(lm, "select_cache") and hasattr(lm, "stack_caches")):
         ids, mask = left_pad(prompt_ids, lm.pad_id)
         return lm.step(ids, attention_mask=mask), mask
-    head = lm.step(torch.tensor([list(prompt_ids[0][:shared])]))
-    n = len(prompt_ids)
-    cache = lm.select_cache(head.cache, torch.zeros(n, dtype=torch.long))
-    own, own_mask = left_pad([p[shared:] for p in prompt_ids], lm.pad_id)
+    shortest, first, shared = min(len(p) for p in prompt_ids), prompt_ids[0], 0
+    while shared < shortest - 1 and all(p[shared] == first[shared] for p in prompt_ids):
+        shared += 1           # each row keeps at least one own token: its logits come from it
+    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    head = lm.step(torch.tensor([list(first[:shared])])) if shared else None
+    parts, order = [], []
+    for rows in length_groups([len(p) - shared for p in prompt_ids]):
+        own, own_mask = left_pad([prompt_ids[r][shared:] for r in rows], lm.pad_id)
+        cache = lm.select_cache(head.cache, torch.zeros(len(rows), dtype=torch.long)) if head else None
+        mask = torch.cat([own_mask.new_ones(len(rows), shared), own_mask], 1)
+        parts.append((lm.step(own, cache=cache, attention_mask=mask), own_mask))
+        order += rows
+    if len(parts) == 1:
+        (out, own_mask), = parts
+        logits, hidden, cache = out.logits, out.hidden, out.cache
+    else:
+        cache = lm.stack_caches([out.cache for out, _ in parts], insert_at=shared)
+        if cache is None:     # not a cache the LM can stack: one left-padded batch after all
+            ids, mask = left_pad(prompt_ids, lm.pad_id)
+            return lm.step(ids, attention_mask=mask), mask
+        width = max(m.shape[1] for _, m in parts)   # the longest own part; shorter ones get gaps
+        own_mask = torch.cat([torch.cat([m.new_zeros(len(m), width - m.shape[1]), m], 1) for _, m in parts])
+        hidden = torch.cat([torch.cat([o.hidden.new_zeros(len(o.hidden), width - o.hidden.shape[1],
+                                                          o.hidden.shape[2]), o.hidden], 1) for o, _ in parts])
+        logits = torch.cat([o.logits for o, _ in parts])
+    if order != sorted(order):  # back to the callers' row order
+        back = torch.empty(n, dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(n)
+        logits, hidden, own_mask, cache = logits[back], hidden[back], own_mask[back], lm.select_cache(cache, back)
+    if head is not None:      # the shared prefix's hidden states lead every row
+        hidden = torch.cat([head.hidden.expand(n, -1, -1), hidden], 1)
     mask = torch.cat([own_mask.new_ones(n, shared), own_mask], 1)
-    out = lm.step(own, cache=cache, attention_mask=mask)
-    hidden = torch.cat([head.hidden.expand(n, -1, -1), out.hidden], 1)
-    return type(out)(logits=out.logits, hidden=hidden, cache=out.cache), mask
+    return LMStep(logits=logits, hidden=hidden, cache=cache), mask
+
+
+def length_groups(lengths: Sequence[int], *, slack: float = 1.25) -> list[list[int]]:
+    """Row indices grouped by length (shortest first): in a group the longest row is at most
+    ``slack`` times the shortest, so left padding wastes little."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    groups: list[list[int]] = []
+    for r in order:
+        if groups and lengths[r] <= slack * lengths[groups[-1][0]]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _tick(seconds: dict[str, float], name: str, start: float) -> float:

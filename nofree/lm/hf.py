@@ -238,6 +238,25 @@ class HFLanguageModel:
                     layer.values = layer.values.index_select(0, index)
         return new
 
+    def stack_caches(self, caches: Sequence[Any], *, insert_at: int) -> Any | None:
+        """One cache with the rows of every cache in ``caches``, in order. Shorter ones get
+        empty (zero) positions inserted at ``insert_at`` up to the longest, which the caller
+        masks out. ``None`` when a cache is not a plain dynamic one."""
+        if any(type(layer).__name__ != "DynamicLayer" or not layer.is_initialized
+               for cache in caches for layer in cache.layers):
+            return None
+        longest = max(cache.get_seq_length() for cache in caches)
+        new = self.select_cache(caches[0], None)
+
+        def padded(t: Tensor) -> Tensor:  # (b, h, T, d) -> (b, h, longest, d)
+            gap = t.new_zeros(*t.shape[:2], longest - t.shape[2], t.shape[3])
+            return torch.cat([t[:, :, :insert_at], gap, t[:, :, insert_at:]], 2)
+
+        for i, layer in enumerate(new.layers):
+            layer.keys = torch.cat([padded(c.layers[i].keys) for c in caches])
+            layer.values = torch.cat([padded(c.layers[i].values) for c in caches])
+        return new
+
     @staticmethod
     def cache_nbytes(cache: Any) -> int:
         """Bytes held by the keys and values of a cache (for memory reports)."""
