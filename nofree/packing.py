@@ -6,14 +6,16 @@ sizes (one to a few hundred rows against a 768 × 3,072 weight) that reordering 
 the multiplication itself. oneDNN, which PyTorch ships for CPUs, can pack a weight once and
 reuse it (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: the kernels
 PyTorch's own compiler uses for frozen CPU graphs). Measured on this project's 2-core AMD EPYC
-(Zen 4): 45 rows × 768 → 3,072, float32 1.74 → 0.99 ms and bfloat16 0.70 → 0.49 ms
-(``benchmarks/RESULTS.md``, MAGIC decoding speed).
+(Zen 4), 2 threads: 45 rows × 768 → 3,072, float32 1.50 → 1.00 ms, bfloat16 0.60 → 0.52 ms
+(``python -m benchmarks.magic_speed``; bfloat16 ``F.linear`` already runs through oneDNN and
+gains little).
 
 Packed layers are for inference only: no gradient flows through them (a forward that would need
 one raises), and the packed tensor cannot be saved, copied or moved to another device. So nofree
 packs *copies* (:func:`packed_copy`, ``HFLanguageModel.packed()``, ``load_lm(..., packed=True)``)
 and leaves the model that adapters train through untouched. Float32 results equal
-``F.linear``'s up to summation order (~1e-6 relative); bfloat16 ones match exactly.
+``F.linear``'s up to summation order (~1e-6 relative); bfloat16 ones matched exactly in the
+tests.
 """
 from __future__ import annotations
 
@@ -114,8 +116,9 @@ def _packable(layer: nn.Module) -> bool:
 
 def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` whose plain ``nn.Linear``/``Conv1D`` layers (those worth it: see
-    :data:`MIN_ELEMENTS`) are :class:`PackedLinear`, and how many were packed. Every parameter and buffer is shared with ``model``, not copied;
-    the packed weights are the only new memory (one more copy of each packed matrix)."""
+    :data:`MIN_ELEMENTS`) are :class:`PackedLinear`, and how many were packed. Every parameter
+    and buffer is shared with ``model``, not copied; the packed weights are the only new memory
+    (one more copy of each packed matrix)."""
     shared: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
     count = 0

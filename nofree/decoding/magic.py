@@ -187,7 +187,8 @@ def prefill(lm: Any, prompt_ids: Sequence[Sequence[int]]) -> tuple[Any, Tensor]:
     if order != sorted(order):  # back to the callers' row order
         back = torch.empty(n, dtype=torch.long)
         back[torch.tensor(order)] = torch.arange(n)
-        logits, hidden, own_mask, cache = logits[back], hidden[back], own_mask[back], lm.select_cache(cache, back)
+        logits, hidden, own_mask = logits[back], hidden[back], own_mask[back]
+        cache = lm.select_cache(cache, back)
     if head is not None:      # the shared prefix's hidden states lead every row
         hidden = torch.cat([head.hidden.expand(n, -1, -1), hidden], 1)
     mask = torch.cat([own_mask.new_ones(n, shared), own_mask], 1)
