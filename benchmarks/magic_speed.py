@@ -143,6 +143,13 @@ def one_row_per_candidate(lm):
     return Expanded(lm.model, lm.tokenizer, spec=lm.spec, eos_id=lm.eos_id)
 
 
+def forget(scorer):
+    """Empty a ClipScorer's memory of earlier prefixes (each timed run starts cold)."""
+    memory = getattr(scorer, "prefix_memory", None)
+    if memory is not None:
+        memory.clear()
+
+
 def time_decoding(lm, scorer, batch, *, magic, k, new_tokens, repeats, image_dim, alpha=0.1):
     """Median seconds per caption over ``repeats`` runs, and the phase split of the median run."""
     from nofree.decoding.magic import greedy_search, magic_search
@@ -156,6 +163,7 @@ def time_decoding(lm, scorer, batch, *, magic, k, new_tokens, repeats, image_dim
         if inner is not None:
             for key in inner:
                 inner[key] = 0.0
+        forget(scorer)  # every run starts with nothing remembered from the one before
         start = time.perf_counter()
         if magic:
             out = magic_search(lm, scorer, image_emb, prompt_ids=prompts, k=k, alpha=alpha, beta=2.0,
@@ -183,6 +191,7 @@ def clip_variants_table(scorers, texts, repeats):
         scorer.score(image_emb, texts)  # warm the tokenizer cache: time the tower, like later steps
         times = []
         for _ in range(repeats):
+            forget(scorer)
             start = time.perf_counter()
             scores = scorer.score(image_emb, texts)
             times.append(time.perf_counter() - start)

@@ -275,3 +275,39 @@ def test_magic_with_clip_scorer_end_to_end(tmp_path):
     for step in out.steps:
         torch.testing.assert_close(step.image_prob.sum(-1), torch.ones(2))
     assert scorer.seconds["text_tower"] > 0
+
+
+def test_prefix_memory_across_steps_changes_no_score(monkeypatch):
+    """MAGIC's next step scores the same continuations plus one token: the scorer keeps the
+    reference prefixes' keys/values and runs only the new tokens, with the same scores, also when
+    a row drops out, a word re-tokenises or the memory overflows."""
+    import nofree.decoding.scorers as scorers
+
+    model, tokenizer = tiny_open_clip()
+    scorer = ClipScorer(model, tokenizer)
+    steps = [[["a man riding", "a man in", "a man on"], ["two cats on", "two cats in", "two cats,"]],
+             [["a man riding a", "a man riding the", "a man riding red"],
+              ["two cats on a", "two cats on the", "two cats on sofa"]],
+             [["two cats on a sofa", "two cats on a red", "two cats on a bus"]],           # row 0 done
+             [["two cats on a sofas", "two cats on a sofa.", "two cats on a sofa by"]]]    # "sofa"+"s"
+    ran = []  # (tokens run, tokens attended from earlier) of each pass through the tower
+    layers = scorers._layers
+    monkeypatch.setattr(scorers, "_layers", lambda tower, x, mask, past: ran.append(
+        (x.shape[1], 0 if past is None else past[0][0].shape[2])) or layers(tower, x, mask, past))
+    for step, texts in enumerate(steps):
+        image_emb = torch.randn(len(texts), 24)
+        ran.clear()
+        got = scorer.score(image_emb, texts)
+        expected = plain_scores(model, tokenizer, image_emb, texts, scorer.logit_scale)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        if step:  # the reference prefix extends last step's by one token: only that one runs
+            assert ran[0][0] == 1 and ran[0][1] >= 4, ran
+    assert 0 < len(scorer.prefix_memory) <= scorer.prefix_memory.size
+    small = ClipScorer(model, tokenizer)
+    small.prefix_memory.size = 1
+    for texts in steps:
+        image_emb = torch.randn(len(texts), 24)
+        torch.testing.assert_close(small.score(image_emb, texts),
+                                   plain_scores(model, tokenizer, image_emb, texts, small.logit_scale),
+                                   rtol=1e-4, atol=1e-4)
+    assert len(small.prefix_memory) == 1

@@ -160,8 +160,53 @@ def _layers(tower: _TextTower, x: Tensor, mask: Tensor,
     return x, new_kv
 
 
+class PrefixMemory:
+    """Keys/values of recent reference prefixes of a causal text tower, by their token ids.
+
+    A prefix's keys/values depend on its tokens only (causal attention, absolute positions), so
+    those of ``ids[:L]`` serve any later text that starts with the same L tokens. Holds at most
+    ``size`` prefixes (least recently used dropped)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = int(size)
+        self._kv: OrderedDict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def clear(self) -> None:
+        self._kv.clear()
+
+    def _longest(self, row: list[int]) -> tuple[int, list[tuple[Tensor, Tensor]] | None]:
+        for length in range(len(row), 0, -1):
+            hit = self._kv.get(key := tuple(row[:length]))
+            if hit is not None:
+                self._kv.move_to_end(key)
+                return length, hit
+        return 0, None
+
+    def recall(self, ref_ids: Tensor) -> tuple[int, list[tuple[Tensor, Tensor]] | None]:
+        """``(known, past)``: how many leading tokens of every row of ``ref_ids (B, P)`` are
+        held (the fewest over the rows) and their per-layer keys/values ``(B, h, known, d)``."""
+        hits = [self._longest(row) for row in ref_ids.tolist()]
+        known = min(length for length, _ in hits)
+        if known == 0:
+            return 0, None
+        layers = zip(*(kv for _, kv in hits))
+        return known, [(torch.cat([k[:, :, :known] for k, _ in per_row]),
+                        torch.cat([v[:, :, :known] for _, v in per_row])) for per_row in layers]
+
+    def store(self, ref_ids: Tensor, past: list[tuple[Tensor, Tensor]]) -> None:
+        """Keep each row of ``ref_ids (B, P)`` with its keys/values ``past`` (per layer, B rows)."""
+        for b, row in enumerate(ref_ids.tolist()):
+            self._kv[tuple(row)] = [(k[b:b + 1].clone(), v[b:b + 1].clone()) for k, v in past]
+            self._kv.move_to_end(tuple(row))
+        while len(self._kv) > self.size:
+            self._kv.popitem(last=False)
+
+
 def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
-                         share: bool = True) -> Tensor:
+                         share: bool = True, memory: "PrefixMemory | None" = None) -> Tensor:
     """Pooled text features ``(B, k, D)`` of ``ids (B, k, L)`` pooled at ``pool (B, k)``.
 
     Per image b one reference row's tokens run once, causally, with their keys/values kept; every
@@ -171,7 +216,9 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
     its own earlier tokens only (rows with identical ids, e.g. candidates differing only in case,
     run once). A row whose new piece re-tokenises the last word shares less; the others keep the
     whole prefix. The reference is the row sharing most with the others. Exact for causal
-    towers. ``share=False`` runs every row from position 0 (same packing).
+    towers. ``share=False`` runs every row from position 0 (same packing). ``memory`` keeps the
+    reference rows' keys/values between calls: a reference that extends one seen before (MAGIC's
+    next step: the same continuation plus the chosen token) runs only its new tokens.
     """
     n_img, k, length = ids.shape
     device = ids.device
@@ -186,10 +233,16 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
         lcp = torch.minimum(eq[torch.arange(n_img, device=device), ref], pool)        # (B, k)
         prefix_len = int(lcp.max())
     if prefix_len > 0:  # 1. each image's reference row up to the longest shared prefix, causal
-        x = tower.token_embedding(ids[torch.arange(n_img, device=device), ref, :prefix_len]).float() + \
-            tower.positions[:prefix_len]
-        causal = (positions[None, :prefix_len] <= positions[:prefix_len, None])[None, None]  # (1, 1, P, P)
-        _, past = _layers(tower, x, causal, None)
+        ref_ids = ids[torch.arange(n_img, device=device), ref, :prefix_len]             # (B, P)
+        known, past = memory.recall(ref_ids) if memory is not None else (0, None)
+        if known < prefix_len:  # the tokens after what the memory holds, attending to it too
+            x = tower.token_embedding(ref_ids[:, known:]).float() + tower.positions[known:prefix_len]
+            causal = (positions[None, :prefix_len] <= positions[known:prefix_len, None])[None, None]
+            _, new_kv = _layers(tower, x, causal, past)
+            past = new_kv if past is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
+                                                for (k0, v0), (k1, v1) in zip(past, new_kv)]
+        if memory is not None:
+            memory.store(ref_ids, past)
     # 2. each distinct row's own tokens lcp[b, i] .. pool[b, i], packed into one sequence per image
     rep = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1).int().argmax(-1)  # (B, k) first twin
     counts = torch.where(rep == rows, pool - lcp + 1, 0).reshape(-1)      # (B·k,) tokens to run
@@ -318,6 +371,7 @@ class ClipScorer:
             self.pool_type = getattr(model, "text_pool_type", getattr(text, "pool_type", "argmax"))
             self.eos_id = getattr(model, "text_eos_id", getattr(text, "eos_id", None))
         self._ids: OrderedDict[str, Tensor] = OrderedDict()
+        self.prefix_memory = PrefixMemory()  # keys/values of recent continuations, across steps
         self.seconds = {"tokenize": 0.0, "text_tower": 0.0}
 
     @classmethod
@@ -393,7 +447,8 @@ class ClipScorer:
         else:
             pool = self.pool_index(ids).view(n_img, k)
             feats = encode_shared_prefix(self.tower, ids.view(n_img, k, -1), pool,
-                                         share=self.prefix_cache)
+                                         share=self.prefix_cache,
+                                         memory=self.prefix_memory if self.prefix_cache else None)
         self.seconds["text_tower"] += time.perf_counter() - mid
         return l2_normalize(feats.reshape(n_img, k, -1))
 
