@@ -449,14 +449,17 @@ The LM's k candidates run with tree attention (side by side after each row's cac
 k-expanded row is timed beside it), and with α = 0 they do not run at all (only the penalty
 needs their hidden states). Both models keep their weight matrices packed once for oneDNN's CPU
 kernels (`nofree.packing`: `MagicCaptioner` decodes with `lm.packed()`, `ClipScorer` packs its
-tower); the "plain matmuls" rows use `F.linear`, which re-packs every weight on every call.
+tower); the "plain matmuls" rows use `F.linear`, which re-packs every weight on every call. The
+CLIP scorer remembers the keys/values of recent prefixes across steps (`PrefixMemory`); every
+timed run starts with it empty.
 
 Target of the MAGIC issue (GPT-2 + CLIP ViT-B/32): ≤ 1.5 s per caption at batch 1 and ≤ 0.75 s
 at batch 8; the paper's public implementation took 5.8 s at batch 1 on the issue's machine.
-**Not met** on this 2-core CPU (2026-11-27: 2.52 / 2.18 s exact fp32, 1.60–1.68 / 1.18–1.22 s
-bf16): per step and image, 45 one-token LM rows and 100–140 CLIP text-tower tokens remain,
-~8.8 G multiply-adds, ≥ 1.4 s per caption at the ~100 G/s of packed fp32 kernels here. bf16
-keeps 84–88% of the tokens on random weights (real-weight quality:
+On this 2-core CPU (2026-11-27) batch 1 is met in bf16 (1.41 s), not in exact fp32 (2.2 s);
+batch 8 is not (1.17–1.31 s bf16, 2.1–2.3 s fp32): per step and image, 45 one-token LM rows and
+100–140 CLIP text-tower tokens remain, ~8 G multiply-adds, ≥ 0.65 s per caption at bf16's
+~200 G/s here before attention and element-wise work. bf16 keeps 84–88% of the tokens on random
+weights (real-weight quality:
 `benchmarks.magic_quality --precision bf16`), so exact fp32 stays the default; bf16 is an option
 (`nofree caption --precision bf16` / `load_lm(precision="bf16")` for the LM,
 `ClipScorer(dtype=torch.bfloat16)` for CLIP's text tower)."""
