@@ -53,7 +53,6 @@ class PackedMatrix:
         weight = weight.detach()
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-        self._dense = weight  # for the rare empty batch, which the packed kernel rejects
 
     def __repr__(self) -> str:
         return f"PackedMatrix(out={self.shape[0]}, in={self.shape[1]}, dtype={self.dtype})"
@@ -76,8 +75,9 @@ def linear(x: Tensor, weight: PackedMatrix | Tensor, bias: Tensor | None = None)
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("packed linear layers are for inference only: no gradient flows "
                            "through them; run the unpacked model (the one packed_copy() copied)")
-    if x.numel() == 0:
-        return F.linear(x, weight._dense, bias)
+    if x.numel() == 0:  # the packed kernel rejects an empty batch
+        out = x.new_zeros(*x.shape[:-1], weight.shape[0])
+        return out if bias is None else out + bias.to(x.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
     return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")

@@ -206,7 +206,7 @@ class PrefixMemory:
 
 
 def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
-                         share: bool = True, memory: "PrefixMemory | None" = None) -> Tensor:
+                         share: bool = True, memory: PrefixMemory | None = None) -> Tensor:
     """Pooled text features ``(B, k, D)`` of ``ids (B, k, L)`` pooled at ``pool (B, k)``.
 
     Per image b one reference row's tokens run once, causally, with their keys/values kept; every
