@@ -164,7 +164,7 @@ def test_cider_retrieval_keeps_the_candidate_with_most_consensus(parts):
         RetrievalCaptioner(pipeline, POOL, consensus="embedding").ranked(image_emb, 3)
 
 
-def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts):
+def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts, monkeypatch):
     pipeline, lm = parts
     image_emb = pipeline.encode_images([_img(4), _img(8), _img(1)])
     windows = [(0, 2), (1, 2), (3, 1)]
@@ -181,6 +181,10 @@ def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts):
     chosen = cap.caption_embeddings(image_emb)
     assert chosen == [row[cap.pool.cider.choose(row, r)] for row, r in zip(candidates, refs)]
     assert [cap.caption_embeddings(image_emb[i:i + 1])[0] for i in range(3)] == chosen  # batch-independent
+    import nofree.captioners
+
+    monkeypatch.setattr(nofree.captioners, "DRAFT_ROWS", 2)  # 9 drafts in batches of 2 rows
+    assert cap.candidates(image_emb) == candidates
     with pytest.raises(DataError, match="windows must be"):
         captioner(parts, examples_from="pool", pool=POOL, windows=[(-1, 2)])
     with pytest.raises(DataError, match="drafts must be"):
