@@ -301,10 +301,9 @@ benchmark's plain rule (best CV score, as for every other setting here) was used
 exploratory runs on `val` also tried MAGIC with β = 0.2, 0.5 and 1 on the ASIF scorer and a
 scorer built from the retrieved captions; every one lowered CIDEr against greedy decoding.
 
-Seconds per photo in the table were measured before the LM's weights were packed and the drafts
-batched together (same captions, checked on all 40 `val` photos): the default's drafts now take
-1.10 s per photo instead of 2.55 (see "MAGIC decoding speed"), 1.3 s per photo through
-`nofree eval` with the consensus selection.
+Seconds per photo: with the LM's weights packed and the drafts of all windows batched together
+(see "MAGIC decoding speed"); an earlier run without them gave the same scores in every row,
+with 2.50 s per photo for the default instead of 1.11.
 
 What the numbers say.
 - **The image reaches the 135M LM through its in-context examples**, and where they come from
