@@ -55,7 +55,7 @@ def test_bfloat16_packed_matrix_matches_f_linear_exactly():
     assert torch.equal(linear(x, matrix), torch.nn.functional.linear(x, weight))
 
 
-def test_gpt2_conv1d_is_packed_with_its_transposed_weight(tmp_path):
+def test_gpt2_conv1d_is_packed_with_its_transposed_weight():
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
