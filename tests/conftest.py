@@ -19,6 +19,18 @@ def _quiet_transformers():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny ops are dominated by thread hand-off on a busy
+    2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sample_dir():
     """The bundled coco-mini sample (180 photos, pairs.jsonl, caption_corpus.txt)."""

@@ -13,13 +13,7 @@ FAMILIES = ["gpt2", "llama"]
 PROMPTS = ["a picture of", "the man riding a red bus on the beach with", "cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops are dominated by thread hand-off on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -11,22 +11,15 @@ from nofree import packing
 from nofree.packing import PackedLinear, PackedMatrix, can_pack, linear, pack, packed_copy
 from nofree.testing import tiny_lm
 
-pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(2, 2)),
-                                reason="PyTorch has no oneDNN linear kernels on this machine")
+pytestmark = [pytest.mark.skipif(not can_pack(torch.zeros(2, 2)),
+                                 reason="PyTorch has no oneDNN linear kernels on this machine"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)
 def _pack_tiny_layers(monkeypatch):
     """The tiny test models' layers are below the size worth packing: pack them anyway."""
     monkeypatch.setattr(packing, "MIN_ELEMENTS", 0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
