@@ -199,8 +199,9 @@ class PrefixMemory:
     def store(self, ref_ids: Tensor, past: list[tuple[Tensor, Tensor]]) -> None:
         """Keep each row of ``ref_ids (B, P)`` with its keys/values ``past`` (per layer, B rows)."""
         for b, row in enumerate(ref_ids.tolist()):
-            self._kv[tuple(row)] = [(k[b:b + 1].clone(), v[b:b + 1].clone()) for k, v in past]
-            self._kv.move_to_end(tuple(row))
+            key = tuple(row)
+            self._kv[key] = [(k[b:b + 1].clone(), v[b:b + 1].clone()) for k, v in past]
+            self._kv.move_to_end(key)
         while len(self._kv) > self.size:
             self._kv.popitem(last=False)
 
@@ -241,8 +242,8 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
             _, new_kv = _layers(tower, x, causal, past)
             past = new_kv if past is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
                                                 for (k0, v0), (k1, v1) in zip(past, new_kv)]
-        if memory is not None:
-            memory.store(ref_ids, past)
+            if memory is not None:  # (when every row was already held whole, nothing is new)
+                memory.store(ref_ids, past)
     # 2. each distinct row's own tokens lcp[b, i] .. pool[b, i], packed into one sequence per image
     rep = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1).int().argmax(-1)  # (B, k) first twin
     counts = torch.where(rep == rows, pool - lcp + 1, 0).reshape(-1)      # (B·k,) tokens to run
