@@ -21,6 +21,7 @@ Shapes: Q queries, N anchors, D embedding width, k kept entries per row.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ _BIN_W = 2.0 ** -10
 _BIN_LO = -1.5
 _N_BINS = 3072  # covers [-1.5, 1.5); values outside are clamped into the end bins
 _GROUP = 16  # column group for the max-prefilter in _select
+_REFRESH = 1.25  # the discard level is recomputed whenever the anchors seen grow by this factor
 
 
 def resolve_precision(precision: str, n_anchors: int, device: Any = None) -> str:
@@ -202,8 +204,14 @@ class _Int8(_Fp32):
 
     @staticmethod
     def quantize_anchors(a: Tensor, scale: float) -> Tensor:
-        # a multiply and in-place rounding: ~2.7x faster than round(a / scale) per chunk; the
-        # error bound uses these same quantised anchors (anchor_stats calls this function too)
+        # a multiply and in-place rounding: ~2.7x faster than round(a / scale) per chunk (one
+        # pass in C when the native helpers are built, same values); the error bound uses these
+        # same quantised anchors (anchor_stats calls this function too)
+        lib = _native()
+        if lib is not None and a.device.type == "cpu" and a.dtype == torch.float32 and a.is_contiguous():
+            out = torch.empty(a.shape, dtype=torch.int8)
+            lib.nofree_quantize_i8(a.data_ptr(), a.numel(), 1.0 / scale, out.data_ptr())
+            return out
         return (a * (1.0 / scale)).round_().clamp_(-127, 127).to(torch.int8)
 
     @staticmethod
@@ -264,6 +272,123 @@ def _bins(v: Tensor) -> Tensor:
     return ((v.float() - _BIN_LO) / _BIN_W).floor_().clamp_(0, _N_BINS - 1).long()
 
 
+def _native() -> Any:
+    from nofree.anchors.native import library
+
+    return library()
+
+
+class _Candidates:
+    """The candidate ``(row, anchor id, approximate value)`` triples of one query block, in flat
+    int32 / int32 / float32 arrays that grow by doubling and are pruned in place.
+
+    One long-lived allocation per field instead of a list of small pieces: many pieces of
+    assorted sizes, interleaved with the scan's short-lived tiles, fragment the C heap (measured:
+    peak memory 5.4 -> 8-9 GB on one 2,048-query block over a million anchors).
+    """
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.size = 0
+        self.rows = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.cols = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.vals = torch.empty(capacity, dtype=torch.float32, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.numel()
+
+    def reserve(self, extra: int) -> None:
+        """Room for at least ``extra`` more triples."""
+        if self.size + extra <= self.capacity:
+            return
+        capacity = max(2 * self.capacity, self.size + extra)
+        for name in ("rows", "cols", "vals"):
+            old = getattr(self, name)
+            new = torch.empty(capacity, dtype=old.dtype, device=old.device)
+            new[:self.size] = old[:self.size]
+            setattr(self, name, new)
+
+    def append(self, rows: Tensor, cols: Tensor, vals: Tensor) -> None:
+        n = rows.numel()
+        self.reserve(n)
+        self.rows[self.size:self.size + n] = rows
+        self.cols[self.size:self.size + n] = cols
+        self.vals[self.size:self.size + n] = vals
+        self.size += n
+
+    def prune(self, level: Tensor) -> None:
+        """Keep the triples whose value is ``>= level[row]`` (float32 ``level``; order kept)."""
+        lib = _native() if self.rows.device.type == "cpu" else None
+        if lib is not None:
+            level = level.float().contiguous()
+            self.size = lib.nofree_prune(self.rows.data_ptr(), self.cols.data_ptr(), self.vals.data_ptr(),
+                                         self.size, level.data_ptr())
+            return
+        keep = (self.vals[:self.size] >= level[self.rows[:self.size].long()]).nonzero().squeeze(1)
+        n = keep.numel()
+        for name in ("rows", "cols", "vals"):
+            t = getattr(self, name)
+            t[:n] = t[:self.size][keep]
+        self.size = n
+
+    def arrays(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.rows[:self.size], self.cols[:self.size], self.vals[:self.size]
+
+
+class _Taker:
+    """Appends the candidates of one score tile after another to a :class:`_Candidates`: every
+    entry ``s[r, c] >= thr[r]`` as ``(r, col0 + c, codec.values(s[r, c]))``, row by row then by
+    column, counting each in its row's histogram of values (``hist (R, _N_BINS)`` int32).
+
+    With the native helpers (int32 tiles of an int8 scan, int16 tiles of a bfloat16 one) this is
+    one pass in C over the tile, writing straight into the store; otherwise torch's
+    :func:`_select` (same triples, same order, same histogram).
+    """
+
+    def __init__(self, codec: Any, qscale: Tensor, hist: Tensor, store: _Candidates) -> None:
+        self.codec, self.hist, self.store = codec, hist, store
+        self.qscale32 = qscale.float().contiguous()
+        self.lib = _native() if hist.device.type == "cpu" else None
+        self.rate = 1.0  # fraction of the last tile's entries taken (picks the torch strategy)
+
+    def __call__(self, s: Tensor, thr: Tensor, qscale: Tensor, col0: int) -> None:
+        before = self.store.size
+        s, thr = self.codec.comparable(s, thr)
+        kernel = {torch.int32: "nofree_take_i32", torch.int16: "nofree_take_i16"}.get(s.dtype)
+        if self.lib is not None and kernel is not None and s.stride(1) == 1:
+            self._native(getattr(self.lib, kernel), s, thr.to(s.dtype).contiguous(), col0)
+        else:
+            r, c, sv = _select(s, thr, grouped=self.rate < 0.004)
+            v = self.codec.values(sv, qscale[r])
+            flat = r * _N_BINS + _bins(v)
+            self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+            self.store.append(r, c + col0, v)
+        self.rate = (self.store.size - before) / max(1, s.numel())
+
+    def _native(self, fn: Any, s: Tensor, thr: Tensor, col0: int) -> None:
+        n_rows, n_cols = s.shape
+        store = self.store
+        store.reserve(n_rows * n_cols + _GROUP)  # room for the whole tile: the kernel never runs out
+        store.size = fn(s.data_ptr(), n_rows, n_cols, s.stride(0), thr.data_ptr(), col0,
+                        self.qscale32.data_ptr(), self.hist.data_ptr(), _N_BINS, _BIN_LO, 1.0 / _BIN_W,
+                        store.rows.data_ptr(), store.cols.data_ptr(), store.vals.data_ptr(), store.size)
+
+
+def _kth_bins(hist: Tensor, k: int, lo: int) -> Tensor:
+    """Per row of ``hist (R, bins)``, the highest bin ``b >= lo`` where the count from the top
+    reaches k, or -1 when bins ``lo..`` hold fewer than k entries -> ``(R,)`` int64."""
+    lib = _native() if hist.device.type == "cpu" and hist.is_contiguous() else None
+    if lib is not None:
+        out = torch.empty(hist.shape[0], dtype=torch.int64)
+        lib.nofree_kth_bins(hist.data_ptr(), hist.shape[0], hist.shape[1], k, lo, out.data_ptr())
+        return out
+    window = hist[:, lo:]
+    cum = window.flip(1).cumsum(dim=1)
+    reached = cum >= k
+    b = lo + window.shape[1] - 1 - reached.int().argmax(dim=1)
+    return torch.where(reached.any(dim=1), b, torch.full_like(b, -1))
+
+
 def _tau_from_hist(hist: Tensor, k: int, err: Tensor, out_rel: float, tau_old: Tensor) -> Tensor:
     """New discard levels ``(R,)`` float64 from per-row score histograms ``hist (R, bins)``.
 
@@ -272,13 +397,9 @@ def _tau_from_hist(hist: Tensor, k: int, err: Tensor, out_rel: float, tau_old: T
     """
     finite = torch.isfinite(tau_old)
     lo = int(_bins(tau_old[finite]).min()) if bool(finite.all()) and finite.numel() else 0
-    window = hist[:, lo:]
-    cum = window.flip(1).cumsum(dim=1)
-    reached = cum >= k
-    pos = reached.int().argmax(dim=1)
-    b = lo + window.shape[1] - 1 - pos
+    b = _kth_bins(hist, k, lo).to(tau_old.device)
     edge = (_BIN_LO + b.double() * _BIN_W) - 2.0 ** -20  # bins computed in float32: keep a hair below
-    edge = torch.where(reached.any(dim=1) & (b > 0), edge, torch.full_like(edge, -math.inf))
+    edge = torch.where(b > 0, edge, torch.full_like(edge, -math.inf))
     tau = edge - out_rel * edge.abs().nan_to_num(posinf=0.0, neginf=0.0) - 2 * err
     return torch.maximum(tau, tau_old)
 
@@ -394,11 +515,13 @@ def _scan(query: Tensor, anchors: Tensor, k: int, codec: Any, stats: AnchorStats
         b = min(a + query_chunk, nq)
         rows, cols, vals = _scan_block(q_low[a:b], qscale[a:b], err[a:b], anchors, k, codec, stats,
                                        anchor_chunk, order)
-        cols, o = cols.sort(stable=True)  # anchor order: cache-friendly re-scoring, ties by id
-        rows, vals = rows[o], vals[o]
+        lib = _native() if device.type == "cpu" else None
+        if lib is None:  # anchor order: cache-friendly re-scoring, ties by id in _top_per_row
+            cols, o = cols.sort(stable=True)
+            rows, vals = rows[o], vals[o]
         if not codec.exact:  # exact float32 scores
             vals = _rescore_pairs(query[a:b], anchors, rows, cols)
-        out_v[a:b], out_i[a:b] = _top_per_row(rows.long(), cols.long(), vals, b - a, k)
+        out_v[a:b], out_i[a:b] = _top_per_row(rows, cols, vals, b - a, k)
     return out_v, out_i
 
 
@@ -409,9 +532,9 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
     hist = torch.zeros(nb, _N_BINS, dtype=torch.int32, device=device)
     tau = torch.full((nb,), -math.inf, dtype=torch.float64, device=device)
     thr = codec.threshold(tau, qscale)
-    pieces: list[tuple[Tensor, Tensor, Tensor]] = []
-    held = pruned_at = seen = refreshed_at = 0
-    rate = 1.0  # fraction of the last chunk's scores kept
+    store = _Candidates(nb * (4 * k + anchor_chunk), device)  # the first tiles pass the most
+    pruned_at = seen = refreshed_at = 0  # store size after the last pruning; anchors seen
+    take = _Taker(codec, qscale, hist, store)
     for step, ci in enumerate(order):
         c0 = ci * anchor_chunk
         s = codec.scores(q_low, codec.quantize_anchors(anchors[c0:c0 + anchor_chunk].float(), stats.scale))
@@ -420,27 +543,19 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
             kth = codec.values(s.topk(k, dim=1, sorted=False).values.amin(dim=1), qscale).double()
             tau = torch.maximum(tau, kth - codec.out_rel * kth.abs() - 2 * err)
             thr = codec.threshold(tau, qscale)
-        r, c, sv = _select(*codec.comparable(s, thr), grouped=rate < 0.004)
+        if store.size + s.numel() + _GROUP > store.capacity and store.size > pruned_at:
+            store.prune(codec.level(tau))  # drop what the current level rules out before growing
+            pruned_at = store.size
+            store.reserve(store.size)      # still over half full: double, or it prunes again soon
+        take(s, thr, qscale, c0)
         del s
-        rate = r.numel() / max(1, nb * anchor_chunk)
-        v = codec.values(sv, qscale[r])
-        flat = r * _N_BINS + _bins(v)
-        hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        pieces.append((r.to(torch.int32), (c + c0).to(torch.int32), v))
-        held += r.numel()
         seen += min(anchor_chunk, n - c0)
-        last = step == len(order) - 1
-        if seen >= 1.25 * refreshed_at or last:
+        if seen >= _REFRESH * refreshed_at or step == len(order) - 1:
             refreshed_at = seen
             tau = _tau_from_hist(hist, k, err, codec.out_rel, tau)
             thr = codec.threshold(tau, qscale)
-            if last or held > 2 * pruned_at + nb * k:
-                level = codec.level(tau)
-                for i, (pr, pc, pv) in enumerate(pieces):  # piece by piece: no second full copy
-                    keep = (pv >= level[pr.long()]).nonzero().squeeze(1)
-                    pieces[i] = (pr[keep], pc[keep], pv[keep])
-                held = pruned_at = sum(p[0].numel() for p in pieces)
-    return tuple(torch.cat(t) for t in zip(*pieces))  # type: ignore[return-value]
+    store.prune(codec.level(tau))
+    return store.arrays()
 
 
 def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> tuple[Tensor, Tensor]:
@@ -449,8 +564,22 @@ def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> t
     One stable sort of an int64 key (row in the high 32 bits, the value's order-preserving bit
     pattern, flipped for decreasing order, in the low ones) instead of a padded (nb, max
     candidates) matrix: one row with a very flat score profile must not cost memory for every
-    row. Ties keep the input order.
+    row. Ties keep the input order (callers pass candidates sorted by anchor id). With the native
+    helpers: per-row buckets, each sorted by (value desc, id asc), in C; same result.
     """
+    lib = _native() if vals.device.type == "cpu" else None
+    if lib is not None:  # per-row buckets and a sort of each (value desc, col asc) in C
+        rows, cols, vals = (t.contiguous() for t in (rows.to(torch.int32), cols.to(torch.int32), vals.float()))
+        out_v = torch.empty(nb, k, dtype=torch.float32)
+        out_i = torch.empty(nb, k, dtype=torch.int64)
+        status = lib.nofree_top_per_row(rows.data_ptr(), cols.data_ptr(), vals.data_ptr(), rows.numel(),
+                                        nb, k, out_v.data_ptr(), out_i.data_ptr())
+        if status == -2:
+            raise MemoryError(f"no memory to rank {rows.numel()} candidates")
+        if status != -1:
+            raise RuntimeError("internal error: fewer than k candidates kept for a row")
+        return out_v, out_i
+    rows, cols = rows.long(), cols.long()
     bits = (vals.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the value
     key = (rows.long() << 32) | ((0x7FFFFFFF - ordered) & 0xFFFFFFFF)

@@ -1,0 +1,123 @@
+"""The anchor scan's native helpers (``scan_kernels.c``), compiled on first use, through ctypes.
+
+The low-precision scan of :mod:`nofree.anchors.topk` spends about as long *selecting* the
+candidates from each score tile as the int8 matmul takes to make it; in torch that selection is a
+chain of whole-tile operations (group maxima, compare, nonzero, gather, histogram). The C helpers do
+it in one pass over the tile, and also re-quantise anchor chunks in one pass. They are optional:
+every helper has a torch twin in ``topk.py`` with bit-identical results, used when no C compiler
+is found, when compiling fails, or when ``NOFREE_NATIVE=0``.
+
+The shared library is built with the system C compiler (``$CC``, else ``cc``) into
+``$NOFREE_CACHE/native/<key>/`` (default ``~/.cache/nofree``), keyed by the source, the compiler
+command and this CPU, written to a temporary name and renamed, so concurrent first uses and
+interrupted builds never leave a half-written library behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("scan_kernels.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
+#: tried first; dropped when the compiler rejects it (the key includes the CPU either way)
+ARCH_FLAGS = ("-march=native",)
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "nofree_take_i32": (_I64, [_P, _I64, _I64, _I64, _P, ctypes.c_int32, _P, _P, _I64, ctypes.c_float,
+                               ctypes.c_float, _P, _P, _P, _I64]),
+    "nofree_kth_bins": (None, [_P, _I64, _I64, _I64, _I64, _P]),
+    "nofree_quantize_i8": (None, [_P, _I64, ctypes.c_float, _P]),
+    "nofree_prune": (_I64, [_P, _P, _P, _I64, _P]),
+    "nofree_top_per_row": (_I64, [_P, _P, _P, _I64, _I64, _I64, _P, _P]),
+}
+_SIGNATURES["nofree_take_i16"] = _SIGNATURES["nofree_take_i32"]
+
+
+def enabled() -> bool:
+    """False when ``NOFREE_NATIVE`` is set to 0/false/no/off."""
+    return os.environ.get("NOFREE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_fingerprint() -> str:
+    """What the compiled code may depend on when built with -march=native."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    text += line
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        pass
+    return text
+
+
+def _cache_dir() -> Path:
+    from nofree.cache import default_cache_root
+
+    return default_cache_root() / "native"
+
+
+def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str | None:
+    """Build the library at ``target`` (atomically); the compiler's complaint on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).strip()[-600:] or f"exit status {done.returncode}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded helpers, built first if needed; None (torch fallback) when unavailable."""
+    if not enabled():
+        return None
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in (FLAGS + ARCH_FLAGS, FLAGS):
+        key = hashlib.sha256(source + repr((compiler, flags)).encode() + _cpu_fingerprint().encode())
+        target = _cache_dir() / key.hexdigest()[:16] / "scan_kernels.so"
+        if not target.exists():
+            start = time.perf_counter()
+            error = _compile(compiler, flags, target)
+            if error is not None:
+                errors.append(f"{' '.join(compiler + list(flags))}: {error}")
+                continue
+            log.info("built nofree's native scan helpers in %.1f s: %s", time.perf_counter() - start, target)
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            errors.append(f"loading {target}: {exc}")
+            continue
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        return lib
+    log.warning("nofree's native scan helpers are unavailable (%s); the anchor scan uses its torch "
+                "version, which is slower. Install a C compiler (or set CC) to build them, or set "
+                "NOFREE_NATIVE=0 to silence this.", "; ".join(errors) or "no compiler")
+    return None
