@@ -335,10 +335,11 @@ computation's (differing rows are float32 ties, checked in float64).
 
 The same code on a GPU (H200, `ASIF(device="cuda")`, a separate run): 1.44 s at 1M anchors,
 0.38 s at 200k. The issue's CPU targets (≤ 10 s at 200k, ≤ 30 s at 1M) are **not met** on this
-2-core Zen 4: its fp32 matmul runs at 67–74 G multiply-adds/s (bf16 148–175; int8 up to ~390
-inside the scan's 2,048-row tiles), so the bare fp32 matmuls take ~116 s at 1M; compare the
-variants with those. At 1M the int8 matmuls take ~20 s of nofree's 45 s; most of the rest is
-selecting candidates from each score tile in torch ops (a fused kernel would save most of it)."""
+2-core Zen 4: its fp32 matmul runs at ~105 G multiply-adds/s (bf16 ~200; int8 ~430 inside the
+scan's 2,048 × 2,048 tiles), so the bare fp32 matmuls take ~119 s at 1M; compare the variants
+with those. At 1M the int8 matmuls take ~18 s of nofree's 32 s; most of the rest is reading each
+score tile back from memory to take its candidates (with the native helpers; a fused matmul +
+threshold kernel would save most of it)."""
 
 
 if __name__ == "__main__":

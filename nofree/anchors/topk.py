@@ -16,6 +16,10 @@ anchors and their anchor ids. Choices made here:
   crowded each row is near its k-th value. Off CPU the scan is float32 throughout (leave TF32
   matmuls off for float32-exact cosines on NVIDIA GPUs).
 * Output rows list their anchors by decreasing cosine (ties: increasing anchor id).
+* The bookkeeping between matmuls — taking each score tile's candidates, pruning them, the
+  final per-row ranking, re-quantising anchor chunks — runs in small C helpers
+  (:mod:`nofree.anchors.native`, built on first use) when a C compiler is available, and in
+  torch otherwise, with bit-identical results either way.
 
 Shapes: Q queries, N anchors, D embedding width, k kept entries per row.
 """
