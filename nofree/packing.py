@@ -68,19 +68,46 @@ def pack(weight: Tensor) -> PackedMatrix | Tensor:
     return PackedMatrix(weight) if worth_packing(weight) else weight
 
 
-def linear(x: Tensor, weight: PackedMatrix | Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` for ``x (..., in)``, with ``weight`` a tensor or a PackedMatrix."""
+#: GELU variants a packed layer can apply to its output inside the matrix kernel
+GELUS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def linear(x: Tensor, weight: PackedMatrix | Tensor, bias: Tensor | None = None, *,
+           activation: str | None = None) -> Tensor:
+    """``act(x @ weight.T + bias)`` for ``x (..., in)``, with ``weight`` a tensor or a PackedMatrix
+    and ``activation`` None, ``"gelu"`` (erf) or ``"gelu_tanh"``; the bias is cast to the weight's
+    dtype. A packed weight applies bias and activation inside the matrix kernel (one pass over the
+    output instead of three)."""
+    if activation is not None and activation not in GELUS:
+        raise ValueError(f"activation must be one of {sorted(GELUS)} or None, got {activation!r}")
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
     if isinstance(weight, Tensor):
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        return out if activation is None else F.gelu(out, approximate=GELUS[activation])
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("packed linear layers are for inference only: no gradient flows "
                            "through them; run the unpacked model (the one packed_copy() copied)")
     if x.numel() == 0:  # the packed kernel rejects an empty batch
         out = x.new_zeros(*x.shape[:-1], weight.shape[0])
-        return out if bias is None else out + bias.to(x.dtype)
-    if bias is not None and bias.dtype != weight.dtype:
-        bias = bias.to(weight.dtype)
-    return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
+        out = out if bias is None else out + bias.to(x.dtype)
+        return out if activation is None else F.gelu(out, approximate=GELUS[activation])
+    if activation is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "gelu", [], GELUS[activation])
+
+
+def gelu_kind(module: nn.Module) -> str | None:
+    """``"gelu"`` / ``"gelu_tanh"`` when ``module`` is exactly a GELU (torch's, or transformers'
+    GELUActivation / NewGELUActivation / GELUTanh), else None."""
+    if type(module) is nn.GELU:
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    name = type(module).__name__
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh"):
+        return "gelu_tanh"
+    if name == "GELUActivation" and getattr(module, "act", None) is F.gelu:
+        return "gelu"
+    return None
 
 
 class PackedLinear(nn.Module):
@@ -90,19 +117,21 @@ class PackedLinear(nn.Module):
     them (tied embeddings, ``get_output_embeddings().weight``) still works.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, *, activation: str | None = None) -> None:
         super().__init__()
         self.weight, self.bias = layer.weight, layer.bias
         matrix = layer.weight.t() if _is_conv1d(layer) else layer.weight   # Conv1D keeps (in, out)
         self.out_features, self.in_features = matrix.shape
         self.matrix = PackedMatrix(matrix)
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.matrix, self.bias)
+        return linear(x, self.matrix, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}, dtype={self.matrix.dtype}"
+               f"bias={self.bias is not None}, dtype={self.matrix.dtype}{act}"
 
 
 def _is_conv1d(layer: nn.Module) -> bool:
@@ -123,8 +152,24 @@ def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     twin = copy.deepcopy(model, memo=shared)
     count = 0
     for parent in list(twin.modules()):
+        fused = _fuse_mlp_gelu(parent)
+        count += fused
         for name, child in list(parent.named_children()):
             if _packable(child):
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     return twin, count
+
+
+def _fuse_mlp_gelu(mlp: nn.Module) -> int:
+    """A GPT-2-style MLP (``c_proj(act(c_fc(x)))`` with a GELU ``act``) gets its GELU inside the
+    packed ``c_fc`` and ``act`` replaced by the identity; 1 if fused, else 0. Only the MLPs whose
+    forward is exactly that (transformers' GPT2MLP and its copies)."""
+    if not type(mlp).__name__.endswith("MLP") or not {"c_fc", "c_proj", "act"} <= set(dict(mlp.named_children())):
+        return 0
+    kind = gelu_kind(mlp.act)
+    if kind is None or not _packable(mlp.c_fc):
+        return 0
+    mlp.c_fc = PackedLinear(mlp.c_fc, activation=kind)
+    mlp.act = nn.Identity()
+    return 1

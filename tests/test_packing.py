@@ -48,6 +48,34 @@ def test_bfloat16_packed_matrix_matches_f_linear_exactly():
     assert torch.equal(linear(x, matrix), torch.nn.functional.linear(x, weight))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(7, 24), (0, 24)])
+def test_gelu_inside_the_packed_kernel_equals_gelu_after(activation, shape):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(40, 24), torch.randn(40), torch.randn(shape)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate=approximate)
+    for matrix in (PackedMatrix(weight), weight):
+        torch.testing.assert_close(linear(x, matrix, bias, activation=activation), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        linear(x, weight, bias, activation="relu")
+
+
+def test_gpt2_mlp_gets_its_gelu_fused_into_c_fc(lm):
+    fast = lm.packed()
+    fused = [m for m in fast.model.modules() if isinstance(m, PackedLinear) and m.activation]
+    if lm.model.config.model_type == "gpt2":
+        assert len(fused) == lm.model.config.n_layer
+        assert all(m.activation == "gelu_tanh" for m in fused)   # GPT-2's "gelu_new"
+        mlp, original = fast.model.transformer.h[0].mlp, lm.model.transformer.h[0].mlp
+        assert isinstance(mlp.act, nn.Identity) and not isinstance(original.act, nn.Identity)
+        assert mlp.c_fc.weight is original.c_fc.weight
+    else:  # a gated MLP (Llama) is not of that shape: left as it is
+        assert fused == []
+    assert packing.gelu_kind(nn.GELU()) == "gelu" and packing.gelu_kind(nn.GELU("tanh")) == "gelu_tanh"
+    assert packing.gelu_kind(nn.ReLU()) is None
+
+
 def test_gpt2_conv1d_is_packed_with_its_transposed_weight():
     from transformers.pytorch_utils import Conv1D
 
@@ -143,6 +171,7 @@ def test_packed_clip_tower_gives_the_same_scores():
     packed, plain = ClipScorer(model, tokenizer), ClipScorer(model, tokenizer, packed=False)
     assert isinstance(packed.tower.blocks[0].qkv_w, PackedMatrix)
     assert isinstance(plain.tower.blocks[0].qkv_w, torch.Tensor)
+    assert packed.tower.blocks[0].gelu == "gelu" and plain.tower.blocks[0].gelu is None  # fused in fc1
     texts = [["a dog on", "a dogs", "the red bus"], ["two cats", "a sofa.", "x"]]
     image_emb = torch.randn(2, 24)
     torch.testing.assert_close(packed.score(image_emb, texts), plain.score(image_emb, texts),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nofree.core import DataError, l2_normalize, resolve_device
-from nofree.packing import PackedMatrix, linear, pack
+from nofree.packing import PackedMatrix, gelu_kind, linear, pack
 
 __all__ = ["Scorer", "CallableScorer", "ClipScorer", "AsifScorer", "as_scorer",
            "DEFAULT_ASIF_TEMPERATURE"]
@@ -120,6 +120,11 @@ class _Block:
     fc2_b: Tensor
     ls2: Tensor | None
 
+    @property
+    def gelu(self) -> str | None:
+        """The GELU fc1 applies inside its matrix kernel, when ``act`` is one and fc1 is packed."""
+        return gelu_kind(self.act) if isinstance(self.fc1_w, PackedMatrix) else None
+
 
 @dataclass(frozen=True)
 class _TextTower:
@@ -134,9 +139,17 @@ class _TextTower:
 
 
 def _lin(x: Tensor, w: Tensor | PackedMatrix, b: Tensor | None) -> Tensor:
-    """``x @ w.T + b`` with the matmul in ``w``'s dtype and the result in float32."""
-    y = linear(x.to(w.dtype), w).float()
-    return y if b is None else y + b
+    """``x @ w.T + b`` with the matmul (and bias) in ``w``'s dtype and the result in float32."""
+    return linear(x.to(w.dtype), w, b).float()
+
+
+def _mlp(blk: _Block, x: Tensor) -> Tensor:
+    """``fc2(act(fc1(x)))`` in float32; a GELU runs inside a packed fc1, whose output then goes to
+    fc2 in the weights' dtype (no float32 round trip of the wide hidden layer)."""
+    if blk.gelu is not None:
+        hidden = linear(x.to(blk.fc1_w.dtype), blk.fc1_w, blk.fc1_b, activation=blk.gelu)
+        return _lin(hidden, blk.fc2_w, blk.fc2_b)
+    return _lin(blk.act(_lin(x, blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
 
 
 def _layers(tower: _TextTower, x: Tensor, mask: Tensor,
@@ -155,7 +168,7 @@ def _layers(tower: _TextTower, x: Tensor, mask: Tensor,
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         o = _lin(o.transpose(1, 2).reshape(batch, length, width), blk.out_w, blk.out_b)
         x = x + (o if blk.ls1 is None else o * blk.ls1)
-        m = _lin(blk.act(_lin(blk.ln2(x), blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
+        m = _mlp(blk, blk.ln2(x))
         x = x + (m if blk.ls2 is None else m * blk.ls2)
     return x, new_kv
 
