@@ -2,6 +2,8 @@
 the degeneration penalty, the image term, stopping rules and argument errors."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -125,6 +127,33 @@ def test_penalty_ignores_left_padding(gpt2):
                          max_new_tokens=3, stop_at_period=False)
     assert batched.ids[0] == alone.ids[0]
     torch.testing.assert_close(batched.steps[0].penalty[0], alone.steps[0].penalty[0], atol=1e-5, rtol=1e-4)
+
+
+def spread_scorer(image_emb, texts):
+    """Deterministic, well-spread logits (0..12) per text: a peaked image term, as real scorers give."""
+    return torch.tensor([[float(zlib.crc32(text.encode()) % 13) for text in row] for row in texts])
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["tree", "k-expanded"])
+def test_pruning_keeps_the_tokens_and_skips_candidates(lm, tree):
+    kw = dict(prompt_ids=lm.tokenize(PROMPTS), k=12, alpha=0.1, beta=2.0, max_new_tokens=6,
+              stop_at_period=False)
+    if not tree:
+        lm.candidate_step = None
+    try:
+        full = magic_search(lm, spread_scorer, image_index(3), prune=False, **kw)
+        fast = magic_search(lm, spread_scorer, image_index(3), **kw)
+    finally:
+        if not tree:
+            del lm.candidate_step
+    assert fast.ids == full.ids and fast.stop == full.stop
+    assert not any(bool(step.penalty.isnan().any()) for step in full.steps)
+    skipped = sum(int(step.penalty.isnan().sum()) for step in fast.steps)
+    assert skipped > len(fast.steps) * 3 * 12 // 2     # most candidates never ran
+    for step, ref in zip(fast.steps, full.steps):
+        ran = ~step.penalty.isnan()
+        assert ran[torch.arange(len(step.chosen)), step.chosen].all()
+        torch.testing.assert_close(step.penalty[ran], ref.penalty[ran], atol=1e-5, rtol=1e-4)
 
 
 def test_scorer_steers_toward_its_word(lm):

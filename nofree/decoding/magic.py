@@ -61,7 +61,8 @@ class StepTrace:
     """Diagnostics of one MAGIC step for the ``b`` rows still decoding (all ``(b, k)`` unless noted).
 
     rows: ``(b,)`` original batch index of each row; candidates: token ids; lm_prob: p_LM;
-    penalty: max cosine to earlier hidden states; image_prob: scorer softmax (None when β = 0);
+    penalty: max cosine to earlier hidden states (NaN for candidates pruned before their forward,
+    see ``magic_search(prune=)``); image_prob: scorer softmax (None when β = 0);
     chosen: ``(b,)`` index into k of the winning candidate.
     """
 
@@ -218,7 +219,8 @@ def _tick(seconds: dict[str, float], name: str, start: float) -> float:
 def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
                  prompt_ids: Sequence[Sequence[int]], k: int = 45, alpha: float = 0.1,
                  beta: float = 2.0, max_new_tokens: int = 16, stop_at_period: bool = True,
-                 trace: bool = True, cache_budget: int = CANDIDATE_CACHE_BUDGET) -> Generation:
+                 trace: bool = True, cache_budget: int = CANDIDATE_CACHE_BUDGET,
+                 prune: bool = True) -> Generation:
     """MAGIC greedy decoding of one continuation per image.
 
     lm: a :class:`nofree.core.LanguageModel`; scorer: a :class:`~nofree.decoding.scorers.Scorer`
@@ -236,6 +238,12 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
     an LM with ``cache_nbytes(cache)``). Beyond it the candidates run in chunks of rows, their caches are
     dropped, and the b chosen tokens run once more on the b-row cache: the same tokens, memory
     bounded by the budget rather than by b·k·(prompt length).
+    prune: run the candidate forward only for candidates that can still win. The penalty term
+    moves a score by at most |α|, so a candidate whose other two terms fall more than 2|α|
+    below another candidate's cannot be chosen whatever its hidden state: exact (the same
+    tokens as ``prune=False``), and it saves most of the LM's candidate work once the image
+    term separates the candidates (not with random-weight models, whose scores are flat). The
+    pruned candidates' ``StepTrace.penalty`` is NaN.
     """
     _check_prompts(lm, prompt_ids, max_new_tokens)
     k = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k
@@ -271,37 +279,8 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         b = len(rows)
         # 2. the LM's top-k candidates and their full-vocabulary probabilities
         lm_prob, candidates = logits.softmax(-1).topk(k, dim=-1)            # (b, k) each
-        # 3. the b·k candidates in one forward: side by side after each row's cache (tree
-        #    attention), or for LMs without it one row per candidate on the k-expanded cache
-        #    (row chunks under the budget). Only the penalty needs them: none when α = 0.
-        tree_step = getattr(lm, "candidate_step", None)
-        tree = tree_step(candidates, cache=cache, attention_mask=mask) \
-            if tree_step and head and alpha != 0 else None
-        cand_hidden = None
-        if tree is not None:
-            cand_hidden = l2_normalize(tree.hidden)                           # (b, k, H)
-        elif alpha != 0:
-            expand = torch.arange(b).repeat_interleave(k)                    # (b·k,)
-            cand_mask = torch.cat([mask[expand], mask.new_ones(b * k, 1)], 1)  # (b·k, T+1)
-            per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
-            chunk = b * k if per_row * b * k <= cache_budget else max(1, cache_budget // max(per_row, 1))
-            hidden = []
-            for lo in range(0, b * k, chunk):
-                part = slice(lo, lo + chunk)
-                cand = lm.step(candidates.reshape(-1, 1)[part], cache=lm.select_cache(cache, expand[part]),
-                               attention_mask=cand_mask[part], **({"logits": False} if head else {}))
-                hidden.append(cand.hidden[:, -1])
-            cand_hidden = l2_normalize(torch.cat(hidden)).view(b, k, -1)     # (b, k, H)
-        start = _tick(seconds, "lm_candidates", start)
-        # 4. degeneration penalty: max cosine to every earlier real position
-        penalty = torch.zeros_like(lm_prob)
-        if cand_hidden is not None:
-            cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
-            penalty = cosine.masked_fill(~past_real[:, None, :], float("-inf")).amax(-1)   # (b, k)
-        start = _tick(seconds, "penalty", start)
-        # 5. image relevance of (continuation so far ⊕ candidate), softmax over the k candidates
+        # 3. image relevance of (continuation so far ⊕ candidate), softmax over the k candidates
         image_prob = None
-        score = (1.0 - alpha) * lm_prob - alpha * penalty
         if beta != 0:
             cand_ids = candidates.tolist()
             texts = lm.decode([generated[r] + [v] for i, r in enumerate(rows.tolist())
@@ -309,11 +288,57 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             texts = [texts[i * k:(i + 1) * k] for i in range(b)]
             start = _tick(seconds, "texts", start)
             logit = scorer.score(image_emb[rows], texts)                     # (b, k)
-            image_prob = logit.to(score.device, torch.float32).softmax(-1)
-            score = score + beta * image_prob
+            image_prob = logit.to(lm_prob.device, torch.float32).softmax(-1)
             start = _tick(seconds, "scorer", start)
-        # 6. greedy choice; the chosen candidate's cache row and logits carry on
-        chosen = score.argmax(-1).cpu()                                      # (b,)
+        # 4. which candidates need their hidden state: the penalty moves a score by at most |α|
+        #    (cosines lie in [-1, 1]), so a candidate whose score, penalty aside, is more than
+        #    2|α| below another's can never win (prune=True); `sub (b, k')` lists those that run
+        sub = torch.arange(k).expand(b, k)
+        if alpha != 0 and prune:
+            reach = abs(alpha) * (1 + 1e-3) + 1e-6                            # margin for rounding
+            rest = (1.0 - alpha) * lm_prob + (beta * image_prob if image_prob is not None else 0.0)
+            alive = rest + reach >= (rest - reach).amax(-1, keepdim=True)     # (b, k)
+            width = int(alive.sum(-1).max())
+            sub = (~alive).int().argsort(dim=-1, stable=True)[:, :width].cpu()   # alive first
+        width = sub.shape[1]
+        sub_cands = candidates.gather(1, sub.to(candidates.device))          # (b, k')
+        # 5. those b·k' candidates in one forward: side by side after each row's cache (tree
+        #    attention), or for LMs without it one row per candidate on the k'-expanded cache
+        #    (row chunks under the budget). Only the penalty needs them: none when α = 0.
+        tree_step = getattr(lm, "candidate_step", None)
+        tree = tree_step(sub_cands, cache=cache, attention_mask=mask) \
+            if tree_step and head and alpha != 0 else None
+        cand_hidden = None
+        if tree is not None:
+            cand_hidden = l2_normalize(tree.hidden)                           # (b, k', H)
+        elif alpha != 0:
+            expand = torch.arange(b).repeat_interleave(width)                # (b·k',)
+            cand_mask = torch.cat([mask[expand], mask.new_ones(b * width, 1)], 1)
+            per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
+            chunk = b * width if per_row * b * width <= cache_budget else \
+                max(1, cache_budget // max(per_row, 1))
+            hidden = []
+            for lo in range(0, b * width, chunk):
+                part = slice(lo, lo + chunk)
+                cand = lm.step(sub_cands.reshape(-1, 1)[part], cache=lm.select_cache(cache, expand[part]),
+                               attention_mask=cand_mask[part], **({"logits": False} if head else {}))
+                hidden.append(cand.hidden[:, -1])
+            cand_hidden = l2_normalize(torch.cat(hidden)).view(b, width, -1)   # (b, k', H)
+        start = _tick(seconds, "lm_candidates", start)
+        # 6. degeneration penalty: max cosine to every earlier real position (NaN: not run)
+        penalty = torch.zeros_like(lm_prob)
+        if cand_hidden is not None:
+            cosine = torch.einsum("bkh,bth->bkt", cand_hidden, past)
+            ran = cosine.masked_fill(~past_real[:, None, :], float("-inf")).amax(-1)   # (b, k')
+            penalty = torch.full_like(lm_prob, float("nan")).scatter_(1, sub.to(lm_prob.device), ran)
+        start = _tick(seconds, "penalty", start)
+        # 7. greedy choice; the chosen candidate's cache row and logits carry on
+        score = (1.0 - alpha) * lm_prob - alpha * penalty
+        if image_prob is not None:
+            score = score + beta * image_prob
+        score = score.nan_to_num(nan=float("-inf"))                          # pruned: cannot win
+        chosen = score.argmax(-1).cpu()                                      # (b,) index into k
+        at = (sub == chosen[:, None]).int().argmax(-1)                       # (b,) index into k'
         tokens = candidates.cpu()[torch.arange(b), chosen].tolist()
         if trace:
             steps.append(StepTrace(rows, candidates, lm_prob, penalty, image_prob, chosen))
@@ -324,10 +349,10 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         keep_t = torch.tensor(keep)
         next_mask = torch.cat([mask[keep_t], mask.new_ones(len(keep), 1)], 1)
         if tree is not None:  # the chosen candidates' keys/values and logits carry on
-            cache = lm.keep_candidates(tree.cache, keep_t, chosen[keep_t], k)
-            logits = head(tree.hidden[keep_t, chosen[keep_t]]).float()
-        elif cand_hidden is not None and chunk >= b * k:  # the chosen rows' cache and logits
-            pick = keep_t * k + chosen[keep_t]                               # rows of the b·k batch
+            cache = lm.keep_candidates(tree.cache, keep_t, at[keep_t], width)
+            logits = head(tree.hidden[keep_t, at[keep_t]]).float()
+        elif cand_hidden is not None and chunk >= b * width:  # the chosen rows' cache and logits
+            pick = keep_t * width + at[keep_t]                               # rows of the b·k' batch
             cache = lm.select_cache(cand.cache, pick)
             logits = head(cand.hidden[pick, -1]).float() if head else cand.logits[pick]
         else:  # chunked, or no candidate forward (α = 0): the chosen tokens on the b-row cache
@@ -336,7 +361,7 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
             cache, logits = nxt.cache, nxt.logits
         mask = next_mask
         if cand_hidden is not None:
-            past = torch.cat([past[keep_t], cand_hidden[keep_t, chosen[keep_t]][:, None]], 1)
+            past = torch.cat([past[keep_t], cand_hidden[keep_t, at[keep_t]][:, None]], 1)
             past_real = torch.cat([past_real[keep_t], past_real.new_ones(len(keep), 1)], 1)
         rows = rows[keep_t]
         start = _tick(seconds, "select", start)
