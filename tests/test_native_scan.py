@@ -172,6 +172,15 @@ def test_no_compiler_falls_back_to_torch(fresh_library, monkeypatch, tmp_path, c
     assert torch.equal(idx, ref)
 
 
+def test_unwritable_cache_falls_back_with_a_warning(fresh_library, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NOFREE_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):
+        assert native.library() is None
+    assert "cannot write the library" in caplog.text
+
+
 def test_disabled_by_environment(fresh_library, monkeypatch, caplog):
     monkeypatch.setenv("NOFREE_NATIVE", "0")
     with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):

@@ -73,9 +73,12 @@ def _cache_dir() -> Path:
 
 def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str | None:
     """Build the library at ``target`` (atomically); the compiler's complaint on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        return f"cannot write the library under {target.parent}: {exc}"
     try:
         done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
                               text=True, timeout=120)

@@ -536,7 +536,7 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
     hist = torch.zeros(nb, _N_BINS, dtype=torch.int32, device=device)
     tau = torch.full((nb,), -math.inf, dtype=torch.float64, device=device)
     thr = codec.threshold(tau, qscale)
-    store = _Candidates(nb * (4 * k + anchor_chunk), device)  # the first tiles pass the most
+    store = _Candidates(nb * min(n, 4 * k + anchor_chunk), device)  # the first tiles pass the most
     pruned_at = seen = refreshed_at = 0  # store size after the last pruning; anchors seen
     take = _Taker(codec, qscale, hist, store)
     for step, ci in enumerate(order):
