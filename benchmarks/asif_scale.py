@@ -293,12 +293,17 @@ def main(argv=None) -> dict:
                     res["seconds"] *= args.queries / res["n_queries"]
                     res["cpu_seconds"] *= args.queries / res["n_queries"]
                 results.append(res)
+    from nofree.anchors.native import library
+
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "torch": torch.__version__, "threads": torch.get_num_threads()},
+                       "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "native_scan_helpers": library() is not None},
            "workload": {"queries": args.queries, "classes": args.classes, "k": args.k, "p": args.p,
                         "precision": args.precision},
            "runs": results}
     print(markdown(out))
+    print("native scan helpers (nofree.anchors.native):",
+          "built and used" if out["machine"]["native_scan_helpers"] else "unavailable, torch versions used")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
