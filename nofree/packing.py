@@ -161,15 +161,27 @@ def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     return twin, count
 
 
-def _fuse_mlp_gelu(mlp: nn.Module) -> int:
-    """A GPT-2-style MLP (``c_proj(act(c_fc(x)))`` with a GELU ``act``) gets its GELU inside the
-    packed ``c_fc`` and ``act`` replaced by the identity; 1 if fused, else 0. Only the MLPs whose
-    forward is exactly that (transformers' GPT2MLP and its copies)."""
-    if not type(mlp).__name__.endswith("MLP") or not {"c_fc", "c_proj", "act"} <= set(dict(mlp.named_children())):
-        return 0
-    kind = gelu_kind(mlp.act)
-    if kind is None or not _packable(mlp.c_fc):
-        return 0
-    mlp.c_fc = PackedLinear(mlp.c_fc, activation=kind)
-    mlp.act = nn.Identity()
-    return 1
+#: module class-name endings whose forward is exactly ``act(linear(x))`` (or goes on with that):
+#: the linear layer and the activation child to fuse. GPT-2-style MLPs (``c_proj(act(c_fc(x)))``)
+#: and BERT-style intermediates (``act(dense(x))``, also ViT's).
+_GELU_AFTER = {"MLP": ("c_fc", "act", {"c_fc", "act", "c_proj", "dropout"}),
+               "Intermediate": ("dense", "intermediate_act_fn", {"dense", "intermediate_act_fn"})}
+
+
+def _fuse_mlp_gelu(block: nn.Module) -> int:
+    """Put a block's GELU inside its packed linear layer and make the activation the identity;
+    1 if fused, else 0. Only the transformers blocks whose forward is exactly that (GPT-2's MLP,
+    BERT's intermediate and their copies), recognised by class name and exact children."""
+    for ending, (linear_name, act_name, children) in _GELU_AFTER.items():
+        names = set(dict(block.named_children()))
+        if not type(block).__name__.endswith(ending) or names != children & names or \
+                not {linear_name, act_name} <= names:
+            continue
+        kind = gelu_kind(getattr(block, act_name))
+        layer = getattr(block, linear_name)
+        if kind is None or not _packable(layer):
+            return 0
+        setattr(block, linear_name, PackedLinear(layer, activation=kind))
+        setattr(block, act_name, nn.Identity())
+        return 1
+    return 0

@@ -176,3 +176,25 @@ def test_packed_clip_tower_gives_the_same_scores():
     image_emb = torch.randn(2, 24)
     torch.testing.assert_close(packed.score(image_emb, texts), plain.score(image_emb, texts),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_text_encoder_packed_twin_embeds_the_same(tmp_path):
+    from nofree.decoding.scorers import AsifScorer
+    from nofree.encoders.hf import HFTextEncoder
+    from nofree.testing import make_tiny_hf_text
+
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = make_tiny_hf_text(tmp_path, hidden=32)
+    encoder = HFTextEncoder(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                            spec="test:bert")
+    twin = encoder.packed()
+    assert twin is not encoder and encoder.packed() is twin and twin.packed() is twin
+    assert twin.model is twin.module and encoder.model is encoder.module    # aliases follow
+    assert not any(isinstance(m, PackedLinear) for m in encoder.model.modules())   # left alone
+    fused = [m for m in twin.model.modules() if isinstance(m, PackedLinear) and m.activation == "gelu"]
+    assert len(fused) == encoder.model.config.num_hidden_layers            # BERT's intermediate
+    texts = ["a dog on the beach", "two red buses", "x"]
+    torch.testing.assert_close(twin.encode(texts), encoder.encode(texts), rtol=1e-5, atol=1e-5)
+    assert AsifScorer(None, encoder).text_encoder is twin
+    assert AsifScorer(None, encoder, packed=False).text_encoder is encoder

@@ -511,13 +511,18 @@ class AsifScorer:
     anchors were built with (``image_encoder`` is needed only for :meth:`embed_images`).
     ``image_emb`` passed to :meth:`score` are the image encoder's embeddings ``(B, Di)``; their
     relative representations are computed once per distinct image and kept (``cache_images``).
-    Repeated candidate strings within a call are embedded once.
+    Repeated candidate strings within a call are embedded once. ``packed=True`` (default)
+    encodes the candidates with the text encoder's packed twin (``text_encoder.packed()``, when
+    it has one: same embeddings to ~1e-6, faster matrix kernels on CPUs).
     """
 
     def __init__(self, asif: Any, text_encoder: Any, image_encoder: Any = None, *,
-                 temperature: float = DEFAULT_ASIF_TEMPERATURE, cache_images: int = 1024) -> None:
+                 temperature: float = DEFAULT_ASIF_TEMPERATURE, cache_images: int = 1024,
+                 packed: bool = True) -> None:
         if not temperature > 0:
             raise DataError(f"temperature must be > 0, got {temperature}")
+        if packed and hasattr(text_encoder, "packed"):
+            text_encoder = text_encoder.packed()
         self.asif, self.text_encoder, self.image_encoder = asif, text_encoder, image_encoder
         self.temperature, self.cache_images = float(temperature), cache_images
         self._image_rel: OrderedDict[bytes, Tensor] = OrderedDict()

@@ -19,6 +19,7 @@ Returned tensors are ordinary tensors (not inference tensors), so trainable head
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import types
@@ -195,6 +196,26 @@ class FrozenEncoder:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.spec!r}, modality={self.modality!r}, "
                 f"D={self.embed_dim}, W={self.token_dim}, device={str(self.device)!r})")
+
+    def packed(self) -> "FrozenEncoder":
+        """An inference-only twin whose linear layers are packed for the CPU's matrix kernels
+        (:func:`nofree.packing.packed_copy`: parameters shared, GELUs fused); made once and kept.
+        ``self`` when nothing is worth packing. Adapters keep training through ``self``."""
+        twin = self.__dict__.get("_packed_twin")
+        if twin is None:
+            from nofree.packing import packed_copy
+
+            twin = self
+            if self.module is not None:
+                module, count = packed_copy(self.module)
+                if count:
+                    twin = copy.copy(self)
+                    for name, value in list(vars(self).items()):
+                        if value is self.module:   # `module` and its aliases (`model`)
+                            setattr(twin, name, module)
+                    twin._packed_twin = twin
+            self._packed_twin = twin
+        return twin
 
     # --- to implement --------------------------------------------------------------------
     def _embed(self, items: list) -> Tensor:
