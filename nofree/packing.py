@@ -103,7 +103,7 @@ def gelu_kind(module: nn.Module) -> str | None:
     if type(module) is nn.GELU:
         return "gelu" if module.approximate == "none" else "gelu_tanh"
     name = type(module).__name__
-    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh"):
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
         return "gelu_tanh"
     if name == "GELUActivation" and getattr(module, "act", None) is F.gelu:
         return "gelu"

@@ -70,14 +70,15 @@ static inline uint32_t ge_mask_i16(const int16_t *p, int16_t t) {
 #endif
 }
 
-/* Writes the entries of the GROUP at p (columns c..c+GROUP-1 of the tile) selected by mask m,
- * in column order, at cols/vals[count..]; returns the new count. May write (not count) up to
+/* Writes the entries at p selected by mask m (bit i: p[i], i < GROUP; only selected entries are
+ * read), in order, at cols/vals[count..]; returns the new count. May write (not count) up to
  * GROUP slots past the new count. */
 static inline int64_t emit_i32(const int32_t *p, uint32_t m, int32_t col, float qs, int32_t *cols,
                                float *vals, int64_t count) {
 #if defined(__AVX512F__)
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i x = _mm512_maskz_compress_epi32((__mmask16)m, _mm512_loadu_si512((const void *)p));
+    /* a masked load: the lanes not selected are not read (the row's last, partial group) */
+    __m512i x = _mm512_maskz_compress_epi32((__mmask16)m, _mm512_maskz_loadu_epi32((__mmask16)m, p));
     __m512i c = _mm512_maskz_compress_epi32((__mmask16)m, _mm512_add_epi32(lane, _mm512_set1_epi32(col)));
     _mm512_storeu_si512((void *)(cols + count), c);
     _mm512_storeu_ps(vals + count, _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(qs)));

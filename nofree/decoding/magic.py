@@ -336,7 +336,7 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         score = (1.0 - alpha) * lm_prob - alpha * penalty
         if image_prob is not None:
             score = score + beta * image_prob
-        score = score.nan_to_num(nan=float("-inf"))                          # pruned: cannot win
+        score = score.masked_fill(penalty.isnan(), float("-inf"))             # pruned: cannot win
         chosen = score.argmax(-1).cpu()                                      # (b,) index into k
         at = (sub == chosen[:, None]).int().argmax(-1)                       # (b,) index into k'
         tokens = candidates.cpu()[torch.arange(b), chosen].tolist()
