@@ -181,6 +181,14 @@ def test_unwritable_cache_falls_back_with_a_warning(fresh_library, monkeypatch, 
     assert "cannot write the library" in caplog.text
 
 
+def test_missing_source_falls_back_with_a_warning(fresh_library, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "gone.c")
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):
+        assert native.library() is None
+    assert "cannot read" in caplog.text and "gone.c" in caplog.text
+
+
 def test_disabled_by_environment(fresh_library, monkeypatch, caplog):
     monkeypatch.setenv("NOFREE_NATIVE", "0")
     with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):

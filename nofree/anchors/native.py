@@ -99,9 +99,12 @@ def library() -> ctypes.CDLL | None:
     if not enabled():
         return None
     compiler = shlex.split(os.environ.get("CC") or "cc")
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags in (FLAGS + ARCH_FLAGS, FLAGS):
+    errors: list[str] = []
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:  # an installation without the package's C file
+        source, errors = b"", [f"cannot read {SOURCE}: {exc}"]
+    for flags in (FLAGS + ARCH_FLAGS, FLAGS) if source else ():
         key = hashlib.sha256(source + repr((compiler, flags)).encode() + _cpu_fingerprint().encode())
         target = _cache_dir() / key.hexdigest()[:16] / "scan_kernels.so"
         if not target.exists():
