@@ -131,6 +131,8 @@ def test_top_per_row_matches_torch_with_ties(lib, monkeypatch):
     vals[::11] = -0.0                                                # -0.0 ties with +0.0
     perm = torch.randperm(1200, generator=g)
     ours = topk._top_per_row(rows[perm], cols[perm], vals[perm], 30, 25)   # any input order
+    with pytest.raises(RuntimeError, match="fewer than k"):
+        topk._top_per_row(rows, cols, vals, 30, 41)
     torch_only(monkeypatch)
     order = cols.long().argsort()                                    # the torch twin wants id order
     ref = topk._top_per_row(rows[order], cols[order], vals[order], 30, 25)
