@@ -215,8 +215,8 @@ class _Int8(_Fp32):
         # a multiply and in-place rounding: ~2.7x faster than round(a / scale) per chunk (one
         # pass in C when the native helpers are built, same values); the error bound uses these
         # same quantised anchors (anchor_stats calls this function too)
-        lib = _native()
-        if lib is not None and a.device.type == "cpu" and a.dtype == torch.float32 and a.is_contiguous():
+        lib = _native(a.device)
+        if lib is not None and a.dtype == torch.float32 and a.is_contiguous():
             out = torch.empty(a.shape, dtype=torch.int8)
             lib.nofree_quantize_i8(a.data_ptr(), a.numel(), 1.0 / scale, out.data_ptr())
             return out
@@ -280,7 +280,10 @@ def _bins(v: Tensor) -> Tensor:
     return ((v.float() - _BIN_LO) / _BIN_W).floor_().clamp_(0, _N_BINS - 1).long()
 
 
-def _native() -> Any:
+def _native(device: torch.device) -> Any:
+    """The native helpers for work on ``device``: the loaded library on the CPU, else None."""
+    if device.type != "cpu":
+        return None
     from nofree.anchors.native import library
 
     return library()
@@ -326,7 +329,7 @@ class _Candidates:
 
     def prune(self, level: Tensor) -> None:
         """Keep the triples whose value is ``>= level[row]`` (float32 ``level``; order kept)."""
-        lib = _native() if self.rows.device.type == "cpu" else None
+        lib = _native(self.rows.device)
         if lib is not None:
             level = level.float().contiguous()
             self.size = lib.nofree_prune(self.rows.data_ptr(), self.cols.data_ptr(), self.vals.data_ptr(),
@@ -356,7 +359,7 @@ class _Taker:
     def __init__(self, codec: Any, qscale: Tensor, hist: Tensor, store: _Candidates) -> None:
         self.codec, self.hist, self.store = codec, hist, store
         self.qscale32 = qscale.float().contiguous()
-        self.lib = _native() if hist.device.type == "cpu" else None
+        self.lib = _native(hist.device)
         self.rate = 1.0  # fraction of the last tile's entries taken (picks the torch strategy)
 
     def __call__(self, s: Tensor, thr: Tensor, qscale: Tensor, col0: int) -> None:
@@ -385,7 +388,7 @@ class _Taker:
 def _kth_bins(hist: Tensor, k: int, lo: int) -> Tensor:
     """Per row of ``hist (R, bins)``, the highest bin ``b >= lo`` where the count from the top
     reaches k, or -1 when bins ``lo..`` hold fewer than k entries -> ``(R,)`` int64."""
-    lib = _native() if hist.device.type == "cpu" and hist.is_contiguous() else None
+    lib = _native(hist.device) if hist.is_contiguous() else None
     if lib is not None:
         out = torch.empty(hist.shape[0], dtype=torch.int64)
         lib.nofree_kth_bins(hist.data_ptr(), hist.shape[0], hist.shape[1], k, lo, out.data_ptr())
@@ -523,8 +526,7 @@ def _scan(query: Tensor, anchors: Tensor, k: int, codec: Any, stats: AnchorStats
         b = min(a + query_chunk, nq)
         rows, cols, vals = _scan_block(q_low[a:b], qscale[a:b], err[a:b], anchors, k, codec, stats,
                                        anchor_chunk, order)
-        lib = _native() if device.type == "cpu" else None
-        if lib is None:  # anchor order: cache-friendly re-scoring, ties by id in _top_per_row
+        if _native(device) is None:  # anchor order: cache-friendly re-scoring; _top_per_row's ties by id
             cols, o = cols.sort(stable=True)
             rows, vals = rows[o], vals[o]
         if not codec.exact:  # exact float32 scores
@@ -575,9 +577,10 @@ def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> t
     row. Ties keep the input order (callers pass candidates sorted by anchor id). With the native
     helpers: per-row buckets, each sorted by (value desc, id asc), in C; same result.
     """
-    lib = _native() if vals.device.type == "cpu" else None
+    lib = _native(vals.device)
     if lib is not None:  # per-row buckets and a sort of each (value desc, col asc) in C
-        rows, cols, vals = (t.contiguous() for t in (rows.to(torch.int32), cols.to(torch.int32), vals.float()))
+        rows, cols = rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous()
+        vals = vals.float().contiguous()
         out_v = torch.empty(nb, k, dtype=torch.float32)
         out_i = torch.empty(nb, k, dtype=torch.int64)
         status = lib.nofree_top_per_row(rows.data_ptr(), cols.data_ptr(), vals.data_ptr(), rows.numel(),
@@ -590,7 +593,7 @@ def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> t
     rows, cols = rows.long(), cols.long()
     bits = (vals.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the value
-    key = (rows.long() << 32) | ((0x7FFFFFFF - ordered) & 0xFFFFFFFF)
+    key = (rows << 32) | ((0x7FFFFFFF - ordered) & 0xFFFFFFFF)
     key, o = key.sort(stable=True)
     rows, cols, vals = rows[o], cols[o], vals[o]
     counts = torch.bincount(rows, minlength=nb)
