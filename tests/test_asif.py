@@ -10,6 +10,7 @@ from torch.nn.functional import normalize
 import nofree.anchors.relative as rel
 import nofree.anchors.topk as topk
 from nofree.anchors.asif import ASIF, default_k
+from nofree.anchors.int8_matmul import Int8Products
 from nofree.anchors.relative import relative_topk, sparse_similarity
 from nofree.anchors.topk import cosine_topk
 from nofree.core import DataError, NofreeError
@@ -282,6 +283,13 @@ def test_default_anchor_chunk_follows_the_scan_precision(monkeypatch, precision)
         return scores(q_low, a_low)
 
     monkeypatch.setattr(codec, "scores", staticmethod(spy))
+    pack = Int8Products.pack  # the native int8 products see each chunk here instead
+
+    def pack_spy(self, anchors, scale):
+        widths.append(anchors.shape[0])
+        return pack(self, anchors, scale)
+
+    monkeypatch.setattr(Int8Products, "pack", pack_spy)
     gen = torch.Generator().manual_seed(0)
     anchors = torch.nn.functional.normalize(torch.randn(9000, 16, generator=gen), dim=1)
     query = anchors[:5] + 0.01

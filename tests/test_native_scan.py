@@ -10,6 +10,7 @@ from torch.nn.functional import normalize
 
 import nofree.anchors.native as native
 import nofree.anchors.topk as topk
+from nofree.anchors.int8_matmul import Int8Products
 from nofree.anchors.topk import cosine_topk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,25 +79,28 @@ def test_take_bf16_tiles_matches_torch(lib, monkeypatch, width):
     assert torch.equal(hist, ref_hist)
 
 
-def test_prune_matches_torch(lib, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_prune_matches_torch(lib, monkeypatch, threads):
+    n = 200_000                                             # several 65,536-entry shares
     g = torch.Generator().manual_seed(2)
-    rows = torch.randint(0, 50, (10_000,), generator=g, dtype=torch.int32)
-    cols = torch.randint(0, 1 << 30, (10_000,), generator=g, dtype=torch.int32)
-    vals = torch.randn(10_000, generator=g)
+    rows = torch.randint(0, 50, (n,), generator=g, dtype=torch.int32)
+    cols = torch.randint(0, 1 << 30, (n,), generator=g, dtype=torch.int32)
+    vals = torch.randn(n, generator=g)
     vals[::97] = float("nan")                               # never kept
     level = torch.randn(50, generator=g)
     level[7] = float("-inf")                                # keeps every non-NaN entry of row 7
     stores = []
+    torch.set_num_threads(threads)                          # (the one_thread fixture restores it)
     for use_native in (True, False):
         if not use_native:
             torch_only(monkeypatch)
-        store = topk._Candidates(20_000, torch.device("cpu"))
+        store = topk._Candidates(2 * n, torch.device("cpu"))
         store.append(rows, cols, vals)
         store.prune(level)
         stores.append(store.arrays())
     for a, b in zip(*stores):
         assert torch.equal(a, b)
-    assert 0 < stores[0][0].numel() < 10_000
+    assert 0 < stores[0][0].numel() < n
 
 
 def test_kth_bins_matches_torch(lib, monkeypatch):
@@ -123,7 +127,9 @@ def test_quantize_rounds_half_to_even_like_torch(lib, monkeypatch):
     assert ref.view(-1)[-10:].tolist() == [0, 2, 2, 0, -2, 126, 127, -127, 127, -127]
 
 
-def test_top_per_row_matches_torch_with_ties(lib, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_top_per_row_matches_torch_with_ties(lib, monkeypatch, threads):
+    torch.set_num_threads(threads)                          # rows sorted in shares by C threads
     g = torch.Generator().manual_seed(5)
     rows = torch.arange(30).repeat_interleave(40).to(torch.int32)
     cols = torch.randperm(5000, generator=g)[:1200].to(torch.int32)
@@ -207,3 +213,87 @@ def test_built_once_then_loaded_from_the_cache(lib, fresh_library, monkeypatch, 
     native.library.cache_clear()
     monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
     assert native.library() is not None
+
+
+# --- the int8 products in C (AVX-512 VNNI), plain and with the selection fused in ----------------
+
+@pytest.fixture(scope="module")
+def vnni(lib):
+    if int(lib.nofree_i8_layout()) == 0:
+        pytest.skip("this CPU has no AVX-512 VNNI: the int8 scan uses torch._int_mm (tested everywhere else)")
+    return lib
+
+
+def int8_case(seed, n_rows, n_cols, dim):
+    """int8 query rows (with the extremes ±127), float anchors and their int8 scale."""
+    g = torch.Generator().manual_seed(seed)
+    q8 = torch.randint(-127, 128, (n_rows, dim), generator=g, dtype=torch.int8)
+    q8[0, :] = 127
+    if n_rows > 1:
+        q8[1, :] = -127
+    a = torch.randn(n_cols, dim, generator=g)
+    scale = float(a.abs().max()) / 127
+    return q8, a, scale
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4), (13, 47, 37), (17, 49, 16), (40, 200, 771)])
+def test_int8_products_equal_exact_integer_products(vnni, shape):
+    q8, a, scale = int8_case(7, *shape)
+    a8 = topk._Int8.quantize_anchors(a, scale)          # what the scan's error bound assumes
+    expected = q8.long() @ a8.long().T
+    products = Int8Products(vnni, q8)
+    for threads in (1, 3):
+        products.threads = threads
+        got = products.scores(products.pack(a, scale))
+        assert got.dtype == torch.int32 and torch.equal(got.long(), expected)
+
+
+def test_int8_pack_rounds_like_the_codec(vnni):
+    """Half-way values round to even, out-of-range ones clamp, in the packed layout too."""
+    halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 127.5, -127.5, 300.0, -300.0]) * 0.01
+    g = torch.Generator().manual_seed(8)
+    a = torch.cat([halves, torch.randn(22, generator=g) * 0.3]).view(2, 16)
+    products = Int8Products(vnni, torch.eye(16, dtype=torch.int8))   # scores = the anchors themselves
+    got = products.scores(products.pack(a, 0.01))
+    assert torch.equal(got.T, topk._Int8.quantize_anchors(a, 0.01).int())
+    assert got.T[0, :10].tolist() == [0, 2, 2, 0, -2, 126, 127, -127, 127, -127]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_int8_take_matches_taking_from_the_tile(vnni, threads):
+    q8, a, scale = int8_case(9, 45, 301, 64)
+    products = Int8Products(vnni, q8)
+    products.threads = threads
+    packed = products.pack(a, scale)
+    tile = products.scores(packed)
+    thr = torch.quantile(tile.float(), torch.linspace(0.3, 0.999, 45), dim=1).diagonal().to(torch.int32)
+    thr[3] = torch.iinfo(torch.int32).min          # a cold row: everything passes
+    thr[4] = torch.iinfo(torch.int32).max          # nothing passes
+    qscale = torch.rand(45, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-4
+    ref, ref_hist = take_all(topk._Int8, [(tile, 5000)], thr, qscale)
+    hist = torch.zeros(45, topk._N_BINS, dtype=torch.int32)
+    store = topk._Candidates(8, torch.device("cpu"))
+    store.append(*(t[:5] for t in ref))            # entries already held stay in front
+    products.take(packed, thr, 5000, qscale.float().contiguous(), hist, topk._N_BINS, topk._BIN_LO,
+                  topk._BIN_W, store)
+    rows, cols, vals = store.arrays()
+    assert all(torch.equal(t[:5], r[:5]) for t, r in zip((rows, cols, vals), ref))
+    # the same triples (fused: tile by tile, not row by row) and the same histogram
+    got = sorted(zip(rows[5:].tolist(), cols[5:].tolist(), vals[5:].tolist()))
+    assert got == sorted(zip(*(t.tolist() for t in ref))) and len(got) > 45 * 301 // 10
+    assert torch.equal(hist, ref_hist)
+
+
+def test_scan_identical_with_and_without_fused_int8(vnni, monkeypatch):
+    g = torch.Generator().manual_seed(10)
+    anchors = normalize(torch.randn(5000, 40, generator=g), dim=1)
+    query = normalize(anchors[:50] + 0.3 * torch.randn(50, 40, generator=g), dim=1)
+    calls, take = [], Int8Products.take
+    monkeypatch.setattr(Int8Products, "take", lambda self, *a, **kw: calls.append(1) or take(self, *a, **kw))
+    fused = cosine_topk(query, anchors, 30, precision="int8", anchor_chunk=700, query_chunk=20)
+    assert len(calls) == 3 * 7                     # every chunk after each block's first
+    monkeypatch.setattr(Int8Products, "create", staticmethod(lambda lib, q8: None))
+    plain = cosine_topk(query, anchors, 30, precision="int8", anchor_chunk=700, query_chunk=20)
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    exact = cosine_topk(query, anchors, 30, precision="fp32")
+    assert torch.equal(fused[1], exact[1])

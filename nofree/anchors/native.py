@@ -3,7 +3,8 @@
 The low-precision scan of :mod:`nofree.anchors.topk` spends about as long *selecting* the
 candidates from each score tile as the int8 matmul takes to make it; in torch that selection is a
 chain of whole-tile operations (group maxima, compare, nonzero, gather, histogram). The C helpers do
-it in one pass over the tile, and also re-quantise anchor chunks in one pass. They are optional:
+it in one pass over the tile, and also re-quantise anchor chunks in one pass. On CPUs with AVX-512
+VNNI they also carry the int8 matmul itself, with the selection fused in (:mod:`nofree.anchors.int8_matmul`). They are optional:
 every helper has a torch twin in ``topk.py`` with bit-identical results, used when no C compiler
 is found, when compiling fails, or when ``NOFREE_NATIVE=0``.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("scan_kernels.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
 #: tried first; dropped when the compiler rejects it (the key includes the CPU either way)
 ARCH_FLAGS = ("-march=native",)
 
@@ -39,8 +40,13 @@ _SIGNATURES = {
                                ctypes.c_float, _P, _P, _P, _I64]),
     "nofree_kth_bins": (None, [_P, _I64, _I64, _I64, _I64, _P]),
     "nofree_quantize_i8": (None, [_P, _I64, ctypes.c_float, _P]),
-    "nofree_prune": (_I64, [_P, _P, _P, _I64, _P]),
-    "nofree_top_per_row": (_I64, [_P, _P, _P, _I64, _I64, _I64, _P, _P]),
+    "nofree_prune": (_I64, [_P, _P, _P, _I64, _P, _I64]),
+    "nofree_top_per_row": (_I64, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _I64]),
+    "nofree_i8_layout": (_I64, []),
+    "nofree_i8_pack_anchors": (None, [_P, _I64, _I64, ctypes.c_float, _P, _I64]),
+    "nofree_i8_scores": (None, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64]),
+    "nofree_i8_take": (_I64, [_P, _P, _I64, _I64, _P, _I64, _P, ctypes.c_int32, _P, _P, _I64, ctypes.c_float,
+                              ctypes.c_float, _P, _P, _P, _I64, _P, _I64, _I64]),
 }
 _SIGNATURES["nofree_take_i16"] = _SIGNATURES["nofree_take_i32"]
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nofree.anchors.int8_matmul import Int8Products
 from nofree.core import DataError, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -333,7 +334,7 @@ class _Candidates:
         if lib is not None:
             level = level.float().contiguous()
             self.size = lib.nofree_prune(self.rows.data_ptr(), self.cols.data_ptr(), self.vals.data_ptr(),
-                                         self.size, level.data_ptr())
+                                         self.size, level.data_ptr(), torch.get_num_threads())
             return
         keep = (self.vals[:self.size] >= level[self.rows[:self.size].long()]).nonzero().squeeze(1)
         n = keep.numel()
@@ -545,19 +546,32 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
     store = _Candidates(nb * min(n, 4 * k + anchor_chunk), device)  # the first tiles pass the most
     pruned_at = seen = refreshed_at = 0  # store size after the last pruning; anchors seen
     take = _Taker(codec, qscale, hist, store)
+    # int8 on a CPU with AVX-512 VNNI: the products in C, the selection fused into them
+    fused = Int8Products.create(_native(device), q_low) if codec is _Int8 else None
     for step, ci in enumerate(order):
         c0 = ci * anchor_chunk
-        s = codec.scores(q_low, codec.quantize_anchors(anchors[c0:c0 + anchor_chunk].float(), stats.scale))
-        if s.shape[1] >= k and not bool(torch.isfinite(tau).all()):
-            # cold start: the k-th largest score of this chunk is a valid first level
+        chunk = anchors[c0:c0 + anchor_chunk]
+        cold = chunk.shape[0] >= k and not bool(torch.isfinite(tau).all())
+        if fused is None:
+            s = codec.scores(q_low, codec.quantize_anchors(chunk.float(), stats.scale))
+        else:
+            packed = fused.pack(chunk, stats.scale)
+            s = fused.scores(packed) if cold else None
+        if cold:  # the k-th largest score of this chunk is a valid first level
             kth = codec.values(s.topk(k, dim=1, sorted=False).values.amin(dim=1), qscale).double()
             tau = torch.maximum(tau, kth - codec.out_rel * kth.abs() - 2 * err)
             thr = codec.threshold(tau, qscale)
-        if store.size + s.numel() + _GROUP > store.capacity and store.size > pruned_at:
+        room = nb * chunk.shape[0] + _GROUP if s is not None else fused.room(chunk.shape[0])
+        if store.size + room > store.capacity and store.size > pruned_at:
             store.prune(codec.level(tau))  # drop what the current level rules out before growing
             pruned_at = store.size
             store.reserve(store.size)      # still over half full: double, or it prunes again soon
-        take(s, thr, qscale, c0)
+        if s is None:  # (the next chunk's anchors are fetched into the cache meanwhile)
+            ahead = order[step + 1] * anchor_chunk if step + 1 < len(order) else None
+            fused.take(packed, thr, c0, take.qscale32, hist, _N_BINS, _BIN_LO, _BIN_W, store,
+                       prefetch=None if ahead is None else anchors[ahead:ahead + anchor_chunk])
+        else:
+            take(s, thr, qscale, c0)
         del s
         seen += min(anchor_chunk, n - c0)
         if seen >= _REFRESH * refreshed_at or step == len(order) - 1:
@@ -584,7 +598,7 @@ def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> t
         out_v = torch.empty(nb, k, dtype=torch.float32)
         out_i = torch.empty(nb, k, dtype=torch.int64)
         status = lib.nofree_top_per_row(rows.data_ptr(), cols.data_ptr(), vals.data_ptr(), rows.numel(),
-                                        nb, k, out_v.data_ptr(), out_i.data_ptr())
+                                        nb, k, out_v.data_ptr(), out_i.data_ptr(), torch.get_num_threads())
         if status == -2:
             raise MemoryError(f"no memory to rank {rows.numel()} candidates")
         if status != -1:
