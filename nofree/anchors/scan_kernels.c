@@ -255,11 +255,45 @@ typedef struct {
     int64_t *out_cols;
 } rank_job;
 
+static inline int better(const scored *a, const scored *b) {
+    return a->val > b->val || (a->val == b->val && a->col < b->col);
+}
+
+static inline void swap_scored(scored *a, scored *b) {
+    scored t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Reorders items[0..n) so that its k best (by_value_then_col order, a total order here: ids are
+ * distinct within a row) come first, in some order: quickselect, median-of-three pivots. */
+static void select_best(scored *items, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (better(&items[mid], &items[lo])) swap_scored(&items[mid], &items[lo]);
+        if (better(&items[hi], &items[lo])) swap_scored(&items[hi], &items[lo]);
+        if (better(&items[hi], &items[mid])) swap_scored(&items[hi], &items[mid]);
+        const scored pivot = items[mid]; /* the median of the three */
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (better(&items[i], &pivot)) i++;
+            while (better(&pivot, &items[j])) j--;
+            if (i <= j) swap_scored(&items[i++], &items[j--]);
+        }
+        /* now items[lo..j] are at least as good as the pivot, items[i..hi] at most as good */
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else return;
+    }
+}
+
 static void *rank_run(void *arg) {
     const rank_job *p = (const rank_job *)arg;
     for (int64_t r = p->r0; r < p->r1; r++) {
         scored *row = p->items + p->start[r];
-        qsort(row, (size_t)(p->start[r + 1] - p->start[r]), sizeof *row, by_value_then_col);
+        select_best(row, p->start[r + 1] - p->start[r], p->k);
+        qsort(row, (size_t)p->k, sizeof *row, by_value_then_col);
         for (int64_t i = 0; i < p->k; i++) {
             p->out_vals[r * p->k + i] = row[i].val;
             p->out_cols[r * p->k + i] = row[i].col;
