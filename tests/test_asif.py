@@ -245,9 +245,16 @@ def test_sparse_similarity_methods_and_converters_agree(data, monkeypatch):
     torch.testing.assert_close(a.to_torch_csr().to_dense(), a.to_dense())
 
 
-def test_precision_rule():
+def test_precision_rule(monkeypatch):
     assert topk.resolve_precision("auto", 1000) == "fp32"
     assert topk.resolve_precision("auto", topk.AUTO_BF16_MIN_ANCHORS) == "bf16"
+    assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
+    fused = Int8Products.available(topk._native(torch.device("cpu")))
+    mid = topk.AUTO_INT8_FUSED_MIN_ANCHORS
+    assert topk.resolve_precision("auto", mid) == ("int8" if fused else "bf16")
+    assert topk.resolve_precision("auto", mid - 1) == "bf16"
+    monkeypatch.setattr(topk, "_native", lambda device: None)   # no native kernels: torch's int8
+    assert topk.resolve_precision("auto", mid) == "bf16"
     assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
     assert topk.resolve_precision("auto", 10**7, "cuda") == "fp32"
     with pytest.raises(DataError, match="CPU scan"):

@@ -45,9 +45,14 @@ class Int8Products:
         self._anchors = torch.empty(0, dtype=torch.uint8)
 
     @staticmethod
+    def available(lib: Any) -> bool:
+        """Whether the native helpers ``lib`` (or None) were built with the VNNI kernels."""
+        return lib is not None and int(lib.nofree_i8_layout()) != 0
+
+    @staticmethod
     def create(lib: Any, q8: Tensor) -> "Int8Products | None":
         """For ``q8`` on the CPU when ``lib`` has the VNNI kernels; else None."""
-        if lib is None or q8.device.type != "cpu" or int(lib.nofree_i8_layout()) == 0:
+        if q8.device.type != "cpu" or not Int8Products.available(lib):
             return None
         return Int8Products(lib, q8)
 

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from nofree.anchors.topk import (  # noqa: F401  (the top-k names are re-exported from here)
-    AUTO_BF16_MIN_ANCHORS, AUTO_INT8_MIN_ANCHORS, DEFAULT_ANCHOR_CHUNK, DEFAULT_QUERY_CHUNK, PRECISIONS,
-    AnchorStats, anchor_stats, cosine_topk, resolve_precision)
+    AUTO_BF16_MIN_ANCHORS, AUTO_INT8_FUSED_MIN_ANCHORS, AUTO_INT8_MIN_ANCHORS, DEFAULT_ANCHOR_CHUNK,
+    DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats, anchor_stats, cosine_topk, resolve_precision)
 from nofree.core import DataError, l2_normalize
 
 _DENSE_FLOATS = 1 << 24  # largest dense block sparse_similarity builds

@@ -46,9 +46,12 @@ ANCHOR_CHUNK_BY_PRECISION = {"fp32": DEFAULT_ANCHOR_CHUNK, "bf16": 4096, "int8":
 #: ``precision="auto"`` on CPU: float32 below AUTO_BF16_MIN_ANCHORS, bfloat16 candidates up to
 #: AUTO_INT8_MIN_ANCHORS, int8 candidates above (int8's matmul is ~1.6x faster but its wider error
 #: band keeps ~3x more candidates; crossovers measured with benchmarks/asif_scale.py on a 2-core
-#: Zen 4). Other devices always scan in float32.
+#: Zen 4). With nofree's own int8 kernel (AVX-512 VNNI, selection fused in, ~1.7x torch's int8
+#: matmul) int8 wins from AUTO_INT8_FUSED_MIN_ANCHORS on (10k queries: 100k anchors int8 8.1 s vs
+#: bf16 7.6 s; 200k 11.0 vs 12.4 s). Other devices always scan in float32.
 AUTO_BF16_MIN_ANCHORS = 65536
 AUTO_INT8_MIN_ANCHORS = 500_000
+AUTO_INT8_FUSED_MIN_ANCHORS = 150_000
 
 # Histogram of approximate scores per query row, used to track the k-th largest score cheaply.
 _BIN_W = 2.0 ** -10
@@ -73,7 +76,10 @@ def resolve_precision(precision: str, n_anchors: int, device: Any = None) -> str
         return precision
     if not cpu or n_anchors < AUTO_BF16_MIN_ANCHORS:
         return "fp32"
-    return "int8" if n_anchors >= AUTO_INT8_MIN_ANCHORS else "bf16"
+    if n_anchors >= AUTO_INT8_MIN_ANCHORS:
+        return "int8"
+    fused = n_anchors >= AUTO_INT8_FUSED_MIN_ANCHORS and Int8Products.available(_native(torch.device("cpu")))
+    return "int8" if fused else "bf16"
 
 
 @dataclass(frozen=True)
