@@ -150,6 +150,23 @@ def test_top_per_row_matches_torch_with_ties(lib, monkeypatch, threads):
         topk._top_per_row(rows, cols, vals, 30, 41)
 
 
+@pytest.mark.parametrize("k", [1, 7, 60])
+def test_top_per_row_selection_matches_torch_on_ragged_rows(lib, monkeypatch, k):
+    """Rows of very different lengths (k of them up to 50k), values with many ties, any order."""
+    g = torch.Generator().manual_seed(12)
+    sizes = [k, k + 1, 2 * k, 997, 50_000, k + 3]
+    rows = torch.cat([torch.full((m,), r, dtype=torch.int32) for r, m in enumerate(sizes)])
+    cols = torch.cat([torch.randperm(100_000, generator=g)[:m] for m in sizes]).to(torch.int32)
+    vals = torch.randint(0, 50, (rows.numel(),), generator=g).float()
+    perm = torch.randperm(rows.numel(), generator=g)
+    torch.set_num_threads(2)
+    ours = topk._top_per_row(rows[perm], cols[perm], vals[perm], len(sizes), k)
+    torch_only(monkeypatch)
+    order = cols.long().argsort()
+    ref = topk._top_per_row(rows[order], cols[order], vals[order], len(sizes), k)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_scan_identical_with_and_without_native(lib, monkeypatch, precision):
     g = torch.Generator().manual_seed(6)

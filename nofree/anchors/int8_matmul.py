@@ -5,7 +5,8 @@ on a 2-core Zen 4; the native kernel in ``scan_kernels.c`` keeps an 8 × 48 tile
 products in registers through the whole embedding width and reaches ~450 G/s there
 (``runs/s8/vbench3.py``). Its second entry point compares each finished tile with the rows'
 discard thresholds and appends only the passing entries, so the (queries × chunk) score tile is
-never written and read back. Both give exactly the int32 products of ``torch._int_mm`` (integer
+never written and read back; meanwhile it fetches the next anchor chunk into the cache, so that
+quantising and packing it reads the cache, not memory. Both give exactly the int32 products of ``torch._int_mm`` (integer
 arithmetic), so the scan's candidates, and hence its results, are the same either way.
 
 Used by :func:`nofree.anchors.topk._scan_block` when the native helpers are built for a CPU with
@@ -90,8 +91,9 @@ class Int8Products:
         buf, n = packed
         store.reserve(self.room(n))
         thr = thr.to(torch.int32).contiguous()
-        ahead = prefetch is not None and prefetch.is_contiguous() and prefetch.device.type == "cpu"
-        next_ptr, next_bytes = (prefetch.data_ptr(), prefetch.numel() * prefetch.element_size()) if ahead else (None, 0)
+        next_ptr, next_bytes = None, 0
+        if prefetch is not None and prefetch.is_contiguous() and prefetch.device.type == "cpu":
+            next_ptr, next_bytes = prefetch.data_ptr(), prefetch.numel() * prefetch.element_size()
         store.size = self.lib.nofree_i8_take(
             self.queries.data_ptr(), self.corr.data_ptr(), self.n_rows, self.d4, buf.data_ptr(), n,
             thr.data_ptr(), col0, qscale.data_ptr(), hist.data_ptr(), n_bins, bin_lo, 1.0 / bin_w,

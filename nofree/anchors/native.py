@@ -4,9 +4,10 @@ The low-precision scan of :mod:`nofree.anchors.topk` spends about as long *selec
 candidates from each score tile as the int8 matmul takes to make it; in torch that selection is a
 chain of whole-tile operations (group maxima, compare, nonzero, gather, histogram). The C helpers do
 it in one pass over the tile, and also re-quantise anchor chunks in one pass. On CPUs with AVX-512
-VNNI they also carry the int8 matmul itself, with the selection fused in (:mod:`nofree.anchors.int8_matmul`). They are optional:
-every helper has a torch twin in ``topk.py`` with bit-identical results, used when no C compiler
-is found, when compiling fails, or when ``NOFREE_NATIVE=0``.
+VNNI they also carry the int8 matmul itself, with the selection fused in
+(:mod:`nofree.anchors.int8_matmul`). They are optional: every helper has a torch twin in
+``topk.py`` (the fused matmul: ``torch._int_mm`` and the tile-wise selection) with bit-identical
+results, used when no C compiler is found, when compiling fails, or when ``NOFREE_NATIVE=0``.
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``) into
 ``$NOFREE_CACHE/native/<key>/`` (default ``~/.cache/nofree``), keyed by the source, the compiler

@@ -34,7 +34,8 @@ static int64_t thread_count(int64_t n_threads, int64_t items) {
 static void run_jobs(void *(*fn)(void *), void *jobs, size_t size, int64_t n) {
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int64_t t = 1; t < n; t++) started[t] = pthread_create(&tid[t], NULL, fn, (char *)jobs + t * size) == 0;
+    for (int64_t t = 1; t < n; t++)
+        started[t] = pthread_create(&tid[t], NULL, fn, (char *)jobs + t * size) == 0;
     fn(jobs);
     for (int64_t t = 1; t < n; t++) {
         if (started[t]) pthread_join(tid[t], NULL);
@@ -444,7 +445,8 @@ static int64_t i8_epilogue(const i8_job *j, __m512i acc[I8_MR][3], int64_t r0, i
             _mm512_storeu_ps(j->vals + count, kept);
             _mm512_storeu_si512((void *)(j->rows + count), _mm512_set1_epi32((int32_t)r));
             /* bins as bin_of computes them: floor((v - lo) * inv_w) in float32, clamped (NaN: 0) */
-            __m512 x = _mm512_mul_ps(_mm512_sub_ps(kept, _mm512_set1_ps(j->bin_lo)), _mm512_set1_ps(j->inv_bin_w));
+            __m512 x = _mm512_mul_ps(_mm512_sub_ps(kept, _mm512_set1_ps(j->bin_lo)),
+                                     _mm512_set1_ps(j->inv_bin_w));
             x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps((float)(j->n_bins - 1)));
             int32_t bins[16];
             _mm512_storeu_si512((void *)bins, _mm512_cvttps_epi32(x));
