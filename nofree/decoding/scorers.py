@@ -225,14 +225,16 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
 
     Per image b one reference row's tokens run once, causally, with their keys/values kept; every
     row i shares that prefix up to ``lcp[b, i]``, its common prefix with the reference (at most
-    its pooled position). Then every distinct row's remaining tokens ``lcp .. pool`` run *packed*
-    in a single sequence per image, each attending to the first ``lcp`` cached positions and to
-    its own earlier tokens only (rows with identical ids, e.g. candidates differing only in case,
-    run once). A row whose new piece re-tokenises the last word shares less; the others keep the
-    whole prefix. The reference is the row sharing most with the others. Exact for causal
-    towers. ``share=False`` runs every row from position 0 (same packing). ``memory`` keeps the
-    reference rows' keys/values between calls: a reference that extends one seen before (MAGIC's
-    next step: the same continuation plus the chosen token) runs only its new tokens.
+    its pooled position). The rows' remaining tokens ``lcp .. pool`` form a prefix tree: rows that
+    agree up to a position share that token, which runs once (candidates that re-tokenise the same
+    last word alike, rows identical up to case). All of an image's tree runs *packed* in a single
+    sequence, each token attending to the first ``lcp`` cached positions and to its own ancestors
+    in the tree only. A row whose new piece re-tokenises the last word shares less; the others
+    keep the whole prefix. The reference is the row sharing most with the others. Exact for
+    causal towers. ``share=False`` runs every row from position 0 (identical rows still run
+    once). ``memory`` keeps the reference rows' keys/values between calls: a reference that
+    extends one seen before (MAGIC's next step: the same continuation plus the chosen token) runs
+    only its new tokens.
     """
     n_img, k, length = ids.shape
     device = ids.device
@@ -240,9 +242,9 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
     positions = torch.arange(length, device=device)
     prefix_len, past = 0, None
     lcp = torch.zeros(n_img, k, dtype=torch.long, device=device)
+    # common leading tokens of every pair of rows (k² comparisons of short id rows)
+    eq = (ids[:, :, None, :] == ids[:, None, :, :]).long().cumprod(-1).sum(-1)       # (B, k, k)
     if share:
-        # common prefix of every pair of rows (k² comparisons of short id rows), capped below pools
-        eq = (ids[:, :, None, :] == ids[:, None, :, :]).long().cumprod(-1).sum(-1)   # (B, k, k)
         ref = eq.sum(2).argmax(1)                                                     # (B,)
         lcp = torch.minimum(eq[torch.arange(n_img, device=device), ref], pool)        # (B, k)
         prefix_len = int(lcp.max())
@@ -257,35 +259,41 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
                                                 for (k0, v0), (k1, v1) in zip(past, new_kv)]
             if memory is not None:  # (when every row was already held whole, nothing is new)
                 memory.store(ref_ids, past)
-    # 2. each distinct row's own tokens lcp[b, i] .. pool[b, i], packed into one sequence per image
-    rep = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1).int().argmax(-1)  # (B, k) first twin
-    counts = torch.where(rep == rows, pool - lcp + 1, 0).reshape(-1)      # (B·k,) tokens to run
-    seg = torch.repeat_interleave(torch.arange(n_img * k, device=device), counts)  # row of each token
-    ends = torch.cumsum(counts, 0)
-    offset = torch.arange(len(seg), device=device) - (ends - counts)[seg]   # index within its row
-    img = seg // k
-    position = lcp.reshape(-1)[seg] + offset
-    token = ids.reshape(n_img * k, length)[seg, position]
-    per_img = counts.view(n_img, k).sum(1)
-    slot = torch.arange(len(seg), device=device) - (torch.cumsum(per_img, 0) - per_img)[img]
+    # 2. the rows' tokens lcp .. pool as a prefix tree, packed into one sequence per image. Rows
+    #    agreeing through position p have the same lcp (shown by cases: both diverge from the
+    #    reference at one place, or p is their common pooled position), so the token (i, p) is run
+    #    by the first row j with agree[i, j] > p, and token (a, p) sees (c, q) iff q <= p and rows
+    #    a and c agree through q.
+    agree = eq if share else torch.where(eq == length, eq, torch.zeros_like(eq))  # (B, k, k)
+    span = (positions >= lcp[..., None]) & (positions <= pool[..., None])          # (B, k, L)
+    runner = (agree[..., None] > positions).int().argmax(2)                        # (B, k, L)
+    img, row, position = (span & (runner == rows[None, :, None])).nonzero(as_tuple=True)
+    per_img = torch.bincount(img, minlength=n_img)
+    slot = torch.arange(len(img), device=device) - (torch.cumsum(per_img, 0) - per_img)[img]
     width = int(per_img.max())
     packed_tok = torch.zeros(n_img, width, dtype=torch.long, device=device)
     packed_pos = torch.arange(width, device=device).repeat(n_img, 1)        # padding: own index
-    packed_seg = torch.full((n_img, width), -1, dtype=torch.long, device=device)
-    packed_tok[img, slot], packed_pos[img, slot], packed_seg[img, slot] = token, position, seg
+    packed_row = torch.full((n_img, width), -1, dtype=torch.long, device=device)
+    packed_tok[img, slot], packed_pos[img, slot], packed_row[img, slot] = ids[img, row, position], position, row
     x = tower.token_embedding(packed_tok).float() + \
         tower.positions[packed_pos.clamp_max(tower.positions.shape[0] - 1)]
-    own = (packed_seg[:, :, None] == packed_seg[:, None, :]) & \
-          (packed_pos[:, None, :] <= packed_pos[:, :, None])                # (B, Q, Q)
+    real = packed_row >= 0
+    r = packed_row.clamp_min(0)
+    ancestor = agree[torch.arange(n_img, device=device)[:, None, None], r[:, :, None], r[:, None, :]] > \
+        packed_pos[:, None, :]                                              # (B, Q, Q)
+    own = torch.where(real[:, :, None] & real[:, None, :], ancestor,        # padding sees padding
+                      ~real[:, :, None] & ~real[:, None, :]) & (packed_pos[:, None, :] <= packed_pos[:, :, None])
     if past is not None:
         visible = torch.zeros(n_img, width, dtype=torch.long, device=device)  # padding: none
-        visible[img, slot] = lcp.reshape(-1)[seg]
+        visible[img, slot] = lcp[img, row]
         cached = positions[None, None, :prefix_len] < visible[:, :, None]   # (B, Q, P)
         own = torch.cat([cached, own], 2)
     x, _ = _layers(tower, x, own[:, None], past)
-    twin = (torch.arange(n_img, device=device)[:, None] * k + rep).reshape(-1)    # (B·k,)
-    pooled = x[twin // k, slot[ends[twin] - 1]]                             # (B·k, W)
-    return tower.project(tower.ln_final(pooled)).view(n_img, k, -1)
+    slot_of = torch.full((n_img, k, length), -1, dtype=torch.long, device=device)
+    slot_of[img, row, position] = slot
+    b = torch.arange(n_img, device=device)[:, None].expand(n_img, k)
+    pooled = x[b, slot_of[b, runner[b, rows, pool], pool]]                  # (B, k, W)
+    return tower.project(tower.ln_final(pooled.reshape(n_img * k, -1))).view(n_img, k, -1)
 
 
 def _weights(dtype: torch.dtype, packed: bool) -> Callable[[Tensor], Tensor | PackedMatrix]:
