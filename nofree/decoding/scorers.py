@@ -9,9 +9,9 @@ k candidates on top). Any callable ``(image_emb, texts) -> (B, k)`` plugs in thr
 - :class:`ClipScorer` -- a CLIP model (open_clip or transformers): cosine × the model's logit
   scale (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
   Supervision"). The k candidates of one image share their text up to the last word, and
-  CLIP's text tower is causal, so the shared token prefix runs once and only each candidate's
-  few differing tokens (up to the pooled end-of-text token) run on top of its cached keys and
-  values. Candidates are re-tokenised in full, so when a new LM token changes the CLIP tokens
+  CLIP's text tower is causal, so the shared token prefix runs once and only the candidates'
+  few differing tokens (up to the pooled end-of-text token), merged into a prefix tree, run on
+  top of its cached keys and values. Candidates are re-tokenised in full, so when a new LM token changes the CLIP tokens
   of the prefix's last word the shared prefix is simply shorter: the result equals the plain
   ``encode_text`` (to float rounding).
 - :class:`AsifScorer` -- ASIF (Norelli et al., 2022, "ASIF: Coupled Data Turns Unimodal Models
