@@ -6,8 +6,9 @@ products in registers through the whole embedding width and reaches ~450 G/s the
 (``runs/s8/vbench3.py``). Its second entry point compares each finished tile with the rows'
 discard thresholds and appends only the passing entries, so the (queries × chunk) score tile is
 never written and read back; meanwhile it fetches the next anchor chunk into the cache, so that
-quantising and packing it reads the cache, not memory. Both give exactly the int32 products of ``torch._int_mm`` (integer
-arithmetic), so the scan's candidates, and hence its results, are the same either way.
+quantising and packing it reads the cache, not memory. Both give exactly the int32 products of
+``torch._int_mm`` (integer arithmetic), so the scan's candidates, and hence its results, are the
+same either way.
 
 Used by :func:`nofree.anchors.topk._scan_block` when the native helpers are built for a CPU with
 AVX-512 VNNI; elsewhere the scan keeps ``torch._int_mm`` and the tile-wise selection.

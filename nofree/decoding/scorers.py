@@ -11,9 +11,9 @@ k candidates on top). Any callable ``(image_emb, texts) -> (B, k)`` plugs in thr
   Supervision"). The k candidates of one image share their text up to the last word, and
   CLIP's text tower is causal, so the shared token prefix runs once and only the candidates'
   few differing tokens (up to the pooled end-of-text token), merged into a prefix tree, run on
-  top of its cached keys and values. Candidates are re-tokenised in full, so when a new LM token changes the CLIP tokens
-  of the prefix's last word the shared prefix is simply shorter: the result equals the plain
-  ``encode_text`` (to float rounding).
+  top of its cached keys and values. Candidates are re-tokenised in full, so when a new LM token
+  changes the CLIP tokens of the prefix's last word the shared prefix is simply shorter: the
+  result equals the plain ``encode_text`` (to float rounding).
 - :class:`AsifScorer` -- ASIF (Norelli et al., 2022, "ASIF: Coupled Data Turns Unimodal Models
   to Multimodal Without Training"): the similarity of the image's and the text's relative
   representations over a set of anchor pairs, × a temperature.
@@ -274,7 +274,8 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
     packed_tok = torch.zeros(n_img, width, dtype=torch.long, device=device)
     packed_pos = torch.arange(width, device=device).repeat(n_img, 1)        # padding: own index
     packed_row = torch.full((n_img, width), -1, dtype=torch.long, device=device)
-    packed_tok[img, slot], packed_pos[img, slot], packed_row[img, slot] = ids[img, row, position], position, row
+    packed_tok[img, slot] = ids[img, row, position]
+    packed_pos[img, slot], packed_row[img, slot] = position, row
     x = tower.token_embedding(packed_tok).float() + \
         tower.positions[packed_pos.clamp_max(tower.positions.shape[0] - 1)]
     real = packed_row >= 0
@@ -282,7 +283,8 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
     ancestor = agree[torch.arange(n_img, device=device)[:, None, None], r[:, :, None], r[:, None, :]] > \
         packed_pos[:, None, :]                                              # (B, Q, Q)
     own = torch.where(real[:, :, None] & real[:, None, :], ancestor,        # padding sees padding
-                      ~real[:, :, None] & ~real[:, None, :]) & (packed_pos[:, None, :] <= packed_pos[:, :, None])
+                      ~real[:, :, None] & ~real[:, None, :])
+    own &= packed_pos[:, None, :] <= packed_pos[:, :, None]
     if past is not None:
         visible = torch.zeros(n_img, width, dtype=torch.long, device=device)  # padding: none
         visible[img, slot] = lcp[img, row]
