@@ -95,19 +95,35 @@ static inline uint32_t ge_mask_i16(const int16_t *p, int16_t t) {
 #endif
 }
 
+/* clamp(round_half_even(x * inv_scale), -127, 127): one anchor value's int8 code, as a float */
+static inline float quantize1(float x, float inv_scale) {
+    const float q = nearbyintf(x * inv_scale);
+    return q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+}
+
+#if defined(__AVX512F__)
+/* Writes the lanes of x selected by m, in order, at cols[count..] (their ids col + lane) and
+ * vals[count..] (x * qs); returns the new count. Compresses in registers, then full stores: may
+ * write (not count) up to 15 slots past the new count. */
+static inline int64_t emit_vec_i32(__m512i x, __mmask16 m, int32_t col, float qs, int32_t *cols,
+                                   float *vals, int64_t count) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i kept = _mm512_maskz_compress_epi32(m, x);
+    _mm512_storeu_si512((void *)(cols + count),
+                        _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32(col))));
+    _mm512_storeu_ps(vals + count, _mm512_mul_ps(_mm512_cvtepi32_ps(kept), _mm512_set1_ps(qs)));
+    return count + __builtin_popcount(m);
+}
+#endif
+
 /* Writes the entries at p selected by mask m (bit i: p[i], i < GROUP; only selected entries are
  * read), in order, at cols/vals[count..]; returns the new count. May write (not count) up to
  * GROUP slots past the new count. */
 static inline int64_t emit_i32(const int32_t *p, uint32_t m, int32_t col, float qs, int32_t *cols,
                                float *vals, int64_t count) {
 #if defined(__AVX512F__)
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     /* a masked load: the lanes not selected are not read (the row's last, partial group) */
-    __m512i x = _mm512_maskz_compress_epi32((__mmask16)m, _mm512_maskz_loadu_epi32((__mmask16)m, p));
-    __m512i c = _mm512_maskz_compress_epi32((__mmask16)m, _mm512_add_epi32(lane, _mm512_set1_epi32(col)));
-    _mm512_storeu_si512((void *)(cols + count), c);
-    _mm512_storeu_ps(vals + count, _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(qs)));
-    return count + __builtin_popcount(m);
+    return emit_vec_i32(_mm512_maskz_loadu_epi32((__mmask16)m, p), (__mmask16)m, col, qs, cols, vals, count);
 #else
     while (m) {
         int i = __builtin_ctz(m);
@@ -188,11 +204,7 @@ void nofree_kth_bins(const int32_t *hist, int64_t R, int64_t n_bins, int64_t k, 
 
 /* out = clamp(round_half_even(a * inv_scale), -127, 127) as int8, for n floats. */
 void nofree_quantize_i8(const float *a, int64_t n, float inv_scale, int8_t *out) {
-    for (int64_t i = 0; i < n; i++) {
-        float x = nearbyintf(a[i] * inv_scale);
-        x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
-        out[i] = (int8_t)x;
-    }
+    for (int64_t i = 0; i < n; i++) out[i] = (int8_t)quantize1(a[i], inv_scale);
 }
 
 typedef struct {
@@ -423,7 +435,6 @@ static inline __mmask16 i8_valid(int64_t C, int64_t col) {
 }
 
 static int64_t i8_epilogue(const i8_job *j, __m512i acc[I8_MR][3], int64_t r0, int64_t c, int64_t count) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t i = 0; i < I8_MR && r0 + i < j->R; i++) {
         const int64_t r = r0 + i;
         const __m512i corr = _mm512_set1_epi32(j->corr[r]);
@@ -437,13 +448,10 @@ static int64_t i8_epilogue(const i8_job *j, __m512i acc[I8_MR][3], int64_t r0, i
             }
             const __mmask16 m = _mm512_mask_cmpge_epi32_mask(valid, dot, _mm512_set1_epi32(j->thr[r]));
             if (!m) continue;
-            /* compress in registers, then full stores (may write up to 15 slots past the count) */
-            const __m512i id = _mm512_add_epi32(lane, _mm512_set1_epi32(j->col0 + (int32_t)col));
-            const __m512 val = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(j->qscale[r]));
-            const __m512 kept = _mm512_maskz_compress_ps(m, val);
-            _mm512_storeu_si512((void *)(j->cols + count), _mm512_maskz_compress_epi32(m, id));
-            _mm512_storeu_ps(j->vals + count, kept);
-            _mm512_storeu_si512((void *)(j->rows + count), _mm512_set1_epi32((int32_t)r));
+            const int64_t first = count;
+            count = emit_vec_i32(dot, m, j->col0 + (int32_t)col, j->qscale[r], j->cols, j->vals, count);
+            _mm512_storeu_si512((void *)(j->rows + first), _mm512_set1_epi32((int32_t)r));
+            const __m512 kept = _mm512_loadu_ps(j->vals + first);
             /* bins as bin_of computes them: floor((v - lo) * inv_w) in float32, clamped (NaN: 0) */
             __m512 x = _mm512_mul_ps(_mm512_sub_ps(kept, _mm512_set1_ps(j->bin_lo)),
                                      _mm512_set1_ps(j->inv_bin_w));
@@ -451,9 +459,7 @@ static int64_t i8_epilogue(const i8_job *j, __m512i acc[I8_MR][3], int64_t r0, i
             int32_t bins[16];
             _mm512_storeu_si512((void *)bins, _mm512_cvttps_epi32(x));
             int32_t *h = j->hist + r * j->n_bins;
-            const int n_kept = __builtin_popcount(m);
-            for (int e = 0; e < n_kept; e++) h[bins[e]] += 1;
-            count += n_kept;
+            for (int64_t e = 0; e < count - first; e++) h[bins[e]] += 1;
         }
     }
     return count;
@@ -538,11 +544,8 @@ static void *i8_pack_run(void *arg) {
             dst[(k / 4 + 3) * I8_W] = _mm_extract_epi32(b, 3);
         }
         uint8_t *bytes = (uint8_t *)dst;
-        for (; k < d; k++) {
-            float x = nearbyintf(src[k] * j->inv_scale);
-            x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
-            bytes[(k / 4) * I8_W * 4 + k % 4] = (uint8_t)((int)x + 128);
-        }
+        for (; k < d; k++)
+            bytes[(k / 4) * I8_W * 4 + k % 4] = (uint8_t)((int)quantize1(src[k], j->inv_scale) + 128);
     }
     return NULL;
 }
