@@ -274,7 +274,7 @@ def test_magic_with_clip_scorer_end_to_end(tmp_path):
 
 def test_prefix_memory_across_steps_changes_no_score(monkeypatch):
     """MAGIC's next step scores the same continuations plus one token: the scorer keeps the
-    reference prefixes' keys/values and runs only the new tokens, with the same scores, also when
+    reference rows' keys/values and runs only the new tokens, with the same scores, also when
     a row drops out, a word re-tokenises or the memory overflows."""
     import nofree.decoding.scorers as scorers
 
@@ -284,19 +284,23 @@ def test_prefix_memory_across_steps_changes_no_score(monkeypatch):
              [["a man riding a", "a man riding the", "a man riding red"],
               ["two cats on a", "two cats on the", "two cats on sofa"]],
              [["two cats on a sofa", "two cats on a red", "two cats on a bus"]],           # row 0 done
-             [["two cats on a sofas", "two cats on a sofa.", "two cats on a sofa by"]]]    # "sofa"+"s"
-    ran = []  # (tokens run, tokens attended from earlier) of each pass through the tower
+             [["two cats on a sofas", "two cats on a sofa.", "two cats on a sofa by"]]]    # "sof|as"
+    # (widest image's tokens run, tokens held from earlier steps) of the one pass per step:
+    # step 0 runs "<sot> a man" once + three words and end-of-texts; step 1 holds step 0's
+    # reference row "<sot> a man riding" and runs a word + end-of-text per row; step 3 holds
+    # "<sot> two cats on a sofa", and "sofas" (two tokens, re-tokenising "sofa") starts earlier
+    expected = [(9, 0), (6, 4), (6, 5), (7, 6)]
+    ran = []
     layers = scorers._layers
-    monkeypatch.setattr(scorers, "_layers", lambda tower, x, mask, past: ran.append(
-        (x.shape[1], 0 if past is None else past[0][0].shape[2])) or layers(tower, x, mask, past))
+    monkeypatch.setattr(scorers, "_layers", lambda tower, x, mask, past, pick=None: ran.append(
+        (x.shape[1], 0 if past is None else past[0][0].shape[2])) or layers(tower, x, mask, past, pick))
     for step, texts in enumerate(steps):
         image_emb = torch.randn(len(texts), 24)
         ran.clear()
         got = scorer.score(image_emb, texts)
-        expected = plain_scores(model, tokenizer, image_emb, texts, scorer.logit_scale)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        if step:  # the reference prefix extends last step's by one token: only that one runs
-            assert ran[0][0] == 1 and ran[0][1] >= 4, ran
+        want = plain_scores(model, tokenizer, image_emb, texts, scorer.logit_scale)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert ran == [expected[step]], (step, ran)
     assert 0 < len(scorer.prefix_memory) <= scorer.prefix_memory.size
     small = ClipScorer(model, tokenizer)
     small.prefix_memory.size = 1

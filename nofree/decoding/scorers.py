@@ -20,6 +20,7 @@ k candidates on top). Any callable ``(image_emb, texts) -> (B, k)`` plugs in thr
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -152,12 +153,15 @@ def _mlp(blk: _Block, x: Tensor) -> Tensor:
     return _lin(blk.act(_lin(x, blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
 
 
-def _layers(tower: _TextTower, x: Tensor, mask: Tensor,
-            past: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+def _layers(tower: _TextTower, x: Tensor, mask: Tensor, past: list[tuple[Tensor, Tensor]] | None,
+            pick: Tensor | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """Run every block on ``x (B, Q, W)``; ``mask (B, 1, Q, P+Q)`` bool (True = attend);
-    ``past`` per layer ``(keys, values)`` each ``(B, h, P, W/h)``. Returns x and this chunk's k/v."""
+    ``past`` per layer ``(keys, values)`` each ``(B, h, P, W/h)``. ``pick (B, n)``: the only
+    positions whose output is wanted; the last block runs its attention, output projection and
+    MLP for those alone (its keys/values still for all Q). Returns x (``(B, Q, W)``, or
+    ``(B, n, W)`` at ``pick``) and this chunk's keys/values per layer."""
     batch, length, width = x.shape
-    heads = tower.heads
+    heads, last = tower.heads, len(tower.blocks) - 1
     new_kv = []
     for i, blk in enumerate(tower.blocks):
         qkv = _lin(blk.ln1(x), blk.qkv_w, blk.qkv_b).view(batch, length, 3, heads, width // heads)
@@ -165,6 +169,11 @@ def _layers(tower: _TextTower, x: Tensor, mask: Tensor,
         new_kv.append((k, v))
         if past is not None:
             k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
+        if i == last and pick is not None:
+            length = pick.shape[1]
+            q = q.gather(2, pick[:, None, :, None].expand(-1, heads, -1, q.shape[3]))
+            mask = mask.gather(2, pick[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))
+            x = x.gather(1, pick[..., None].expand(-1, -1, width))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         o = _lin(o.transpose(1, 2).reshape(batch, length, width), blk.out_w, blk.out_b)
         x = x + (o if blk.ls1 is None else o * blk.ls1)
@@ -177,12 +186,14 @@ class PrefixMemory:
     """Keys/values of recent reference prefixes of a causal text tower, by their token ids.
 
     A prefix's keys/values depend on its tokens only (causal attention, absolute positions), so
-    those of ``ids[:L]`` serve any later text that starts with the same L tokens. Holds at most
-    ``size`` prefixes (least recently used dropped)."""
+    those of a held row serve the leading tokens any later text has in common with it, whole or
+    not: MAGIC's next step (the same continuation plus one token), also when its last word
+    re-tokenises. Holds at most ``size`` rows (least recently used dropped), each as one tensor
+    ``(layers, 2, h, length, W/h)`` of keys and values."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = int(size)
-        self._kv: OrderedDict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self._kv: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._kv)
@@ -190,31 +201,39 @@ class PrefixMemory:
     def clear(self) -> None:
         self._kv.clear()
 
-    def _longest(self, row: list[int]) -> tuple[int, list[tuple[Tensor, Tensor]] | None]:
-        for length in range(len(row), 0, -1):
-            hit = self._kv.get(key := tuple(row[:length]))
-            if hit is not None:
-                self._kv.move_to_end(key)
-                return length, hit
-        return 0, None
-
-    def recall(self, ref_ids: Tensor) -> tuple[int, list[tuple[Tensor, Tensor]] | None]:
-        """``(known, past)``: how many leading tokens of every row of ``ref_ids (B, P)`` are
-        held (the fewest over the rows) and their per-layer keys/values ``(B, h, known, d)``."""
-        hits = [self._longest(row) for row in ref_ids.tolist()]
-        known = min(length for length, _ in hits)
-        if known == 0:
+    def _longest(self, row: Sequence[int]) -> tuple[int, Tensor | None]:
+        """The held row sharing most leading tokens with ``row``: (that many, its keys/values)."""
+        best, best_key, row = 0, None, tuple(row)
+        for key in self._kv:
+            common = len(os.path.commonprefix([key, row]))
+            if common > best:
+                best, best_key = common, key
+        if best_key is None:
             return 0, None
-        layers = zip(*(kv for _, kv in hits))
-        return known, [(torch.cat([k[:, :, :known] for k, _ in per_row]),
-                        torch.cat([v[:, :, :known] for _, v in per_row])) for per_row in layers]
+        self._kv.move_to_end(best_key)
+        return best, self._kv[best_key]
 
-    def store(self, ref_ids: Tensor, past: list[tuple[Tensor, Tensor]]) -> None:
-        """Keep each row of ``ref_ids (B, P)`` with its keys/values ``past`` (per layer, B rows)."""
-        for b, row in enumerate(ref_ids.tolist()):
-            key = tuple(row)
-            self._kv[key] = [(k[b:b + 1].clone(), v[b:b + 1].clone()) for k, v in past]
-            self._kv.move_to_end(key)
+    def recall(self, rows: Sequence[Sequence[int]]) -> tuple[list[int], Tensor | None]:
+        """How many leading tokens of each of B token-id ``rows`` are held, and their keys/values
+        ``(layers, 2, B, h, K, W/h)``, K the most held (a row holding fewer is zero beyond: mask
+        it); None when nothing is held."""
+        hits = [self._longest(row) for row in rows]
+        known = [n for n, _ in hits]
+        if max(known, default=0) == 0:
+            return known, None
+        layers, _, heads, _, dim = next(kv for n, kv in hits if n).shape
+        held = torch.zeros(layers, 2, len(rows), heads, max(known), dim,
+                           dtype=hits[known.index(max(known))][1].dtype)
+        for b, (n, kv) in enumerate(hits):
+            if n:
+                held[:, :, b, :, :n] = kv[:, :, :, :n]
+        return known, held
+
+    def store(self, row: Sequence[int], kv: Tensor) -> None:
+        """Keep token ids ``row`` with their keys/values ``kv (layers, 2, h, len(row), W/h)``."""
+        key = tuple(row)
+        self._kv[key] = kv
+        self._kv.move_to_end(key)
         while len(self._kv) > self.size:
             self._kv.popitem(last=False)
 
@@ -223,49 +242,41 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
                          share: bool = True, memory: PrefixMemory | None = None) -> Tensor:
     """Pooled text features ``(B, k, D)`` of ``ids (B, k, L)`` pooled at ``pool (B, k)``.
 
-    Per image b one reference row's tokens run once, causally, with their keys/values kept; every
-    row i shares that prefix up to ``lcp[b, i]``, its common prefix with the reference (at most
-    its pooled position). The rows' remaining tokens ``lcp .. pool`` form a prefix tree: rows that
-    agree up to a position share that token, which runs once (candidates that re-tokenise the same
-    last word alike, rows identical up to case). All of an image's tree runs *packed* in a single
-    sequence, each token attending to the first ``lcp`` cached positions and to its own ancestors
-    in the tree only. A row whose new piece re-tokenises the last word shares less; the others
-    keep the whole prefix. The reference is the row sharing most with the others. Exact for
-    causal towers. ``share=False`` runs every row from position 0 (identical rows still run
-    once). ``memory`` keeps the reference rows' keys/values between calls: a reference that
-    extends one seen before (MAGIC's next step: the same continuation plus the chosen token) runs
-    only its new tokens.
+    Per image the k rows run as a prefix tree, packed into one sequence: rows that agree up to a
+    position share that token, which runs once (the candidates' common continuation, candidates
+    that re-tokenise the same last word alike, rows identical up to case), each token attending
+    to its own ancestors in the tree only. Exact for causal towers. ``memory`` keeps keys/values
+    between calls: per image, the row sharing most with the others is the reference; the leading
+    tokens the memory holds of it are not run again, and the rows sharing them attend to the
+    held keys/values instead (a row that re-tokenises the last word shares fewer of them and runs
+    the rest in the tree). The reference's new tokens are then remembered: MAGIC's next step,
+    the same continuation plus the chosen token, runs only that token and the candidates.
+    ``share=False`` runs every row from position 0 (identical rows still run once). Only the
+    pooled positions go through the last block's attention and MLP.
     """
     n_img, k, length = ids.shape
     device = ids.device
-    rows = torch.arange(k, device=device)
+    rows, images = torch.arange(k, device=device), torch.arange(n_img, device=device)
     positions = torch.arange(length, device=device)
-    prefix_len, past = 0, None
-    lcp = torch.zeros(n_img, k, dtype=torch.long, device=device)
     # common leading tokens of every pair of rows (k² comparisons of short id rows)
     eq = (ids[:, :, None, :] == ids[:, None, :, :]).long().cumprod(-1).sum(-1)       # (B, k, k)
-    if share:
+    agree = eq if share else torch.where(eq == length, eq, torch.zeros_like(eq))
+    # 1. what the memory holds: row i starts at start[b, i] (the leading tokens it has in common
+    #    with the reference and that are held); rows agreeing through a position have the same
+    #    start or both start after it (shown by cases: where each diverges from the reference)
+    start, held, ref_rows = torch.zeros(n_img, k, dtype=torch.long, device=device), None, []
+    if share and memory is not None:
         ref = eq.sum(2).argmax(1)                                                     # (B,)
-        lcp = torch.minimum(eq[torch.arange(n_img, device=device), ref], pool)        # (B, k)
-        prefix_len = int(lcp.max())
-    if prefix_len > 0:  # 1. each image's reference row up to the longest shared prefix, causal
-        ref_ids = ids[torch.arange(n_img, device=device), ref, :prefix_len]             # (B, P)
-        known, past = memory.recall(ref_ids) if memory is not None else (0, None)
-        if known < prefix_len:  # the tokens after what the memory holds, attending to it too
-            x = tower.token_embedding(ref_ids[:, known:]).float() + tower.positions[known:prefix_len]
-            causal = (positions[None, :prefix_len] <= positions[known:prefix_len, None])[None, None]
-            _, new_kv = _layers(tower, x, causal, past)
-            past = new_kv if past is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
-                                                for (k0, v0), (k1, v1) in zip(past, new_kv)]
-            if memory is not None:  # (when every row was already held whole, nothing is new)
-                memory.store(ref_ids, past)
-    # 2. the rows' tokens lcp .. pool as a prefix tree, packed into one sequence per image. Rows
-    #    agreeing through position p have the same lcp (shown by cases: both diverge from the
-    #    reference at one place, or p is their common pooled position), so the token (i, p) is run
-    #    by the first row j with agree[i, j] > p, and token (a, p) sees (c, q) iff q <= p and rows
-    #    a and c agree through q.
-    agree = eq if share else torch.where(eq == length, eq, torch.zeros_like(eq))  # (B, k, k)
-    span = (positions >= lcp[..., None]) & (positions <= pool[..., None])          # (B, k, L)
+        lcp = torch.minimum(eq[images, ref], pool)                                    # (B, k)
+        top = lcp.amax(1)                                    # reference tokens shared with a row
+        ref_rows = [ids[b, ref[b], :top[b]].tolist() for b in range(n_img)]
+        known, held = memory.recall(ref_rows)
+        known = torch.tensor(known, device=device)
+        start = torch.minimum(lcp, known[:, None])
+    # 2. the rows' tokens start .. pool as a prefix tree, packed into one sequence per image:
+    #    the token (i, p) is run by the first row j with agree[i, j] > p, and token (a, p) sees
+    #    (c, q) iff q <= p and rows a and c agree through q
+    span = (positions >= start[..., None]) & (positions <= pool[..., None])        # (B, k, L)
     runner = (agree[..., None] > positions).int().argmax(2)                        # (B, k, L)
     img, row, position = (span & (runner == rows[None, :, None])).nonzero(as_tuple=True)
     per_img = torch.bincount(img, minlength=n_img)
@@ -280,21 +291,31 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
         tower.positions[packed_pos.clamp_max(tower.positions.shape[0] - 1)]
     real = packed_row >= 0
     r = packed_row.clamp_min(0)
-    ancestor = agree[torch.arange(n_img, device=device)[:, None, None], r[:, :, None], r[:, None, :]] > \
-        packed_pos[:, None, :]                                              # (B, Q, Q)
+    ancestor = agree[images[:, None, None], r[:, :, None], r[:, None, :]] > packed_pos[:, None, :]
     own = torch.where(real[:, :, None] & real[:, None, :], ancestor,        # padding sees padding
-                      ~real[:, :, None] & ~real[:, None, :])
+                      ~real[:, :, None] & ~real[:, None, :])                # (B, Q, Q)
     own &= packed_pos[:, None, :] <= packed_pos[:, :, None]
-    if past is not None:
+    past = None
+    if held is not None:  # the held positions each token's row starts after
         visible = torch.zeros(n_img, width, dtype=torch.long, device=device)  # padding: none
-        visible[img, slot] = lcp[img, row]
-        cached = positions[None, None, :prefix_len] < visible[:, :, None]   # (B, Q, P)
-        own = torch.cat([cached, own], 2)
-    x, _ = _layers(tower, x, own[:, None], past)
+        visible[img, slot] = start[img, row]
+        own = torch.cat([positions[None, None, :held.shape[4]] < visible[:, :, None], own], 2)
+        past = list(zip(held[:, 0], held[:, 1]))
     slot_of = torch.full((n_img, k, length), -1, dtype=torch.long, device=device)
     slot_of[img, row, position] = slot
-    b = torch.arange(n_img, device=device)[:, None].expand(n_img, k)
-    pooled = x[b, slot_of[b, runner[b, rows, pool], pool]]                  # (B, k, W)
+    b = images[:, None].expand(n_img, k)
+    pooled, new_kv = _layers(tower, x, own[:, None], past, pick=slot_of[b, runner[b, rows, pool], pool])
+    if ref_rows:  # 3. remember each reference row: held keys/values + this pass's at its slots
+        new = top - known                                                         # (B,)
+        at = (known[:, None] + torch.arange(int(new.max()), device=device)).clamp_max(length - 1)
+        at = slot_of[images[:, None], runner[images[:, None], ref[:, None], at], at].clamp_min(0)
+        at = at[:, None, :, None].expand(-1, new_kv[0][0].shape[1], -1, new_kv[0][0].shape[3])
+        kv = torch.stack([torch.stack([keys.gather(2, at), values.gather(2, at)])
+                          for keys, values in new_kv])                    # (layers, 2, B, h, m, d)
+        for b, (n_known, n_new) in enumerate(zip(known.tolist(), new.tolist())):
+            if n_new > 0:
+                parts = [held[:, :, b, :, :n_known]] if n_known else []
+                memory.store(ref_rows[b], torch.cat(parts + [kv[:, :, b, :, :n_new]], 3))
     return tower.project(tower.ln_final(pooled.reshape(n_img * k, -1))).view(n_img, k, -1)
 
 
