@@ -294,7 +294,7 @@ def main(argv=None) -> dict:
                     res["cpu_seconds"] *= args.queries / res["n_queries"]
                 results.append(res)
     from nofree.anchors.int8_matmul import Int8Products
-    from nofree.anchors.native import library
+    from nofree.native import library
 
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -305,7 +305,7 @@ def main(argv=None) -> dict:
            "runs": results}
     print(markdown(out))
     machine = out["machine"]
-    print("native scan helpers (nofree.anchors.native):",
+    print("native kernels (nofree.native):",
           "built and used" if machine["native_scan_helpers"] else "unavailable, torch versions used",
           end="; ")
     print("int8 kernel with fused selection (AVX-512 VNNI):",

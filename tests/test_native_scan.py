@@ -1,4 +1,4 @@
-"""The anchor scan's C helpers (nofree/anchors/scan_kernels.c) against their torch twins, bit for
+"""The anchor scan's C helpers (nofree/native/scan.c) against their torch twins, bit for
 bit, and the fallback when no compiler is around."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.functional import normalize
 
-import nofree.anchors.native as native
+import nofree.native as native
 import nofree.anchors.topk as topk
 from nofree.anchors.int8_matmul import Int8Products
 from nofree.anchors.topk import cosine_topk
@@ -185,9 +185,9 @@ def test_scan_identical_with_and_without_native(lib, monkeypatch, precision):
 def test_no_compiler_falls_back_to_torch(fresh_library, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):
+    with caplog.at_level(logging.WARNING, logger="nofree.native"):
         assert native.library() is None
-    assert "native scan helpers are unavailable" in caplog.text and "no-such-cc" in caplog.text
+    assert "native kernels are unavailable" in caplog.text and "no-such-cc" in caplog.text
     assert not list((tmp_path / "cache").rglob("*.so"))
     g = torch.Generator().manual_seed(7)
     anchors = normalize(torch.randn(3000, 32, generator=g), dim=1)
@@ -201,22 +201,22 @@ def test_unwritable_cache_falls_back_with_a_warning(fresh_library, monkeypatch, 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("NOFREE_CACHE", str(blocker))
-    with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):
+    with caplog.at_level(logging.WARNING, logger="nofree.native"):
         assert native.library() is None
     assert "cannot write the library" in caplog.text
 
 
 def test_missing_source_falls_back_with_a_warning(fresh_library, monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(native, "SOURCE", tmp_path / "gone.c")
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], tmp_path / "gone.c"))
     monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):
+    with caplog.at_level(logging.WARNING, logger="nofree.native"):
         assert native.library() is None
     assert "cannot read" in caplog.text and "gone.c" in caplog.text
 
 
 def test_disabled_by_environment(fresh_library, monkeypatch, caplog):
     monkeypatch.setenv("NOFREE_NATIVE", "0")
-    with caplog.at_level(logging.WARNING, logger="nofree.anchors.native"):
+    with caplog.at_level(logging.WARNING, logger="nofree.native"):
         assert native.library() is None
     assert caplog.text == ""
 
@@ -226,7 +226,7 @@ def test_built_once_then_loaded_from_the_cache(lib, fresh_library, monkeypatch, 
     first = native.library()
     assert first is not None
     built = list(tmp_path.rglob("*"))
-    assert [p.name for p in built if p.is_file()] == ["scan_kernels.so"]  # no temporary left
+    assert [p.name for p in built if p.is_file()] == [native.LIBRARY]  # no temporary left
     native.library.cache_clear()
     monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
     assert native.library() is not None

@@ -44,10 +44,14 @@ def plain_scores(model, tokenizer, image_emb, texts, scale):
     return scale * torch.einsum("bd,bkd->bk", torch.nn.functional.normalize(image_emb, dim=-1), text)
 
 
+@pytest.mark.parametrize("attention", ["native", "torch"])
 @pytest.mark.parametrize("text_cfg", [{}, {"pool_type": "last"}, {"ls_init_value": 0.5},
-                                      {"layers": 3, "heads": 4, "proj_bias": True, "proj_type": "linear"}],
-                         ids=["argmax", "last", "layerscale", "linear-proj"])
-def test_open_clip_shared_prefix_equals_encode_text(text_cfg):
+                                      {"layers": 3, "heads": 4, "proj_bias": True, "proj_type": "linear"},
+                                      {"width": 128, "heads": 2}],
+                         ids=["argmax", "last", "layerscale", "linear-proj", "head-width-64"])
+def test_open_clip_shared_prefix_equals_encode_text(text_cfg, attention, monkeypatch):
+    if attention == "torch":  # the tree attention's torch twin (no C compiler, NOFREE_NATIVE=0, GPUs)
+        monkeypatch.setattr("nofree.decoding.attention._native", lambda qkv, past: None)
     model, tokenizer = tiny_open_clip(**text_cfg)
     image_emb = torch.randn(len(TEXTS), 24)
     scorer = ClipScorer(model, tokenizer)
@@ -285,15 +289,15 @@ def test_prefix_memory_across_steps_changes_no_score(monkeypatch):
               ["two cats on a", "two cats on the", "two cats on sofa"]],
              [["two cats on a sofa", "two cats on a red", "two cats on a bus"]],           # row 0 done
              [["two cats on a sofas", "two cats on a sofa.", "two cats on a sofa by"]]]    # "sof|as"
-    # (widest image's tokens run, tokens held from earlier steps) of the one pass per step:
-    # step 0 runs "<sot> a man" once + three words and end-of-texts; step 1 holds step 0's
-    # reference row "<sot> a man riding" and runs a word + end-of-text per row; step 3 holds
+    # (tokens run, most tokens held from earlier steps) of the one pass per step: step 0 runs,
+    # per image, "<sot> a man" once + three words and end-of-texts; step 1 holds step 0's
+    # reference rows ("<sot> a man riding") and runs a word + end-of-text per row; step 3 holds
     # "<sot> two cats on a sofa", and "sofas" (two tokens, re-tokenising "sofa") starts earlier
-    expected = [(9, 0), (6, 4), (6, 5), (7, 6)]
+    expected = [(18, 0), (12, 4), (6, 5), (7, 6)]
     ran = []
     layers = scorers._layers
-    monkeypatch.setattr(scorers, "_layers", lambda tower, x, mask, past, pick=None: ran.append(
-        (x.shape[1], 0 if past is None else past[0][0].shape[2])) or layers(tower, x, mask, past, pick))
+    monkeypatch.setattr(scorers, "_layers", lambda tower, x, seen, past, pick=None: ran.append(
+        (x.shape[0], 0 if past is None else past.shape[4])) or layers(tower, x, seen, past, pick))
     for step, texts in enumerate(steps):
         image_emb = torch.randn(len(texts), 24)
         ran.clear()

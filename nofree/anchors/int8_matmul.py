@@ -1,7 +1,7 @@
 """The int8 anchor scan's products in C, with the candidate selection fused in (AVX-512 VNNI).
 
 ``torch._int_mm`` (oneDNN) runs the int8 scan's query × anchor products at ~260 G multiply-adds/s
-on a 2-core Zen 4; the native kernel in ``scan_kernels.c`` keeps an 8 × 48 tile of int32 dot
+on a 2-core Zen 4; the native kernel in ``nofree/native/scan.c`` keeps an 8 × 48 tile of int32 dot
 products in registers through the whole embedding width and reaches ~450 G/s there
 (``runs/s8/vbench3.py``). Its second entry point compares each finished tile with the rows'
 discard thresholds and appends only the passing entries, so the (queries × chunk) score tile is

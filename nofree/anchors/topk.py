@@ -18,7 +18,7 @@ anchors and their anchor ids. Choices made here:
 * Output rows list their anchors by decreasing cosine (ties: increasing anchor id).
 * The bookkeeping between matmuls — taking each score tile's candidates, pruning them, the
   final per-row ranking, re-quantising anchor chunks — runs in small C helpers
-  (:mod:`nofree.anchors.native`, built on first use) when a C compiler is available, and in
+  (:mod:`nofree.native`, built on first use) when a C compiler is available, and in
   torch otherwise, with bit-identical results either way.
 
 Shapes: Q queries, N anchors, D embedding width, k kept entries per row.
@@ -291,7 +291,7 @@ def _native(device: torch.device) -> Any:
     """The native helpers for work on ``device``: the loaded library on the CPU, else None."""
     if device.type != "cpu":
         return None
-    from nofree.anchors.native import library
+    from nofree.native import library
 
     return library()
 

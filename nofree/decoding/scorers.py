@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nofree.core import DataError, l2_normalize, resolve_device
+from nofree.decoding.attention import Visibility, list_attention
 from nofree.packing import PackedMatrix, gelu_kind, linear, pack
 
 __all__ = ["Scorer", "CallableScorer", "ClipScorer", "AsifScorer", "as_scorer",
@@ -153,33 +154,28 @@ def _mlp(blk: _Block, x: Tensor) -> Tensor:
     return _lin(blk.act(_lin(x, blk.fc1_w, blk.fc1_b)), blk.fc2_w, blk.fc2_b)
 
 
-def _layers(tower: _TextTower, x: Tensor, mask: Tensor, past: list[tuple[Tensor, Tensor]] | None,
-            pick: Tensor | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Run every block on ``x (B, Q, W)``; ``mask (B, 1, Q, P+Q)`` bool (True = attend);
-    ``past`` per layer ``(keys, values)`` each ``(B, h, P, W/h)``. ``pick (B, n)``: the only
-    positions whose output is wanted; the last block runs its attention, output projection and
-    MLP for those alone (its keys/values still for all Q). Returns x (``(B, Q, W)``, or
-    ``(B, n, W)`` at ``pick``) and this chunk's keys/values per layer."""
-    batch, length, width = x.shape
+def _layers(tower: _TextTower, x: Tensor, seen: Visibility, past: Tensor | None,
+            pick: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Run every block on N flat tokens ``x (N, W)`` that see what ``seen`` says; ``past``: held
+    keys/values ``(layers, 2, B, h, P, W/h)`` or None. ``pick (M,)``: the only tokens whose output
+    is wanted; the last block runs its attention, output projection and MLP for those alone (its
+    keys/values still for all N). Returns x (``(N, W)``, or ``(M, W)`` at ``pick``) and each
+    layer's ``(N, 3, h, W/h)`` queries | keys | values."""
+    n, width = x.shape
     heads, last = tower.heads, len(tower.blocks) - 1
-    new_kv = []
+    new_qkv = []
     for i, blk in enumerate(tower.blocks):
-        qkv = _lin(blk.ln1(x), blk.qkv_w, blk.qkv_b).view(batch, length, 3, heads, width // heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, h, Q, W/h)
-        new_kv.append((k, v))
-        if past is not None:
-            k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
-        if i == last and pick is not None:
-            length = pick.shape[1]
-            q = q.gather(2, pick[:, None, :, None].expand(-1, heads, -1, q.shape[3]))
-            mask = mask.gather(2, pick[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))
-            x = x.gather(1, pick[..., None].expand(-1, -1, width))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = _lin(o.transpose(1, 2).reshape(batch, length, width), blk.out_w, blk.out_b)
+        qkv = _lin(blk.ln1(x), blk.qkv_w, blk.qkv_b).view(n, 3, heads, width // heads)
+        new_qkv.append(qkv)
+        rows = pick if i == last else None
+        o = list_attention(qkv, (past[i, 0], past[i, 1]) if past is not None else None, seen, rows)
+        if rows is not None:
+            x = x[rows]
+        o = _lin(o.reshape(len(x), width), blk.out_w, blk.out_b)
         x = x + (o if blk.ls1 is None else o * blk.ls1)
         m = _mlp(blk, blk.ln2(x))
         x = x + (m if blk.ls2 is None else m * blk.ls2)
-    return x, new_kv
+    return x, new_qkv
 
 
 class PrefixMemory:
@@ -275,48 +271,44 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
         start = torch.minimum(lcp, known[:, None])
     # 2. the rows' tokens start .. pool as a prefix tree, packed into one sequence per image:
     #    the token (i, p) is run by the first row j with agree[i, j] > p, and token (a, p) sees
-    #    (c, q) iff q <= p and rows a and c agree through q
+    #    (c, q) iff q <= p and rows a and c agree through q. The N tokens stay flat (image-major).
     span = (positions >= start[..., None]) & (positions <= pool[..., None])        # (B, k, L)
     runner = (agree[..., None] > positions).int().argmax(2)                        # (B, k, L)
     img, row, position = (span & (runner == rows[None, :, None])).nonzero(as_tuple=True)
     per_img = torch.bincount(img, minlength=n_img)
-    slot = torch.arange(len(img), device=device) - (torch.cumsum(per_img, 0) - per_img)[img]
+    first = torch.cumsum(per_img, 0) - per_img                                   # (B,) flat index
+    slot = torch.arange(len(img), device=device) - first[img]
     width = int(per_img.max())
-    packed_tok = torch.zeros(n_img, width, dtype=torch.long, device=device)
     packed_pos = torch.arange(width, device=device).repeat(n_img, 1)        # padding: own index
     packed_row = torch.full((n_img, width), -1, dtype=torch.long, device=device)
-    packed_tok[img, slot] = ids[img, row, position]
     packed_pos[img, slot], packed_row[img, slot] = position, row
-    x = tower.token_embedding(packed_tok).float() + \
-        tower.positions[packed_pos.clamp_max(tower.positions.shape[0] - 1)]
+    x = tower.token_embedding(ids[img, row, position]).float() + \
+        tower.positions[position.clamp_max(tower.positions.shape[0] - 1)]   # (N, W)
     real = packed_row >= 0
     r = packed_row.clamp_min(0)
     ancestor = agree[images[:, None, None], r[:, :, None], r[:, None, :]] > packed_pos[:, None, :]
     own = torch.where(real[:, :, None] & real[:, None, :], ancestor,        # padding sees padding
                       ~real[:, :, None] & ~real[:, None, :])                # (B, Q, Q)
     own &= packed_pos[:, None, :] <= packed_pos[:, :, None]
-    past = None
     if held is not None:  # the held positions each token's row starts after
         visible = torch.zeros(n_img, width, dtype=torch.long, device=device)  # padding: none
         visible[img, slot] = start[img, row]
         own = torch.cat([positions[None, None, :held.shape[4]] < visible[:, :, None], own], 2)
-        past = list(zip(held[:, 0], held[:, 1]))
     slot_of = torch.full((n_img, k, length), -1, dtype=torch.long, device=device)
     slot_of[img, row, position] = slot
     b = images[:, None].expand(n_img, k)
-    pooled, new_kv = _layers(tower, x, own[:, None], past, pick=slot_of[b, runner[b, rows, pool], pool])
-    if ref_rows:  # 3. remember each reference row: held keys/values + this pass's at its slots
+    pick = first[:, None] + slot_of[b, runner[b, rows, pool], pool]                # (B, k) flat
+    pooled, new_qkv = _layers(tower, x, Visibility.from_mask(own, img, slot), held, pick.reshape(-1))
+    if ref_rows:  # 3. remember each reference row: held keys/values + this pass's at its tokens
         new = top - known                                                         # (B,)
         at = (known[:, None] + torch.arange(int(new.max()), device=device)).clamp_max(length - 1)
-        at = slot_of[images[:, None], runner[images[:, None], ref[:, None], at], at].clamp_min(0)
-        at = at[:, None, :, None].expand(-1, new_kv[0][0].shape[1], -1, new_kv[0][0].shape[3])
-        kv = torch.stack([torch.stack([keys.gather(2, at), values.gather(2, at)])
-                          for keys, values in new_kv])                    # (layers, 2, B, h, m, d)
+        at = first[:, None] + slot_of[images[:, None], runner[images[:, None], ref[:, None], at], at].clamp_min(0)
+        kv = torch.stack([qkv[at, 1:].permute(2, 0, 3, 1, 4) for qkv in new_qkv])  # (layers, 2, B, h, m, d)
         for b, (n_known, n_new) in enumerate(zip(known.tolist(), new.tolist())):
             if n_new > 0:
                 parts = [held[:, :, b, :, :n_known]] if n_known else []
                 memory.store(ref_rows[b], torch.cat(parts + [kv[:, :, b, :, :n_new]], 3))
-    return tower.project(tower.ln_final(pooled.reshape(n_img * k, -1))).view(n_img, k, -1)
+    return tower.project(tower.ln_final(pooled)).view(n_img, k, -1)
 
 
 def _weights(dtype: torch.dtype, packed: bool) -> Callable[[Tensor], Tensor | PackedMatrix]:

@@ -1,6 +1,6 @@
 /* Native helpers for nofree's low-precision anchor scan (nofree/anchors/topk.py).
  *
- * Compiled on first use by nofree/anchors/native.py and called through ctypes; every function
+ * Compiled on first use by nofree/native/__init__.py and called through ctypes; every function
  * has a pure-torch twin in topk.py that gives bit-identical results (the tests compare them),
  * used whenever no C compiler is available.
  *
@@ -14,34 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <pthread.h>
-
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#define MAX_THREADS 64
-
-/* How many threads to use: n_threads, at most one per `items` and at most MAX_THREADS. */
-static int64_t thread_count(int64_t n_threads, int64_t items) {
-    if (n_threads > items) n_threads = items;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    return n_threads < 1 ? 1 : n_threads;
-}
-
-/* Runs fn on each of the n jobs (job t at jobs + t * size): job 0 on this thread, the others on
- * new ones, or on this one afterwards when a thread cannot be started. */
-static void run_jobs(void *(*fn)(void *), void *jobs, size_t size, int64_t n) {
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int64_t t = 1; t < n; t++)
-        started[t] = pthread_create(&tid[t], NULL, fn, (char *)jobs + t * size) == 0;
-    fn(jobs);
-    for (int64_t t = 1; t < n; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else fn((char *)jobs + t * size);
-    }
-}
+#include "jobs.h"
 
 #define GROUP 16 /* entries compared at once; a group with none passing costs one compare */
 

@@ -1,18 +1,23 @@
-"""The anchor scan's native helpers (``scan_kernels.c``), compiled on first use, through ctypes.
+"""nofree's native kernels (the C files in this folder), compiled on first use, through ctypes.
 
-The low-precision scan of :mod:`nofree.anchors.topk` spends about as long *selecting* the
-candidates from each score tile as the int8 matmul takes to make it; in torch that selection is a
-chain of whole-tile operations (group maxima, compare, nonzero, gather, histogram). The C helpers do
-it in one pass over the tile, and also re-quantise anchor chunks in one pass. On CPUs with AVX-512
-VNNI they also carry the int8 matmul itself, with the selection fused in
-(:mod:`nofree.anchors.int8_matmul`). They are optional: every helper has a torch twin in
-``topk.py`` (the fused matmul: ``torch._int_mm`` and the tile-wise selection) with bit-identical
-results, used when no C compiler is found, when compiling fails, or when ``NOFREE_NATIVE=0``.
+* ``scan.c``: the low-precision anchor scan of :mod:`nofree.anchors.topk` spends about as long
+  *selecting* the candidates from each score tile as the int8 matmul takes to make it; in torch
+  that selection is a chain of whole-tile operations (group maxima, compare, nonzero, gather,
+  histogram). The C helpers do it in one pass over the tile, and also re-quantise anchor chunks
+  in one pass. On CPUs with AVX-512 VNNI they also carry the int8 matmul itself, with the
+  selection fused in (:mod:`nofree.anchors.int8_matmul`).
+* ``attention.c``: attention over a list of visible keys per query, for the CLIP scorer's prefix
+  tree of candidate texts (:mod:`nofree.decoding.attention`).
 
-The shared library is built with the system C compiler (``$CC``, else ``cc``) into
-``$NOFREE_CACHE/native/<key>/`` (default ``~/.cache/nofree``), keyed by the source, the compiler
-command and this CPU, written to a temporary name and renamed, so concurrent first uses and
-interrupted builds never leave a half-written library behind.
+They are optional: every kernel has a torch twin (``topk.py``; the fused matmul: ``torch._int_mm``
+and the tile-wise selection; ``attention.py``: masked ``scaled_dot_product_attention``) with the
+same results (bit-identical for the scan), used when no C compiler is found, when compiling
+fails, or when ``NOFREE_NATIVE=0``.
+
+The shared library is built with the system C compiler (``$CC``, else ``cc``) from every source
+here into ``$NOFREE_CACHE/native/<key>/`` (default ``~/.cache/nofree``), keyed by the sources,
+the compiler command and this CPU, written to a temporary name and renamed, so concurrent first
+uses and interrupted builds never leave a half-written library behind.
 """
 from __future__ import annotations
 
@@ -30,7 +35,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("scan_kernels.c")
+FOLDER = Path(__file__).parent
+#: compiled together into one library; the headers they include are part of its key
+SOURCES = (FOLDER / "scan.c", FOLDER / "attention.c")
+HEADERS = (FOLDER / "jobs.h",)
+LIBRARY = "nofree_kernels.so"
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
 #: tried first; dropped when the compiler rejects it (the key includes the CPU either way)
 ARCH_FLAGS = ("-march=native",)
@@ -48,6 +57,8 @@ _SIGNATURES = {
     "nofree_i8_scores": (None, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64]),
     "nofree_i8_take": (_I64, [_P, _P, _I64, _I64, _P, _I64, _P, ctypes.c_int32, _P, _P, _I64, ctypes.c_float,
                               ctypes.c_float, _P, _P, _P, _I64, _P, _I64, _I64]),
+    "nofree_list_attention": (_I64, [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_float,
+                                     _P, _I64]),
 }
 _SIGNATURES["nofree_take_i16"] = _SIGNATURES["nofree_take_i32"]
 
@@ -87,8 +98,8 @@ def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str |
     except OSError as exc:
         return f"cannot write the library under {target.parent}: {exc}"
     try:
-        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([*compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             return (done.stderr or done.stdout).strip()[-600:] or f"exit status {done.returncode}"
         os.replace(tmp, target)
@@ -108,19 +119,19 @@ def library() -> ctypes.CDLL | None:
     compiler = shlex.split(os.environ.get("CC") or "cc")
     errors: list[str] = []
     try:
-        source = SOURCE.read_bytes()
-    except OSError as exc:  # an installation without the package's C file
-        source, errors = b"", [f"cannot read {SOURCE}: {exc}"]
+        source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    except OSError as exc:  # an installation without the package's C files
+        source, errors = b"", [f"cannot read {exc.filename}: {exc.strerror}"]
     for flags in (FLAGS + ARCH_FLAGS, FLAGS) if source else ():
         key = hashlib.sha256(source + repr((compiler, flags)).encode() + _cpu_fingerprint().encode())
-        target = _cache_dir() / key.hexdigest()[:16] / "scan_kernels.so"
+        target = _cache_dir() / key.hexdigest()[:16] / LIBRARY
         if not target.exists():
             start = time.perf_counter()
             error = _compile(compiler, flags, target)
             if error is not None:
                 errors.append(f"{' '.join(compiler + list(flags))}: {error}")
                 continue
-            log.info("built nofree's native scan helpers in %.1f s: %s", time.perf_counter() - start, target)
+            log.info("built nofree's native kernels in %.1f s: %s", time.perf_counter() - start, target)
         try:
             lib = ctypes.CDLL(str(target))
         except OSError as exc:
@@ -130,7 +141,7 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
         return lib
-    log.warning("nofree's native scan helpers are unavailable (%s); the anchor scan uses its torch "
-                "version, which is slower. Install a C compiler (or set CC) to build them, or set "
-                "NOFREE_NATIVE=0 to silence this.", "; ".join(errors) or "no compiler")
+    log.warning("nofree's native kernels are unavailable (%s); the anchor scan and the CLIP scorer "
+                "use their torch versions, which are slower. Install a C compiler (or set CC) to "
+                "build them, or set NOFREE_NATIVE=0 to silence this.", "; ".join(errors) or "no compiler")
     return None
