@@ -121,3 +121,21 @@ def test_load_lm_precision(tmp_path):
     assert load_lm(spec, precision="bf16") is fast
     with pytest.raises(SpecError, match="precision"):
         load_lm(spec, precision="int4")
+
+
+def test_cache_argument_follows_the_transformers_release():
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; both releases work."""
+    from types import SimpleNamespace
+
+    from nofree.lm.hf import cache_argument, cache_of
+
+    class Older:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return SimpleNamespace(past_key_values="older")
+
+    class Newer:
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return SimpleNamespace(cache="newer")
+
+    assert cache_argument(Older()) == "past_key_values" and cache_of(Older().forward()) == "older"
+    assert cache_argument(Newer()) == "cache" and cache_of(Newer().forward()) == "newer"

@@ -217,9 +217,9 @@ class PrefixMemory:
         known = [n for n, _ in hits]
         if max(known, default=0) == 0:
             return known, None
-        layers, _, heads, _, dim = next(kv for n, kv in hits if n).shape
-        held = torch.zeros(layers, 2, len(rows), heads, max(known), dim,
-                           dtype=hits[known.index(max(known))][1].dtype)
+        template = next(kv for n, kv in hits if n)
+        layers, _, heads, _, dim = template.shape
+        held = template.new_zeros(layers, 2, len(rows), heads, max(known), dim)
         for b, (n, kv) in enumerate(hits):
             if n:
                 held[:, :, b, :, :n] = kv[:, :, :, :n]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +23,18 @@ from nofree.encoders.base import freeze
 from nofree.packing import PackedLinear, packed_copy
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_argument(model: Any) -> str:
+    """The name of a transformers model's key/value cache argument: ``cache`` (transformers ≥ 5.2x)
+    or ``past_key_values`` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The key/value cache a transformers forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 class HFLanguageModel:
@@ -36,6 +49,7 @@ class HFLanguageModel:
         self.spec = spec
         self.device = resolve_device(device)
         self.model = freeze(model.to(self.device))
+        self._cache_arg = cache_argument(self.model)
         self.tokenizer = tokenizer
         config = model.config
         self.hidden_size = int(config.hidden_size)
@@ -168,14 +182,14 @@ class HFLanguageModel:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
         else:
             position_ids = torch.arange(past, past + length, device=self.device).expand(batch, -1)
-        inputs = dict(input_ids=ids, inputs_embeds=embeds, cache=cache, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=True)
+        inputs = {"input_ids": ids, "inputs_embeds": embeds, self._cache_arg: cache,
+                  "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": True}
         if not logits:  # the backbone alone: its last_hidden_state is the final-normed last layer
             out = self.model.base_model(**inputs)
-            return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=out.cache)
+            return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=cache_of(out))
         out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
         return LMStep(logits=out.logits[:, -1].float(), hidden=out.hidden_states[-1].float(),
-                      cache=out.cache)
+                      cache=cache_of(out))
 
     def candidate_step(self, candidates: Tensor, *, cache: Any, attention_mask: Tensor) -> LMStep | None:
         """Feed k alternative next tokens per row side by side ("tree attention").
@@ -204,10 +218,10 @@ class HFLanguageModel:
         blocked = torch.finfo(self.dtype).min
         allowed = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, blocked)
         position_ids = mask.sum(-1, keepdim=True).expand(batch, k)           # real tokens so far
-        out = self.model.base_model(input_ids=candidates.to(self.device),
-                                    cache=self.select_cache(cache, None), attention_mask=allowed,
-                                    position_ids=position_ids, use_cache=True)
-        return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=out.cache)
+        out = self.model.base_model(**{"input_ids": candidates.to(self.device),
+                                       self._cache_arg: self.select_cache(cache, None), "attention_mask": allowed,
+                                       "position_ids": position_ids, "use_cache": True})
+        return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=cache_of(out))
 
     def keep_candidates(self, cache: Any, rows: Tensor, chosen: Tensor, k: int) -> Any:
         """The cache after a :meth:`candidate_step` of ``k`` candidates: batch rows ``rows (b,)``,
