@@ -296,13 +296,13 @@ def encode_shared_prefix(tower: _TextTower, ids: Tensor, pool: Tensor, *,
         own = torch.cat([positions[None, None, :held.shape[4]] < visible[:, :, None], own], 2)
     slot_of = torch.full((n_img, k, length), -1, dtype=torch.long, device=device)
     slot_of[img, row, position] = slot
-    b = images[:, None].expand(n_img, k)
-    pick = first[:, None] + slot_of[b, runner[b, rows, pool], pool]                # (B, k) flat
+    of_img = images[:, None]
+    pick = first[:, None] + slot_of[of_img, runner[of_img, rows, pool], pool]       # (B, k) flat
     pooled, new_qkv = _layers(tower, x, Visibility.from_mask(own, img, slot), held, pick.reshape(-1))
     if ref_rows:  # 3. remember each reference row: held keys/values + this pass's at its tokens
         new = top - known                                                         # (B,)
         at = (known[:, None] + torch.arange(int(new.max()), device=device)).clamp_max(length - 1)
-        at = first[:, None] + slot_of[images[:, None], runner[images[:, None], ref[:, None], at], at].clamp_min(0)
+        at = first[:, None] + slot_of[of_img, runner[of_img, ref[:, None], at], at].clamp_min(0)
         kv = torch.stack([qkv[at, 1:].permute(2, 0, 3, 1, 4) for qkv in new_qkv])  # (layers, 2, B, h, m, d)
         for b, (n_known, n_new) in enumerate(zip(known.tolist(), new.tolist())):
             if n_new > 0:

@@ -218,9 +218,9 @@ class HFLanguageModel:
         blocked = torch.finfo(self.dtype).min
         allowed = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, blocked)
         position_ids = mask.sum(-1, keepdim=True).expand(batch, k)           # real tokens so far
-        out = self.model.base_model(**{"input_ids": candidates.to(self.device),
-                                       self._cache_arg: self.select_cache(cache, None), "attention_mask": allowed,
-                                       "position_ids": position_ids, "use_cache": True})
+        inputs = {"input_ids": candidates.to(self.device), self._cache_arg: self.select_cache(cache, None),
+                  "attention_mask": allowed, "position_ids": position_ids, "use_cache": True}
+        out = self.model.base_model(**inputs)
         return LMStep(logits=None, hidden=out.last_hidden_state.float(), cache=cache_of(out))
 
     def keep_candidates(self, cache: Any, rows: Tensor, chosen: Tensor, k: int) -> Any:
