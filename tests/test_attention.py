@@ -12,11 +12,11 @@ from nofree.native import library
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_case(seed, *, n_seq=3, heads=2, dim=64, held=5, spread=1.0):
+def random_case(seed, *, n_seq=3, heads=2, dim=64, held=5, spread=1.0, longest=8):
     """Ragged sequences of tokens, each seeing a random subset of its sequence's held positions
     and of its own earlier slots (always itself); padding slots see padding, like the scorer's."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 9, (n_seq,), generator=g)
+    lengths = torch.randint(1, longest + 1, (n_seq,), generator=g)
     width = int(lengths.max())
     img = torch.arange(n_seq).repeat_interleave(lengths)
     slot = torch.cat([torch.arange(int(n)) for n in lengths])
@@ -96,3 +96,23 @@ def test_visibility_lists_keys_as_the_kernel_numbers_them():
         expected = [b * 5 + p for p in range(5) if seen.mask[b, s, p]] + \
             [n_seq * 5 + first + j for j in range(tokens) if seen.mask[b, s, 5 + j]]
         assert cols == expected
+
+
+def test_threads_split_the_rows_without_changing_a_bit(monkeypatch):
+    """Above ~32k visible keys the kernel splits the query rows over threads: each row is computed
+    the same way whatever thread runs it."""
+    if library() is None:
+        pytest.skip("no C compiler")
+    qkv, past, seen = random_case(11, n_seq=16, held=40, longest=240)
+    assert len(seen.cols) + len(qkv) > 2 * 32768
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = list_attention(qkv, past, seen)
+        torch.set_num_threads(3)
+        three = list_attention(qkv, past, seen)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    torch_twin(monkeypatch)
+    torch.testing.assert_close(one, list_attention(qkv, past, seen), rtol=1e-5, atol=1e-5)

@@ -174,7 +174,9 @@ int64_t nofree_list_attention(const float *qkv, const float *past_k, const float
         widest = w > widest ? w : widest;
         total += w + 1;
     }
-    n_threads = thread_count(n_threads, total / 256 + 1);
+    /* one thread below ~32k visible keys: starting one, and competing with the OpenMP workers
+     * that spin after the matmul before, cost more than it saves at MAGIC's sizes */
+    n_threads = thread_count(n_threads, total / 32768 + 1);
     /* each thread gets a run of query rows with about the same number of visible keys */
     int64_t m = 0, done = 0;
     for (int64_t t = 0; t < n_threads; t++) {
