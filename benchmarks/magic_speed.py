@@ -441,28 +441,29 @@ class _PlainClip:
 NOTES = """k = 45, 16 new tokens (no stop at the period), α = 0.1, β = 2, models built from configs
 with random weights (speed does not depend on weight values). GPT-2 small uses a 49,152-token
 vocabulary (SmolLM2's tokenizer: the only GPT-2-style tokenizer available offline). Greedy
-decoding with the same LM in the same run is the baseline. The CLIP scorer runs the candidates'
-common prefix once through CLIP's causal text tower and only the differing tail tokens per
-candidate (exact to 1e-6; the default).
+decoding with the same LM in the same run is the baseline. The CLIP scorer runs each image's
+candidates as a prefix tree (shared tokens run once), flat, with attention over each token's
+visible keys (nofree's C kernel; exact to ~1e-6), and only the pooled positions through the
+last block (the default).
 
 The LM's k candidates run with tree attention (side by side after each row's cache; the
 k-expanded row is timed beside it), and with α = 0 they do not run at all (only the penalty
 needs their hidden states). Both models keep their weight matrices packed once for oneDNN's CPU
 kernels (`nofree.packing`: `MagicCaptioner` decodes with `lm.packed()`, `ClipScorer` packs its
 tower); the "plain matmuls" rows use `F.linear`, which re-packs every weight on every call. The
-CLIP scorer remembers the keys/values of recent prefixes across steps (`PrefixMemory`); every
-timed run starts with it empty.
+CLIP scorer remembers the keys/values of recent continuations across steps (`PrefixMemory`,
+matched by longest common prefix); every timed run starts with it empty.
 
 Target of the MAGIC issue (GPT-2 + CLIP ViT-B/32): ≤ 1.5 s per caption at batch 1 and ≤ 0.75 s
-at batch 8; the paper's public implementation took 5.8 s at batch 1 on the issue's machine.
-On this 2-core CPU (2026-11-27) batch 1 is met in bf16 (1.41 s), not in exact fp32 (2.2 s);
-batch 8 is not (1.17–1.31 s bf16, 2.1–2.3 s fp32): per step and image, 45 one-token LM rows and
-100–140 CLIP text-tower tokens remain, ~8 G multiply-adds, ≥ 0.65 s per caption at bf16's
-~200 G/s here before attention and element-wise work. bf16 keeps 84–88% of the tokens on random
-weights (real-weight quality:
-`benchmarks.magic_quality --precision bf16`), so exact fp32 stays the default; bf16 is an option
-(`nofree caption --precision bf16` / `load_lm(precision="bf16")` for the LM,
-`ClipScorer(dtype=torch.bfloat16)` for CLIP's text tower)."""
+at batch 8; the paper's public implementation took 5.8 s at batch 1 on the issue's machine,
+whose greedy decoding took 0.34 s, so 4.4× and 2.2× greedy batch 1. On this 2-core CPU
+(2026-11-28, greedy batch 1 ~0.43 s) batch 1 takes ~1.1 s in bf16 (met) and ~1.85 s in exact
+fp32 (met only scaled); batch 8 ~0.88 s in bf16 (met only scaled) and ~1.5 s in fp32. Per step and image 45 one-token LM rows and ~110 CLIP tokens
+remain, ~8 G multiply-adds; the matrix kernels alone take ~0.6 s per caption in bf16 here. bf16
+keeps 75–88% of the tokens on random weights (real-weight quality: `benchmarks.magic_quality
+--precision bf16`), so exact fp32 stays the default; bf16 is an option (`nofree caption
+--precision bf16` / `load_lm(precision="bf16")` for the LM, `ClipScorer(dtype=torch.bfloat16)`
+for CLIP's text tower). On a GPU: `python -m benchmarks.gpu_check`."""
 
 
 if __name__ == "__main__":
