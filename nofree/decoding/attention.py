@@ -2,7 +2,7 @@
 
 :func:`nofree.decoding.scorers.encode_shared_prefix` runs MAGIC's candidate texts as a prefix tree
 packed into one sequence per image: a token sees its image's held keys/values (the continuation
-so far) and its own ancestors in the tree, ~10-20 keys of the hundred-odd positions. A dense
+so far) and its own ancestors in the tree, ~10-30 keys of the hundred-odd positions. A dense
 masked attention scores every pair and runs at a small fraction of the CPU's speed at these sizes
 (head width 64); nofree's C kernel (``nofree/native/attention.c``) visits only the visible keys.
 Tokens are kept flat, without the padding a per-image batch needs, so the matmuls around the

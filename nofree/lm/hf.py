@@ -26,8 +26,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_argument(model: Any) -> str:
-    """The name of a transformers model's key/value cache argument: ``cache`` (transformers ≥ 5.2x)
-    or ``past_key_values`` (earlier releases)."""
+    """The name of a transformers model's key/value cache argument: ``cache`` in the releases
+    this project pins (5.24), ``past_key_values`` in earlier 5.x releases (5.17 was checked)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -2,7 +2,7 @@
  *
  * The CLIP scorer runs MAGIC's candidate texts as a prefix tree (nofree/decoding/scorers.py):
  * each token sees the held keys/values of its image's continuation and its own few ancestors in
- * the tree, ~10-20 keys out of the hundred-odd a dense masked attention scores. Here each query
+ * the tree, ~10-30 keys out of the hundred-odd a dense masked attention scores. Here each query
  * visits only its visible keys (a CSR list), so the work is proportional to them. The torch twin
  * in attention.py (scaled_dot_product_attention with a boolean mask) gives the same values up
  * to float rounding (the tests compare them).
