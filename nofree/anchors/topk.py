@@ -35,6 +35,7 @@ from torch import Tensor
 
 from nofree.anchors.int8_matmul import Int8Products
 from nofree.core import DataError, resolve_device
+from nofree.native import library_for
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DEFAULT_ANCHOR_CHUNK = 8192
@@ -287,13 +288,7 @@ def _bins(v: Tensor) -> Tensor:
     return ((v.float() - _BIN_LO) / _BIN_W).floor_().clamp_(0, _N_BINS - 1).long()
 
 
-def _native(device: torch.device) -> Any:
-    """The native helpers for work on ``device``: the loaded library on the CPU, else None."""
-    if device.type != "cpu":
-        return None
-    from nofree.native import library
-
-    return library()
+_native = library_for  # the native helpers for work on a device (a name the tests replace)
 
 
 class _Candidates:

@@ -56,12 +56,11 @@ class Visibility:
 
 def _native(qkv: Tensor, past: tuple[Tensor, Tensor] | None) -> object | None:
     """nofree's C kernels when they can take these tensors (float32 on the CPU), else None."""
-    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or \
-            (past is not None and past[0].dtype != torch.float32):
+    if qkv.dtype != torch.float32 or (past is not None and past[0].dtype != torch.float32):
         return None
-    from nofree.native import library
+    from nofree.native import library_for
 
-    return library()
+    return library_for(qkv.device)
 
 
 def list_attention(qkv: Tensor, past: tuple[Tensor, Tensor] | None, seen: Visibility,

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str |
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def library_for(device: Any) -> ctypes.CDLL | None:
+    """The kernels for tensors on ``device`` (a torch device): the loaded library on the CPU,
+    None elsewhere (they are CPU code)."""
+    return library() if device.type == "cpu" else None
 
 
 @functools.lru_cache(maxsize=None)
