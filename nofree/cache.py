@@ -19,8 +19,13 @@ Layout under ``root`` (default ``$NOFREE_CACHE`` or ``~/.cache/nofree``)::
 Each shard's safetensors metadata holds its item keys (JSON) and a sha256 of its tensor bytes;
 the index is rebuilt from the shard headers, so there is no separate index file to go stale.
 Shards are written to a hidden temporary name, flushed to disk and renamed into place
-(``os.replace``): a shard under its final name is always complete, and an interrupted run loses
-at most the items of the shard it was filling. A shard that fails to parse or whose checksum
+(``os.replace``): a shard under its final name is always complete. Encoded items are written
+when ``shard_size`` of them are waiting, when the oldest has waited ``flush_seconds``, at the end
+of an ``encode`` call, and whenever an error or an interrupt (Ctrl-C, or SIGTERM raised as an
+exception by the CLI) stops one, so an interrupted run loses only what a hard kill catches in
+the last ``flush_seconds``. ``encode(..., flush=False)`` keeps the waiting items in memory (and
+serves them to later lookups) across calls, so a caller encoding batch by batch writes a few
+shard files rather than one per batch; it calls ``flush()`` when done. A shard that fails to parse or whose checksum
 does not match is set aside (renamed ``*.corrupt``) with a warning and its items are encoded
 again. Loading reads safetensors and JSON only; nothing is unpickled or executed.
 
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 KINDS = ("embed", "tokens")
 DEFAULT_SHARD_SIZE = 4096  # items per shard file
+DEFAULT_FLUSH_SECONDS = 30.0  # longest time an encoded item waits in memory before it is written
 _STALE_TEMP_S = 24 * 3600  # temporary files older than this are leftovers of a killed run
 
 
@@ -128,6 +134,8 @@ class _Store:
         self.index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, item position)
         self.shards: dict[str, _Shard] = {}
         self.seen: set[str] = set()  # file names already looked at (good or set aside)
+        self.pending: dict[str, Tensor] = {}  # encoded, not yet written: key -> (D,) or (T, W)
+        self.pending_since = 0.0  # time.monotonic() when the oldest pending item was added
         self._clean_stale_temp()
 
     def _clean_stale_temp(self) -> None:
@@ -202,6 +210,24 @@ class _Store:
             return None
         return tensors
 
+    def add(self, key: str, grid: Tensor) -> None:
+        """Hold one encoded item until the next ``flush``."""
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending[key] = grid
+
+    def due(self, shard_size: int, flush_seconds: float) -> bool:
+        """Whether the pending items fill a shard or the oldest has waited long enough."""
+        return bool(self.pending) and (len(self.pending) >= shard_size
+                                       or time.monotonic() - self.pending_since >= flush_seconds)
+
+    def flush(self) -> None:
+        """Write the pending items as one shard."""
+        if self.pending:
+            keys, grids = list(self.pending), list(self.pending.values())
+            self.write(keys, grids)
+            self.pending = {}
+
     def write(self, keys: list[str], grids: list[Tensor]) -> None:
         """Write one shard holding ``grids[i]`` (``(D,)`` or ``(T_i, W)``) under ``keys[i]``."""
         from safetensors.torch import save
@@ -235,12 +261,17 @@ class EmbeddingCache:
     """Disk cache of encoder outputs; ``encode`` is a drop-in for ``encoder.encode``.
 
     ``hits`` / ``misses`` count items served from disk / sent to the encoder since creation.
+    ``shard_size`` and ``flush_seconds`` bound how many items, and for how long, encoded work
+    waits in memory before it is written (see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike | None = None, *, shard_size: int = DEFAULT_SHARD_SIZE,
-                 max_open_shards: int = 8):
+                 max_open_shards: int = 8, flush_seconds: float = DEFAULT_FLUSH_SECONDS):
         if shard_size < 1:
             raise ValueError(f"shard_size={shard_size}: expected a positive number of items")
+        if not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds={flush_seconds}: expected a number of seconds >= 0")
+        self.flush_seconds = float(flush_seconds)
         self.root = Path(os.path.expanduser(os.fspath(root))) if root is not None else default_cache_root()
         self.shard_size = shard_size
         self.max_open_shards = max_open_shards
@@ -257,14 +288,15 @@ class EmbeddingCache:
         return self.root / "embeddings" / spec_dirname(spec)
 
     def encode(self, encoder: Encoder, items: Sequence[Any], *, kind: str = "embed",
-               batch_size: int = 32, progress: bool = False) -> Tensor:
+               batch_size: int = 32, progress: bool = False, flush: bool = True) -> Tensor:
         """``encoder.encode(items)`` (``kind="embed"``: ``(N, D)``) or ``encoder.encode_tokens(items)``
         (``kind="tokens"``: ``(N, T, W)``, zero-padded), computing only what is not cached.
 
         Items: ``str`` for text encoders; image paths or ``PIL.Image``s for image encoders
         (paths are read with ``nofree.data.load_image``; an unreadable one is a ``DataError``,
         raised after everything encoded so far is saved). Returns float CPU tensors in input
-        order; repeated items are encoded once.
+        order; repeated items are encoded once. ``flush=False`` leaves the newly encoded items
+        waiting in memory (written by size, by age, on an error, or by :meth:`flush`).
         """
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
@@ -278,9 +310,16 @@ class EmbeddingCache:
                 todo[key] = item
         if todo:
             found.update(self._encode_missing(store, encoder, todo, kind, batch_size, progress))
+        if flush:
+            store.flush()
         self.misses += len(todo)
         self.hits += len(items) - len(todo)
         return self._assemble([found[key] for key in keys], encoder, kind)
+
+    def flush(self) -> None:
+        """Write every item still waiting in memory (see ``encode(..., flush=False)``)."""
+        for store in self._stores.values():
+            store.flush()
 
     def clear(self, spec: str | None = None) -> None:
         """Delete the entries of ``spec`` (or of every spec when ``None``)."""
@@ -336,11 +375,13 @@ class EmbeddingCache:
 
     def _lookup(self, store: _Store, keys: list[str]) -> dict[str, Tensor]:
         """Cached entries among ``keys``: key -> ``(D,)`` or ``(T, W)``."""
+        found: dict[str, Tensor] = {key: store.pending[key] for key in set(keys) if key in store.pending}
         by_shard: dict[str, set[str]] = {}
         for key in set(keys):
+            if key in found:
+                continue
             if key in store.index:
                 by_shard.setdefault(store.index[key][0], set()).add(key)
-        found: dict[str, Tensor] = {}
         for name, wanted in by_shard.items():
             shard = store.shards.get(name)
             tensors = self._shard_tensors(store, name) if shard is not None else None
@@ -362,8 +403,6 @@ class EmbeddingCache:
         method = encoder.encode if kind == "embed" else encoder.encode_tokens
         keys, items = list(todo), list(todo.values())
         done: dict[str, Tensor] = {}
-        pending_keys: list[str] = []
-        pending: list[Tensor] = []
         bar = tqdm(total=len(items), unit="item", desc=f"encoding ({encoder.spec})", disable=not progress)
         try:
             for start in range(0, len(items), batch_size):
@@ -377,16 +416,18 @@ class EmbeddingCache:
                     if kind == "tokens" and encoder.modality == "text":
                         row = _trim_padding(row)
                     done[key] = row.clone()
-                    pending_keys.append(key)
-                    pending.append(done[key])
-                if len(pending) >= self.shard_size:
-                    store.write(pending_keys, pending)
-                    pending_keys, pending = [], []
+                    store.add(key, done[key])
+                if store.due(self.shard_size, self.flush_seconds):
+                    store.flush()
                 bar.update(len(chunk))
+        except BaseException:  # keep finished work even when an error or Ctrl-C stops the loop
+            try:
+                store.flush()
+            except Exception as err:  # e.g. a full disk: report it, raise what stopped the loop
+                log.warning("could not save %d encoded item(s) to the cache: %s", len(store.pending), err)
+            raise
         finally:
             bar.close()
-            if pending:  # keep finished work even when an error or Ctrl-C stops the loop
-                store.write(pending_keys, pending)
         return done
 
     @staticmethod

@@ -234,3 +234,53 @@ def test_default_root_and_a_fresh_process(tmp_path, monkeypatch):
                           text=True, env={**os.environ, "NOFREE_CACHE": str(tmp_path / "env-root")})
     assert done.returncode == 0, done.stderr
     assert torch.equal(torch.load(result_file, weights_only=True), expected)
+
+
+def test_batches_wait_in_memory_until_a_flush(tmp_path):
+    texts = [f"caption number {i}" for i in range(6)]
+    encoder = CountingEncoder()
+    cache = EmbeddingCache(tmp_path)
+    first = cache.encode(encoder, texts[:3], flush=False)
+    assert not shards(cache, encoder.spec)  # waiting in memory...
+    encoder.seen.clear()
+    assert torch.equal(cache.encode(encoder, texts[:3], flush=False), first)
+    assert encoder.seen == []  # ...and served from there
+    cache.encode(encoder, texts[3:], flush=False)
+    cache.flush()
+    assert len(shards(cache, encoder.spec)) == 1  # one file for both calls
+    encoder.seen.clear()
+    EmbeddingCache(tmp_path).encode(encoder, texts)
+    assert encoder.seen == []
+
+
+def test_waiting_items_are_written_by_age(tmp_path):
+    encoder = CountingEncoder()
+    cache = EmbeddingCache(tmp_path, flush_seconds=0)
+    cache.encode(encoder, ["a", "b", "c"], batch_size=1, flush=False)
+    assert len(shards(cache, encoder.spec)) == 3  # each batch was old enough to be written
+    with pytest.raises(ValueError, match="flush_seconds"):
+        EmbeddingCache(tmp_path, flush_seconds=-1)
+
+
+class InterruptedEncoder(CountingEncoder):
+    """Raises KeyboardInterrupt (as Ctrl-C would) when it reaches ``stop_at``."""
+
+    def __init__(self, stop_at: str):
+        super().__init__()
+        self.stop_at = stop_at
+
+    def encode(self, batch, *, batch_size: int = 32) -> torch.Tensor:
+        if self.stop_at in batch:
+            raise KeyboardInterrupt
+        return super().encode(batch, batch_size=batch_size)
+
+
+def test_finished_batches_survive_an_interrupt(tmp_path):
+    texts = [f"caption number {i}" for i in range(7)]
+    cache = EmbeddingCache(tmp_path)
+    cache.encode(CountingEncoder(), ["waiting from an earlier call"], flush=False)
+    with pytest.raises(KeyboardInterrupt):
+        cache.encode(InterruptedEncoder(stop_at=texts[4]), texts, batch_size=2, flush=False)
+    encoder = CountingEncoder()
+    EmbeddingCache(tmp_path).encode(encoder, ["waiting from an earlier call", *texts])
+    assert encoder.seen == texts[4:]  # the first two batches (and the earlier call) were kept
