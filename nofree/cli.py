@@ -269,12 +269,11 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, labels_file, inli
              average_templates, top, fmt, images):
     """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set."""
     from nofree.anchors.pipeline import DEFAULT_TEMPLATES, top_k_rows
-    from nofree.data.pairs import load_text_lines
+    from nofree.data.pairs import load_labels
 
     labels = list(inline_labels)
     if labels_file is not None:
-        text = labels_file.read_text(encoding="utf-8").strip()
-        labels += json.loads(text) if text.startswith("[") else load_text_lines(labels_file)
+        labels += load_labels(labels_file)
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
     pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search)
@@ -490,14 +489,14 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, pool,
                  lm, labels_file, limit, samples, no_meteor, report_dir, resume, overwrite, batch_size, device):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
-    from nofree.data.pairs import load_text_lines
+    from nofree.data.pairs import load_labels
     from nofree.eval.report import EvalConfig, run_eval
 
     adapters = {kind: d for kind, d in (("lit", lit_dir), ("clipcap", clipcap_dir), ("flamingo", flamingo_dir))
                 if d is not None}
     config = EvalConfig(pairs=pairs, split=split or None, limit=limit, anchors=anchor_dir,
                         anchor_split=anchor_split, adapters=adapters, pool=pool, lm=lm,
-                        labels=load_text_lines(labels_file) if labels_file else None,
+                        labels=load_labels(labels_file) if labels_file else None,
                         batch_size=batch_size, device=device, meteor=not no_meteor)
     results = run_eval(config, methods or None, out_dir=report_dir, overwrite=overwrite, resume=resume,
                        samples=samples, echo=lambda line: click.echo(line, err=True))

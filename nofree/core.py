@@ -135,6 +135,21 @@ def clean_caption(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+#: Characters of input text kept per token of a model's input limit. Tokenisers spend about
+#: 4-5 characters of English per token (BPE and WordPiece alike) and rarely more than ~20 on
+#: long words, numbers or URLs, so 32 characters a token never shortens what the model sees for
+#: real text, while a tokeniser's memory (it processes the whole string before truncating to
+#: its limit) stays proportional to the model's limit instead of to the input's length.
+CHARS_PER_TOKEN = 32
+
+
+def bound_text(text: str, max_tokens: int) -> str:
+    """``text`` cut to ``max_tokens * CHARS_PER_TOKEN`` characters (see ``CHARS_PER_TOKEN``);
+    call it before tokenising anything a user supplied."""
+    limit = max(1, int(max_tokens)) * CHARS_PER_TOKEN
+    return text if len(text) <= limit else text[:limit]
+
+
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
     """Split ``"backend:name[@tag]"`` into ``(backend, name, tag)``.
 

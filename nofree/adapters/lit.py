@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from nofree.adapters.base import Adapter, find_layers
 from nofree.adapters.losses import contrastive_loss, sigmoid_loss
-from nofree.core import SpecError, l2_normalize
+from nofree.core import SpecError, bound_text, l2_normalize
 
 LOSSES = ("contrastive", "sigmoid")
 
@@ -57,10 +57,12 @@ def text_states(text_encoder: Any, texts: Sequence[str], layer: int, *,
     model, tokenizer = text_encoder.model, text_encoder.tokenizer
     accepted = inspect.signature(model.forward).parameters
     parts = []
+    max_length = getattr(text_encoder, "max_length", 512)
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                            max_length=getattr(text_encoder, "max_length", 512), return_tensors="pt")
+            chunk = [bound_text(text, max_length) for text in texts[start:start + batch_size]]
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
             inputs = {k: v.to(text_encoder.device) for k, v in enc.items() if k in accepted}
             hidden = model(**inputs, output_hidden_states=True).hidden_states[layer]
             mask = enc["attention_mask"].bool()

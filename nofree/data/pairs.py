@@ -18,17 +18,26 @@ Four layouts, told apart by the source itself:
 
 Relative image paths are resolved against the folder of the pairs file and stored as absolute
 path strings. Captions are stripped and runs of whitespace (line breaks, tabs) become one
-space. Whether the image file exists is not checked here: unreadable images are skipped
-and reported where images are read (``nofree.data.images``). Any malformed row is a
-``DataError`` naming the file, the line and what to fix.
+space.
+
+Memory stays bounded whatever a row holds: files are read line by line, a line longer than
+``MAX_LINE_BYTES`` is a ``DataError``, and a caption longer than ``MAX_CAPTION_CHARS`` is cut to
+that length (one warning per file with the count). Text files must be UTF-8 (a byte-order mark
+is allowed); other bytes are a ``DataError`` naming the line.
+
+Whether the image file exists is not checked here: unreadable images are skipped and reported
+where images are read (``nofree.data.images``). Any malformed row is a ``DataError`` naming the
+file, the line and what to fix.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 from nofree.core import DataError, Pair
 
@@ -38,6 +47,14 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _JSONL_RESERVED = ("image", "captions", "caption", "split")
+
+#: The longest line (bytes) a pairs, labels or caption-pool file may hold: room for a row with
+#: several captions of ``MAX_CAPTION_CHARS`` each, while reading one line stays a few tens of MB.
+MAX_LINE_BYTES = 16 * 2**20
+
+#: Captions are cut to this many characters when read: 2048 tokens at ``nofree.core``'s
+#: ``CHARS_PER_TOKEN``, four times the longest input of any text encoder nofree ships (512).
+MAX_CAPTION_CHARS = 2**16
 
 
 def load_pairs(source: str | os.PathLike, *, split: str | None = None,
@@ -86,11 +103,63 @@ def load_text_lines(path: str | os.PathLike) -> list[str]:
     path = Path(os.path.expanduser(os.fspath(path)))
     if not path.is_file():
         raise DataError(f"text file {path} does not exist: pass a UTF-8 file with one caption a line")
+    return [line.strip() for _, line in read_lines(path) if line.strip()]
+
+
+def load_labels(path: str | os.PathLike) -> list[str]:
+    """Class labels from a UTF-8 file: one label a line, or a JSON list of strings."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if not path.is_file():
+        raise DataError(f"labels file {path} does not exist: pass a UTF-8 file with one label a line")
+    lines = list(read_lines(path))
+    text = "".join(line for _, line in lines).strip()
+    if not text.startswith("["):
+        return [line.strip() for _, line in lines if line.strip()]
+    if sum(len(line) for _, line in lines) > MAX_LINE_BYTES:
+        raise DataError(f"{path}: a JSON list of labels longer than {MAX_LINE_BYTES >> 20} MiB; "
+                        "give one label a line instead")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err}); re-save it as UTF-8") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        labels = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}); give a JSON list of "
+                        "strings like [\"cat\", \"dog\"], or one label a line") from None
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise DataError(f"{path}: expected a JSON list of non-empty strings like [\"cat\", \"dog\"]")
+    return [label.strip() for label in labels]
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of a UTF-8 file, line ending kept, BOM dropped.
+
+    Reads one line at a time, at most ``MAX_LINE_BYTES`` of it. Raises ``DataError`` naming the
+    line for bytes that are not UTF-8 or a line longer than the bound.
+    """
+    with open(path, "rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}, line {number}: longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                f"nofree keeps at most {MAX_CAPTION_CHARS} characters of a caption, "
+                                "so shorten that line's text (is the file missing line breaks?)")
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} "
+                                f"at column {err.start + 1}); re-save the file as UTF-8") from None
+            yield number, text
+
+
+def _warn_cut(path: Path, cut: list[str]) -> None:
+    """One warning for the captions of ``path`` cut to ``MAX_CAPTION_CHARS``."""
+    if cut:
+        log.warning("%s: %d caption(s) longer than %d characters were cut to that length "
+                    "(first at %s)", path, len(cut), MAX_CAPTION_CHARS, cut[0])
 
 
 # --- layouts ---
@@ -103,8 +172,9 @@ def _resolve(image: str, base: Path) -> str:
     return os.path.normpath(os.path.abspath(image_path))
 
 
-def _clean_captions(raw: object, where: str) -> tuple[str, ...]:
-    """Validated, stripped captions; ``where`` ("FILE, line N") prefixes every error."""
+def _clean_captions(raw: object, where: str, cut: list[str]) -> tuple[str, ...]:
+    """Validated, stripped captions; ``where`` ("FILE, line N") prefixes every error and is
+    appended to ``cut`` for each caption cut to ``MAX_CAPTION_CHARS``."""
     if isinstance(raw, str):
         raw = [raw]
     if not isinstance(raw, (list, tuple)) or not raw:
@@ -117,46 +187,52 @@ def _clean_captions(raw: object, where: str) -> tuple[str, ...]:
                             "expected a string")
         if not caption.strip():
             raise DataError(f"{where}: caption {i} is empty; remove it or write the caption")
+        if len(caption) > MAX_CAPTION_CHARS:
+            caption = caption[:MAX_CAPTION_CHARS]
+            cut.append(where)
         captions.append(" ".join(caption.split()))
     return tuple(captions)
 
 
 def _read_jsonl(path: Path) -> list[Pair]:
     base = path.parent
-    pairs = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); each line "
-                                "must be one JSON object like {\"image\": \"a.jpg\", \"captions\": "
-                                "[\"...\"]}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            image = row.get("image")
-            if not isinstance(image, str) or not image.strip():
-                raise DataError(f"{where}: missing \"image\" field (a path to the image file, "
-                                "relative to the pairs file's folder or absolute)")
-            if "captions" in row and "caption" in row:
-                raise DataError(f"{where}: has both \"captions\" and \"caption\"; keep one")
-            captions = _clean_captions(row.get("captions", row.get("caption")), where)
-            split = row.get("split")
-            if split is not None and not isinstance(split, str):
-                raise DataError(f"{where}: \"split\" must be a string such as \"train\", got {split!r}")
-            meta = {key: value for key, value in row.items() if key not in _JSONL_RESERVED}
-            pairs.append(Pair(_resolve(image.strip(), base), captions, split, meta))
+    pairs, cut = [], []
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); each line "
+                            "must be one JSON object like {\"image\": \"a.jpg\", \"captions\": "
+                            "[\"...\"]}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        image = row.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{where}: missing \"image\" field (a path to the image file, "
+                            "relative to the pairs file's folder or absolute)")
+        if "captions" in row and "caption" in row:
+            raise DataError(f"{where}: has both \"captions\" and \"caption\"; keep one")
+        captions = _clean_captions(row.get("captions", row.get("caption")), where, cut)
+        split = row.get("split")
+        if split is not None and not isinstance(split, str):
+            raise DataError(f"{where}: \"split\" must be a string such as \"train\", got {split!r}")
+        meta = {key: value for key, value in row.items() if key not in _JSONL_RESERVED}
+        pairs.append(Pair(_resolve(image.strip(), base), captions, split, meta))
+    _warn_cut(path, cut)
     return pairs
 
 
 def _read_csv(path: Path) -> list[Pair]:
     base = path.parent
     rows: dict[str, dict] = {}  # image as written -> {"captions", "split", "meta", "line"}
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
+    cut: list[str] = []
+    # a quoted field may span lines; csv's own field bound (128 KiB) becomes the line bound
+    previous_limit = csv.field_size_limit(MAX_LINE_BYTES)
+    try:
+        reader = csv.reader(line for _, line in read_lines(path))
         try:
             header = next(reader)
         except StopIteration:
@@ -188,7 +264,7 @@ def _read_csv(path: Path) -> list[Pair]:
             image = row["image"].strip()
             if not image:
                 raise DataError(f"{where}: empty 'image' field; give the image path")
-            caption = _clean_captions(row["caption"], where)[0]
+            caption = _clean_captions(row["caption"], where, cut)[0]
             split = row.get("split", "").strip() or None
             entry = rows.get(image)
             if entry is None:
@@ -200,6 +276,9 @@ def _read_csv(path: Path) -> list[Pair]:
                                     f"{entry['split']!r} on line {entry['line']}; one image belongs "
                                     "to one split")
                 entry["captions"].append(caption)
+    finally:
+        csv.field_size_limit(previous_limit)
+    _warn_cut(path, cut)
     return [Pair(_resolve(image, base), tuple(entry["captions"]), entry["split"], entry["meta"])
             for image, entry in rows.items()]
 
@@ -214,11 +293,7 @@ def _read_folder(folder: Path) -> list[Pair]:
         if not sidecar.is_file():
             uncaptioned.append(image)
             continue
-        try:
-            text = sidecar.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{sidecar} is not UTF-8 text ({err}); re-save it as UTF-8") from None
-        captions = [line.strip() for line in text.splitlines() if line.strip()]
+        captions = [line.strip()[:MAX_CAPTION_CHARS] for _, line in read_lines(sidecar) if line.strip()]
         if not captions:
             raise DataError(f"{sidecar} is empty: write one caption per line for {image.name}, or "
                             "delete the sidecar")

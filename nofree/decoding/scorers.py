@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nofree.core import DataError, l2_normalize, resolve_device
+from nofree.core import DataError, bound_text, l2_normalize, resolve_device
 from nofree.decoding.attention import Visibility, list_attention
 from nofree.packing import PackedMatrix, gelu_kind, linear, pack
 
@@ -450,11 +450,12 @@ class ClipScorer:
         """``(N, L)`` CLIP token ids, memoised per string."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._ids))
         if todo:
+            bounded = [bound_text(text, self.context_length) for text in todo]
             if self.is_hf:
-                ids = self.tokenizer(todo, padding="max_length", truncation=True,
+                ids = self.tokenizer(bounded, padding="max_length", truncation=True,
                                      max_length=self.context_length, return_tensors="pt")["input_ids"]
             else:
-                ids = self.tokenizer(todo)
+                ids = self.tokenizer(bounded)
             for text, row in zip(todo, ids):
                 self._ids[text] = row
             while len(self._ids) > 50_000:

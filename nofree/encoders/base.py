@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from nofree.core import DataError, MissingDependencyError, Modality, l2_normalize, resolve_device
+from nofree.core import (DataError, MissingDependencyError, Modality, bound_text, l2_normalize,
+                         resolve_device)
 
 __all__ = [
     "freeze",
@@ -180,6 +181,10 @@ class FrozenEncoder:
     """
 
     logit_scale: float | None = None
+    #: Text towers: the most tokens the model reads. Texts are cut to this many tokens' worth of
+    #: characters (``nofree.core.bound_text``) before tokenising, so one huge caption costs no
+    #: more memory than a long one; backends set their own limit (8192 when unknown).
+    max_text_tokens: int = 8192
 
     def __init__(self, *, spec: str, modality: Modality, module: nn.Module | None,
                  device: str | torch.device | None = None, embed_dim: int = 0,
@@ -278,6 +283,7 @@ class FrozenEncoder:
                 if not isinstance(item, str):
                     raise DataError(f"{self.spec}: item {i} is a {type(item).__name__}; "
                                     "text encoders take str")
+            items = [bound_text(item, self.max_text_tokens) for item in items]
         else:
             for i, item in enumerate(items):
                 if not isinstance(item, Image.Image):

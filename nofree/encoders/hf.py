@@ -112,6 +112,7 @@ class HFTextEncoder(FrozenEncoder):
                 raise SpecError(f"{spec}: the tokenizer has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         self.max_length = int(max_length or _text_max_length(tokenizer, model.config))
+        self.max_text_tokens = self.max_length
         accepted = inspect.signature(self.model.forward).parameters
         self._input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                              if n in accepted]
@@ -149,6 +150,7 @@ class HFClipTower(FrozenEncoder):
         config = self.model.config
         text_config = getattr(config, "text_config", config)
         self.max_length = _text_max_length(tokenizer, text_config)
+        self.max_text_tokens = self.max_length
         # SigLIP was trained on texts padded to a fixed length; CLIP masks padding
         self._padding: Any = "max_length" if "siglip" in str(config.model_type) else True
         self._probe_dims()

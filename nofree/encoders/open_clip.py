@@ -48,6 +48,7 @@ class OpenClipTower(FrozenEncoder):
         inner = getattr(tokenizer, "tokenizer", None)  # HF-backed open_clip tokenizers
         pad = getattr(inner, "pad_token_id", None) if inner is not None else None
         self.pad_id = int(pad) if pad is not None else 0  # SimpleTokenizer pads with 0
+        self.max_text_tokens = int(getattr(tokenizer, "context_length", 77) or 77)
         self._probe_dims()
 
     def _images(self, items: list) -> Tensor:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from nofree.core import LMStep, MissingDependencyError, SpecError, resolve_device
+from nofree.core import LMStep, MissingDependencyError, SpecError, bound_text, resolve_device
 from nofree.encoders.base import freeze
 from nofree.packing import PackedLinear, packed_copy
 
@@ -55,6 +55,9 @@ class HFLanguageModel:
         self.hidden_size = int(config.hidden_size)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.num_layers = int(config.num_hidden_layers)
+        # the longest sequence the model reads; tokenize() cuts texts to that many tokens' worth
+        # of characters first, so a huge text costs no more memory than a long one
+        self.max_tokens = int(getattr(config, "max_position_embeddings", None) or 8192)
         if eos_id is None:
             gen = getattr(model, "generation_config", None)
             eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -111,10 +114,12 @@ class HFLanguageModel:
 
     # --- text <-> ids -------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens (a list per text, ragged)."""
+        """Token ids of each text, without special tokens (a list per text, ragged). Texts are
+        first cut to ``max_tokens`` tokens' worth of characters (``nofree.core.bound_text``)."""
         if isinstance(texts, str):
             raise TypeError("tokenize() takes a sequence of strings; wrap a single text in a list")
-        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return [self.tokenizer.encode(bound_text(t, self.max_tokens), add_special_tokens=False)
+                for t in texts]
 
     def decode(self, ids: Sequence[Sequence[int]] | Tensor) -> list[str]:
         """Texts of each id sequence, special tokens dropped."""
