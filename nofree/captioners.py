@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -416,27 +416,44 @@ def _flags(options: Sequence[str]) -> str:
 
 
 def caption_paths(captioner: Any, paths: Sequence[str], *, batch_size: int = 8,
-                  progress: bool = True) -> list[dict]:
-    """``[{"image": path, "caption": text}, ...]`` in input order, batch by batch with a progress bar.
+                  progress: bool = True, strict: bool = False) -> list[dict]:
+    """``[{"image": path, "caption": text}, ...]`` in input order: :func:`iter_caption_paths`
+    collected into a list."""
+    return list(iter_caption_paths(captioner, paths, batch_size=batch_size, progress=progress,
+                                   strict=strict))
 
-    An unreadable image does not stop the run: its row has ``caption: None`` and an ``error``.
+
+def iter_caption_paths(captioner: Any, paths: Sequence[str], *, batch_size: int = 8,
+                       progress: bool = True, strict: bool = False) -> Iterator[dict]:
+    """``{"image": path, "caption": text}`` for each image in input order, yielded batch by batch
+    as each is captioned (with a progress bar), so a caller can hand results out as they finish.
+
+    An unreadable image does not stop the run: its row has ``caption: None`` and an ``error``;
+    the skipped images are reported once at the end (``logging``). ``strict=True`` raises the
+    first unreadable image's ``DataError`` (naming the file) instead.
     """
     from tqdm.auto import tqdm
 
-    from nofree.data.images import load_images
+    from nofree.data.images import load_image, report_skipped
 
-    rows: list[dict] = []
-    with tqdm(total=len(paths), unit="image", desc="captioning", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
-            loaded = load_images(chunk)
-            captions = captioner.caption(loaded.images) if loaded.images else []
-            by_index = dict(zip(loaded.indices, captions))
-            errors = dict(loaded.skipped)
-            for index, path in enumerate(chunk):
-                if index in by_index:
-                    rows.append({"image": path, "caption": by_index[index]})
-                else:
-                    rows.append({"image": path, "caption": None, "error": errors.get(path, "unreadable")})
-            bar.update(len(chunk))
-    return rows
+    skipped: list[str] = []
+    try:
+        with tqdm(total=len(paths), unit="image", desc="captioning", disable=not progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                chunk = list(paths[start:start + batch_size])
+                images, errors = [], {}
+                for path in chunk:
+                    try:
+                        images.append(load_image(path))
+                    except DataError as err:
+                        if strict:
+                            raise
+                        errors[path] = str(err)
+                        skipped.append(str(path))
+                captions = iter(captioner.caption(images) if images else [])
+                rows = [{"image": path, "caption": None, "error": errors[path]} if path in errors
+                        else {"image": path, "caption": next(captions)} for path in chunk]
+                bar.update(len(chunk))
+                yield from rows
+    finally:
+        report_skipped(skipped)

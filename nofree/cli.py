@@ -17,15 +17,20 @@ from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
 class NofreeGroup(click.Group):
-    """Turns nofree's own errors (bad input a user can fix) into one clear line, exit code 2."""
+    """Turns nofree's own errors (bad input a user can fix) into one clear line, exit code 2;
+    Ctrl-C and SIGTERM into one line on stderr, exit code 130 / 143 (finished results kept)."""
 
     def invoke(self, ctx: click.Context):
+        from nofree.cli_output import interrupted_exit, signals_as_exceptions
         from nofree.core import NofreeError
 
         try:
-            return super().invoke(ctx)
+            with signals_as_exceptions():
+                return super().invoke(ctx)
         except NofreeError as err:
             raise click.ClickException(str(err)) from err
+        except KeyboardInterrupt as err:
+            raise interrupted_exit(err) from None
 
 
 def _setup_logging(verbose: int) -> None:
@@ -212,7 +217,15 @@ def anchors_info(anchor_dir, fmt):
 
 
 # --- ASIF tasks -----------------------------------------------------------------------------
+def _strict_option(f):
+    return click.option("--strict", is_flag=True, help="Stop at the first unreadable image with an "
+                        "error naming it (default: skip it, report it at the end, go on).")(f)
+
+
 def _asif_options(f):
+    f = _strict_option(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Images encoded at a time (results are written batch by batch).")(f)
     f = click.option("--search", type=click.Choice(["exact", "index"]), default="exact", show_default=True,
                      help="ASIF top-k: exact scan, or the set's faiss index (`nofree anchors index`; "
                           "exact search, with a message, when the set has none).")(f)
@@ -229,12 +242,14 @@ def _asif_options(f):
     return f
 
 
-def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact"):
+def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact", batch_size=32):
     from nofree.anchors.pipeline import AsifPipeline
     from nofree.cache import EmbeddingCache
 
     params = {key: value for key, value in (("k", asif_k), ("p", asif_p), ("csls", csls)) if value is not None}
-    return AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), search=search, **params)
+    pipeline = AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), search=search, **params)
+    pipeline.batch_size = batch_size
+    return pipeline
 
 
 def _image_paths(images) -> list[str]:
@@ -265,10 +280,11 @@ def _image_paths(images) -> list[str]:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def classify(anchor_dir, device, asif_k, asif_p, csls, search, labels_file, inline_labels, templates,
-             average_templates, top, fmt, images):
+def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, labels_file, inline_labels,
+             templates, average_templates, top, fmt, images):
     """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set."""
-    from nofree.anchors.pipeline import DEFAULT_TEMPLATES, top_k_rows
+    from nofree.anchors.pipeline import DEFAULT_TEMPLATES, iter_classify_paths
+    from nofree.cli_output import stream_rows
     from nofree.data.pairs import load_labels
 
     labels = list(inline_labels)
@@ -276,17 +292,11 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, labels_file, inli
         labels += load_labels(labels_file)
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search)
-    paths = _image_paths(images)
-    scores = pipeline.classify(pipeline.encode_images(paths), labels,
-                               templates=templates or DEFAULT_TEMPLATES,
-                               average_templates=average_templates)
-    rows = [{"image": path, "top": ranked} for path, ranked in zip(paths, top_k_rows(scores, labels, top))]
-    if fmt == "jsonl":
-        _emit(rows, fmt, [])
-    else:
-        _emit([{"image": r["image"], "top": ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"])}
-               for r in rows], fmt, ["image", "top"])
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
+    rows = iter_classify_paths(pipeline, _image_paths(images), labels, templates=templates or DEFAULT_TEMPLATES,
+                               average_templates=average_templates, top=top, strict=strict)
+    stream_rows(rows, fmt, ["image", "top"], lambda r: {
+        "image": r["image"], "top": ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"])})
 
 
 @main.command()
@@ -297,33 +307,31 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, labels_file, inli
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, queries, image_queries, top, fmt, target):
+def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries, image_queries, top,
+             fmt, target):
     """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
 
     TARGET is an image folder, or a pairs file (its images for --query, its captions for
     --image-query), or for --image-query a text file with one caption a line.
     """
-    from nofree.anchors.pipeline import top_k_rows
+    from nofree.anchors.pipeline import iter_search_texts, search_images
+    from nofree.cli_output import stream_rows
 
     if bool(queries) == bool(image_queries):
         raise click.UsageError("give either --query TEXT or --image-query IMAGE (not both, not neither)")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search)
-    if queries:
+    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
+    if queries:  # every query needs every image: the rows come when all images are encoded
         paths = _image_paths([target]) if target.is_dir() else _pairs_images(target)
-        sim = pipeline.similarity(pipeline.encode_images(paths), pipeline.encode_texts(list(queries)))
-        ranked = top_k_rows(sim.T, paths, top, key="image")
-        rows = [{"query": q, "results": r} for q, r in zip(queries, ranked)]
+        rows = search_images(pipeline, list(queries), paths, top=top, strict=strict)
     else:
-        texts = _target_texts(target)
-        sim = pipeline.similarity(pipeline.encode_images(list(image_queries)), pipeline.encode_texts(texts))
-        ranked = top_k_rows(sim, texts, top, key="caption")
-        rows = [{"query": q, "results": r} for q, r in zip(image_queries, ranked)]
+        rows = iter_search_texts(pipeline, list(image_queries), _target_texts(target), top=top, strict=strict)
     if fmt == "jsonl":
-        _emit(rows, fmt, [])
+        stream_rows(rows, fmt, [])
         return
     key = "image" if queries else "caption"
-    _emit([{"query": row["query"], "rank": rank + 1, key: hit[key], "score": f"{hit['score']:.4f}"}
-           for row in rows for rank, hit in enumerate(row["results"])], fmt, ["query", "rank", "score", key])
+    table = ({"query": row["query"], "rank": rank + 1, key: hit[key], "score": f"{hit['score']:.4f}"}
+             for row in rows if "error" not in row for rank, hit in enumerate(row["results"]))
+    stream_rows(table, fmt, ["query", "rank", "score", key])
 
 
 def _pairs_images(target: Path) -> list[str]:
@@ -394,12 +402,14 @@ def _parse_windows(ctx, param, value):
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@_strict_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, prompt, examples,
             examples_from, drafts, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
-            images):
+            strict, images):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
-    from nofree.captioners import caption_paths, load_captioner
+    from nofree.captioners import iter_caption_paths, load_captioner
+    from nofree.cli_output import stream_rows
 
     options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens,
                "prompt": prompt, "examples": examples, "examples_from": examples_from,
@@ -408,9 +418,8 @@ def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_t
     options = {k: v for k, v in options.items() if v is not None}
     captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
                                device=device, options=options)
-    paths = _image_paths(images)
-    rows = caption_paths(captioner, paths, batch_size=batch_size)
-    _emit(rows, fmt, ["image", "caption"])
+    rows = iter_caption_paths(captioner, _image_paths(images), batch_size=batch_size, strict=strict)
+    stream_rows(rows, fmt, ["image", "caption"])
 
 
 # --- training -----------------------------------------------------------------------------

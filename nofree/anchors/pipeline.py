@@ -5,12 +5,18 @@ classification (Norelli et al., 2022, §4: the nearest class prompt wins), retri
 directions and caption retrieval. It checks that the encoders are the ones that built the
 anchors, and reuses an :class:`~nofree.cache.EmbeddingCache` when given one so repeated runs do
 not re-encode the same images or texts.
+
+Many images: ``iter_encode_images`` embeds image paths a batch at a time and yields each batch
+when it is done, so the task functions below (``iter_classify_paths``, ``iter_search_texts``)
+can hand out results as they finish. One rule for unreadable images: they are skipped, reported
+once at the end (count and the first few paths, via ``logging``) and named in their rows;
+``strict=True`` raises the first one's ``DataError`` instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -32,6 +38,19 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.",
                       "a close-up photo of a {}.", "a photo of the {} in a scene.",
                       "there is a {} in this photo.")
+
+
+class EncodedBatch(NamedTuple):
+    """One batch of :meth:`AsifPipeline.iter_encode_images`.
+
+    paths:     the batch's image paths, in input order
+    image_emb: ``(n_readable, Di)`` embeddings of the readable ones, in input order
+    errors:    ``{position in paths: reason}`` for each image that could not be read
+    """
+
+    paths: list[str]
+    image_emb: Tensor
+    errors: dict[int, str]
 
 
 @dataclass
@@ -102,6 +121,52 @@ class AsifPipeline:
         loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
         return self.image_encoder.encode(loaded, batch_size=self.batch_size)
 
+    def iter_encode_images(self, paths: Sequence[str | Path], *, strict: bool = False,
+                           ) -> Iterator[EncodedBatch]:
+        """Embed image paths ``batch_size`` at a time, yielding each batch as it is done.
+
+        With a cache, finished embeddings are kept there (written by size and age, and when the
+        iteration ends, fails or is interrupted), so a re-run encodes only what was not done.
+        Unreadable images are skipped, listed in each batch's ``errors`` and reported once at
+        the end; ``strict=True`` raises the first one's ``DataError`` (naming the file) instead.
+        """
+        from nofree.data.images import load_image, report_skipped
+
+        skipped: list[str] = []
+        try:
+            for start in range(0, len(paths), self.batch_size):
+                chunk = [str(path) for path in paths[start:start + self.batch_size]]
+                errors: dict[int, str] = {}
+                try:
+                    image_emb = self._encode_paths(chunk)
+                except DataError as first:
+                    if strict:
+                        raise
+                    for position, path in enumerate(chunk):  # find the unreadable ones
+                        try:
+                            load_image(path)
+                        except DataError as err:
+                            errors[position] = str(err)
+                    if not errors:  # not an unreadable image: a real error
+                        raise first
+                    image_emb = self._encode_paths([p for i, p in enumerate(chunk) if i not in errors])
+                    skipped += [chunk[i] for i in errors]
+                yield EncodedBatch(chunk, image_emb, errors)
+        finally:
+            if self.cache is not None:
+                self.cache.flush()
+            report_skipped(skipped)
+
+    def _encode_paths(self, paths: list[str]) -> Tensor:
+        """``(N, Di)`` embeddings of readable image paths; the cache keeps them unflushed."""
+        from nofree.data.images import load_image
+
+        if not paths:
+            return torch.zeros(0, self.image_encoder.embed_dim)
+        if self.cache is not None:
+            return self.cache.encode(self.image_encoder, paths, batch_size=self.batch_size, flush=False)
+        return self.image_encoder.encode([load_image(p) for p in paths], batch_size=self.batch_size)
+
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """``(N, Dt)`` embeddings of texts."""
         return self._encode(self.text_encoder, texts)
@@ -160,8 +225,68 @@ class AsifPipeline:
         ``average_templates`` the score is the mean over the class's prompts instead.
         """
         prompt_emb, owner = self.class_embeddings(labels, templates)
-        sim = self.similarity(image_emb, prompt_emb).view(len(image_emb), len(labels), len(templates))
-        return sim.mean(-1) if average_templates else sim.amax(-1)
+        return _class_scores(self.similarity(image_emb, prompt_emb), len(labels), average_templates)
+
+
+def _class_scores(sim: Tensor, n_labels: int, average_templates: bool) -> Tensor:
+    """Class scores ``(n, C)`` from prompt similarities ``(n, C·P)`` (prompts grouped by class)."""
+    sim = sim.view(sim.shape[0], n_labels, -1)
+    return sim.mean(-1) if average_templates else sim.amax(-1)
+
+
+def iter_classify_paths(pipeline: AsifPipeline, paths: Sequence[str | Path], labels: Sequence[str], *,
+                        templates: Sequence[str] = DEFAULT_TEMPLATES, average_templates: bool = False,
+                        top: int = 5, strict: bool = False) -> Iterator[dict]:
+    """Zero-shot classify image files, one row per image in input order, yielded batch by batch
+    as each is done: ``{"image": path, "top": [{"label": l, "score": s}, ...]}`` (the ``top``
+    best classes, as :meth:`AsifPipeline.classify` scores them), or for an unreadable image
+    ``{"image": path, "top": None, "error": reason}`` (``strict``: its ``DataError`` instead).
+    """
+    prompt_emb, _ = pipeline.class_embeddings(labels, templates)
+    prompt_rel = pipeline.asif.transform(prompt_emb, modality="text")  # once, for every batch
+    for batch in pipeline.iter_encode_images(paths, strict=strict):
+        ranked = iter(top_k_rows(_class_scores(pipeline.similarity(batch.image_emb, prompt_rel), len(labels),
+                                               average_templates), labels, top)
+                      if len(batch.image_emb) else [])
+        for position, path in enumerate(batch.paths):
+            if position in batch.errors:
+                yield {"image": path, "top": None, "error": batch.errors[position]}
+            else:
+                yield {"image": path, "top": next(ranked)}
+
+
+def search_images(pipeline: AsifPipeline, queries: Sequence[str], paths: Sequence[str | Path], *,
+                  top: int = 5, strict: bool = False) -> list[dict]:
+    """Text-to-image retrieval over image files: ``[{"query": q, "results": [{"image": path,
+    "score": s}, ...]}, ...]``, the ``top`` best readable images per query (unreadable ones are
+    skipped and reported; ``strict``: the first raises its ``DataError``)."""
+    readable: list[str] = []
+    parts: list[Tensor] = []
+    for batch in pipeline.iter_encode_images(paths, strict=strict):
+        readable += [path for position, path in enumerate(batch.paths) if position not in batch.errors]
+        parts.append(batch.image_emb)
+    if not readable:
+        raise DataError(f"none of the {len(paths)} target images could be read; check the paths")
+    sim = pipeline.similarity(torch.cat(parts), pipeline.encode_texts(list(queries)))
+    return [{"query": query, "results": hits}
+            for query, hits in zip(queries, top_k_rows(sim.T, readable, top, key="image"))]
+
+
+def iter_search_texts(pipeline: AsifPipeline, image_queries: Sequence[str | Path], texts: Sequence[str], *,
+                      top: int = 5, strict: bool = False) -> Iterator[dict]:
+    """Image-to-text retrieval over ``texts``, one row per query image in input order, yielded
+    batch by batch as each is done: ``{"query": path, "results": [{"caption": t, "score": s},
+    ...]}``, or for an unreadable image ``{"query": path, "results": None, "error": reason}``
+    (``strict``: its ``DataError`` instead)."""
+    text_rel = pipeline.asif.transform(pipeline.encode_texts(list(texts)), modality="text")
+    for batch in pipeline.iter_encode_images(image_queries, strict=strict):
+        ranked = iter(top_k_rows(pipeline.similarity(batch.image_emb, text_rel), texts, top, key="caption")
+                      if len(batch.image_emb) else [])
+        for position, path in enumerate(batch.paths):
+            if position in batch.errors:
+                yield {"query": path, "results": None, "error": batch.errors[position]}
+            else:
+                yield {"query": path, "results": next(ranked)}
 
 
 def top_k_rows(scores: Tensor, names: Sequence[str], k: int, *, key: str = "label") -> list[list[dict]]:

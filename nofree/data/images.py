@@ -108,3 +108,12 @@ def load_images(paths: Sequence[str | os.PathLike]) -> LoadedImages:
         log.warning("skipped %d of %d image(s) that could not be read: %s%s", len(skipped),
                     len(paths), shown, more)
     return LoadedImages(images, indices, skipped)
+
+
+def report_skipped(paths: Sequence[str]) -> None:
+    """The one report of unreadable images a command skipped: their count and the first few
+    paths, as one ``logging`` warning (stderr in the CLI), given once at the end of a run."""
+    if paths:
+        more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+        log.warning("skipped %d unreadable image(s): %s%s (pass --strict to stop at the first one "
+                    "instead)", len(paths), ", ".join(paths[:5]), more)
