@@ -42,9 +42,8 @@ def signals_as_exceptions() -> Iterator[None]:
 
 def interrupted_exit(err: KeyboardInterrupt) -> click.exceptions.Exit:
     """The one line on stderr and the exit (130 for Ctrl-C, 143 for SIGTERM) of an interrupted run."""
-    name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
-    click.echo(f"nofree: interrupted ({name}); the results finished so far were written, and finished "
-               "work is kept: run the same command again to go on", err=True)
+    name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C (SIGINT)", 130)
+    click.echo(f"nofree: interrupted by {name}; every result finished before it was written", err=True)
     return click.exceptions.Exit(code)
 
 

@@ -153,3 +153,28 @@ def test_strict_stops_at_the_first_unreadable_image_with_one_line(runner, anchor
     # the rows finished before the bad image are out (classify and caption stream them)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert all("error" not in row for row in rows)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "table"])
+def test_rows_finished_before_an_interrupt_are_printed(capsys, fmt):
+    from nofree.cli_output import stream_rows
+
+    closed = []
+
+    def rows():
+        try:
+            yield {"image": "a.png", "caption": "a cat"}
+            yield {"image": "b.png", "caption": None, "error": "unreadable"}
+            yield {"image": "c.png", "caption": "a dog"}
+            raise KeyboardInterrupt
+        finally:
+            closed.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_rows(rows(), fmt, ["image", "caption"])
+    out = capsys.readouterr().out.splitlines()
+    assert closed == [True]
+    if fmt == "jsonl":
+        assert [json.loads(line)["image"] for line in out] == ["a.png", "b.png", "c.png"]
+    else:  # header + the finished rows; the unreadable one is reported on stderr, not here
+        assert len(out) == 3 and out[1].split() == ["a.png", "a", "cat"] and "c.png" in out[2]
