@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+# distinct-caption rate (%), captions repeating a word 3-gram (%), most repeats of one 3-gram
+DEGENERATION_COLUMNS = ("distinct %", "3-gram loops %", "worst loop")
 SCORING_COLUMNS = ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
                    "zero-shot top-1", "zero-shot top-5")
 
@@ -32,11 +34,14 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
         metrics, task = entry["metrics"], entry["task"]
         columns = CAPTION_COLUMNS if task == "captioning" else SCORING_COLUMNS
         n = metrics.get("n", metrics.get("n_images"))
+        extra = ([_cell(metrics.get("distinct")), _cell(metrics.get("repeat_3gram")),
+                  str(metrics.get("worst_repeat", "–"))] if task == "captioning" else [])
         rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
-                           *(_cell(metrics.get(c)) for c in columns), str(n),
+                           *(_cell(metrics.get(c)) for c in columns), *extra, str(n),
                            f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")])
     if rows["captioning"]:
-        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, "n images", "seconds"], rows["captioning"])
+        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, *DEGENERATION_COLUMNS, "n images",
+                                    "seconds"], rows["captioning"])
     if rows["scoring"]:
         out["scoring"] = _table(["method", "what", *SCORING_COLUMNS, "n images", "seconds"], rows["scoring"])
     return out
@@ -47,7 +52,9 @@ def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str,
     lines = [f"# nofree evaluation: {results['pairs']} (split {results['split']!r}, "
              f"{results['n_images']} images, {results['n_references']} reference captions)", "",
              f"nofree {results['nofree_version']}, {results['created']}, device {results['device']}. "
-             "Scores ×100; seconds exclude model loading (shown apart as +load).", ""]
+             "Scores ×100; seconds exclude model loading (shown apart as +load). distinct %: distinct captions per "
+             "100 photos; 3-gram loops %: captions repeating a word 3-gram; worst loop: "
+             "the most times one 3-gram occurs in a caption.", ""]
     tables = method_tables(results, methods)
     if tables["captioning"]:
         lines += ["## Captioning", "", *tables["captioning"], ""]
