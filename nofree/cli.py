@@ -179,20 +179,27 @@ def anchors_extend(anchor_dir, pairs, limit, split, batch_size, device):
 @anchors.command("info")
 @click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def anchors_info(anchor_dir, fmt):
-    """Show an anchor set's manifest: encoders, counts, sources, skipped images, search index."""
-    from nofree.anchors.anchor_set import AnchorSet
+@click.option("--verify/--quick", default=True, show_default=True,
+              help="--verify reads the whole set (sha256 of its files, every value finite); --quick "
+                   "checks the manifest and the files' sizes only (for very large sets).")
+def anchors_info(anchor_dir, fmt, verify):
+    """Show an anchor set's manifest and check its files: encoders, counts, sources, skipped
+    images, search index, checksums."""
+    from nofree.anchors.anchor_set import AnchorSet, quick_check
 
-    anchor_set = AnchorSet.load(anchor_dir)
-    manifest = anchor_set.manifest()
+    if verify:
+        anchor_set = AnchorSet.load(anchor_dir)
+        manifest, examples = anchor_set.manifest(), anchor_set.captions[:3]
+    else:
+        manifest, examples = quick_check(anchor_dir)
     if fmt == "json":
         click.echo(json.dumps(manifest, indent=2))
         return
     click.echo(f"anchor set   {anchor_dir}  (format v{manifest['format_version']}, "
                f"nofree {manifest['nofree_version']})")
-    click.echo(f"anchors      {len(anchor_set)}")
-    click.echo(f"image side   {anchor_set.image_spec}  ({anchor_set.image_dim}-d)")
-    click.echo(f"text side    {anchor_set.text_spec}  ({anchor_set.text_dim}-d)")
+    click.echo(f"anchors      {manifest['n_anchors']}")
+    click.echo(f"image side   {manifest['image_spec']}  ({manifest['image_dim']}-d)")
+    click.echo(f"text side    {manifest['text_spec']}  ({manifest['text_dim']}-d)")
     for source in manifest.get("sources", []):
         click.echo(f"source       {source['pairs']}  split={source.get('split')}  "
                    f"{source['n_pairs']} pairs  sha256={source['pairs_sha256'][:12]}")
@@ -201,7 +208,11 @@ def anchors_info(anchor_dir, fmt):
                                                                      if skipped else ""))
     if manifest.get("index"):
         click.echo(_index_line(manifest["index"]))
-    for caption in anchor_set.captions[:3]:
+    files = ", ".join(manifest.get("files", {}))
+    click.echo("checksums    " + ("none recorded (a set from an older nofree; rebuild it to add them)"
+                                  if not files else f"sha256 verified ({files})" if verify
+                                  else f"sizes match ({files}; --verify also checks the sha256)"))
+    for caption in examples:
         click.echo(f"e.g.         {caption}")
 
 

@@ -116,11 +116,19 @@ def test_resume_with_other_settings_is_refused(tmp_path, encoders, monkeypatch):
     import nofree.anchors.build as build_module
 
     pairs = make_pairs(tmp_path / "data", n=6)
-    monkeypatch.setattr(build_module, "_encode_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real, calls = build_module._encode_shard, []
+
+    def interrupt_second(*args, **kw):  # Ctrl-C during the second shard
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build_module, "_encode_shard", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         build(pairs, tmp_path / "set", encoders, shard_size=2)
     monkeypatch.undo()
-    with pytest.raises(DataError, match="other settings.*shard_size"):
+    with pytest.raises(DataError, match="other settings.*shard_size.*rm -r .*set.partial"):
         build(pairs, tmp_path / "set", encoders, shard_size=4)
 
 
@@ -159,9 +167,61 @@ def test_encoder_mismatch_is_a_clear_error(tmp_path, encoders):
 ])
 def test_damaged_sets_fail_clearly(tmp_path, encoders, damage, message):
     build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    _drop_checksums(tmp_path / "set")  # as a set from before checksums: the structural checks
     damage(tmp_path / "set")
     with pytest.raises(DataError, match=message):
         AnchorSet.load(tmp_path / "set")
+
+
+def _drop_checksums(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _flip_bit(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _flip_bit(d / "embeddings.safetensors", -5), "embeddings.safetensors does not match the sha256"),
+    (lambda d: _flip_bit(d / "captions.jsonl", 20), "captions.jsonl does not match the sha256"),
+    (lambda d: _truncate(d / "embeddings.safetensors"), "truncated or replaced"),
+    (lambda d: (d / "captions.jsonl").unlink(), "captions.jsonl is missing"),
+    (lambda d: _nan_in_last_value(d / "embeddings.safetensors", "text"), "does not match the sha256"),
+])
+def test_checksums_catch_damaged_data_files(tmp_path, encoders, damage, message):
+    build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    files = json.loads((tmp_path / "set" / "manifest.json").read_text())["files"]
+    assert set(files) == {"embeddings.safetensors", "captions.jsonl"}
+    assert all(len(record["sha256"]) == 64 and record["bytes"] > 0 for record in files.values())
+    damage(tmp_path / "set")
+    with pytest.raises(DataError, match=message) as err:
+        AnchorSet.load(tmp_path / "set")
+    assert "\n" not in str(err.value) and "rebuild the set" in str(err.value)
+
+
+def test_quick_load_checks_sizes_only(tmp_path, encoders):
+    from nofree.anchors.anchor_set import quick_check
+
+    build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    _flip_bit(tmp_path / "set" / "embeddings.safetensors", -5)  # same size: only a full read sees it
+    assert len(AnchorSet.load(tmp_path / "set", verify=False)) == 14
+    manifest, captions = quick_check(tmp_path / "set")
+    assert manifest["n_anchors"] == 14 and captions[0] == "photo number 0"
+    _truncate(tmp_path / "set" / "embeddings.safetensors")
+    with pytest.raises(DataError, match="truncated"):
+        quick_check(tmp_path / "set")
+
+
+def test_saving_a_loaded_set_records_fresh_checksums(tmp_path, encoders):
+    build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
+    loaded = AnchorSet.load(tmp_path / "set")
+    assert "files" in loaded.meta  # the big set's records, which must not be written again
+    loaded.subset([0, 1]).save(tmp_path / "small")
+    assert len(AnchorSet.load(tmp_path / "small")) == 2
 
 
 def _edit_manifest(folder: Path, **changes) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from nofree.adapters.base import Adapter, atomic_write_bytes, save_tensors
+from nofree.artifacts import ADAPTER, check_replaceable, check_writable, writing
 from nofree.core import DataError
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,20 @@ def save_loss_curve(path: Path, step_losses: list[float], history: list[dict[str
     tmp.replace(path)
 
 
-def check_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty ``out_dir`` without a saved run unless ``overwrite`` (checked before
-    anything is loaded or written)."""
+def check_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool,
+                  inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse a non-empty ``out_dir`` without a saved run unless ``overwrite``, and with
+    ``overwrite`` anything but an adapter checkpoint that is not one of ``inputs`` (the files or
+    folders training reads; see :func:`nofree.artifacts.check_replaceable`); refuse an unwritable
+    ``out_dir``. Checked before anything is loaded or written."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} is a file; choose a folder for the trained adapter")
+    check_writable(out_dir)
     if resume and (out_dir / STATE_DIR / STATE_FILE).is_file():
         return
+    if overwrite:
+        check_replaceable(out_dir, kind=ADAPTER, inputs=inputs)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(f"{out_dir} is not empty and holds no run to resume; pass overwrite=True "
                         "(--overwrite) to start over there, or choose another folder" if resume else
@@ -135,7 +142,16 @@ def _read_state(path: Path) -> dict[str, Any]:
 def _save_checkpoint(adapter: Adapter, optimizer: torch.optim.Optimizer, out_dir: Path, *,
                      settings: dict[str, Any], epoch: int, step: int, history: list[dict[str, Any]],
                      step_losses: list[float]) -> None:
-    """Adapter, optimizer + RNG tensors, then ``state.json`` (the commit record) last."""
+    """Adapter, optimizer + RNG tensors, then ``state.json`` (the commit record) last; a failed
+    write (read-only folder, full disk) is a one-line DataError naming ``out_dir``."""
+    with writing(out_dir):
+        _write_checkpoint(adapter, optimizer, out_dir, settings=settings, epoch=epoch, step=step,
+                          history=history, step_losses=step_losses)
+
+
+def _write_checkpoint(adapter: Adapter, optimizer: torch.optim.Optimizer, out_dir: Path, *,
+                      settings: dict[str, Any], epoch: int, step: int, history: list[dict[str, Any]],
+                      step_losses: list[float]) -> None:
     import nofree
 
     adapter.save_pretrained(out_dir, overwrite=True)

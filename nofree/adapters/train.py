@@ -346,7 +346,7 @@ def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, 
     from nofree.cache import EmbeddingCache
     from nofree.data.pairs import load_pairs
 
-    check_out_dir(out, resume=resume, overwrite=overwrite)
+    check_out_dir(out, resume=resume, overwrite=overwrite, inputs=[pairs_path])
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
     train_pairs = load_pairs(pairs_path, split=train_split)
     val_pairs = None

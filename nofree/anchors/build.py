@@ -2,10 +2,18 @@
 
 ``build_anchor_set`` encodes pairs shard by shard into ``OUT.partial/``; each shard is one
 safetensors file written to a temporary name and renamed into place, so a shard on disk is
-always complete. Interrupted (Ctrl-C, kill, crash) and run again with the same arguments, the
-build skips the finished shards and ends with exactly the set an uninterrupted build gives (shard
-boundaries and encoder batches depend only on the pairs and the settings recorded in
+always complete. Within a shard the pairs are encoded in pieces of ``batch_size`` pairs, and the
+pieces finished so far are saved (``part-NNNNN.safetensors``) every ``checkpoint_s`` seconds and
+on Ctrl-C, so an interruption loses at most that long of work however small the build.
+Interrupted (Ctrl-C, kill, crash) and run again with the same arguments, the build skips the
+finished shards and pieces and ends with exactly the set an uninterrupted build gives (shard and
+piece boundaries, hence encoder batches, depend only on the pairs and the settings recorded in
 ``plan.json``). Images that cannot be read are skipped, counted, and listed in the manifest.
+
+One build writes a destination at a time (a lock file beside ``OUT``; a second build there stops
+with a message). A build that fails before encoding anything, or whose images could all not be
+read, removes its ``OUT.partial``; ``--overwrite`` replaces only an existing anchor set that is
+not the build's input (:func:`nofree.artifacts.check_replaceable`).
 
 Two engines share the shard format, the plan and the assembly: ``engine="local"`` encodes the
 shards one after the other in this process; ``engine="ray"`` hands them to a pool of encoder
@@ -18,19 +26,22 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
-import uuid
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from nofree.anchors.anchor_set import AnchorSet
+from nofree.artifacts import ANCHOR_SET, check_replaceable, exclusive, temp_path, writing
 from nofree.core import DataError, Encoder, Pair
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 256  # pairs (images) per shard
+DEFAULT_CHECKPOINT_S = 30.0  # seconds of encoding between saves of an unfinished shard
 
 
 def pairs_digest(pairs: Sequence[Pair]) -> str:
@@ -56,9 +67,9 @@ def _resolve_encoder(encoder: str | Encoder | Callable[[], Encoder], modality: s
     return encoder
 
 
-def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
-                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Encode one shard: one anchor per (readable image, caption); returns tensors + metadata."""
+def _encode_piece(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
+                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Encode a few pairs: one anchor per (readable image, caption); returns tensors + lists."""
     from nofree.data.images import load_image
 
     images, kept, skipped = [], [], []
@@ -76,20 +87,88 @@ def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: E
         torch.zeros(0, image_encoder.embed_dim)
     text_emb = text_encoder.encode(captions, batch_size=batch_size) if captions else \
         torch.zeros(0, text_encoder.embed_dim)
-    tensors = {"image": image_emb.repeat_interleave(repeats, dim=0).contiguous(),
+    tensors = {"image": image_emb.float().repeat_interleave(repeats, dim=0).contiguous(),
                "text": text_emb.float().contiguous()}
-    metadata = {"captions": json.dumps(captions, ensure_ascii=False),
-                "images": json.dumps(owners, ensure_ascii=False),
-                "skipped": json.dumps(skipped, ensure_ascii=False)}
+    return tensors, {"captions": captions, "images": owners, "skipped": skipped}
+
+
+def _join(pieces: list[tuple[dict[str, torch.Tensor], dict[str, list]]], dims: tuple[int, int],
+          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Pieces in order as one shard's tensors and (JSON string) metadata."""
+    tensors = {name: torch.cat([t[name] for t, _ in pieces]) if pieces else torch.zeros(0, dim)
+               for name, dim in zip(("image", "text"), dims)}
+    metadata = {key: json.dumps([v for _, lists in pieces for v in lists[key]], ensure_ascii=False)
+                for key in ("captions", "images", "skipped")}
     return tensors, metadata
+
+
+def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
+                  batch_size: int, *, checkpoint: Path | None = None,
+                  checkpoint_s: float = DEFAULT_CHECKPOINT_S,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Encode one shard: one anchor per (readable image, caption); returns tensors + metadata.
+
+    The shard is encoded in pieces of ``batch_size`` pairs (one image batch each), so its result
+    does not depend on where an earlier attempt stopped. With ``checkpoint`` (a file path), the
+    pieces finished so far are saved there every ``checkpoint_s`` seconds and on Ctrl-C, and a
+    call finding that file continues after them.
+    """
+    dims = (image_encoder.embed_dim, text_encoder.embed_dim)
+    digest = pairs_digest(pairs)
+    pieces, done = [], 0
+    saved = _read_checkpoint(checkpoint, digest, len(pairs)) if checkpoint is not None else None
+    if saved is not None:
+        tensors, meta = saved
+        done = int(meta["pairs_done"])
+        pieces.append((tensors, {key: meta[key] for key in ("captions", "images", "skipped")}))
+    saved_done, last_save = done, time.monotonic()
+
+    def save() -> None:
+        tensors, metadata = _join(pieces, dims)
+        _write_shard(checkpoint, tensors, {**metadata, "pairs_done": json.dumps(done),
+                                           "pairs_sha256": json.dumps(digest)})
+
+    try:
+        while done < len(pairs):
+            chunk = pairs[done:done + batch_size]
+            pieces.append(_encode_piece(chunk, image_encoder, text_encoder, batch_size))
+            done += len(chunk)
+            if checkpoint is not None and done < len(pairs) and \
+                    time.monotonic() - last_save >= checkpoint_s:
+                save()
+                saved_done, last_save = done, time.monotonic()
+    except KeyboardInterrupt:
+        if checkpoint is not None and saved_done < done < len(pairs):
+            save()
+        raise
+    return _join(pieces, dims)
+
+
+def _read_checkpoint(path: Path, digest: str, n_pairs: int,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The saved pieces of an unfinished shard, or ``None`` (absent, unreadable or not this shard's)."""
+    if not path.exists():
+        return None
+    part = _read_shard(path)
+    if part is not None:
+        meta = part[1]
+        done = meta.get("pairs_done")
+        if meta.get("pairs_sha256") == digest and isinstance(done, int) and 0 < done < n_pairs:
+            return part
+        log.warning("%s belongs to other pairs or settings; encoding that shard from its start", path)
+    return None
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with writing(path):
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -110,6 +189,11 @@ def shard_path(work_dir: Path, index: int) -> Path:
     return work_dir / f"shard-{index:05d}.safetensors"
 
 
+def checkpoint_path(work_dir: Path, index: int) -> Path:
+    """Where the finished pieces of unfinished shard ``index`` are saved."""
+    return work_dir / f"part-{index:05d}.safetensors"
+
+
 def start_work_dir(work_dir: Path, pairs: Sequence[Pair], image_spec: str, text_spec: str,
                    shard_size: int, batch_size: int) -> int:
     """Write ``plan.json`` into ``work_dir`` (or check the one there); returns the shard count.
@@ -119,19 +203,25 @@ def start_work_dir(work_dir: Path, pairs: Sequence[Pair], image_spec: str, text_
     """
     plan = {"pairs_sha256": pairs_digest(pairs), "n_pairs": len(pairs), "image_spec": image_spec,
             "text_spec": text_spec, "shard_size": shard_size, "batch_size": batch_size}
-    work_dir.mkdir(parents=True, exist_ok=True)
     plan_file = work_dir / "plan.json"
+    discard = f"`rm -r {shlex.quote(str(work_dir))}` (it holds only that build's encoded shards)"
     if plan_file.exists():
-        previous = json.loads(plan_file.read_text())
-        if previous != plan:
-            changed = sorted(k for k in plan if previous.get(k) != plan[k])
+        try:
+            previous = json.loads(plan_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(f"{plan_file} is unreadable (an unfinished build's plan); discard that build "
+                            f"with {discard} and run the command again") from None
+        if not isinstance(previous, dict) or previous != plan:
+            changed = sorted(k for k in plan if not isinstance(previous, dict) or previous.get(k) != plan[k])
             raise DataError(f"{work_dir} holds an unfinished build with other settings ({', '.join(changed)} "
-                            "differ). Run the same command as before to resume it, or delete that "
-                            "folder to start over")
+                            f"differ): run that earlier command again to finish it, or discard it with "
+                            f"{discard}")
     else:
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan, indent=2))
-        os.replace(tmp, plan_file)
+        with writing(work_dir):
+            work_dir.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(plan_file)
+            tmp.write_text(json.dumps(plan, indent=2))
+            os.replace(tmp, plan_file)
     return (len(pairs) + shard_size - 1) // shard_size
 
 
@@ -149,11 +239,13 @@ def assemble_shards(parts: Sequence[tuple[dict[str, torch.Tensor], dict[str, Any
 def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
                            work_dir: Path, *, batch_size: int = 32,
                            shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
-                           ) -> tuple[AnchorSet, list[str]]:
+                           checkpoint_s: float = DEFAULT_CHECKPOINT_S) -> tuple[AnchorSet, list[str]]:
     """Encode ``pairs`` into an in-memory AnchorSet through resumable shards in ``work_dir``.
 
     Returns the anchors and the image paths that were skipped. ``work_dir`` holds ``plan.json``
-    (what is being built, see :func:`start_work_dir`) and ``shard-NNNNN.safetensors``.
+    (what is being built, see :func:`start_work_dir`), ``shard-NNNNN.safetensors`` and, for the
+    shard being encoded, ``part-NNNNN.safetensors`` (its pieces so far, saved every
+    ``checkpoint_s`` seconds and on Ctrl-C).
     """
     from tqdm.auto import tqdm
 
@@ -167,18 +259,26 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
             path = shard_path(work_dir, index)
             part = _read_shard(path) if path.exists() else None
             if part is None:
-                tensors, metadata = _encode_shard(chunk, image_encoder, text_encoder, batch_size)
+                tensors, metadata = _encode_shard(chunk, image_encoder, text_encoder, batch_size,
+                                                  checkpoint=checkpoint_path(work_dir, index),
+                                                  checkpoint_s=checkpoint_s)
                 _write_shard(path, tensors, metadata)
+                checkpoint_path(work_dir, index).unlink(missing_ok=True)
                 part = tensors, {key: json.loads(value) for key, value in metadata.items()}
             parts.append(part)
             bar.update(len(chunk))
     except KeyboardInterrupt:
         bar.close()
+        if not _holds_encoded_work(work_dir):
+            log.warning("interrupted before any pair was saved; nothing to resume")
+            raise
         done = len(parts) * shard_size
-        log.warning("interrupted after %d of %d pairs; finished shards are kept in %s: run the same "
-                    "command again to resume", min(done, len(pairs)), len(pairs), work_dir)
+        log.warning("interrupted after %d of %d pairs; finished shards (and the pieces of the shard "
+                    "being encoded) are kept in %s: run the same command again to resume",
+                    min(done, len(pairs)), len(pairs), work_dir)
         raise
-    bar.close()
+    finally:
+        bar.close()  # so an error message starts on a line of its own
     return assemble_shards(parts, image_encoder.spec, text_encoder.spec,
                            (image_encoder.embed_dim, text_encoder.embed_dim))
 
@@ -210,11 +310,14 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
                      limit: int | None = None, batch_size: int = 32, device: Any = None,
                      shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
                      progress: bool = True, engine: str = "local", workers: int | None = None,
-                     ray_address: str | None = None, index: str | None = None) -> AnchorSet:
+                     ray_address: str | None = None, index: str | None = None,
+                     checkpoint_s: float = DEFAULT_CHECKPOINT_S) -> AnchorSet:
     """Encode pairs (JSONL / CSV / image folder / webdataset shards) into an anchor set at ``out``.
 
-    Resumable: an interrupted build keeps its shards in ``OUT.partial`` and the same call
-    continues it. ``split`` keeps only pairs of that split (e.g. ``"train"``); ``limit`` the
+    Resumable: an interrupted build keeps its shards (and the finished pieces of the shard it
+    was encoding, saved every ``checkpoint_s`` seconds and on Ctrl-C) in ``OUT.partial`` and
+    the same call continues it. ``overwrite`` replaces an existing anchor set at ``out``, never
+    anything else (see :func:`nofree.artifacts.check_replaceable`). ``split`` keeps only pairs of that split (e.g. ``"train"``); ``limit`` the
     first n pairs. ``engine="ray"`` encodes the shards on a pool of ``workers`` Ray actors (a
     local Ray started for the call, or the cluster at ``ray_address``); the encoders must then be
     spec strings or zero-argument factories, which each actor calls to build its own encoder
@@ -231,37 +334,66 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
     loaded, unread = _load_pairs(pairs, split, limit)
     if not loaded:
         raise DataError(f"no pairs to build from in {pairs}" + (f" with split={split!r}" if split else ""))
-    work_dir = out.with_name(out.name + ".partial")
-    if engine == "ray":
-        from nofree.anchors.ray_build import encode_pairs_ray
+    work_dir = Path(os.path.abspath(out) + ".partial")
+    with exclusive(out):
+        if out.exists():
+            if not overwrite:  # another build finished there while this one was starting
+                raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose "
+                                "another --out")
+            check_replaceable(out, kind=ANCHOR_SET, inputs=_inputs(pairs, loaded))
+        try:
+            if engine == "ray":
+                from nofree.anchors.ray_build import encode_pairs_ray
 
-        anchors, skipped = encode_pairs_ray(loaded, image_encoder, text_encoder, work_dir,
-                                            batch_size=batch_size, shard_size=shard_size,
-                                            workers=workers, ray_address=ray_address,
-                                            progress=progress)
-    else:
-        image_encoder = _resolve_encoder(image_encoder, "image", device)
-        text_encoder = _resolve_encoder(text_encoder, "text", device)
-        anchors, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
-                                                  batch_size=batch_size, shard_size=shard_size,
-                                                  progress=progress)
-    skipped = unread + skipped
-    if len(anchors) == 0:
-        raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
-                        f"(e.g. {skipped[:3]}); check the image paths")
-    meta = {"sources": [_source_record(pairs, loaded, split, limit)], "skipped_images": skipped}
-    anchors = AnchorSet(anchors.image, anchors.text, anchors.captions, anchors.image_spec,
-                        anchors.text_spec, anchors.images, meta)
-    anchors.save(out, overwrite=overwrite)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    if skipped:
-        log.warning("skipped %d unreadable image(s) or sample(s) (listed in %s/manifest.json)",
-                    len(skipped), out)
-    if index:
-        from nofree.anchors.index import add_index
+                anchors, skipped = encode_pairs_ray(loaded, image_encoder, text_encoder, work_dir,
+                                                    batch_size=batch_size, shard_size=shard_size,
+                                                    workers=workers, ray_address=ray_address,
+                                                    progress=progress)
+            else:
+                image_encoder = _resolve_encoder(image_encoder, "image", device)
+                text_encoder = _resolve_encoder(text_encoder, "text", device)
+                anchors, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
+                                                          batch_size=batch_size, shard_size=shard_size,
+                                                          progress=progress, checkpoint_s=checkpoint_s)
+            skipped = unread + skipped
+            if len(anchors) == 0:
+                _discard_work_dir(work_dir)  # its shards only record failures: retry them next time
+                raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
+                                f"(e.g. {skipped[:3]}); check the image paths")
+        except BaseException:
+            if not _holds_encoded_work(work_dir):
+                _discard_work_dir(work_dir)
+            raise
+        meta = {"sources": [_source_record(pairs, loaded, split, limit)], "skipped_images": skipped}
+        anchors = AnchorSet(anchors.image, anchors.text, anchors.captions, anchors.image_spec,
+                            anchors.text_spec, anchors.images, meta)
+        anchors.save(out, overwrite=overwrite)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if skipped:
+            log.warning("skipped %d unreadable image(s) or sample(s) (listed in %s/manifest.json)",
+                        len(skipped), out)
+        if index:
+            from nofree.anchors.index import add_index
 
-        meta["index"] = add_index(out, index, anchors=anchors)
+            meta["index"] = add_index(out, index, anchors=anchors)
     return anchors
+
+
+def _inputs(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair]) -> list[str]:
+    """What a build reads, for the --overwrite check: the pairs source and its images' folders."""
+    folders = sorted({os.path.dirname(pair.image) for pair in loaded})
+    return ([str(pairs)] if isinstance(pairs, (str, Path)) else []) + folders
+
+
+def _holds_encoded_work(work_dir: Path) -> bool:
+    """Whether ``work_dir`` holds a finished shard or saved pieces (worth keeping to resume)."""
+    return any(work_dir.glob("shard-*.safetensors")) or any(work_dir.glob("part-*.safetensors"))
+
+
+def _discard_work_dir(work_dir: Path) -> None:
+    """Remove an unfinished build's folder (only if it is one: it holds nofree's plan.json)."""
+    if (work_dir / "plan.json").is_file():
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def extend_anchor_set(path: str | Path, pairs: str | Path | Sequence[Pair], *,
@@ -270,6 +402,14 @@ def extend_anchor_set(path: str | Path, pairs: str | Path | Sequence[Pair], *,
                       text_encoder: Encoder | None = None, progress: bool = True) -> AnchorSet:
     """Append the anchors of ``pairs`` to the set at ``path``, encoded with its recorded encoders."""
     path = Path(path)
+    with exclusive(path, option="anchor set"):
+        return _extend(path, pairs, split=split, limit=limit, batch_size=batch_size, device=device,
+                       image_encoder=image_encoder, text_encoder=text_encoder, progress=progress)
+
+
+def _extend(path: Path, pairs: str | Path | Sequence[Pair], *, split: str | None, limit: int | None,
+            batch_size: int, device: Any, image_encoder: Encoder | None, text_encoder: Encoder | None,
+            progress: bool) -> AnchorSet:
     base = AnchorSet.load(path)
     image_encoder = _resolve_encoder(image_encoder or base.image_spec, "image", device)
     text_encoder = _resolve_encoder(text_encoder or base.text_spec, "text", device)
@@ -278,7 +418,7 @@ def extend_anchor_set(path: str | Path, pairs: str | Path | Sequence[Pair], *,
     loaded, unread = _load_pairs(pairs, split, limit)
     if not loaded:
         raise DataError(f"no pairs to add from {pairs}" + (f" with split={split!r}" if split else ""))
-    work_dir = path.with_name(path.name + ".extend-partial")
+    work_dir = Path(os.path.abspath(path) + ".extend-partial")
     extra, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
                                             batch_size=batch_size, progress=progress)
     meta = dict(base.meta)

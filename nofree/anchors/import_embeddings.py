@@ -167,12 +167,25 @@ def import_embeddings(source: str | Path, *, image_spec: str, text_spec: str, ou
     """Save the embeddings at ``source`` as an anchor set at ``out``, recording the encoder specs.
 
     ``index``: optionally add a faiss index (see :func:`nofree.anchors.index.add_index`).
+    ``overwrite`` replaces an existing anchor set at ``out``, never anything else (see
+    :func:`nofree.artifacts.check_replaceable`).
     """
-    from nofree.registry import normalize_spec
+    from nofree.artifacts import ANCHOR_SET, check_replaceable, exclusive
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    if overwrite:
+        check_replaceable(out, kind=ANCHOR_SET, inputs=[source])
+    with exclusive(out):
+        return _import(source, image_spec=image_spec, text_spec=text_spec, out=out,
+                       overwrite=overwrite, index=index)
+
+
+def _import(source: str | Path, *, image_spec: str, text_spec: str, out: Path, overwrite: bool,
+            index: str | None) -> AnchorSet:
+    from nofree.registry import normalize_spec
+
     read, skipped = read_embeddings(source)
     if len(read) == 0:
         raise DataError(f"{source} holds no usable rows (every row lacked a caption or had NaN "

@@ -298,7 +298,7 @@ def _read_folder(folder: Path) -> list[Pair]:
             raise DataError(f"{sidecar} is empty: write one caption per line for {image.name}, or "
                             "delete the sidecar")
         relative = image.relative_to(folder).as_posix()
-        pairs.append(Pair(_resolve(str(image), folder), tuple(" ".join(c.split()) for c in captions),
+        pairs.append(Pair(_resolve(relative, folder), tuple(" ".join(c.split()) for c in captions),
                           None, {"source": relative}))
     if uncaptioned:
         log.warning("%s: %d image(s) have no .txt caption sidecar and are left out (e.g. %s)",

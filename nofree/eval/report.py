@@ -350,6 +350,12 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
                                   for m, needs in missing.items()) + " (adapters come from `nofree train`)")
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
+    if overwrite:  # only an earlier report, never an input or a folder holding one
+        from nofree.artifacts import REPORT, check_replaceable
+
+        inputs = [config.pairs, config.anchors, config.pool, *config.adapters.values()]
+        check_replaceable(out_dir, kind=REPORT, inputs=[i for i in inputs if isinstance(i, (str, os.PathLike))],
+                          option="--report")
     previous = _previous_results(results_path, overwrite=overwrite, resume=resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _Context(config, out_dir, progress)

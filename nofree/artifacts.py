@@ -1,0 +1,301 @@
+"""The folders and files nofree writes: atomic writes, checksums, locks, and what may be replaced.
+
+Everything a command leaves on disk (an anchor set, an adapter checkpoint, an eval report)
+goes through these helpers:
+
+* **atomic writes** — a file is written under a hidden temporary name beside its destination and
+  renamed into place (``os.replace``), so a reader never sees half a file; a folder is written
+  complete under a temporary name and swapped in by :func:`replace_dir`, the old one removed
+  only after the swap;
+* **checksums** — :func:`file_record` (size + sha256) and :func:`verify_files`, which checks
+  recorded files cheaply (sizes) or fully (sha256 of every byte);
+* **what ``--overwrite`` may replace** — :func:`check_replaceable` accepts only a missing or
+  empty folder or one that is recognisably the artefact the command writes
+  (:func:`artifact_kind`), and never the command's input, the current directory, a folder
+  above either, the home folder or ``/``;
+* **one writer per destination** — :func:`exclusive` holds an ``flock`` on ``.NAME.lock`` beside
+  the destination; a second writer stops at once with a one-line error;
+* **write failures as one line** — :func:`writing` turns ``OSError`` and safetensors' write
+  errors (read-only folder, full disk, no permission) into a :class:`DataError` naming the path
+  and the fix.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from nofree.core import DataError
+
+#: Kinds of artefact, as :func:`artifact_kind` names them.
+ANCHOR_SET = "anchor set"
+ADAPTER = "adapter checkpoint"
+REPORT = "eval report"
+
+_KIND_HINTS = {ANCHOR_SET: "nofree manifest.json", ADAPTER: "nofree adapter config.json",
+               REPORT: "nofree results.json"}
+
+
+# --- checksums ------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (memory stays flat)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, as manifests record their data files."""
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def verify_files(folder: Path, records: dict[str, Any], *, full: bool, where: Path, fix: str) -> None:
+    """Check the files of ``folder`` against ``records`` ({name: file_record}) from ``where``.
+
+    Sizes always (catches truncation and replacement without reading the data); with ``full``
+    also each file's sha256 (catches any changed byte). A mismatch is a :class:`DataError`
+    naming the file and ending with ``fix``.
+    """
+    if not isinstance(records, dict):
+        raise DataError(f"{where}: field 'files' is not a mapping of file records; {fix}")
+    for name, record in records.items():
+        file = folder / name
+        if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) \
+                or not isinstance(record.get("sha256"), str):
+            raise DataError(f"{where}: the record of {name} is malformed; {fix}")
+        if not file.is_file():
+            raise DataError(f"{file} is missing (listed in {where}); {fix}")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise DataError(f"{file} is {size} bytes but {where} records {record['bytes']}: it was "
+                            f"truncated or replaced; {fix}")
+        if full and file_sha256(file) != record["sha256"]:
+            raise DataError(f"{file} does not match the sha256 recorded in {where}: it was changed or "
+                            f"damaged after it was written; {fix}")
+
+
+# --- atomic writes --------------------------------------------------------------------------
+def temp_path(path: Path) -> Path:
+    """A hidden, unique temporary name beside ``path`` (same folder, so ``os.replace`` is atomic)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, data: Any, **dumps: Any) -> None:
+    """``data`` as UTF-8 JSON (``dumps`` keywords to :func:`json.dumps`) written atomically."""
+    atomic_write_bytes(path, (json.dumps(data, **dumps) + "\n").encode("utf-8"))
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new hidden folder beside ``path``, to be filled and then moved there by :func:`replace_dir`."""
+    path = Path(os.path.abspath(path))  # "." and ".." have no name to put a sibling beside
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+
+
+def apply_umask(folder: Path) -> None:
+    """Give a temp folder (created 0700) and its files the permissions the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for file in folder.iterdir():
+        os.chmod(file, 0o666 & ~umask)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete folder ``src`` to ``dst``; an existing ``dst`` is renamed aside first and
+    deleted only after ``src`` is in place, so a crash leaves one whole folder (old or new)."""
+    dst = Path(os.path.abspath(dst))
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# --- write failures as one line -------------------------------------------------------------
+def _write_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a core dependency
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+def _reason(err: BaseException) -> tuple[str, str]:
+    """(what went wrong, how to fix it) for a failed write."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code is None:  # safetensors reports the OS error inside its message
+        lowered = text.lower()
+        code = (errno.ENOSPC if "no space" in lowered or "storagefull" in lowered
+                else errno.EROFS if "read-only" in lowered
+                else errno.EACCES if "permission denied" in lowered else None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device (or over quota)", "free some space or choose another destination"
+    if code == errno.EROFS:
+        return "the file system is read-only", "choose a writable destination"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied", "choose a folder you may write to or fix its permissions"
+    detail = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+    return detail, "check the destination and try again"
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Turn a failed write inside the block into a one-line :class:`DataError` naming ``path``
+    (the destination the user gave as ``option``) and the fix."""
+    try:
+        yield
+    except _write_errors() as err:
+        what, fix = _reason(err)
+        raise DataError(f"cannot write {path}: {what}; {fix} ({option})") from err
+
+
+def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
+    """Raise a one-line :class:`DataError` now if files cannot be created at ``path`` (a folder,
+    existing or to be created): probes the nearest existing folder with an unnamed temp file."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(f"cannot write {path}: {probe} is a file, not a folder; choose another {option}")
+    with writing(path, option):
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+
+
+# --- what --overwrite may replace -----------------------------------------------------------
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def artifact_kind(folder: str | os.PathLike) -> str | None:
+    """Which nofree artefact ``folder`` holds (:data:`ANCHOR_SET`, :data:`ADAPTER`, :data:`REPORT`),
+    judged by the record nofree writes into each; ``None`` for anything else."""
+    folder = Path(folder)
+    manifest = _read_json(folder / "manifest.json")
+    if isinstance(manifest, dict) and manifest.get("format") == "nofree-anchor-set":
+        return ANCHOR_SET
+    config = _read_json(folder / "config.json")
+    state = _read_json(folder / "training" / "state.json")
+    if (isinstance(config, dict) and config.get("format") == "nofree-adapter") or \
+            (isinstance(state, dict) and state.get("format") == "nofree-training-state"):
+        return ADAPTER
+    results = _read_json(folder / "results.json")
+    if isinstance(results, dict) and "nofree_version" in results and isinstance(results.get("methods"), dict):
+        return REPORT
+    return None
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it (both real paths)."""
+    return inner == outer or outer in inner.parents
+
+
+def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[str | os.PathLike] = (),
+                      option: str = "--out") -> None:
+    """Raise a one-line :class:`DataError` unless ``--overwrite`` may replace ``target``.
+
+    Allowed: a missing or empty folder, or a folder :func:`artifact_kind` recognises as ``kind``.
+    Refused whatever it holds: ``/``, the home folder, the current directory or a folder above
+    it, and any of ``inputs`` (files or folders the command reads: a file counts as its folder)
+    or a folder above one of them.
+    """
+    real = _real(target)
+    home = _real("~")
+    refuse = f"refusing to replace {target} with --overwrite"
+    if real == real.parent or real == home or _within(home, real):
+        raise DataError(f"{refuse}: it is {'/' if real == real.parent else 'your home folder'}; "
+                        f"choose another {option}")
+    if _within(_real(os.getcwd()), real):
+        raise DataError(f"{refuse}: it is the current directory or holds it; choose another {option}")
+    for item in inputs:
+        source = _real(item)
+        folder = source if source.is_dir() else source.parent
+        if _within(folder, real):
+            raise DataError(f"{refuse}: it holds this command's input {item}; choose another {option}")
+    if not real.exists():
+        return
+    if not real.is_dir():
+        raise DataError(f"{refuse}: it is a file, not an {kind}; choose another {option}")
+    if not any(real.iterdir()):
+        return
+    found = artifact_kind(real)
+    if found != kind:
+        held = f"an {found}" if found else f"no {_KIND_HINTS.get(kind, kind)}"  # every kind: a vowel
+        raise DataError(f"{refuse}: it is not an {kind} ({held} found); delete it yourself if it is "
+                        f"disposable, or choose another {option}")
+
+
+# --- one writer per destination -------------------------------------------------------------
+@contextlib.contextmanager
+def exclusive(target: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` (``.NAME.lock`` beside it) for the block.
+
+    A second process asking for the same target while it is held gets a one-line
+    :class:`DataError` at once. The lock file is removed on release; a lock file left by a killed
+    process holds no lock (``flock`` locks die with their process) and is simply reused.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: writers are not serialised
+        yield
+        return
+    target = Path(os.path.abspath(target))
+    lock = target.with_name(f".{target.name}.lock")
+    with writing(target, option):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        with writing(target, option):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataError(f"{target} is being written by another nofree process (pid {holder}, lock "
+                            f"{lock}); wait for it to finish, or choose another {option}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed this lock file on release: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)

@@ -1,0 +1,346 @@
+"""What nofree writes: --overwrite replaces only its own artefacts, checksums, relative paths,
+failed and concurrent builds, checkpoints inside a shard, unwritable destinations."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from nofree.anchors.anchor_set import AnchorSet
+from nofree.anchors.build import build_anchor_set
+from nofree.artifacts import (ADAPTER, ANCHOR_SET, REPORT, artifact_kind, check_replaceable, exclusive,
+                              writing)
+from nofree.cli import main
+from nofree.core import DataError
+from nofree.testing import TinyImageEncoder, TinyTextEncoder
+from tests.test_anchors import FIXTURE_V1, make_pairs
+
+
+def tiny():
+    return TinyImageEncoder(dim=6), TinyTextEncoder(dim=5)
+
+
+def build(pairs, out, **kw):
+    image_encoder, text_encoder = tiny()
+    return build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
+                            progress=False, **kw)
+
+
+def photo_folder(folder: Path, n: int = 3) -> Path:
+    """An image folder with .txt caption sidecars, as a user keeps photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (12, 10), (40 * i, 90, 200)).save(folder / f"x{i}.png")
+        (folder / f"x{i}.txt").write_text(f"a photo number {i}\n")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def runner(tmp_path, monkeypatch):
+    """A CLI runner whose encoder specs load the tiny deterministic encoders."""
+    import nofree.registry
+
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(nofree.registry, "load_encoder",
+                        lambda spec, modality=None, device=None: tiny()[0 if modality == "image" else 1])
+    return CliRunner()
+
+
+def cli_build(runner, pairs, out, *extra):
+    return runner.invoke(main, ["anchors", "build", "--pairs", str(pairs), "--out", str(out), *extra])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.output.splitlines() if "Error:" in line]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# --- --overwrite ------------------------------------------------------------------------------
+def test_overwrite_of_the_input_folder_is_refused_and_photos_stay(runner, tmp_path):
+    photos = photo_folder(tmp_path / "photos")
+    before = snapshot(photos)
+    line = one_line_error(cli_build(runner, photos, photos, "--overwrite"))
+    assert str(photos) in line and "input" in line and "--out" in line
+    pairs = make_pairs(tmp_path / "data")  # a JSONL file: its folder holds the images
+    data_before = snapshot(tmp_path / "data")
+    line = one_line_error(cli_build(runner, pairs, tmp_path / "data", "--overwrite"))
+    assert "input" in line
+    line = one_line_error(cli_build(runner, pairs, tmp_path, "--overwrite"))  # a folder above it
+    assert "input" in line
+    assert snapshot(photos) == before and snapshot(tmp_path / "data") == data_before
+
+
+def test_overwrite_of_the_current_directory_or_a_stranger_folder_is_refused(runner, tmp_path, monkeypatch):
+    pairs = make_pairs(tmp_path / "data")
+    build(pairs, tmp_path / "set")
+    monkeypatch.chdir(tmp_path / "set")  # even an anchor set, while it is the current directory
+    line = one_line_error(cli_build(runner, pairs, ".", "--overwrite"))
+    assert "current directory" in line
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("mine")
+    line = one_line_error(cli_build(runner, pairs, scratch, "--overwrite"))
+    assert "is not an anchor set (no nofree manifest.json found)" in line
+    assert (scratch / "notes.txt").read_text() == "mine"
+    with pytest.raises(DataError, match="home folder"):
+        check_replaceable(Path.home(), kind=ANCHOR_SET)
+    with pytest.raises(DataError, match="it is /"):
+        check_replaceable("/", kind=ANCHOR_SET)
+
+
+def test_overwrite_replaces_an_anchor_set_atomically(tmp_path, monkeypatch):
+    old = build(make_pairs(tmp_path / "a", n=3), tmp_path / "set")
+    new_pairs = make_pairs(tmp_path / "b", n=5)
+
+    import nofree.anchors.anchor_set as anchor_set_module
+
+    def crash(folder):
+        raise RuntimeError("killed before the swap")
+
+    monkeypatch.setattr(anchor_set_module, "apply_umask", crash)
+    with pytest.raises(RuntimeError):  # the new set dies written but not swapped in: old one intact
+        build(new_pairs, tmp_path / "set", overwrite=True)
+    monkeypatch.undo()
+    assert len(AnchorSet.load(tmp_path / "set")) == len(old) == 6
+    new = build(new_pairs, tmp_path / "set", overwrite=True)
+    assert len(AnchorSet.load(tmp_path / "set")) == len(new) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "set"]  # no temp, old, lock
+    (tmp_path / "empty").mkdir()
+    assert len(build(new_pairs, tmp_path / "empty", overwrite=True)) == 10  # an empty folder is fine
+
+
+def test_artifact_kinds_and_the_train_and_eval_checks(tmp_path):
+    from nofree.adapters.checkpoint import check_out_dir
+    from nofree.eval.report import EvalConfig, run_eval
+
+    build(make_pairs(tmp_path / "data"), tmp_path / "set")
+    adapter, report, other = tmp_path / "adapter", tmp_path / "report", tmp_path / "other"
+    for folder, name, record in ((adapter, "config.json", {"format": "nofree-adapter", "kind": "lit"}),
+                                 (report, "results.json", {"nofree_version": "0", "methods": {}}),
+                                 (other, "config.json", {"model_type": "bert"})):
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(record))
+    assert [artifact_kind(f) for f in (tmp_path / "set", adapter, report, other)] == \
+        [ANCHOR_SET, ADAPTER, REPORT, None]
+    check_out_dir(adapter, resume=False, overwrite=True, inputs=[tmp_path / "data" / "pairs.jsonl"])
+    for folder in (other, report, tmp_path / "data"):
+        with pytest.raises(DataError, match="refusing to replace"):
+            check_out_dir(folder, resume=False, overwrite=True, inputs=[tmp_path / "data" / "pairs.jsonl"])
+    config = EvalConfig(pairs=tmp_path / "data" / "pairs.jsonl", anchors=tmp_path / "set")
+    with pytest.raises(DataError, match="input"):
+        run_eval(config, ["asif"], out_dir=tmp_path / "data", overwrite=True, progress=False)
+    with pytest.raises(DataError, match=r"not an eval report \(an adapter checkpoint found\)"):
+        run_eval(config, ["asif"], out_dir=adapter, overwrite=True, progress=False)
+    assert (adapter / "config.json").exists()
+
+
+# --- checksums --------------------------------------------------------------------------------
+def test_info_reports_a_bit_flip_and_loading_refuses_it(runner, tmp_path):
+    build(make_pairs(tmp_path / "data"), tmp_path / "set")
+    good = runner.invoke(main, ["anchors", "info", str(tmp_path / "set")])
+    assert good.exit_code == 0 and "sha256 verified" in good.output
+    file = tmp_path / "set" / "embeddings.safetensors"
+    raw = bytearray(file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    file.write_bytes(bytes(raw))
+    line = one_line_error(runner.invoke(main, ["anchors", "info", str(tmp_path / "set")]))
+    assert "embeddings.safetensors" in line and "sha256" in line and "rebuild" in line
+    quick = runner.invoke(main, ["anchors", "info", "--quick", str(tmp_path / "set")])
+    assert quick.exit_code == 0 and "sizes match" in quick.output
+    with pytest.raises(DataError, match="does not match the sha256"):
+        AnchorSet.load(tmp_path / "set")
+
+
+def test_v1_fixture_without_checksums_loads_and_says_so(runner):
+    assert "files" not in json.loads((FIXTURE_V1 / "manifest.json").read_text())
+    assert len(AnchorSet.load(FIXTURE_V1)) == 6
+    result = runner.invoke(main, ["anchors", "info", str(FIXTURE_V1)])
+    assert result.exit_code == 0 and "none recorded" in result.output
+
+
+# --- relative paths and failed builds ---------------------------------------------------------
+def test_a_folder_given_relative_to_the_current_directory_builds(runner, tmp_path, monkeypatch):
+    photo_folder(tmp_path / "mydata")
+    monkeypatch.chdir(tmp_path)
+    result = cli_build(runner, "mydata", "set")
+    assert result.exit_code == 0, result.output
+    built = AnchorSet.load(tmp_path / "set")
+    assert built.images[0] == str(tmp_path / "mydata" / "x0.png") and not built.meta["skipped_images"]
+
+
+def test_a_build_that_encoded_nothing_leaves_nothing_behind(runner, tmp_path, monkeypatch):
+    pairs = make_pairs(tmp_path / "data", n=3, corrupt=(0, 1, 2))
+    line = one_line_error(cli_build(runner, pairs, tmp_path / "set"))
+    assert "none of the 3 images" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["data"]  # no set, .partial, lock
+    for i in range(3):  # the images fixed, the same command builds (no stale "skipped" shards)
+        Image.new("RGB", (12, 10), (10, 20, 30 * i)).save(tmp_path / "data" / f"img{i}.png")
+    assert cli_build(runner, pairs, tmp_path / "set").exit_code == 0
+
+    def broken(spec, modality=None, device=None):
+        raise DataError(f"cannot load {spec}")
+
+    import nofree.registry
+
+    monkeypatch.setattr(nofree.registry, "load_encoder", broken)
+    result = cli_build(runner, pairs, tmp_path / "other")
+    assert "cannot load" in one_line_error(result)
+    assert not (tmp_path / "other.partial").exists() and not (tmp_path / "other").exists()
+
+
+# --- concurrency ------------------------------------------------------------------------------
+def test_a_second_build_into_the_same_out_is_refused(tmp_path):
+    pairs = make_pairs(tmp_path / "data")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from nofree.artifacts import exclusive
+            with exclusive({str(tmp_path / 'set')!r}):
+                print("locked", flush=True)
+                sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DataError, match=rf"being written by another nofree process \(pid {holder.pid}"):
+            build(pairs, tmp_path / "set")
+        assert not (tmp_path / "set").exists() and not (tmp_path / "set.partial").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (tmp_path / ".set.lock").exists()
+    assert len(build(pairs, tmp_path / "set")) == 14  # the lock is gone with its holder
+
+
+def test_the_lock_is_per_destination_and_reentrant_after_release(tmp_path):
+    with exclusive(tmp_path / "a"):
+        with exclusive(tmp_path / "b"):
+            with pytest.raises(DataError, match="another nofree process"):
+                with exclusive(tmp_path / "a"):
+                    pass
+    with exclusive(tmp_path / "a"):
+        pass
+
+
+# --- checkpoints inside a shard ---------------------------------------------------------------
+def test_an_interrupted_small_build_keeps_its_pieces_and_resumes_exactly(tmp_path, monkeypatch):
+    import nofree.anchors.build as build_module
+
+    pairs = make_pairs(tmp_path / "data", n=7)
+    reference = build(pairs, tmp_path / "ref", batch_size=2)  # one shard of 7 pairs, 4 pieces
+    real, calls = build_module._encode_piece, []
+
+    def interrupted(chunk, *args, **kw):
+        calls.append(len(chunk))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the third piece
+        return real(chunk, *args, **kw)
+
+    monkeypatch.setattr(build_module, "_encode_piece", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # checkpoints by time would be every hour: Ctrl-C saves
+        build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=3600)
+    saved = tmp_path / "set.partial" / "part-00000.safetensors"
+    assert saved.exists() and not (tmp_path / "set.partial" / "shard-00000.safetensors").exists()
+    calls.clear()
+    resumed = build(pairs, tmp_path / "set", batch_size=2)
+    assert calls == [2, 1], "the saved pieces must not be encoded again"
+    assert torch.equal(resumed.image, reference.image) and torch.equal(resumed.text, reference.text)
+    assert resumed.captions == reference.captions and resumed.images == reference.images
+
+
+def test_pieces_are_saved_by_time_before_a_crash(tmp_path, monkeypatch):
+    import nofree.anchors.build as build_module
+
+    pairs = make_pairs(tmp_path / "data", n=7)
+    real, calls = build_module._encode_piece, []
+
+    def crashing(chunk, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError  # no chance to save anything now
+        return real(chunk, *args, **kw)
+
+    monkeypatch.setattr(build_module, "_encode_piece", crashing)
+    with pytest.raises(MemoryError):
+        build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=0)  # save after every piece
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "set.partial" / "part-00000.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["pairs_done"]) == 4
+    calls.clear()
+    with pytest.raises(MemoryError):  # nothing saved by time: nothing left behind
+        build(pairs, tmp_path / "other", batch_size=2, checkpoint_s=3600)
+    assert not (tmp_path / "other.partial").exists()
+
+
+# --- unwritable destinations ------------------------------------------------------------------
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only"), (errno.ENOSPC, "no space left"),
+                                         (errno.EACCES, "permission denied")])
+def test_unwritable_destination_is_one_line(runner, tmp_path, monkeypatch, code, words):
+    import safetensors.torch
+
+    pairs = make_pairs(tmp_path / "data")
+
+    def refuse(*args, **kw):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    line = one_line_error(cli_build(runner, pairs, tmp_path / "set"))
+    assert str(tmp_path / "set") in line and words in line and "(--out)" in line
+
+
+def test_safetensors_write_errors_are_mapped():
+    from safetensors import SafetensorError
+
+    with pytest.raises(DataError, match="cannot write /x/set: no space left"):
+        with writing("/x/set"):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_one_line(runner, tmp_path):
+    pairs = make_pairs(tmp_path / "data")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        line = one_line_error(cli_build(runner, pairs, locked / "set"))
+        assert "permission denied" in line
+    finally:
+        locked.chmod(0o755)
+
+
+def test_training_checkpoint_write_failure_is_one_line(tmp_path, monkeypatch):
+    from nofree.adapters.checkpoint import _save_checkpoint, check_out_dir
+
+    class Adapter:
+        def save_pretrained(self, directory, overwrite=False):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DataError, match=f"cannot write {tmp_path / 'run'}: no space left"):
+        _save_checkpoint(Adapter(), None, tmp_path / "run", settings={}, epoch=1, step=1, history=[],
+                         step_losses=[])
+
+    import tempfile
+
+    def read_only(*args, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(DataError, match="read-only"):  # found before any training
+        check_out_dir(tmp_path / "run", resume=False, overwrite=False)
