@@ -136,7 +136,17 @@ class _Store:
         self.seen: set[str] = set()  # file names already looked at (good or set aside)
         self.pending: dict[str, Tensor] = {}  # encoded, not yet written: key -> (D,) or (T, W)
         self.pending_since = 0.0  # time.monotonic() when the oldest pending item was added
+        self.writable = True  # False once the folder refused a write: the cache then only reads
         self._clean_stale_temp()
+
+    def disable_writes(self, err: OSError) -> None:
+        """Go on without saving (a read-only or full cache folder costs time, never the run)."""
+        if self.writable:
+            log.warning("embedding cache %s cannot be written (%s); going on without saving "
+                        "embeddings: set NOFREE_CACHE to a writable folder to keep them",
+                        self.folder, err.strerror or err)
+        self.writable = False
+        self.pending = {}
 
     def _clean_stale_temp(self) -> None:
         now = time.time()
@@ -222,10 +232,17 @@ class _Store:
                                        or time.monotonic() - self.pending_since >= flush_seconds)
 
     def flush(self) -> None:
-        """Write the pending items as one shard."""
+        """Write the pending items as one shard (dropped, with one warning, when the folder
+        cannot be written)."""
+        if self.pending and not self.writable:
+            self.pending = {}
         if self.pending:
             keys, grids = list(self.pending), list(self.pending.values())
-            self.write(keys, grids)
+            try:
+                self.write(keys, grids)
+            except OSError as err:
+                self.disable_writes(err)
+                return
             self.pending = {}
 
     def write(self, keys: list[str], grids: list[Tensor]) -> None:
@@ -246,11 +263,18 @@ class _Store:
         name = f"{self.kind}-{uuid.uuid4().hex[:16]}.safetensors"
         final = self.folder / name
         temp = self.folder / f".{name}.tmp-{os.getpid()}"
-        with open(temp, "wb") as handle:
-            handle.write(save(tensors, metadata=meta))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(save(tensors, metadata=meta))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+        except OSError:
+            try:
+                temp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
         self.seen.add(name)
         self.shards[name] = _Shard(final, keys, lengths, meta["sha256"])
         for position, key in enumerate(keys):
@@ -343,7 +367,11 @@ class EmbeddingCache:
         store = self._stores.get((spec, kind))
         if store is None:
             folder = self.spec_dir(spec)
-            folder.mkdir(parents=True, exist_ok=True)
+            problem: OSError | None = None  # a cache that cannot be written is read (if it can)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                problem = err
             record = folder / "spec.json"
             try:
                 recorded = json.loads(record.read_text(encoding="utf-8")).get("spec")
@@ -352,12 +380,17 @@ class EmbeddingCache:
             if recorded is not None and recorded != spec:
                 raise DataError(f"cache folder {folder} belongs to spec {recorded!r}, not "
                                 f"{spec!r}; delete it or use another cache root")
-            if recorded is None:
+            if recorded is None and problem is None:
                 temp = folder / f".spec.json.tmp-{os.getpid()}"
-                temp.write_text(json.dumps({"format": FORMAT_VERSION, "spec": spec}, indent=1),
-                                encoding="utf-8")
-                os.replace(temp, record)
+                try:
+                    temp.write_text(json.dumps({"format": FORMAT_VERSION, "spec": spec}, indent=1),
+                                    encoding="utf-8")
+                    os.replace(temp, record)
+                except OSError as err:
+                    problem = err
             store = self._stores[(spec, kind)] = _Store(folder, spec, kind)
+            if problem is not None:
+                store.disable_writes(problem)
         store.refresh()
         return store
 

@@ -4,8 +4,10 @@ Results go to stdout; diagnostics go to logging (stderr); long work shows a prog
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,9 +18,32 @@ from nofree import __version__
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
+class OneLineError(click.ClickException):
+    """An error a user can fix, printed as one line (``Error: ...``) with exit code 2."""
+
+    exit_code = 2
+
+
+#: Operating-system errors about the place a file goes (not bugs): one line with the fix.
+_PLACE_ERRORS = {errno.EACCES: "check its permissions or choose another path",
+                 errno.EPERM: "check its permissions or choose another path",
+                 errno.EROFS: "the file system is read-only: choose another path",
+                 errno.ENOSPC: "the disk is full: free some space or choose another path",
+                 errno.EDQUOT: "the disk quota is used up: free some space or choose another path"}
+
+
+def debugging(ctx: click.Context | None = None) -> bool:
+    """Whether tracebacks are wanted: ``nofree --debug`` or ``NOFREE_DEBUG=1``."""
+    if ctx is not None and ctx.params.get("debug"):
+        return True
+    return os.environ.get("NOFREE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class NofreeGroup(click.Group):
-    """Turns nofree's own errors (bad input a user can fix) into one clear line, exit code 2;
-    Ctrl-C and SIGTERM into one line on stderr, exit code 130 / 143 (finished results kept)."""
+    """Turns nofree's own errors (bad input a user can fix) and file-system refusals (permission,
+    read-only, disk full) into one clear line, exit code 2, or a traceback with ``--debug`` /
+    ``NOFREE_DEBUG=1``; Ctrl-C and SIGTERM into one line on stderr, exit code 130 / 143
+    (finished results kept)."""
 
     def invoke(self, ctx: click.Context):
         from nofree.cli_output import interrupted_exit, signals_as_exceptions
@@ -28,7 +53,15 @@ class NofreeGroup(click.Group):
             with signals_as_exceptions():
                 return super().invoke(ctx)
         except NofreeError as err:
-            raise click.ClickException(str(err)) from err
+            if debugging(ctx):
+                raise
+            raise OneLineError(str(err)) from err
+        except OSError as err:
+            if err.errno not in _PLACE_ERRORS or debugging(ctx):
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            raise OneLineError(f"{where}{err.strerror or err}; {_PLACE_ERRORS[err.errno]} "
+                               "(nofree --debug shows the traceback)") from err
         except KeyboardInterrupt as err:
             raise interrupted_exit(err) from None
 
@@ -43,7 +76,9 @@ def _setup_logging(verbose: int) -> None:
 @click.group(cls=NofreeGroup)
 @click.version_option(__version__, prog_name="nofree")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line "
+              "(also NOFREE_DEBUG=1).")
+def main(verbose: int, debug: bool) -> None:
     """Compose frozen pretrained models into multimodal systems without training them."""
     _setup_logging(verbose)
     try:

@@ -126,3 +126,173 @@ def test_an_over_long_line_is_one_error(tmp_path, monkeypatch):
     pool.write_text("short line\n" + "z" * 5000 + "\n")
     with pytest.raises(DataError, match=r"pool.txt, line 2: longer than"):
         load_text_lines(pool)
+
+
+# --- one-line errors ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, content", [
+    ("pairs.jsonl", b'{"image": "a.jpg", "caption": "a cat"}\n{"image": "b.jpg", "caption": "caf\xe9"}\n'),
+    ("pairs.csv", b"image,caption\na.jpg,a cat\nb.jpg,caf\xe9\n"),
+])
+def test_non_utf8_pairs_name_the_file_and_line(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"{name}, line \d: not UTF-8 text .*re-save the file as UTF-8") as err:
+        load_pairs(tmp_path / name)
+    assert f"{name}, line 2" in str(err.value) or f"{name}, line 3" in str(err.value)
+
+
+def test_labels_files_lines_json_and_bad_bytes(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"\xef\xbb\xbfcat\n\ndog\n")
+    assert load_labels(labels) == ["cat", "dog"]
+    labels.write_text('["cat", "dog"]\n')
+    assert load_labels(labels) == ["cat", "dog"]
+    labels.write_text('["cat", 3]\n')
+    with pytest.raises(DataError, match="JSON list of non-empty strings"):
+        load_labels(labels)
+    labels.write_bytes(b"cat\n\xff\xfedog\n")
+    with pytest.raises(DataError, match=r"labels.txt, line 2: not UTF-8 text \(byte 0xff"):
+        load_labels(labels)
+
+
+def test_unwritable_cache_warns_once_and_goes_on(tmp_path, caplog):
+    from nofree.cache import EmbeddingCache
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    encoder = TinyTextEncoder()
+    cache = EmbeddingCache(blocker / "cache")
+    out = cache.encode(encoder, ["a dog", "a cat"])
+    assert out.allclose(encoder.encode(["a dog", "a cat"]))
+    assert cache.encode(encoder, ["a dog"]).allclose(out[:1])
+    assert caplog.text.count("cannot be written") == 1 and "NOFREE_CACHE" in caplog.text
+
+
+def test_cache_write_failure_drops_the_shard_not_the_run(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from nofree.cache import EmbeddingCache, _Store
+
+    def refuse(self, keys, grids):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(_Store, "write", refuse)
+    cache = EmbeddingCache(tmp_path / "cache")
+    assert cache.encode(TinyTextEncoder(), ["a dog"]).shape == (1, 8)
+    assert "Read-only file system" in caplog.text
+
+
+def _tiny_set(folder: Path) -> Path:
+    import torch
+
+    from nofree.anchors.anchor_set import AnchorSet
+
+    vectors = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    AnchorSet(vectors, vectors.clone(), ("a", "b", "c", "d"), "tiny:image", "tiny:text").save(folder)
+    return folder
+
+
+def test_manifest_index_entry_without_sides_is_one_error(tmp_path):
+    from nofree.anchors.anchor_set import MANIFEST, AnchorSet
+
+    folder = _tiny_set(tmp_path / "set")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["index"] = {"factory": "IVF4,Flat", "center": True, "search": "index"}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest.json: the \"index\" entry has no \"sides\".*nofree "
+                                        r"anchors index"):
+        AnchorSet.load(folder)
+    manifest["index"] = {"factory": "IVF4,Flat", "search": "exact", "reason": "too small"}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert len(AnchorSet.load(folder)) == 4
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    from nofree.testing import tiny_lm
+
+    return tiny_lm(tmp_path_factory.mktemp("gpt2"), family="gpt2")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"colour": "red"}, r"unknown clipcap setting\(s\) colour \(known: prefix_length"),
+    ({"prefix_length": 100_000}, r"prefix_length=100000 is not a whole number in 1..1024"),
+    ({"prefix_length": "ten"}, r"prefix_length='ten' is not a whole number"),
+    ({"prefix_length": 1000}, r"ask for about \d+ M trainable parameters but adapter.safetensors holds"),
+    ({"mapper": "transformer", "num_heads": 7}, r"cannot build a clipcap adapter \(num_heads=7 must divide"),
+])
+def test_edited_adapter_config_is_one_error_before_building(gpt2, tmp_path, edit, message):
+    from nofree.adapters.base import load_adapter
+    from nofree.adapters.clipcap import ClipCap
+    from nofree.testing import TinyImageEncoder
+
+    image_encoder = TinyImageEncoder()
+    image_encoder.spec = "tiny:image"
+    ClipCap(image_encoder, gpt2, prefix_length=2).save_pretrained(tmp_path / "a")
+    config_path = tmp_path / "a" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["config"].update(edit)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(DataError, match=message):
+        load_adapter(tmp_path / "a", image_encoder=image_encoder, lm=gpt2)
+
+
+def test_pickle_checkpoint_in_a_local_folder_is_refused_with_the_conversion(tmp_path):
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    from nofree.core import SpecError
+    from nofree.registry import load_encoder
+    from nofree.testing import make_tiny_hf_text
+
+    folder = make_tiny_hf_text(tmp_path / "t")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "args": argparse.Namespace(lr=1)}, folder / "pytorch_model.bin")
+    with pytest.raises(SpecError, match=r"pytorch_model.bin is a pickle checkpoint .*never unpickles "
+                                        r".*save_file"):
+        load_encoder(f"local:{folder}", modality="text")
+
+
+def test_cli_errors_are_one_line_exit_2_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from nofree.cli import main
+
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NOFREE_DEBUG", raising=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b'{"image": "a.jpg", "caption": "caf\xe9"}\n')
+    build = ["anchors", "build", "--pairs", str(pairs), "--out", str(tmp_path / "set")]
+    result = CliRunner().invoke(main, build)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [f"Error: {pairs}, line 1: not UTF-8 text (byte 0xe9 at column 35); re-save the "
+                     "file as UTF-8"]
+    result = CliRunner().invoke(main, ["--debug", *build])
+    assert isinstance(result.exception, DataError)  # raised on: click's standalone mode prints it
+    monkeypatch.setenv("NOFREE_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(main, build).exception, DataError)
+
+
+def test_cli_maps_a_refused_write_to_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    import nofree.anchors.anchor_set as anchor_set_module
+    from nofree.cli import main
+
+    monkeypatch.delenv("NOFREE_DEBUG", raising=False)
+    folder = _tiny_set(tmp_path / "set")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(anchor_set_module.AnchorSet, "load", classmethod(lambda cls, path, **kw: refuse(path)))
+    result = CliRunner().invoke(main, ["anchors", "info", str(folder)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"Error: {folder}: Permission denied; check its permissions or "
+                                     "choose another path (nofree --debug shows the traceback)")

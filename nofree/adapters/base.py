@@ -20,7 +20,9 @@ What ClipCap and the Flamingo-style adapter share on top of :class:`Adapter` (ca
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -41,6 +43,10 @@ ADAPTER_CLASSES = {"lit": ("nofree.adapters.lit", "LiT"),
                    "flamingo": ("nofree.adapters.flamingo", "Flamingo")}
 #: backbone role -> encoder modality (``None``: a language model)
 ROLE_MODALITY = {"image_encoder": "image", "text_encoder": "text", "lm": None}
+#: The most trainable parameters a saved config may ask for (4 GiB of float32 weights): far
+#: above any adapter nofree trains (ClipCap's MLP on a 4096-wide LM is ~0.84 G), far below what
+#: a hand-edited ``prefix_length`` of thousands would try to allocate.
+MAX_PLANNED_PARAMETERS = 2**30
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
@@ -117,6 +123,57 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def check_saved_config(target: type["Adapter"], header: dict[str, Any], directory: Path) -> None:
+    """Check a saved ``config`` before it builds any module: known settings only, of the types
+    the constructor takes, integers inside ``target.config_limits``, and no more trainable
+    parameters than ``MAX_PLANNED_PARAMETERS`` or than ``adapter.safetensors`` can fill."""
+    path = directory / CONFIG_FILE
+    config, dims = header["config"], header["dims"]
+    if not isinstance(config, dict) or not isinstance(dims, dict):
+        raise DataError(f"{path}: \"config\" and \"dims\" must be JSON objects; the file is damaged")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in dims.values()):
+        raise DataError(f"{path}: \"dims\" must hold whole numbers (the backbone widths); the file "
+                        "is damaged")
+    params = inspect.signature(target.__init__).parameters
+    known = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "device"}
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise DataError(f"{path}: unknown {target.kind} setting(s) {', '.join(unknown)} (known: "
+                        f"{', '.join(known)}); remove them, or load the adapter with the nofree version "
+                        f"that wrote it ({header.get('nofree_version', 'unknown')})")
+    for name, value in config.items():
+        default = known[name]
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        fits = (value is None and default is None) or \
+            (whole and (default is None or type(default) in (int, float))) or \
+            (isinstance(value, float) and type(default) is float and math.isfinite(value)) or \
+            (type(value) is type(default) and isinstance(value, (str, bool)))
+        low, high = target.config_limits.get(name, (-math.inf, math.inf))
+        if not fits or (whole and not low <= value <= high):
+            wanted = f"a whole number in {low}..{high}" if name in target.config_limits else \
+                f"a {type(default).__name__ if default is not None else 'whole number or null'}"
+            raise DataError(f"{path}: setting {name}={value!r} is not {wanted}; restore the file "
+                            "written with the weights, or retrain the adapter")
+    planned = target.planned_parameters({**known, **config}, dims)
+    saved = _saved_elements(directory / WEIGHTS_FILE)
+    if planned > MAX_PLANNED_PARAMETERS or (saved is not None and planned > 4 * saved + 2**20):
+        holds = f" but {WEIGHTS_FILE} holds {saved / 1e6:.1f} M" if saved is not None else ""
+        raise DataError(f"{path}: its settings ask for about {planned / 1e6:.0f} M trainable "
+                        f"parameters{holds}; the file was edited or belongs to other weights: restore "
+                        "it, or retrain the adapter")
+
+
+def _saved_elements(path: Path) -> int | None:
+    """How many numbers a safetensors file holds, from its header only (None if unreadable)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    except Exception:  # missing or damaged: loading the weights reports it
+        return None
+
+
 def adapter_class(kind: str) -> type["Adapter"]:
     """The adapter class of a kind name ('lit', 'clipcap', 'flamingo')."""
     import importlib
@@ -167,6 +224,8 @@ class Adapter(nn.Module):
     backbone_roles: ClassVar[tuple[str, ...]] = ()
     feature_kind: ClassVar[str] = "embed"
     uses_text_features: ClassVar[bool] = False
+    #: integer settings and their allowed range, checked before a saved config builds modules
+    config_limits: ClassVar[dict[str, tuple[int, int]]] = {}
     #: training batches group captions of similar length (less padding through a big LM)
     bucket_by_length: ClassVar[bool] = False
 
@@ -186,6 +245,13 @@ class Adapter(nn.Module):
         # plain attributes: never registered, never in state_dict / parameters / train()
         object.__setattr__(self, "_backbones", {r: backbones[r] for r in self.backbone_roles})
         object.__setattr__(self, "_device", resolve_device(device))
+
+    @classmethod
+    def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
+        """About how many trainable parameters ``cls(**config)`` builds over backbones of the
+        widths ``dims`` (as ``backbone_dims`` records them), computed without building anything;
+        0 where ``config_limits`` alone keeps the size small."""
+        return 0
 
     # --- backbones ------------------------------------------------------------------------
     @property
@@ -324,6 +390,7 @@ class Adapter(nn.Module):
         if cls is not Adapter and target is not cls:
             raise DataError(f"{directory} holds a {header['kind']} adapter, not {cls.kind}; load it "
                             f"with nofree.adapters.load_adapter() or {target.__name__}.from_pretrained()")
+        check_saved_config(target, header, directory)
         given = {"image_encoder": image_encoder, "text_encoder": text_encoder, "lm": lm}
         for role, value in given.items():
             if value is not None and role not in target.backbone_roles:
@@ -341,7 +408,13 @@ class Adapter(nn.Module):
                                 f"{getattr(backbone, 'spec', None)!r} was given; pass the {role} "
                                 f"it was trained with, or leave {role}= out to load it from its spec")
             backbones[role] = backbone
-        adapter = target(**backbones, **header["config"], device=device)
+        try:
+            adapter = target(**backbones, **header["config"], device=device)
+        except ValueError as err:
+            if isinstance(err, SpecError):
+                raise
+            raise DataError(f"{directory / CONFIG_FILE}: its settings cannot build a {target.kind} "
+                            f"adapter ({err}); restore the file written with the weights") from err
         dims = adapter.backbone_dims()
         wrong = {k: (v, dims.get(k)) for k, v in header["dims"].items() if dims.get(k) != v}
         if wrong:

@@ -85,6 +85,16 @@ class ClipCap(CaptioningAdapter):
 
     kind = "clipcap"
     feature_kind = "embed"
+    config_limits = {"prefix_length": (1, 1024), "clip_length": (1, 1024), "num_layers": (1, 64),
+                     "num_heads": (1, 256), "max_caption_tokens": (1, 8192)}
+
+    @classmethod
+    def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
+        d, h, length = dims.get("image_embed_dim", 0), dims.get("lm_hidden_size", 0), config["prefix_length"]
+        if config["mapper"] == "mlp":  # d -> L·H/2 -> L·H: quadratic in the prefix length
+            middle = max(1, length * h // 2)
+            return d * middle + middle * length * h
+        return d * config["clip_length"] * h + length * h + config["num_layers"] * 8 * h * h
 
     def __init__(self, image_encoder: Any, lm: Any, *, prefix_length: int = 10, mapper: str = "mlp",
                  clip_length: int = 10, num_layers: int = 8, num_heads: int = 8,

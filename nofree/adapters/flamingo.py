@@ -148,6 +148,16 @@ class Flamingo(CaptioningAdapter):
 
     kind = "flamingo"
     feature_kind = "tokens"
+    config_limits = {"num_latents": (1, 4096), "resampler_depth": (1, 64), "heads": (1, 256),
+                     "dim_head": (1, 4096), "ff_mult": (1, 64), "xattn_every": (1, 10**6),
+                     "max_caption_tokens": (1, 8192)}
+
+    @classmethod
+    def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
+        h, t = dims.get("lm_hidden_size", 0), dims.get("image_token_dim", 0)
+        layer = 4 * h * config["heads"] * config["dim_head"] + 2 * config["ff_mult"] * h * h  # attn + ff
+        blocks = -(-dims.get("lm_num_layers", 0) // config["xattn_every"])
+        return t * h + config["num_latents"] * h + (config["resampler_depth"] + blocks) * layer
 
     def __init__(self, image_encoder: Any, lm: Any, *, num_latents: int = 32,
                  resampler_depth: int = 2, heads: int = 8, dim_head: int = 64, ff_mult: int = 2,

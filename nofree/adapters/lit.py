@@ -138,6 +138,14 @@ class LiT(Adapter):
     backbone_roles = ("image_encoder", "text_encoder")
     feature_kind = "embed"
     uses_text_features = True
+    config_limits = {"embed_dim": (1, 65536), "hidden_dim": (1, 65536), "text_layers": (0, 1024)}
+
+    @classmethod
+    def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
+        image, text = dims.get("image_embed_dim", 0), dims.get("text_embed_dim", 0)
+        embed, hidden = config["embed_dim"] or image, config["hidden_dim"]
+        heads = text * embed if hidden is None else text * hidden + hidden * embed
+        return heads + (0 if embed == image else image * embed)
 
     def __init__(self, image_encoder: Any, text_encoder: Any, *, embed_dim: int | None = None,
                  hidden_dim: int | None = None, text_layers: int = 0, loss: str = "contrastive",

@@ -211,6 +211,10 @@ def read_manifest(path: Path) -> dict:
                       ("image_dim", int), ("text_dim", int)):
         if not isinstance(manifest.get(key), kind):
             raise DataError(f"{file}: field {key!r} is missing or not a {kind.__name__}; rebuild the set")
+    if manifest.get("index") is not None:
+        from nofree.anchors.index import check_index_entry
+
+        check_index_entry(manifest["index"], file)
     return manifest
 
 

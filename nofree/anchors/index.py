@@ -197,6 +197,32 @@ def _prepared(anchors: AnchorSet, center: bool) -> dict[str, Tensor]:
     return {"image": asif.image_anchors_, "text": asif.text_anchors_}
 
 
+def check_index_entry(entry: Any, file: Path) -> None:
+    """Raise ``DataError`` naming ``file`` (a manifest) when its ``"index"`` entry lacks what
+    :func:`add_index` writes (hand edits, other tools), instead of a ``KeyError`` later."""
+    fix = (f"remove the \"index\" entry from {file}, or add the index again with `nofree anchors "
+           f"index {file.parent} --factory ...`")
+    if not isinstance(entry, dict) or not isinstance(entry.get("factory"), str):
+        raise DataError(f"{file}: the \"index\" entry is not an object with a \"factory\" string; {fix}")
+    if entry.get("search") not in ("index", "exact"):
+        raise DataError(f"{file}: the \"index\" entry's \"search\" is {entry.get('search')!r}, "
+                        f"expected \"index\" or \"exact\"; {fix}")
+    if entry["search"] == "exact":
+        return
+    sides = entry.get("sides")
+    if not isinstance(sides, dict) or not sides or not set(sides) <= set(MODALITIES):
+        raise DataError(f"{file}: the \"index\" entry has no \"sides\" (an object keyed by "
+                        f"{' / '.join(MODALITIES)}); {fix}")
+    wanted = {"k": int, "recall_at_k": (int, float), "bytes": int}
+    for modality, side in sides.items():
+        bad = [key for key, kind in wanted.items() if not isinstance(side, dict) or
+               not isinstance(side.get(key), kind) or isinstance(side.get(key), bool)]
+        if bad or not isinstance(side.get("nprobe"), (int, type(None))) or \
+                not isinstance(side.get("refine", DEFAULT_REFINE), int):
+            raise DataError(f"{file}: the \"index\" entry's {modality} side lacks valid "
+                            f"{', '.join(bad) or 'nprobe / refine'}; {fix}")
+
+
 def _write_manifest_entry(path: Path, entry: dict | None) -> None:
     manifest = read_manifest(path)
     if entry is None:

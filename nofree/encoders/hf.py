@@ -19,6 +19,7 @@ safetensors or, where a repository has only a ``.bin``, through transformers' ow
 from __future__ import annotations
 
 import inspect
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,32 @@ def _from_pretrained(factory: Any, name: str, spec: str, **kwargs: Any) -> Any:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return factory.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError:
+        raise pickle_refused(spec, name) from None
     except (OSError, ValueError, KeyError) as err:
         where = "folder" if Path(name).exists() else "hub name (needs internet, or a cached copy)"
         raise SpecError(f"{spec}: could not load {getattr(factory, '__name__', factory)} from "
                         f"{name!r} as a {where}: {err}") from err
+
+
+def pickle_refused(spec: str, name: str) -> SpecError:
+    """The error for a pickle checkpoint (the file ``name``, or one in the folder ``name``) that
+    holds more than tensors, so ``torch.load(weights_only=True)`` refused it: nofree never
+    unpickles objects, since that can run code."""
+    folder = Path(name)
+    if folder.is_file():  # a checkpoint file given directly
+        file, folder = folder, folder.parent
+    else:
+        found = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")) \
+            if folder.is_dir() else []
+        file = folder / found[0] if found else folder / "pytorch_model.bin"
+    return SpecError(
+        f"{spec}: {file} is a pickle checkpoint holding more than tensors; nofree reads only "
+        "safetensors or tensor-only PyTorch files and never unpickles objects (that can run code). "
+        "If you trust the file, convert it to safetensors once: python -c \"import torch; from "
+        f"safetensors.torch import save_file; sd = torch.load('{file}', weights_only=False); "
+        "save_file({k: v.clone().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
+        f"'{folder / 'model.safetensors'}')\" and move the pickle out of the folder")
 
 
 def _text_max_length(tokenizer: Any, config: Any, cap: int = 512) -> int:

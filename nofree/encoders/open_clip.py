@@ -20,6 +20,7 @@ text in the chunk with padding masked out.
 """
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -116,6 +117,11 @@ def load_open_clip(name: str, tag: str | None, *, device: str | torch.device | N
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=str(resolve_device(device)))
         tokenizer = open_clip.get_tokenizer(name)
+    except pickle.UnpicklingError:
+        from nofree.encoders.hf import pickle_refused
+
+        raise pickle_refused(spec, tag if tag and tag != RANDOM_TAG else name.removeprefix("local-dir:")) \
+            from None
     except (RuntimeError, OSError, ValueError) as err:
         raise SpecError(f"{spec}: open_clip could not build the model ({err}). Pretrained tags "
                         "download from the hub: they need internet or a cached copy") from err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -310,6 +311,10 @@ def load_hf_lm(name_or_path: str | Path, *, device: str | torch.device | None = 
         tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in from_pretrained.items()
                                                            if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **from_pretrained)
+    except pickle.UnpicklingError:
+        from nofree.encoders.hf import pickle_refused
+
+        raise pickle_refused(spec, name) from None
     except OSError as err:
         raise SpecError(f"{spec}: could not load a causal LM from {name!r} ({err}). Give a hub name "
                         "(needs internet) or a local folder with config.json and weights") from err
