@@ -296,3 +296,25 @@ def test_cli_maps_a_refused_write_to_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output.strip() == (f"Error: {folder}: Permission denied; check its permissions or "
                                      "choose another path (nofree --debug shows the traceback)")
+
+
+# --- silent input damage --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, scale, suffix", [
+    ("uint16", 65535, ".png"),   # PIL mode I;16
+    ("int32", 65535, ".tif"),    # PIL mode I
+    ("float32", 1.0, ".tif"),    # PIL mode F
+])
+def test_high_bit_depth_greyscale_keeps_its_brightness(tmp_path, dtype, scale, suffix):
+    import numpy as np
+    from PIL import Image
+
+    from nofree.data.images import load_image
+
+    gradient = np.tile(np.linspace(0.0, 1.0, 64), (32, 1))  # mean 0.5
+    path = tmp_path / f"gradient{suffix}"
+    Image.fromarray((gradient * scale).astype(dtype)).save(path)
+    rgb = np.asarray(load_image(path), dtype=np.float64)
+    assert rgb.shape == (32, 64, 3)
+    assert abs(rgb.mean() - 127.5) < 1.0  # PIL's own convert("RGB") gives ~251 (clipped to white)
+    assert rgb[:, 0].max() == 0 and rgb[:, -1].min() == 255

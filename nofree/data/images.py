@@ -10,6 +10,11 @@ pixels; that becomes a ``DataError`` (the image is skipped in bulk loading). Bet
 times the limit PIL only warns; such an image is loaded and the warning goes to ``logging``
 once per image instead of as a Python warning. No EXIF rotation is applied (as in the usual
 CLIP preprocessing), so encoders see the stored pixel grid.
+
+High-bit-depth greyscale (16-bit PNG/TIFF: PIL modes ``I;16*``, ``I``, ``F``) is scaled to 8 bits
+by its nominal range (``I;16``: 0..65535; ``I`` and ``F``: the smallest of 0..1, 0..255 and
+0..65535 that holds every value, else the image's own min..max), where PIL's ``convert("RGB")``
+would clip every value above 255 to white.
 """
 from __future__ import annotations
 
@@ -62,6 +67,8 @@ def load_image(path: str | os.PathLike):
                 image.load()
                 if image.mode == "P" and "transparency" in image.info:
                     image = image.convert("RGBA")
+                if image.mode.startswith("I") or image.mode == "F":
+                    image = _to_8bit(image)
                 rgb = image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image {name} does not exist; fix the path in the pairs file (relative "
@@ -86,6 +93,23 @@ def load_image(path: str | os.PathLike):
         else:
             log.debug("image %s: %s", name, warning.message)
     return rgb
+
+
+def _to_8bit(image):
+    """A 16-bit / 32-bit integer or float greyscale image as 8-bit ``L`` (see the module docstring)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+        top = next((r for r in ranges if low >= 0 and high <= r), None)
+    if top is None:  # outside every nominal range: stretch the image's own range
+        values, top = values - low, max(high - low, 1e-12)
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))  # L
 
 
 def load_images(paths: Sequence[str | os.PathLike]) -> LoadedImages:
