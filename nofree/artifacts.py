@@ -153,7 +153,8 @@ def _reason(err: BaseException) -> tuple[str, str]:
                 else errno.EROFS if "read-only" in lowered
                 else errno.EACCES if "permission denied" in lowered else None)
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device (or over quota)", "free some space or choose another destination"
+        return ("no space left on the device (or over quota)",
+                "free some space or choose another destination")
     if code == errno.EROFS:
         return "the file system is read-only", "choose a writable destination"
     if code in (errno.EACCES, errno.EPERM):
@@ -207,7 +208,8 @@ def artifact_kind(folder: str | os.PathLike) -> str | None:
             (isinstance(state, dict) and state.get("format") == "nofree-training-state"):
         return ADAPTER
     results = _read_json(folder / "results.json")
-    if isinstance(results, dict) and "nofree_version" in results and isinstance(results.get("methods"), dict):
+    if isinstance(results, dict) and "nofree_version" in results and \
+            isinstance(results.get("methods"), dict):
         return REPORT
     return None
 

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.artifacts import apply_umask, file_record, replace_dir, temp_dir_beside, verify_files, writing
+from nofree.artifacts import (apply_umask, file_record, replace_dir, temp_dir_beside, verify_files,
+                              writing)
 from nofree.core import DataError, SpecError
 
 FORMAT_NAME = "nofree-anchor-set"
