@@ -136,16 +136,18 @@ def _pairs_options(f):
               "default: start a local Ray for this command.")
 @click.option("--index", "index_factory", metavar="FACTORY", help="Also add a faiss search index, "
               "e.g. 'IVF4096,PQ32' (see `nofree anchors index`).")
+@click.option("--dedupe", is_flag=True, help="Skip repeated pairs (an image listed twice, a caption "
+              "its image already has); without it they are reported and each becomes an anchor.")
 @_pairs_options
 def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, engine, workers, ray_address,
-                  index_factory, limit, split, batch_size, device):
+                  index_factory, dedupe, limit, split, batch_size, device):
     """Encode pairs into an anchor set (resumes an interrupted build)."""
     from nofree.anchors.build import build_anchor_set
 
     built = build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
                              split=split, limit=limit, batch_size=batch_size, device=device,
                              overwrite=overwrite, engine=engine, workers=workers,
-                             ray_address=ray_address, index=index_factory)
+                             ray_address=ray_address, index=index_factory, dedupe=dedupe)
     skipped = built.meta.get("skipped_images", [])
     click.echo(f"wrote {out}: {len(built)} anchors ({built.image_dim}-d image, {built.text_dim}-d text)"
                + (f", {len(skipped)} unreadable image(s) or sample(s) skipped" if skipped else ""))

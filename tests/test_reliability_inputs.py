@@ -318,3 +318,32 @@ def test_high_bit_depth_greyscale_keeps_its_brightness(tmp_path, dtype, scale, s
     assert rgb.shape == (32, 64, 3)
     assert abs(rgb.mean() - 127.5) < 1.0  # PIL's own convert("RGB") gives ~251 (clipped to white)
     assert rgb[:, 0].max() == 0 and rgb[:, -1].min() == 255
+
+
+def test_duplicate_pairs_are_reported_and_skipped_on_request(caplog):
+    from nofree.core import Pair
+    from nofree.data.pairs import dedupe_pairs
+
+    pairs = [Pair("/a.jpg", ("a cat", "a cat", "cat")), Pair("/b.jpg", ("a dog",)),
+             Pair("/a.jpg", ("a cat", "a kitten")), Pair("/a.jpg", ("a cat",), "val")]
+    assert dedupe_pairs(pairs, "p.jsonl", dedupe=False) == pairs
+    assert "1 pair(s) list an image listed before and 2 caption(s) repeat" in caplog.text
+    assert "pass --dedupe" in caplog.text
+    kept = dedupe_pairs(pairs, "p.jsonl", dedupe=True)
+    assert kept == [Pair("/a.jpg", ("a cat", "cat", "a kitten")), Pair("/b.jpg", ("a dog",)),
+                    Pair("/a.jpg", ("a cat",), "val")]  # another split is another pair
+    caplog.clear()
+    assert dedupe_pairs(kept, "p.jsonl", dedupe=True) == kept and not caplog.text
+
+
+def test_anchors_build_dedupe(tmp_path):
+    from nofree.anchors.build import build_anchor_set
+    from nofree.testing import TinyImageEncoder
+    from tests.test_anchors import make_pairs
+
+    pairs = make_pairs(tmp_path / "data", n=3)
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(lines + lines[:1]) + "\n")  # the first image listed twice
+    encoders = dict(image_encoder=TinyImageEncoder(), text_encoder=TinyTextEncoder())
+    assert len(build_anchor_set(pairs, out=tmp_path / "all", progress=False, **encoders)) == 8
+    assert len(build_anchor_set(pairs, out=tmp_path / "once", progress=False, dedupe=True, **encoders)) == 6

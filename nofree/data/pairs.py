@@ -37,7 +37,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from nofree.core import DataError, Pair
 
@@ -96,6 +96,46 @@ def load_pairs(source: str | os.PathLike, *, split: str | None = None,
                             f"{', '.join(present)} (None means the rows carry no split)")
         pairs = selected
     return pairs[:limit] if limit is not None else pairs
+
+
+def dedupe_pairs(pairs: Sequence[Pair], source: object, *, dedupe: bool) -> list[Pair]:
+    """Report repeated pairs (one warning with the counts) and, when ``dedupe``, skip them.
+
+    Two kinds are counted, in order: a pair listing an image (of the same split) that an earlier
+    pair already listed, and a caption its image already has. Skipping merges a repeated image's
+    new captions into its first pair and drops repeated captions, so every (image, caption)
+    anchor is encoded once; without ``dedupe`` the pairs come back unchanged.
+    """
+    first: dict[tuple[str, str | None], int] = {}  # (image, split) -> index in `kept`
+    kept: list[Pair] = []
+    repeated_images = repeated_captions = 0
+    for pair in pairs:
+        key = (pair.image, pair.split)
+        if key in first:
+            repeated_images += 1
+            known = kept[first[key]]
+        else:
+            known = None
+        have = set(known.captions) if known is not None else set()
+        new = []
+        for caption in pair.captions:
+            if caption in have:
+                repeated_captions += 1
+            else:
+                have.add(caption)
+                new.append(caption)
+        if known is None:
+            first[key] = len(kept)
+            kept.append(Pair(pair.image, tuple(new), pair.split, pair.meta) if new else pair)
+        elif new:
+            kept[first[key]] = Pair(known.image, known.captions + tuple(new), known.split, known.meta)
+    if not (repeated_images or repeated_captions):
+        return list(pairs)
+    log.warning("%s: %d pair(s) list an image listed before and %d caption(s) repeat one their image "
+                "already has; %s", source, repeated_images, repeated_captions,
+                "skipped them (--dedupe)" if dedupe else "each repeat becomes another anchor (pass "
+                "--dedupe to skip them)")
+    return kept if dedupe else list(pairs)
 
 
 def load_text_lines(path: str | os.PathLike) -> list[str]:
