@@ -312,8 +312,11 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
                      shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
                      progress: bool = True, engine: str = "local", workers: int | None = None,
                      ray_address: str | None = None, index: str | None = None,
-                     checkpoint_s: float = DEFAULT_CHECKPOINT_S) -> AnchorSet:
+                     checkpoint_s: float = DEFAULT_CHECKPOINT_S, dedupe: bool = False) -> AnchorSet:
     """Encode pairs (JSONL / CSV / image folder / webdataset shards) into an anchor set at ``out``.
+
+    Repeated pairs (an image listed twice, a caption its image already has) are reported in one
+    warning, and skipped when ``dedupe`` (:func:`nofree.data.pairs.dedupe_pairs`).
 
     Resumable: an interrupted build keeps its shards (and the finished pieces of the shard it
     was encoding, saved every ``checkpoint_s`` seconds and on Ctrl-C) in ``OUT.partial`` and
@@ -335,6 +338,9 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
     loaded, unread = _load_pairs(pairs, split, limit)
     if not loaded:
         raise DataError(f"no pairs to build from in {pairs}" + (f" with split={split!r}" if split else ""))
+    from nofree.data.pairs import dedupe_pairs
+
+    loaded = dedupe_pairs(loaded, pairs if isinstance(pairs, (str, Path)) else "pairs", dedupe=dedupe)
     work_dir = Path(os.path.abspath(out) + ".partial")
     with exclusive(out):
         if out.exists():
