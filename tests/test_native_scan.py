@@ -3,6 +3,7 @@ bit, and the fallback when no compiler is around."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,10 +227,46 @@ def test_built_once_then_loaded_from_the_cache(lib, fresh_library, monkeypatch, 
     first = native.library()
     assert first is not None
     built = list(tmp_path.rglob("*"))
-    assert [p.name for p in built if p.is_file()] == [native.LIBRARY]  # no temporary left
+    assert sorted(p.name for p in built if p.is_file()) == [native.LIBRARY, native.RECORD]  # no temporary left
     native.library.cache_clear()
     monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
     assert native.library() is not None
+
+
+def test_a_library_nofree_did_not_build_is_rebuilt_not_loaded(lib, fresh_library, monkeypatch, tmp_path,
+                                                              caplog):
+    import types
+
+    class Unloaded:  # stands in for the loaded library: this process never maps the files here
+        def __getattr__(self, name):
+            return types.SimpleNamespace()
+
+    loaded = []
+    monkeypatch.setattr(native.ctypes, "CDLL", lambda path: loaded.append(Path(path).read_bytes()) or Unloaded())
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path))
+    assert native.library() is not None
+    [target] = tmp_path.rglob(native.LIBRARY)
+    built = target.read_bytes()
+    target.write_bytes(b"\x7fELF not the library nofree built")  # loading it would run its code
+    native.library.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="nofree.native"):
+        assert native.library() is not None
+    assert "is not the library nofree built" in caplog.text
+    assert loaded == [built, built] and target.read_bytes() == built  # rebuilt; only that was loaded
+    (target.parent / native.RECORD).unlink()  # a library without its record is not trusted either
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "_compile", lambda *a: "no compiler here")
+    assert native.library() is None and len(loaded) == 2
+
+
+def test_a_cache_writable_by_others_is_warned_about(lib, fresh_library, monkeypatch, tmp_path, caplog):
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o777)
+    monkeypatch.setenv("NOFREE_CACHE", str(cache))
+    with caplog.at_level(logging.WARNING, logger="nofree.native"):
+        assert native.library() is not None
+    assert f"{cache} is writable by other users (mode drwxrwxrwx)" in caplog.text
 
 
 # --- the int8 products in C (AVX-512 VNNI), plain and with the selection fused in ----------------

@@ -18,13 +18,21 @@ The shared library is built with the system C compiler (``$CC``, else ``cc``) fr
 here into ``$NOFREE_CACHE/native/<key>/`` (default ``~/.cache/nofree``), keyed by the sources,
 the compiler command and this CPU, written to a temporary name and renamed, so concurrent first
 uses and interrupted builds never leave a half-written library behind.
+
+Loading a shared library runs its code, so a library is loaded only when it is the one nofree
+built: each build writes ``nofree_kernels.so.sha256.json`` beside it (the build key and the
+library's sha256), and a library without a record that matches its key and its bytes is rebuilt,
+never loaded. A cache folder that other users may write to is warned about, since whoever can
+write there can replace both files.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import json
 import logging
+import stat
 import os
 import platform
 import shlex
@@ -41,6 +49,8 @@ FOLDER = Path(__file__).parent
 SOURCES = (FOLDER / "scan.c", FOLDER / "attention.c")
 HEADERS = (FOLDER / "jobs.h",)
 LIBRARY = "nofree_kernels.so"
+#: written beside the library by the build: {"key": build key, "sha256": the library's sha256}
+RECORD = LIBRARY + ".sha256.json"
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
 #: tried first; dropped when the compiler rejects it (the key includes the CPU either way)
 ARCH_FLAGS = ("-march=native",)
@@ -90,10 +100,38 @@ def _cache_dir() -> Path:
     return default_cache_root() / "native"
 
 
-def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str | None:
-    """Build the library at ``target`` (atomically); the compiler's complaint on failure."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path, key: str) -> bool:
+    """Whether ``target`` is the library nofree built for ``key``: the record beside it names
+    that key and the sha256 of the file's current bytes."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        record = json.loads((target.parent / RECORD).read_text(encoding="utf-8"))
+        return isinstance(record, dict) and record.get("key") == key and record.get("sha256") == _sha256(target)
+    except (OSError, ValueError):
+        return False
+
+
+def _warn_if_shared(folders: list[Path]) -> None:
+    """One warning for each existing folder of the native cache that group or others may write."""
+    for folder in folders:
+        try:
+            mode = folder.stat().st_mode
+        except OSError:
+            continue
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning("%s is writable by other users (mode %s): anyone who can write there could "
+                        "replace nofree's native library; run `chmod go-w %s` or set NOFREE_CACHE to a "
+                        "private folder", folder, stat.filemode(mode), folder)
+
+
+def _compile(compiler: list[str], flags: tuple[str, ...], target: Path, key: str) -> str | None:
+    """Build the library at ``target`` (atomically) with its sha256 record for ``key``; the
+    compiler's complaint on failure."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
         os.close(fd)
     except OSError as exc:
@@ -103,13 +141,19 @@ def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str |
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             return (done.stderr or done.stdout).strip()[-600:] or f"exit status {done.returncode}"
+        record = json.dumps({"key": key, "sha256": _sha256(Path(tmp)), "library": LIBRARY})
+        record_tmp = f"{tmp}.record"
+        with open(record_tmp, "w", encoding="utf-8") as handle:
+            handle.write(record)
+        os.replace(record_tmp, target.parent / RECORD)
         os.replace(tmp, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, f"{tmp}.record"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def library_for(device: Any) -> ctypes.CDLL | None:
@@ -129,14 +173,24 @@ def library() -> ctypes.CDLL | None:
         source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     except OSError as exc:  # an installation without the package's C files
         source, errors = b"", [f"cannot read {exc.filename}: {exc.strerror}"]
+    if source:
+        from nofree.cache import default_cache_root
+
+        _warn_if_shared([default_cache_root(), _cache_dir()])
     for flags in (FLAGS + ARCH_FLAGS, FLAGS) if source else ():
-        key = hashlib.sha256(source + repr((compiler, flags)).encode() + _cpu_fingerprint().encode())
-        target = _cache_dir() / key.hexdigest()[:16] / LIBRARY
-        if not target.exists():
+        key = hashlib.sha256(source + repr((compiler, flags)).encode() + _cpu_fingerprint().encode()).hexdigest()
+        target = _cache_dir() / key[:16] / LIBRARY
+        if not _verified(target, key):
+            if target.exists():
+                log.warning("%s is not the library nofree built (no matching sha256 record beside it); "
+                            "rebuilding it instead of loading it", target)
             start = time.perf_counter()
-            error = _compile(compiler, flags, target)
+            error = _compile(compiler, flags, target, key)
             if error is not None:
                 errors.append(f"{' '.join(compiler + list(flags))}: {error}")
+                continue
+            if not _verified(target, key):  # replaced again between the build and this check
+                errors.append(f"{target} changed right after it was built; not loading it")
                 continue
             log.info("built nofree's native kernels in %.1f s: %s", time.perf_counter() - start, target)
         try:
