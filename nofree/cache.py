@@ -25,9 +25,9 @@ of an ``encode`` call, and whenever an error or an interrupt (Ctrl-C, or SIGTERM
 exception by the CLI) stops one, so an interrupted run loses only what a hard kill catches in
 the last ``flush_seconds``. ``encode(..., flush=False)`` keeps the waiting items in memory (and
 serves them to later lookups) across calls, so a caller encoding batch by batch writes a few
-shard files rather than one per batch; it calls ``flush()`` when done. A shard that fails to parse or whose checksum
-does not match is set aside (renamed ``*.corrupt``) with a warning and its items are encoded
-again. Loading reads safetensors and JSON only; nothing is unpickled or executed.
+shard files rather than one per batch; it calls ``flush()`` when done. A shard that fails to
+parse or whose checksum does not match is set aside (renamed ``*.corrupt``) with a warning and
+its items are encoded again. Loading reads safetensors and JSON only; nothing is unpickled or executed.
 
 Token grids (``kind="tokens"``): text grids are stored without their trailing all-zero
 (padding) rows, so a text's grid does not depend on the batch it was encoded in; a returned

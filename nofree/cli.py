@@ -119,6 +119,11 @@ def _pairs_options(f):
     return f
 
 
+def _strict_option(f):
+    return click.option("--strict", is_flag=True, help="Stop at the first unreadable image with an "
+                        "error naming it (default: skip it, report it at the end, go on).")(f)
+
+
 @anchors.command("build")
 @click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path),
               help="Pairs: JSONL (image, captions), CSV (image,caption), an image folder with .txt "
@@ -139,15 +144,16 @@ def _pairs_options(f):
 @click.option("--dedupe", is_flag=True, help="Skip repeated pairs (an image listed twice, a caption "
               "its image already has); without it they are reported and each becomes an anchor.")
 @_pairs_options
+@_strict_option
 def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, engine, workers, ray_address,
-                  index_factory, dedupe, limit, split, batch_size, device):
+                  index_factory, dedupe, limit, split, batch_size, device, strict):
     """Encode pairs into an anchor set (resumes an interrupted build)."""
     from nofree.anchors.build import build_anchor_set
 
     built = build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
                              split=split, limit=limit, batch_size=batch_size, device=device,
                              overwrite=overwrite, engine=engine, workers=workers,
-                             ray_address=ray_address, index=index_factory, dedupe=dedupe)
+                             ray_address=ray_address, index=index_factory, dedupe=dedupe, strict=strict)
     skipped = built.meta.get("skipped_images", [])
     click.echo(f"wrote {out}: {len(built)} anchors ({built.image_dim}-d image, {built.text_dim}-d text)"
                + (f", {len(skipped)} unreadable image(s) or sample(s) skipped" if skipped else ""))
@@ -254,11 +260,6 @@ def anchors_info(anchor_dir, fmt, verify):
 
 
 # --- ASIF tasks -----------------------------------------------------------------------------
-def _strict_option(f):
-    return click.option("--strict", is_flag=True, help="Stop at the first unreadable image with an "
-                        "error naming it (default: skip it, report it at the end, go on).")(f)
-
-
 def _asif_options(f):
     f = _strict_option(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -330,7 +331,8 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
     pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
-    rows = iter_classify_paths(pipeline, _image_paths(images), labels, templates=templates or DEFAULT_TEMPLATES,
+    rows = iter_classify_paths(pipeline, _image_paths(images), labels,
+                               templates=templates or DEFAULT_TEMPLATES,
                                average_templates=average_templates, top=top, strict=strict)
     stream_rows(rows, fmt, ["image", "top"], lambda r: {
         "image": r["image"], "top": ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"])})
@@ -344,8 +346,8 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries, image_queries, top,
-             fmt, target):
+def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries, image_queries,
+             top, fmt, target):
     """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
 
     TARGET is an image folder, or a pairs file (its images for --query, its captions for

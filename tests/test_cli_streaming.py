@@ -178,3 +178,20 @@ def test_rows_finished_before_an_interrupt_are_printed(capsys, fmt):
         assert [json.loads(line)["image"] for line in out] == ["a.png", "b.png", "c.png"]
     else:  # header + the finished rows; the unreadable one is reported on stderr, not here
         assert len(out) == 3 and out[1].split() == ["a.png", "a", "cat"] and "c.png" in out[2]
+
+
+def test_anchors_build_reports_skipped_images_once_and_strict_stops(runner, tmp_path, specs, caplog):  # noqa: F811
+    from tests.test_anchors import make_pairs
+
+    pairs = make_pairs(tmp_path / "data", n=6, corrupt=(2, 4))
+    build = ["anchors", "build", "--pairs", str(pairs), "--image-encoder", specs[0], "--text-encoder", specs[1]]
+    result = runner.invoke(main, [*build, "--out", str(tmp_path / "set")])
+    assert result.exit_code == 0 and "2 unreadable image(s) or sample(s) skipped" in result.output
+    reports = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(reports) == 1 and "img2.png" in reports[0] and "img4.png" in reports[0]
+
+    result = runner.invoke(main, [*build, "--out", str(tmp_path / "strict"), "--strict", "--batch-size", "1"])
+    assert result.exit_code not in (0, None) and "Traceback" not in result.output
+    message = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(message) == 1 and "img2.png" in message[0]
+    assert not (tmp_path / "strict").exists()

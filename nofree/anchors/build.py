@@ -68,8 +68,10 @@ def _resolve_encoder(encoder: str | Encoder | Callable[[], Encoder], modality: s
 
 
 def _encode_piece(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
-                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Encode a few pairs: one anchor per (readable image, caption); returns tensors + lists."""
+                  batch_size: int, strict: bool = False,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Encode a few pairs: one anchor per (readable image, caption); returns tensors + lists.
+    An unreadable image is skipped (``strict``: its ``DataError`` is raised)."""
     from nofree.data.images import load_image
 
     images, kept, skipped = [], [], []
@@ -78,8 +80,10 @@ def _encode_piece(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: E
             images.append(load_image(pair.image))
             kept.append(pair)
         except DataError as err:
+            if strict:
+                raise
             skipped.append(pair.image)
-            log.warning("skipping %s", err)
+            log.debug("skipping %s", err)  # reported together at the end of the build
     captions = [caption for pair in kept for caption in pair.captions]
     owners = [pair.image for pair in kept for _ in pair.captions]
     repeats = torch.tensor([len(pair.captions) for pair in kept], dtype=torch.long)
@@ -104,7 +108,7 @@ def _join(pieces: list[tuple[dict[str, torch.Tensor], dict[str, list]]], dims: t
 
 def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
                   batch_size: int, *, checkpoint: Path | None = None,
-                  checkpoint_s: float = DEFAULT_CHECKPOINT_S,
+                  checkpoint_s: float = DEFAULT_CHECKPOINT_S, strict: bool = False,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Encode one shard: one anchor per (readable image, caption); returns tensors + metadata.
 
@@ -131,13 +135,13 @@ def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: E
     try:
         while done < len(pairs):
             chunk = pairs[done:done + batch_size]
-            pieces.append(_encode_piece(chunk, image_encoder, text_encoder, batch_size))
+            pieces.append(_encode_piece(chunk, image_encoder, text_encoder, batch_size, strict))
             done += len(chunk)
             if checkpoint is not None and done < len(pairs) and \
                     time.monotonic() - last_save >= checkpoint_s:
                 save()
                 saved_done, last_save = done, time.monotonic()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, DataError):  # Ctrl-C, or --strict stopping at an unreadable image
         if checkpoint is not None and saved_done < done < len(pairs):
             save()
         raise
@@ -240,13 +244,15 @@ def assemble_shards(parts: Sequence[tuple[dict[str, torch.Tensor], dict[str, Any
 def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
                            work_dir: Path, *, batch_size: int = 32,
                            shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
-                           checkpoint_s: float = DEFAULT_CHECKPOINT_S) -> tuple[AnchorSet, list[str]]:
+                           checkpoint_s: float = DEFAULT_CHECKPOINT_S, strict: bool = False,
+                           ) -> tuple[AnchorSet, list[str]]:
     """Encode ``pairs`` into an in-memory AnchorSet through resumable shards in ``work_dir``.
 
     Returns the anchors and the image paths that were skipped. ``work_dir`` holds ``plan.json``
     (what is being built, see :func:`start_work_dir`), ``shard-NNNNN.safetensors`` and, for the
     shard being encoded, ``part-NNNNN.safetensors`` (its pieces so far, saved every
-    ``checkpoint_s`` seconds and on Ctrl-C).
+    ``checkpoint_s`` seconds and on Ctrl-C). ``strict``: the first unreadable image raises its
+    ``DataError`` (the pairs encoded before it are kept) instead of being skipped.
     """
     from tqdm.auto import tqdm
 
@@ -262,7 +268,7 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
             if part is None:
                 tensors, metadata = _encode_shard(chunk, image_encoder, text_encoder, batch_size,
                                                   checkpoint=checkpoint_path(work_dir, index),
-                                                  checkpoint_s=checkpoint_s)
+                                                  checkpoint_s=checkpoint_s, strict=strict)
                 _write_shard(path, tensors, metadata)
                 checkpoint_path(work_dir, index).unlink(missing_ok=True)
                 part = tensors, {key: json.loads(value) for key, value in metadata.items()}
@@ -312,7 +318,8 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
                      shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
                      progress: bool = True, engine: str = "local", workers: int | None = None,
                      ray_address: str | None = None, index: str | None = None,
-                     checkpoint_s: float = DEFAULT_CHECKPOINT_S, dedupe: bool = False) -> AnchorSet:
+                     checkpoint_s: float = DEFAULT_CHECKPOINT_S, dedupe: bool = False,
+                     strict: bool = False) -> AnchorSet:
     """Encode pairs (JSONL / CSV / image folder / webdataset shards) into an anchor set at ``out``.
 
     Repeated pairs (an image listed twice, a caption its image already has) are reported in one
@@ -327,10 +334,14 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
     spec strings or zero-argument factories, which each actor calls to build its own encoder
     (``device`` is then chosen per actor: its GPU if Ray gave it one, else CPU). ``index``, a
     faiss ``index_factory`` string such as ``"IVF4096,PQ32"``, adds a search index to the set
-    (:func:`nofree.anchors.index.add_index`). Returns the saved set.
+    (:func:`nofree.anchors.index.add_index`). Unreadable images are skipped, listed in the
+    manifest and reported once at the end; ``strict`` (local engine) stops at the first one with
+    its ``DataError`` instead. Returns the saved set.
     """
     if engine not in ("local", "ray"):
         raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if strict and engine == "ray":
+        raise DataError("--strict works with --engine local only; drop one of them")
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; use `nofree anchors extend` to add pairs, pass "
@@ -361,7 +372,8 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
                 text_encoder = _resolve_encoder(text_encoder, "text", device)
                 anchors, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
                                                           batch_size=batch_size, shard_size=shard_size,
-                                                          progress=progress, checkpoint_s=checkpoint_s)
+                                                          progress=progress, checkpoint_s=checkpoint_s,
+                                                          strict=strict)
             skipped = unread + skipped
             if len(anchors) == 0:
                 _discard_work_dir(work_dir)  # its shards only record failures: retry them next time
@@ -377,8 +389,10 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
         anchors.save(out, overwrite=overwrite)
         shutil.rmtree(work_dir, ignore_errors=True)
         if skipped:
-            log.warning("skipped %d unreadable image(s) or sample(s) (listed in %s/manifest.json)",
-                        len(skipped), out)
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            log.warning("skipped %d unreadable image(s) or sample(s): %s%s (all listed in "
+                        "%s/manifest.json; --strict stops at the first one instead)", len(skipped),
+                        ", ".join(skipped[:5]), more, out)
         if index:
             from nofree.anchors.index import add_index
 
