@@ -2,7 +2,7 @@
 
 :class:`CaptioningAdapter` is what ClipCap and the Flamingo-style adapter share on top of
 :class:`nofree.adapters.base.Adapter`: caption tokenisation, the teacher-forced loss, batched
-greedy and beam-search decoding with the LM's KV cache. :class:`AdapterCaptioner` is the
+decoding through transformers' ``generate`` (greedy or beam search, with repetition controls). :class:`AdapterCaptioner` is the
 :class:`nofree.core.Captioner` of a trained captioning adapter (its captions are tidied with
 :func:`nofree.core.clean_caption`, like the other captioners').
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from nofree.adapters.base import Adapter
 from nofree.adapters.losses import IGNORE_INDEX, next_token_loss
-from nofree.core import DataError, LMStep, SpecError, clean_caption, resolve_device
+from nofree.core import DataError, SpecError, clean_caption, resolve_device
 
 
 def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
@@ -29,69 +29,12 @@ def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
     return lm_dev
 
 
-def greedy_decode(start: LMStep, step: Callable[[Tensor, Any], LMStep], *, stop_ids: set[int],
-                  pad_id: int, max_tokens: int) -> list[list[int]]:
-    """Batched greedy decoding from the first step's logits ``(B, V)``; stop tokens are kept."""
-    logits, cache = start.logits, start.cache
-    done = torch.zeros(logits.shape[0], dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in range(logits.shape[0])]
-    for t in range(max_tokens):
-        token = logits.argmax(-1).cpu()
-        for row in torch.nonzero(~done).flatten().tolist():
-            out[row].append(int(token[row]))
-            done[row] = int(token[row]) in stop_ids
-        if bool(done.all()) or t == max_tokens - 1:
-            break
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        nxt = step(token[:, None], cache)
-        logits, cache = nxt.logits, nxt.cache
-    return out
-
-
-def beam_decode(start: LMStep, step: Callable[[Tensor, Any], LMStep],
-                select: Callable[[Any, Tensor], Any], *, beams: int, stop_ids: set[int],
-                max_tokens: int) -> list[list[int]]:
-    """Batched beam search; the best hypothesis per row by mean token log-probability.
-
-    ``select(cache, index)`` re-indexes the cache (and any per-row media state) to rows
-    ``index`` ``(B·beams,)``. A hypothesis ends at a stop token (kept) or after ``max_tokens``.
-    """
-    logp = start.logits.float().log_softmax(-1)                         # (B, V)
-    batch, vocab = logp.shape
-    k = min(beams, vocab)
-    scores, tokens = logp.topk(k, dim=-1)                               # (B, k)
-    scores, seqs = scores.reshape(-1).cpu(), tokens.reshape(-1, 1).cpu()
-    rows = torch.arange(batch).repeat_interleave(k)
-    cache = select(start.cache, rows.to(start.logits.device))
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-
-    def retire(index: int) -> None:
-        seq = seqs[index].tolist()
-        finished[index // k].append((float(scores[index]) / len(seq), seq))
-        scores[index] = float("-inf")
-
-    for t in range(1, max_tokens + 1):
-        for index in range(batch * k):
-            if scores[index] > float("-inf") and (int(seqs[index, -1]) in stop_ids or t == max_tokens):
-                retire(index)
-        if t == max_tokens or all(len(f) >= k for f in finished) or bool(torch.isinf(scores).all()):
-            break
-        nxt = step(seqs[:, -1:].to(start.logits.device), cache)
-        cand = scores[:, None] + nxt.logits.float().log_softmax(-1).cpu()  # (B·k, V)
-        top, flat = cand.view(batch, k * vocab).topk(k, dim=-1)            # (B, k)
-        src = (torch.arange(batch)[:, None] * k + flat // vocab).reshape(-1)
-        scores = top.reshape(-1).clone()
-        seqs = torch.cat([seqs[src], (flat % vocab).reshape(-1, 1)], dim=1)
-        cache = select(nxt.cache, src.to(start.logits.device))
-    return [max(f, key=lambda item: item[0])[1] if f else [] for f in finished]
-
-
 class CaptioningAdapter(Adapter):
     """An adapter that makes a frozen causal LM write captions of images.
 
-    Subclasses implement ``start_step(features) -> LMStep`` (the first, grad-free LM step that
-    conditions on the image) and may override ``media(features)`` (a context active during the
-    whole decode) and ``select_media(index)`` (re-index per-row media state for beam search).
+    Subclasses implement ``generation_inputs(features)`` (the ids or embeddings the LM starts
+    from) and may override ``media(features, copies=...)`` (a context active during the whole
+    decode, e.g. the image latents cross-attention reads).
     """
 
     backbone_roles = ("image_encoder", "lm")
@@ -136,8 +79,31 @@ class CaptioningAdapter(Adapter):
         return next_token_loss(logits, labels)
 
     @torch.no_grad()
-    def evaluate(self, examples: Any, *, batch_size: int = 32) -> dict[str, float]:
-        """``{'val_loss': mean cross-entropy per caption token}`` over ``examples``."""
+    def evaluate(self, examples: Any, *, batch_size: int = 32, captions: bool = True) -> dict[str, float]:
+        """Validation metrics over ``examples`` (:class:`nofree.adapters.train.Examples`):
+
+        - ``val_loss``: mean cross-entropy per caption token;
+        - ``val_loss_shuffled`` and ``image_gap``: the same loss with every caption paired with
+          another photo's features, and its excess over ``val_loss`` (an adapter that ignores the
+          image has a gap of ~0; needs at least two photos);
+        - with ``captions``: ``val_distinct`` and ``val_repeat_3gram`` of one greedy caption per
+          photo (see :mod:`nofree.eval.degeneration`: 1/n distinct means one caption for all).
+        """
+        metrics = {"val_loss": self._mean_loss(examples, batch_size)}
+        if len(examples.image_features) > 1:
+            metrics["val_loss_shuffled"] = self._mean_loss(examples.with_images_shuffled(), batch_size)
+            metrics["image_gap"] = metrics["val_loss_shuffled"] - metrics["val_loss"]
+        if captions and len(examples.image_features):
+            from nofree.eval.degeneration import degeneration
+
+            texts = []
+            for start in range(0, len(examples.image_features), batch_size):
+                texts += self.caption_features(examples.image_features[start:start + batch_size])
+            found = degeneration(texts)
+            metrics.update(val_distinct=found["distinct"], val_repeat_3gram=found["repeat_3gram"])
+        return metrics
+
+    def _mean_loss(self, examples: Any, batch_size: int) -> float:
         total, count = 0.0, 0
         by_length = torch.tensor(sorted(range(len(examples)), key=lambda i: len(examples.texts[i])),
                                  dtype=torch.long)  # similar lengths share a batch: less padding
@@ -145,45 +111,56 @@ class CaptioningAdapter(Adapter):
             logits, labels = self.caption_logits(batch.image_features, batch.texts)
             total += float(next_token_loss(logits, labels, reduction="sum"))
             count += int((labels != IGNORE_INDEX).sum())
-        return {"val_loss": total / max(count, 1)}
+        return total / max(count, 1)
 
-    def start_step(self, features: Tensor) -> LMStep:
-        """The first LM step conditioned on image ``features`` (called under no_grad)."""
+    def generation_inputs(self, features: Tensor) -> dict[str, Tensor]:
+        """What the frozen LM's ``generate`` starts from for image ``features``: ``input_ids``
+        or ``inputs_embeds`` ``(B, S, ...)`` and ``attention_mask`` ``(B, S)`` (under no_grad)."""
         raise NotImplementedError
 
-    def media(self, features: Tensor) -> Any:
+    def media(self, features: Tensor, *, copies: int = 1) -> Any:
+        """A context active during the whole decode (each image's row repeated ``copies`` times,
+        as beam search runs ``copies`` rows per image)."""
         return nullcontext()
-
-    def select_media(self, index: Tensor) -> None:
-        return None
 
     @torch.no_grad()
     def generate(self, features: Tensor, *, beams: int = 1, max_tokens: int = 30,
-                 stop_at_period: bool = True) -> list[list[int]]:
-        """Token ids of one caption per feature row ``(B, ...)`` (greedy when ``beams == 1``)."""
-        if beams < 1 or max_tokens < 1:
-            raise ValueError("beams and max_tokens must be >= 1")
+                 stop_at_period: bool = True, no_repeat_ngram: int = 0,
+                 repetition_penalty: float = 1.0) -> list[list[int]]:
+        """Token ids of one caption per feature row ``(B, ...)``, each ending at its first stop
+        token (kept) or after ``max_tokens``.
+
+        Decoding is transformers' ``generate`` on the frozen LM (greedy when ``beams == 1``,
+        else beam search ranked by mean token log-probability), with its repetition controls:
+        ``no_repeat_ngram`` > 0 forbids any token n-gram from occurring twice in a caption,
+        ``repetition_penalty`` > 1 divides the scores of tokens already written (CTRL's rule).
+        """
+        if beams < 1 or max_tokens < 1 or no_repeat_ngram < 0 or not repetition_penalty > 0:
+            raise ValueError("beams and max_tokens must be >= 1, no_repeat_ngram >= 0 and "
+                             "repetition_penalty > 0")
         was_training = self.training
         self.eval()
         features = features.to(self.device, torch.float32)
-        stops = self.stop_ids(stop_at_period=stop_at_period)
+        stops = sorted(self.stop_ids(stop_at_period=stop_at_period))
         lm = self.lm
         try:
-            with self.media(features):
-                start = self.start_step(features)
-                step = lambda ids, cache: lm.step(ids, cache=cache)  # noqa: E731
-                if beams == 1:
-                    return greedy_decode(start, step, stop_ids=stops, pad_id=lm.pad_id,
-                                         max_tokens=max_tokens)
-
-                def select(cache: Any, index: Tensor) -> Any:
-                    self.select_media(index)
-                    return lm.select_cache(cache, index)
-
-                return beam_decode(start, step, select, beams=beams, stop_ids=stops,
-                                   max_tokens=max_tokens)
+            with self.media(features, copies=beams):
+                inputs = self.generation_inputs(features)
+                beam_options = {"num_beams": beams, "length_penalty": 1.0, "early_stopping": True} \
+                    if beams > 1 else {}
+                out = lm.model.generate(
+                    **inputs, **beam_options, max_new_tokens=max_tokens, do_sample=False,
+                    no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty,
+                    eos_token_id=stops, pad_token_id=lm.pad_id, use_cache=True)
         finally:
             self.train(was_training)
+        if "input_ids" in inputs:  # decoder-only generate returns the prompt too
+            out = out[:, inputs["input_ids"].shape[1]:]
+        captions = []
+        for row in out.tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            captions.append(row[:end])
+        return captions
 
     def caption_features(self, features: Tensor, **kw: Any) -> list[str]:
         """Captions of precomputed image features (whitespace runs, newlines included, become one

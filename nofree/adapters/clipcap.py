@@ -21,7 +21,7 @@ Departures from the reference implementation, on purpose:
 - every caption ends with the LM's eos token, so decoding knows where to stop.
 
 Any Hugging Face causal LM works (GPT-2, Llama-family such as SmolLM2): the prefix is passed as
-``inputs_embeds``. Decoding (greedy or beam search, with the KV cache) lives in
+``inputs_embeds``. Decoding (transformers' ``generate`` from the prefix) lives in
 :class:`nofree.adapters.captioning.CaptioningAdapter`.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from nofree.adapters.captioning import CaptioningAdapter
 from nofree.adapters.losses import caption_batch
-from nofree.core import LMStep, l2_normalize
+from nofree.core import l2_normalize
 
 MAPPERS = ("mlp", "transformer")
 
@@ -144,5 +144,7 @@ class ClipCap(CaptioningAdapter):
                             logits_to_keep=keep)
         return out.logits, labels[:, -keep:].to(self.device)
 
-    def start_step(self, features: Tensor) -> LMStep:
-        return self.lm.step(embeds=self.prefix(features))
+    def generation_inputs(self, features: Tensor) -> dict[str, Tensor]:
+        prefix = self.prefix(features)
+        return {"inputs_embeds": prefix,
+                "attention_mask": torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)}

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from nofree.adapters.base import find_layers
 from nofree.adapters.captioning import CaptioningAdapter
 from nofree.adapters.losses import caption_batch
-from nofree.core import LMStep
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -255,16 +254,13 @@ class Flamingo(CaptioningAdapter):
 
     # --- decoding ---------------------------------------------------------------------------------
     @contextmanager
-    def media(self, features: Tensor) -> Iterator[None]:
-        with self.attending(self.latents(features)):
+    def media(self, features: Tensor, *, copies: int = 1) -> Iterator[None]:
+        with self.attending(self.latents(features).repeat_interleave(copies, dim=0)):
             yield
 
-    def select_media(self, index: Tensor) -> None:
-        object.__setattr__(self, "_media_latents", self._media_latents.index_select(0, index))
-
-    def start_step(self, features: Tensor) -> LMStep:
-        ids = torch.tensor(self.start_ids, dtype=torch.long).expand(features.shape[0], -1)
-        return self.lm.step(ids)
+    def generation_inputs(self, features: Tensor) -> dict[str, Tensor]:
+        ids = torch.tensor(self.start_ids, dtype=torch.long, device=self.device).expand(features.shape[0], -1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _make_hook(adapter_ref: "weakref.ref[Flamingo]", block_index: int):

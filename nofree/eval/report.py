@@ -401,8 +401,10 @@ def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
         if method.task == CAPTIONING:
             from nofree.eval.captioning import caption_metrics
 
+            from nofree.eval.degeneration import degeneration
+
             scored = caption_metrics(list(captions), ctx.references, meteor=ctx.config.meteor)
-            metrics = {**metrics, **scored}
+            metrics = {**metrics, **scored, **degeneration(captions)}
             entry["captions"] = list(captions)
         entry["metrics"] = metrics
     except (KeyboardInterrupt, SystemExit):
