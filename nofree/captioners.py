@@ -389,6 +389,10 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
             if unused:
                 raise DataError(f"--method retrieval takes no {_flags(unused)}")
             return RetrievalCaptioner(pipeline, load_text_lines(pool or default_pool_path()))
+        adapter_only = sorted(k for k in ("beams", "no_repeat_ngram") if k in options)
+        if adapter_only:
+            raise DataError(f"--method magic takes no {_flags(adapter_only)} (they set a trained "
+                            "adapter's decoding)")
         if pool is not None:
             from nofree.data.pairs import load_text_lines
 
@@ -399,14 +403,15 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
             raise DataError(f"--method {method} needs --adapter DIR (from `nofree train {method}`)")
         from nofree.adapters import AdapterCaptioner, load_adapter
 
-        unused = sorted(k for k in options if k != "max_new_tokens")
+        decoding = {"max_new_tokens": "max_tokens", "beams": "beams", "no_repeat_ngram": "no_repeat_ngram"}
+        unused = sorted(k for k in options if k not in decoding)
         if unused:
             raise DataError(f"--method {method} takes no {_flags(unused)}")
         adapter = load_adapter(adapter_dir, device=device)
         if adapter.kind != method:
             raise DataError(f"{adapter_dir} holds a {adapter.kind} adapter, not {method}: "
                             f"use --method {adapter.kind}")
-        return AdapterCaptioner(adapter, max_tokens=options.get("max_new_tokens", 30))
+        return AdapterCaptioner(adapter, **{decoding[k]: v for k, v in options.items()})
     raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap or flamingo")
 
 

@@ -418,6 +418,11 @@ def _parse_windows(ctx, param, value):
 @click.option("--beta", type=float, default=None,
               help="MAGIC: image-scorer weight (default 0, cross-validated on the sample; the paper's 2).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most new tokens per caption.")
+@click.option("--beams", type=click.IntRange(min=1), default=None,
+              help="Beam width of a trained adapter's decoding (clipcap, flamingo; default: its tuned one).")
+@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
+              help="Trained adapters: no token n-gram of this size twice in a caption (0: off; "
+                   "default: the tuned one).")
 @click.option("--prompt", default=None, help="MAGIC: text the caption starts from (instruct LMs: the user turn).")
 @click.option("--examples", type=click.IntRange(min=0), default=None,
               help="MAGIC: captions for the image put in the prompt as examples (default 4; 0: none).")
@@ -443,14 +448,16 @@ def _parse_windows(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @_strict_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, prompt, examples,
+def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, beams, no_repeat_ngram,
+            prompt, examples,
             examples_from, drafts, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
             strict, images):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioners import iter_caption_paths, load_captioner
     from nofree.cli_output import stream_rows
 
-    options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens,
+    options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens, "beams": beams,
+               "no_repeat_ngram": no_repeat_ngram,
                "prompt": prompt, "examples": examples, "examples_from": examples_from,
                "drafts": drafts, "windows": windows, "consensus": consensus, "with_retrieved": with_retrieved,
                "precision": precision}
@@ -528,6 +535,10 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images of the split.")
 @click.option("--samples", type=click.IntRange(min=0), default=6, show_default=True,
               help="Photos in the sample-caption grid.")
+@click.option("--beams", type=click.IntRange(min=1), default=None,
+              help="Beam width of the trained captioners (default: their tuned decoding).")
+@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
+              help="Trained captioners: no token n-gram of this size twice in a caption (0: off).")
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (saves ~10 s a method).")
 @click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Keep the finished methods of an earlier run in --report.")
@@ -535,7 +546,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, pool,
-                 lm, labels_file, limit, samples, no_meteor, report_dir, resume, overwrite, batch_size, device):
+                 lm, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, report_dir, resume, overwrite,
+                 batch_size, device):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
     from nofree.data.pairs import load_labels
     from nofree.eval.report import EvalConfig, run_eval
@@ -545,7 +557,9 @@ def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipc
     config = EvalConfig(pairs=pairs, split=split or None, limit=limit, anchors=anchor_dir,
                         anchor_split=anchor_split, adapters=adapters, pool=pool, lm=lm,
                         labels=load_labels(labels_file) if labels_file else None,
-                        batch_size=batch_size, device=device, meteor=not no_meteor)
+                        batch_size=batch_size, device=device, meteor=not no_meteor,
+                        decoding={k: v for k, v in (("beams", beams), ("no_repeat_ngram", no_repeat_ngram))
+                                  if v is not None})
     results = run_eval(config, methods or None, out_dir=report_dir, overwrite=overwrite, resume=resume,
                        samples=samples, echo=lambda line: click.echo(line, err=True))
     click.echo((report_dir / "results.md").read_text(encoding="utf-8"))

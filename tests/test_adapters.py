@@ -762,3 +762,22 @@ def test_format_v1_fixture_keeps_loading(tmp_path):
     original = load_file(str(folder / "adapter.safetensors"))
     again = load_file(str(tmp_path / "again" / "adapter.safetensors"))
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+@pytest.mark.parametrize("kind", ["clipcap", "flamingo"])
+def test_no_repeat_ngram_forbids_repeated_token_ngrams(kind, lm, image_encoder):
+    adapter = _build(kind, lm, image_encoder)
+    features = _examples(adapter, captions=CAPTIONS[:3]).image_features
+
+    def repeats(row, n):
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        return len(grams) != len(set(grams))
+
+    free = adapter.generate(features, max_tokens=20, stop_at_period=False)
+    for n, beams in ((2, 1), (3, 1), (2, 3)):
+        rows = adapter.generate(features, max_tokens=20, stop_at_period=False, no_repeat_ngram=n, beams=beams)
+        assert not any(repeats(row, n) for row in rows)
+        if beams == 1:  # greedy rows agree with unconstrained decoding up to the first repeat
+            for row, plain in zip(rows, free):
+                if not repeats(plain, n):
+                    assert row == plain

@@ -41,6 +41,10 @@ def test_train_then_caption(tmp_path, backbones, method, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["image"] for r in rows] == images and all(isinstance(r["caption"], str) for r in rows)
+    beams = runner.invoke(main, ["caption", "--method", method, "--adapter", str(out), "--max-tokens", "4",
+                                 "--beams", "3", "--no-repeat-ngram", "2", "--format", "jsonl", *images])
+    assert beams.exit_code == 0, beams.output
+    assert len(beams.stdout.splitlines()) == 2
 
     other = "flamingo" if method == "clipcap" else "clipcap"
     wrong = runner.invoke(main, ["caption", "--method", other, "--adapter", str(out), images[0]])

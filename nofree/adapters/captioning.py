@@ -29,6 +29,10 @@ def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
     return lm_dev
 
 
+#: How AdapterCaptioner decodes unless told otherwise (see benchmarks/RESULTS.md, "Trained fusion").
+DECODING = {"beams": 1, "no_repeat_ngram": 3}
+
+
 class CaptioningAdapter(Adapter):
     """An adapter that makes a frozen causal LM write captions of images.
 
@@ -87,7 +91,8 @@ class CaptioningAdapter(Adapter):
           another photo's features, and its excess over ``val_loss`` (an adapter that ignores the
           image has a gap of ~0; needs at least two photos);
         - with ``captions``: ``val_distinct`` and ``val_repeat_3gram`` of one greedy caption per
-          photo (see :mod:`nofree.eval.degeneration`: 1/n distinct means one caption for all).
+          photo, decoded as :class:`AdapterCaptioner` does by default (see
+          :mod:`nofree.eval.degeneration`: 1/n distinct means one caption for all).
         """
         metrics = {"val_loss": self._mean_loss(examples, batch_size)}
         if len(examples.image_features) > 1:
@@ -98,7 +103,7 @@ class CaptioningAdapter(Adapter):
 
             texts = []
             for start in range(0, len(examples.image_features), batch_size):
-                texts += self.caption_features(examples.image_features[start:start + batch_size])
+                texts += self.caption_features(examples.image_features[start:start + batch_size], **DECODING)
             found = degeneration(texts)
             metrics.update(val_distinct=found["distinct"], val_repeat_3gram=found["repeat_3gram"])
         return metrics
@@ -179,7 +184,8 @@ class AdapterCaptioner:
     by :func:`nofree.core.clean_caption` (first line, no leading bullet or quotes, capitalised).
     """
 
-    def __init__(self, adapter: CaptioningAdapter, image_encoder: Any = None, *, beams: int = 1,
+    def __init__(self, adapter: CaptioningAdapter, image_encoder: Any = None, *,
+                 beams: int = DECODING["beams"], no_repeat_ngram: int = DECODING["no_repeat_ngram"],
                  max_tokens: int = 30, batch_size: int = 16, stop_at_period: bool = True) -> None:
         if not isinstance(adapter, CaptioningAdapter):
             raise TypeError(f"AdapterCaptioner needs a captioning adapter (ClipCap, Flamingo), "
@@ -189,11 +195,13 @@ class AdapterCaptioner:
                             f"but image_encoder is {image_encoder.spec!r}")
         self.adapter = adapter
         self.image_encoder = image_encoder or adapter.image_encoder
-        self.options = {"beams": beams, "max_tokens": max_tokens, "stop_at_period": stop_at_period}
+        self.options = {"beams": beams, "no_repeat_ngram": no_repeat_ngram, "max_tokens": max_tokens,
+                        "stop_at_period": stop_at_period}
         self.batch_size = batch_size
 
     def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
-        """One caption per image; ``beams``, ``max_tokens``, ``stop_at_period`` override defaults."""
+        """One caption per image; keywords of :meth:`CaptioningAdapter.generate` override the
+        captioner's."""
         options = {**self.options, **kw}
         loaded = [_as_image(image) for image in images]
         captions: list[str] = []

@@ -73,6 +73,7 @@ class EvalConfig:
     labels: Sequence[str] | None = None         # zero-shot classes (default: the pairs' categories)
     magic: dict[str, Any] = field(default_factory=dict)      # MagicCaptioner options
     max_tokens: int = 30                        # adapters' caption length limit
+    decoding: dict[str, Any] = field(default_factory=dict)   # adapters' AdapterCaptioner options
     batch_size: int = 8
     device: str = "cpu"
     meteor: bool = True
@@ -312,9 +313,11 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     from nofree.adapters import AdapterCaptioner
 
     adapter = ctx.adapter(kind)
-    captioner = AdapterCaptioner(adapter, max_tokens=ctx.config.max_tokens, batch_size=ctx.config.batch_size)
+    captioner = AdapterCaptioner(adapter, max_tokens=ctx.config.max_tokens, batch_size=ctx.config.batch_size,
+                                 **ctx.config.decoding)
     captions = _batched(captioner.caption, ctx.paths, ctx.config.batch_size, kind, ctx.progress)
     return {}, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
+                "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
                 **adapter.backbone_specs(), **adapter.config()}, captions
 
 
