@@ -7,16 +7,26 @@ same string rebuilds the same component:
 backend             modality     name / tag
 ==================  ===========  ======================================================================
 ``open_clip``       image+text   ``ViT-B-32@laion2b_s34b_b79k`` (built-in arch @ pretrained tag or
-                                 checkpoint file; ``@random`` = random weights), ``local-dir:DIR``,
+                                 checkpoint file; ``@random`` = random weights; clip-retrieval's
+                                 ``ViT-B-32/laion2b_s34b_b79k`` is read the same), ``local-dir:DIR``,
                                  ``hf-hub:org/repo``
 ``hf-clip``         image+text   hub name or folder of a CLIP-like model; ``@tag`` = revision
+                                 (clip-retrieval's ``hf_clip:`` is read the same)
 ``hf-vision``       image        hub name or folder (AutoModel + AutoImageProcessor)
 ``hf-text``         text         hub name or folder (AutoModel + AutoTokenizer, mean-pooled)
+``st``              text         hub name or folder of a sentence-transformers model: its own
+                                 pooling, dense layers and normalisation (``modules.json``)
 ``local``           detected     a folder: ``open_clip_config.json`` -> open_clip; a config with
                                  text and vision parts -> CLIP-like; ``preprocessor_config.json``
                                  -> vision; tokenizer files -> text
 ``embedded``        fixed        ``effnet-lite0`` (image), ``minilm-l6`` (text): offline weights
 ==================  ===========  ======================================================================
+
+A name without a backend is read by the role asked for (``modality=`` / ``load_lm``): an
+existing folder is ``local:`` (``st:`` for a text model holding ``modules.json`` when
+sentence-transformers is installed); a hub id is ``hf-vision:`` for images, ``st:`` for text
+(``hf-text:`` without sentence-transformers) and ``hf-lm:`` for language models. The
+resolved spec is what ``encoder.spec`` and every artefact record.
 
 Two-tower backends need ``modality='image'`` or ``'text'`` to pick a tower, e.g.
 ``load_encoder("open_clip:ViT-B-32@laion2b_s34b_b79k", modality="image")``; for single-tower
@@ -55,6 +65,8 @@ _ENCODER_BACKENDS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
                   "hf-vision:NAME_OR_DIR[@revision] (AutoModel + AutoImageProcessor)"),
     "hf-text": ("text", ("transformers",), "'transformers>=5'",
                 "hf-text:NAME_OR_DIR[@revision] (AutoModel + AutoTokenizer, mean-pooled)"),
+    "st": ("text", ("sentence_transformers",), "'sentence-transformers>=3'",
+           "st:NAME_OR_DIR[@revision] (sentence-transformers: the model's own pooling)"),
     "local": ("detected", ("transformers",), "'transformers>=5'",
               "local:DIR (HF or open_clip folder; kind detected from its config)"),
 }
@@ -68,6 +80,16 @@ _EMBEDDED_LMS = {
                      "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"),
 }
 _TWO_TOWER = ("open_clip", "hf-clip")
+#: other projects' spellings of a backend
+_BACKEND_ALIASES = {"hf_clip": "hf-clip", "open-clip": "open_clip"}
+#: example specs per role, for error messages
+_ROLE_EXAMPLES = {
+    "image": "'embedded:effnet-lite0', 'open_clip:ViT-B-32@laion2b_s34b_b79k' or "
+             "'hf-vision:google/vit-base-patch16-224'",
+    "text": "'embedded:minilm-l6', 'st:sentence-transformers/all-MiniLM-L6-v2' or "
+            "'open_clip:ViT-B-32@laion2b_s34b_b79k'",
+    "lm": "'embedded:smollm2-135m', 'hf-lm:gpt2' or 'local:DIR'",
+}
 
 _CACHE: dict[tuple[str, str | None, str], Any] = {}
 
@@ -100,13 +122,52 @@ def _embedded_encoders() -> dict:
     return EMBEDDED_ENCODERS
 
 
-def normalize_spec(spec: str) -> str:
-    """The canonical form of ``spec``: whitespace stripped, ``local:`` paths absolute."""
+def _examples(role: str | None) -> str:
+    return _ROLE_EXAMPLES.get(role or "", "'embedded:minilm-l6' (text), 'embedded:effnet-lite0' "
+                                          "(image) or 'hf-lm:gpt2' (language model)")
+
+
+def _st_installed() -> bool:
+    return importlib.util.find_spec("sentence_transformers") is not None
+
+
+def _bare_spec(name: str, role: str | None) -> str:
+    """``backend:name`` for a name given without a backend, by the role it was given for."""
+    if not name:
+        raise SpecError(f"empty spec: give one like {_examples(role)}; `nofree models` lists backends")
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if role == "text" and (folder / "modules.json").is_file() and _st_installed():
+            return f"st:{folder.resolve()}"
+        return f"local:{folder}"
+    if role is None:
+        raise SpecError(f"{name!r} names no backend: write backend:name, e.g. 'st:{name}' (text), "
+                        f"'hf-vision:{name}' (image) or 'hf-lm:{name}' (language model), or pass "
+                        "modality='image' / 'text' to read it by role")
+    if role == "lm":
+        return f"hf-lm:{name}"
+    if role == "image":
+        return f"hf-vision:{name}"
+    return f"st:{name}" if _st_installed() else f"hf-text:{name}"
+
+
+def normalize_spec(spec: str, role: str | None = None) -> str:
+    """The canonical form of ``spec``: whitespace stripped, ``local:`` paths absolute, other
+    projects' spellings (``open_clip:ARCH/TAG``, ``hf_clip:``) rewritten, and a name without a
+    backend resolved by ``role`` ('image', 'text' or 'lm'; see the module docstring)."""
     if not isinstance(spec, str):
-        raise SpecError(f"a spec must be a string like 'embedded:minilm-l6', got {type(spec).__name__}")
-    backend, name, tag = parse_spec(spec.strip())
+        raise SpecError(f"a spec must be a string like {_examples(role)}, got {type(spec).__name__}")
+    spec = spec.strip()
+    if ":" not in spec:
+        spec = _bare_spec(spec, role)
+    backend, name, tag = parse_spec(spec)
+    backend = _BACKEND_ALIASES.get(backend, backend)
+    if backend == "open_clip" and tag is None and ":" not in name and "/" in name:
+        name, tag = name.split("/", 1)  # clip-retrieval's ARCH/TAG
     if backend == "local":
         return f"local:{Path(name).expanduser().resolve()}"
+    if backend == "st" and not tag and Path(name).expanduser().is_dir():
+        name = str(Path(name).expanduser().resolve())  # a saved folder, as sentence-transformers reads it
     if backend == "open_clip" and name.startswith("local-dir:"):
         name = "local-dir:" + str(Path(name[len("local-dir:"):]).expanduser().resolve())
     return f"{backend}:{name}" + (f"@{tag}" if tag else "")
@@ -144,8 +205,15 @@ def _local_kind(folder: Path, spec: str) -> str:
                     "model) or tokenizer files (a text model)")
 
 
+def _backend_choices(modality: str | None) -> str:
+    """The encoder backends that provide ``modality`` (all of them for None), as 'b:' list."""
+    fits = [b for b, (m, *_) in _ENCODER_BACKENDS.items()
+            if modality is None or m in ("image+text", "detected", modality)]
+    return ", ".join(f"{b}:" for b in [*fits, "embedded"])
+
+
 def _load_towers(backend: str, name: str, tag: str | None, spec: str,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, modality: str | None = None) -> dict[str, Any]:
     """Every tower a spec provides, keyed by modality (one entry for single-tower backends)."""
     if backend == "open_clip":
         from nofree.encoders.open_clip import load_open_clip
@@ -163,6 +231,10 @@ def _load_towers(backend: str, name: str, tag: str | None, spec: str,
         from nofree.encoders.hf import load_hf_text
 
         return {"text": load_hf_text(name, device=device, spec=spec, revision=tag)}
+    if backend == "st":
+        from nofree.encoders.st import load_st_text
+
+        return {"text": load_st_text(name, device=device, spec=spec, revision=tag)}
     if backend == "local":
         folder = Path(name)
         kind = _local_kind(folder, spec)
@@ -177,12 +249,17 @@ def _load_towers(backend: str, name: str, tag: str | None, spec: str,
         if name in _EMBEDDED_LMS:
             raise SpecError(f"{spec} is a language model: load it with load_lm()")
         if name not in table:
-            raise SpecError(f"{spec}: unknown embedded encoder {name!r}; choose one of: "
-                            + ", ".join(f"embedded:{n}" for n in table))
+            fits = [n for n, entry in table.items() if modality in (None, entry.modality)]
+            role = f"{modality} " if modality else ""
+            raise SpecError(f"{spec}: unknown embedded {role}encoder {name!r}; choose one of: "
+                            + ", ".join(f"embedded:{n}" for n in fits))
         entry = table[name]
         return {entry.modality: entry.load(device=device)}
-    raise SpecError(f"{spec}: unknown encoder backend {backend!r}; choose one of: "
-                    + ", ".join(f"{b}:" for b in [*_ENCODER_BACKENDS, "embedded"]))
+    role = f"{modality} " if modality else ""
+    if backend == "hf-hub":
+        raise SpecError(f"{spec}: an open_clip model on the hub is 'open_clip:{spec}'")
+    raise SpecError(f"{spec}: unknown {role}encoder backend {backend!r}; choose one of: "
+                    f"{_backend_choices(modality)}, e.g. {_examples(modality)}")
 
 
 def load_encoder(spec: str, *, modality: str | None = None,
@@ -194,7 +271,7 @@ def load_encoder(spec: str, *, modality: str | None = None,
     ``(spec, modality, device)``.
     """
     _check_modality(modality)
-    spec = normalize_spec(spec)
+    spec = normalize_spec(spec, role=modality)
     dev = resolve_device(device)
     key = (spec, modality, str(dev))
     if key in _CACHE:
@@ -202,7 +279,7 @@ def load_encoder(spec: str, *, modality: str | None = None,
     backend, name, tag = parse_spec(spec)
     if modality is None and backend in _TWO_TOWER:
         raise SpecError(f"{spec} has an image and a text tower: pass modality='image' or 'text'")
-    towers = _load_towers(backend, name, tag, spec, dev)
+    towers = _load_towers(backend, name, tag, spec, dev, modality)
     if modality is None and len(towers) > 1:
         raise SpecError(f"{spec} has an image and a text tower: pass modality='image' or 'text'")
     for tower_modality, tower in towers.items():
@@ -237,7 +314,7 @@ def load_lm(spec: str, *, device: str | torch.device | None = None, precision: s
     """
     if precision not in LM_PRECISIONS:
         raise SpecError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
-    spec = normalize_spec(spec)
+    spec = normalize_spec(spec, role="lm")
     dev = resolve_device(device)
     if packed:  # made once per LM and kept by it
         return load_lm(spec, device=dev, precision=precision).packed()
@@ -271,8 +348,10 @@ def load_lm(spec: str, *, device: str | torch.device | None = None, precision: s
         kwargs = {"revision": tag} if tag else {}
         lm = load_hf_lm(name, device=dev, spec=spec, **kwargs)
     else:
-        raise SpecError(f"{spec}: unknown language-model backend {backend!r}; choose one of: "
-                        + ", ".join(f"{b}:" for b in [*_LM_BACKENDS, "embedded"]))
+        hint = " (an encoder backend)" if backend in _ENCODER_BACKENDS else ""
+        raise SpecError(f"{spec}: unknown language-model backend {backend!r}{hint}; choose one of: "
+                        + ", ".join(f"{b}:" for b in [*_LM_BACKENDS, "embedded"])
+                        + f", e.g. {_examples('lm')}")
     _CACHE[key] = lm
     return lm
 

@@ -226,6 +226,25 @@ def make_tiny_hf_text(directory: str | Path, *, seed: int = 0, hidden: int = 16)
     return directory
 
 
+def make_tiny_st(directory: str | Path, *, pooling: str = "cls", seed: int = 0,
+                 hidden: int = 16) -> Path:
+    """Save a tiny sentence-transformers model: the random ``BertModel`` of
+    :func:`make_tiny_hf_text` + a ``pooling`` module ('cls', 'mean', 'max', 'lasttoken') +
+    Normalize, listed in ``directory/modules.json``; load with ``st:DIR``."""
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        bert = make_tiny_hf_text(Path(scratch) / "bert", seed=seed, hidden=hidden)
+        transformer = Transformer(str(bert), max_seq_length=32)
+        pool = Pooling(hidden, pooling_mode=pooling)
+        SentenceTransformer(modules=[transformer, pool, Normalize()], device="cpu").save(str(directory))
+    return directory
+
+
 def make_tiny_hf_vision(directory: str | Path, *, arch: str = "vit", seed: int = 0,
                         hidden: int = 16) -> Path:
     """Save a random tiny vision model (``arch`` 'vit': ViTModel on 32x32 images, 8x8 patches;

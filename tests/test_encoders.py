@@ -37,6 +37,7 @@ def tiny_dirs(tmp_path_factory):
         "resnet": testing.make_tiny_hf_vision(root / "resnet", arch="resnet"),
         "clip": testing.make_tiny_hf_clip(root / "clip"),
         "open_clip": testing.make_tiny_open_clip(root / "open_clip"),
+        "st": testing.make_tiny_st(root / "st", pooling="max"),
     }
 
 
@@ -50,6 +51,7 @@ CASES = [
     ("hf-clip:{}", "clip", "text"),
     ("local:{}", "open_clip", "image"),
     ("open_clip:local-dir:{}", "open_clip", "text"),
+    ("st:{}", "st", "text"),
     ("tiny", None, "image"),
     ("tiny", None, "text"),
 ]

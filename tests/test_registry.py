@@ -156,3 +156,86 @@ def test_registry_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
+
+
+# --- specs users already write ------------------------------------------------------------------
+
+def test_other_projects_spellings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # clip-retrieval writes open_clip:ARCH/TAG and hf_clip:NAME
+    assert normalize_spec("open_clip:ViT-B-32/laion2b_s34b_b79k") == "open_clip:ViT-B-32@laion2b_s34b_b79k"
+    assert normalize_spec("hf_clip:org/clip") == "hf-clip:org/clip"
+    # open_clip's own hub form keeps its slash
+    assert normalize_spec("open_clip:hf-hub:laion/CLIP-ViT-B-32") == "open_clip:hf-hub:laion/CLIP-ViT-B-32"
+    with pytest.raises(SpecError, match=r"'open_clip:hf-hub:org/x'"):
+        load_encoder("hf-hub:org/x", modality="image")
+
+
+def test_bare_names_read_by_role(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert normalize_spec("gpt2", role="lm") == "hf-lm:gpt2"
+    assert normalize_spec("org/vit@v1", role="image") == "hf-vision:org/vit@v1"
+    assert normalize_spec("sentence-transformers/all-MiniLM-L6-v2", role="text") == \
+        "st:sentence-transformers/all-MiniLM-L6-v2"
+    monkeypatch.setattr("nofree.registry._st_installed", lambda: False)
+    assert normalize_spec("org/name", role="text") == "hf-text:org/name"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    # an existing folder is local:, a sentence-transformers folder st:
+    testing.make_tiny_hf_text(tmp_path / "bert")
+    testing.make_tiny_st(tmp_path / "stm")
+    assert normalize_spec("bert", role="text") == f"local:{tmp_path / 'bert'}"
+    assert normalize_spec("stm", role="text") == f"st:{tmp_path / 'stm'}"
+    assert normalize_spec("stm", role="image") == f"local:{tmp_path / 'stm'}"
+    assert load_encoder("stm", modality="text").spec == f"st:{tmp_path / 'stm'}"
+    with pytest.raises(SpecError, match=r"names no backend.*'st:gpt2'.*'hf-lm:gpt2'"):
+        normalize_spec("gpt2")
+    with pytest.raises(SpecError, match="empty spec"):
+        load_lm(" ")
+
+
+def test_errors_suggest_specs_for_the_role():
+    with pytest.raises(SpecError) as err:
+        load_lm("gpt:gpt2")
+    assert "hf-lm:gpt2" in str(err.value) and "minilm" not in str(err.value)
+    with pytest.raises(SpecError, match="an encoder backend"):
+        load_lm("st:org/x")
+    with pytest.raises(SpecError) as err:
+        load_encoder("vit:x", modality="image")
+    message = str(err.value)
+    assert "hf-vision:" in message and "embedded:effnet-lite0" in message
+    assert "hf-text:" not in message and "st:" not in message and "minilm" not in message
+    with pytest.raises(SpecError) as err:
+        load_encoder("embedded:nope", modality="text")
+    assert "embedded:minilm-l6" in str(err.value) and "effnet" not in str(err.value)
+
+
+def test_bare_hub_names_offline_fail_with_the_hubs_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SpecError, match=r"hf-lm:gpt2.*(offline|cached)"):
+        load_lm("gpt2")
+    with pytest.raises(SpecError, match=r"st:sentence-transformers/all-MiniLM-L6-v2.*(offline|cached)"):
+        load_encoder("sentence-transformers/all-MiniLM-L6-v2", modality="text")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_st_backend_honours_the_models_pooling(tmp_path, pooling):
+    import torch
+
+    folder = testing.make_tiny_st(tmp_path / "st", pooling=pooling)
+    encoder = load_encoder(f"st:{folder}")
+    assert encoder.modality == "text" and encoder.embed_dim == 16
+    texts = ["a red bus", "two dogs on a sofa in the sun"]
+    emb = encoder.encode(texts)
+    hidden, mask = load_encoder(f"hf-text:{folder}")._hidden(texts)
+    cls = torch.nn.functional.normalize(hidden[:, 0], dim=-1)
+    mean = load_encoder(f"hf-text:{folder}").encode(texts)  # hf-text always mean-pools
+    if pooling == "cls":
+        assert torch.allclose(emb, cls, atol=1e-5) and not torch.allclose(emb, mean, atol=1e-3)
+    else:
+        assert torch.allclose(emb, mean, atol=1e-5)
+
+
+def test_st_listed_with_its_package():
+    rows = {r.spec: r for r in list_encoders()}
+    assert rows["st:..."].modality == "text" and "sentence-transformers" in rows["st:..."].package

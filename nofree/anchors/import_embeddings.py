@@ -196,8 +196,8 @@ def _import(source: str | Path, *, image_spec: str, text_spec: str, out: Path, o
     meta = {"sources": [{"pairs": str(source), "split": None, "limit": None, "n_pairs": len(read),
                          "pairs_sha256": digest.hexdigest(), "imported": "embeddings"}],
             "skipped_images": skipped}
-    anchors = AnchorSet(read.image, read.text, read.captions, normalize_spec(image_spec),
-                        normalize_spec(text_spec), read.images, meta)
+    anchors = AnchorSet(read.image, read.text, read.captions, normalize_spec(image_spec, "image"),
+                        normalize_spec(text_spec, "text"), read.images, meta)
     anchors.save(out, overwrite=overwrite)
     if skipped:
         log.warning("skipped %d row(s) without a caption or with non-finite embeddings (listed in "

@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 _PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME")
 
 
-def encoder_spec(encoder: str | Callable[[], Encoder]) -> str:
-    """The spec a Ray build records for ``encoder`` (a spec string, or a factory called once)."""
+def encoder_spec(encoder: str | Callable[[], Encoder], modality: str | None = None) -> str:
+    """The spec a Ray build records for ``encoder`` (a spec string, read as a ``modality``
+    encoder, or a factory called once)."""
     if isinstance(encoder, str):
         from nofree.registry import normalize_spec
 
-        return normalize_spec(encoder)
+        return normalize_spec(encoder, role=modality)
     if isinstance(encoder, Encoder) or not callable(encoder):
         raise SpecError("engine='ray' needs each encoder as a spec string (e.g. 'embedded:minilm-l6') "
                         "or a zero-argument factory: every Ray actor builds its own encoder, so an "
@@ -212,7 +213,7 @@ def encode_pairs_ray(pairs: Sequence[Pair], image_encoder: str | Callable[[], En
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise NofreeError(f"workers must be a positive whole number, got {workers!r}")
-    image_spec, text_spec = encoder_spec(image_encoder), encoder_spec(text_encoder)
+    image_spec, text_spec = encoder_spec(image_encoder, "image"), encoder_spec(text_encoder, "text")
     n_shards = start_work_dir(work_dir, pairs, image_spec, text_spec, shard_size, batch_size)
     rows = _pending_rows(pairs, work_dir, n_shards, shard_size)
     if rows:
