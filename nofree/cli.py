@@ -15,6 +15,7 @@ import click
 
 from nofree import __version__
 
+from nofree.cli_options import PAIRS
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
@@ -125,9 +126,10 @@ def _strict_option(f):
 
 
 @anchors.command("build")
-@click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--pairs", required=True, type=PAIRS,
               help="Pairs: JSONL (image, captions), CSV (image,caption), an image folder with .txt "
-                   "sidecars, or webdataset .tar shards (a shard or a folder of them).")
+                   "sidecars, or webdataset shards (.tar / .tar.gz: a shard, a folder of them, a "
+                   "quoted pattern 'shards/{00000..00099}.tar', several joined by '::').")
 @click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)
 @click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
@@ -208,7 +210,7 @@ def anchors_import(embeddings, image_spec, text_spec, out, overwrite, index_fact
 
 @anchors.command("extend")
 @click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--pairs", required=True, type=PAIRS, help="Pairs to add (the forms anchors build takes).")
 @_pairs_options
 def anchors_extend(anchor_dir, pairs, limit, split, batch_size, device):
     """Add pairs to an existing anchor set, encoded with its own encoders."""
@@ -485,7 +487,8 @@ def _train_options(f):
     f = click.option("--epochs", type=click.IntRange(min=1), default=None)(f)
     f = click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")(f)
     f = click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)(f)
-    f = click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path))(f)
+    f = click.option("--pairs", required=True, type=PAIRS, help="Training pairs (the forms anchors "
+                     "build takes).")(f)
     return f
 
 
@@ -515,8 +518,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 
 # --- evaluation ---------------------------------------------------------------------------
 @main.command("eval")
-@click.option("--pairs", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Pairs file (JSONL/CSV/folder) holding the evaluation split.")
+@click.option("--pairs", required=True, type=PAIRS,
+              help="Pairs (JSONL/CSV/folder/webdataset shards) holding the evaluation split.")
 @click.option("--split", default="val", show_default=True, help="Split to evaluate ('' for all pairs).")
 @click.option("--method", "methods", multiple=True, type=click.Choice(
     ["asif", "lit", "retrieval", "magic", "magic-lit", "clipcap", "flamingo"]),

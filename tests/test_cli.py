@@ -76,3 +76,17 @@ def test_unknown_spec_is_named(runner, tmp_path):
 def test_info_on_a_non_set_is_clear(runner, tmp_path):
     result = runner.invoke(main, ["anchors", "info", str(tmp_path)])
     assert result.exit_code != 0 and "not an anchor set" in result.output
+
+
+def test_build_from_a_shard_pattern(runner, tmp_path, specs):
+    from nofree.testing import make_webdataset
+
+    make_webdataset(tmp_path / "wds", 6, per_shard=2)
+    pattern = str(tmp_path / "wds" / "{00000..00002}.tar")
+    result = runner.invoke(main, ["anchors", "build", "--pairs", pattern, "--image-encoder", specs[0],
+                                  "--text-encoder", specs[1], "--out", str(tmp_path / "set")])
+    assert result.exit_code == 0, result.output
+    assert "6 anchors" in result.output
+    missing = runner.invoke(main, ["anchors", "build", "--pairs", str(tmp_path / "nope.jsonl"),
+                                   "--out", str(tmp_path / "o")])
+    assert missing.exit_code == 2 and "shards/{00000..00099}.tar" in missing.output

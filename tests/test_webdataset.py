@@ -92,14 +92,15 @@ def test_bad_samples_and_truncated_shard_are_skipped_and_reported(tmp_path, capl
     assert "the last one" in built.captions
 
 
-def test_missing_member_and_compressed_shards_are_clear_errors(tmp_path):
+def test_missing_member_and_unreadable_compressed_shards_are_clear_errors(tmp_path, caplog):
     shard = make_webdataset(tmp_path / "wds", 2)[0]
     with pytest.raises(DataError, match="no member"):
         load_image(f"{shard}#absent.jpg")
     (tmp_path / "gz").mkdir()
     (tmp_path / "gz" / "a.tar.gz").write_bytes(b"")
-    with pytest.raises(DataError, match="compressed"):
+    with pytest.raises(DataError, match="holds no pairs"):
         load_pairs(tmp_path / "gz" / "a.tar.gz")
+    assert "not a readable tar shard" in caplog.text
 
 
 def test_webdataset_build_equals_jsonl_build_of_the_same_images(tmp_path):
@@ -117,3 +118,65 @@ def test_webdataset_build_equals_jsonl_build_of_the_same_images(tmp_path):
                          out=tmp_path / "b", progress=False, shard_size=4)
     torch.testing.assert_close(a.image, b.image)
     assert torch.equal(a.text, b.text) and a.captions == b.captions
+
+
+# --- shards as users name them ------------------------------------------------------------------
+
+def _gzip_shards(shards: list[Path]) -> list[Path]:
+    """``X.tar`` -> ``X.tar.gz`` (the plain shard removed)."""
+    import gzip
+
+    out = []
+    for shard in shards:
+        target = shard.with_name(shard.name + ".gz")
+        target.write_bytes(gzip.compress(shard.read_bytes()))
+        shard.unlink()
+        out.append(target)
+    return out
+
+
+def test_brace_patterns_and_lists_of_shards(tmp_path):
+    shards = make_webdataset(tmp_path / "wds", 10, per_shard=4)  # 00000..00002
+    expected = [synthetic_sample(i)[1] for i in range(10)]
+    pattern = str(tmp_path / "wds" / "{00000..00002}.tar")
+    assert [p.captions[0] for p in load_pairs(pattern)] == expected
+    assert [p.captions[0] for p in load_pairs([str(s) for s in shards])] == expected
+    # webdataset's '::' joins patterns; the order written is kept
+    joined = f"{shards[2]}::{tmp_path / 'wds' / '{00000..00001}.tar'}"
+    assert [p.captions[0] for p in load_pairs(joined)] == expected[8:] + expected[:8]
+    assert len(load_pairs(pattern, limit=5)) == 5
+    with pytest.raises(DataError, match=r"00003.tar.*does not exist.*range"):
+        load_pairs(str(tmp_path / "wds" / "{00000..00003}.tar"))
+
+
+def test_compressed_shards_read_by_member_reference(tmp_path):
+    plain = load_pairs(make_webdataset(tmp_path / "plain", 9, per_shard=4)[0].parent)
+    shards = _gzip_shards(make_webdataset(tmp_path / "wds", 9, per_shard=4))
+    for source in (tmp_path / "wds", str(tmp_path / "wds" / "{00000..00002}.tar.gz"), shards):
+        pairs = load_pairs(source)
+        assert [p.captions for p in pairs] == [p.captions for p in plain]
+    assert pairs[5].image == f"{shards[1]}#{pairs[5].meta['key']}.jpg"
+    # forward, backward and across shards: each reference gives its own image
+    for i in (5, 6, 0, 8, 5):
+        assert list(load_image(pairs[i].image).getdata()) == list(load_image(plain[i].image).getdata())
+
+
+def test_truncated_compressed_shard_keeps_the_samples_before_the_cut(tmp_path):
+    [shard] = _gzip_shards(make_webdataset(tmp_path / "wds", 6, per_shard=6))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) * 2 // 3])
+    scan = scan_webdataset(shard)
+    assert 0 < len(scan.pairs) < 6 and scan.skipped
+    assert [p.captions[0] for p in scan.pairs] == [synthetic_sample(i)[1] for i in range(len(scan.pairs))]
+
+
+def test_build_from_a_pattern_resumes_from_member_references(tmp_path):
+    make_webdataset(tmp_path / "wds", 12, per_shard=5)
+    pattern = str(tmp_path / "wds" / "{00000..00002}.tar")
+    built = build_anchor_set(pattern, image_encoder=TinyImageEncoder(), text_encoder=TinyTextEncoder(),
+                             out=tmp_path / "a", shard_size=4, progress=False)
+    again = build_anchor_set([str(p) for p in sorted((tmp_path / "wds").glob("*.tar"))],
+                             image_encoder=TinyImageEncoder(), text_encoder=TinyTextEncoder(),
+                             out=tmp_path / "b", shard_size=4, progress=False)
+    assert len(built) == 12 and torch.equal(built.image, again.image)
+    assert AnchorSet.load(tmp_path / "a").meta["sources"][0]["pairs"] == pattern

@@ -294,7 +294,9 @@ def _load_pairs(pairs: str | Path | Sequence[Pair], split: str | None,
                 limit: int | None) -> tuple[list[Pair], list[str]]:
     """The pairs to encode, and the samples a webdataset source had to skip (missing caption or
     image, truncated shard: logged by the reader)."""
-    if isinstance(pairs, (str, Path)):
+    from nofree.data.webdataset import is_shard_pattern
+
+    if isinstance(pairs, (str, Path)) or is_shard_pattern(pairs):  # a source, or a list of shards
         from nofree.data.pairs import load_pairs
         from nofree.data.webdataset import is_webdataset, scan_webdataset
 
@@ -307,7 +309,10 @@ def _load_pairs(pairs: str | Path | Sequence[Pair], split: str | None,
 
 
 def _source_record(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair], split, limit) -> dict:
-    name = str(pairs) if isinstance(pairs, (str, Path)) else "<in-memory pairs>"
+    from nofree.data.webdataset import is_shard_pattern
+
+    name = str(pairs) if isinstance(pairs, (str, Path)) else "::".join(map(str, pairs)) \
+        if is_shard_pattern(pairs) else "<in-memory pairs>"
     return {"pairs": name, "split": split, "limit": limit, "n_pairs": len(loaded),
             "pairs_sha256": pairs_digest(loaded)}
 

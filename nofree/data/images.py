@@ -27,6 +27,7 @@ from typing import NamedTuple, Sequence
 from nofree.core import DataError
 
 REF_SEP = ".tar#"  # a webdataset member reference: SHARD.tar#MEMBER (see nofree.data.webdataset)
+REF_SEPS = (REF_SEP, ".tar.gz#", ".tgz#")  # the same in plain and gzip-compressed shards
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def load_image(path: str | os.PathLike):
 
     name = os.fspath(path)
     source = name
-    if isinstance(name, str) and REF_SEP in name and not os.path.exists(name):
+    if isinstance(name, str) and any(sep in name for sep in REF_SEPS) and not os.path.exists(name):
         from nofree.data.webdataset import read_member
 
         source = io.BytesIO(read_member(name))  # a webdataset member: SHARD.tar#MEMBER

@@ -11,8 +11,10 @@ Four layouts, told apart by the source itself:
   image's first row go to ``Pair.meta``.
 * a directory: every image file ``foo.jpg`` (any depth) with a sidecar ``foo.txt`` holding one
   caption per non-empty line.
-* a ``.tar`` file, or a directory holding ``.tar`` files: webdataset shards as img2dataset writes
-  them (``KEY.jpg`` + ``KEY.txt`` / ``KEY.json`` per sample); see :mod:`nofree.data.webdataset`.
+* a ``.tar`` / ``.tar.gz`` file, a directory holding such files, a brace pattern
+  (``shards/{00000..00099}.tar``), several of these joined by ``::``, or a list of them:
+  webdataset shards as img2dataset writes them (``KEY.jpg`` + ``KEY.txt`` / ``KEY.json`` per
+  sample); see :mod:`nofree.data.webdataset`.
   Image paths are then member references ``SHARD.tar#MEMBER``; samples without a caption or
   image, and truncated shards, are skipped and logged.
 
@@ -57,23 +59,29 @@ MAX_LINE_BYTES = 16 * 2**20
 MAX_CAPTION_CHARS = 2**16
 
 
-def load_pairs(source: str | os.PathLike, *, split: str | None = None,
+def load_pairs(source: str | os.PathLike | Sequence[str | os.PathLike], *, split: str | None = None,
                limit: int | None = None) -> list[Pair]:
-    """All pairs of ``source`` (a ``.jsonl`` / ``.csv`` file or an image folder), in file order.
+    """All pairs of ``source`` (a ``.jsonl`` / ``.csv`` file, an image folder, or webdataset
+    shards: one, a folder, a brace pattern or a list), in file order.
 
     ``split`` keeps only pairs whose ``split`` field equals it (``None`` keeps all); ``limit``
     keeps the first ``limit`` pairs after that filter. Raises ``DataError`` for a missing or
     malformed source, or when no pair is left.
     """
-    path = Path(os.path.expanduser(os.fspath(source)))
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit={limit!r}: expected a positive whole number of pairs (or None for all)")
-    if not path.exists():
-        raise DataError(f"pairs source {path} does not exist: pass a .jsonl or .csv pairs file or a "
-                        "folder of images with .txt caption sidecars")
-    from nofree.data.webdataset import is_webdataset, scan_webdataset
+    from nofree.data.webdataset import is_shard_pattern, is_webdataset, scan_webdataset
 
-    if is_webdataset(path):
+    shards = is_shard_pattern(source)
+    path = Path(os.path.expanduser("::".join(map(os.fspath, source)) if isinstance(source, (list, tuple))
+                                   else os.fspath(source)))
+    if not shards and not path.exists():
+        raise DataError(f"pairs source {path} does not exist: pass a .jsonl or .csv pairs file or a "
+                        "folder of images with .txt caption sidecars, or webdataset shards (a .tar, a "
+                        "folder of them or a pattern like 'shards/{00000..00099}.tar')")
+    if shards:
+        pairs = scan_webdataset(source, limit=limit if split is None else None).pairs
+    elif is_webdataset(path):
         pairs = scan_webdataset(path, limit=limit if split is None else None).pairs
     elif path.is_dir():
         pairs = _read_folder(path)
