@@ -18,6 +18,10 @@ from nofree import __version__
 from nofree.cli_options import PAIRS
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
+#: pairs per shard of `anchors build` (nofree.anchors.build.DEFAULT_SHARD_SIZE; kept here so
+#: `--help` does not import torch)
+DEFAULT_SHARD_SIZE = 256
+
 
 class OneLineError(click.ClickException):
     """An error a user can fix, printed as one line (``Error: ...``) with exit code 2."""
@@ -145,17 +149,21 @@ def _strict_option(f):
               "e.g. 'IVF4096,PQ32' (see `nofree anchors index`).")
 @click.option("--dedupe", is_flag=True, help="Skip repeated pairs (an image listed twice, a caption "
               "its image already has); without it they are reported and each becomes an anchor.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
+              help="Pairs per resumable shard written to OUT.partial (an interrupted build keeps its "
+                   "finished shards; a resume needs the same value).")
 @_pairs_options
 @_strict_option
 def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, engine, workers, ray_address,
-                  index_factory, dedupe, limit, split, batch_size, device, strict):
+                  index_factory, dedupe, shard_size, limit, split, batch_size, device, strict):
     """Encode pairs into an anchor set (resumes an interrupted build)."""
     from nofree.anchors.build import build_anchor_set
 
     built = build_anchor_set(pairs, image_encoder=image_encoder, text_encoder=text_encoder, out=out,
                              split=split, limit=limit, batch_size=batch_size, device=device,
                              overwrite=overwrite, engine=engine, workers=workers,
-                             ray_address=ray_address, index=index_factory, dedupe=dedupe, strict=strict)
+                             ray_address=ray_address, index=index_factory, dedupe=dedupe, strict=strict,
+                             shard_size=shard_size)
     skipped = built.meta.get("skipped_images", [])
     click.echo(f"wrote {out}: {len(built)} anchors ({built.image_dim}-d image, {built.text_dim}-d text)"
                + (f", {len(skipped)} unreadable image(s) or sample(s) skipped" if skipped else ""))

@@ -259,3 +259,50 @@ def test_subset_keeps_rows_in_order(tmp_path, encoders):
     built = build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
     part = built.subset([3, 0])
     assert torch.equal(part.text, built.text[[3, 0]]) and part.captions == (built.captions[3], built.captions[0])
+
+
+def test_progress_moves_per_encoded_batch(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    updates: list[int] = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            assert kwargs.get("unit") == "pair"  # tqdm shows the rate as pair/s
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    pairs = make_pairs(tmp_path / "data", n=7)
+    build_anchor_set(pairs, image_encoder=TinyImageEncoder(), text_encoder=TinyTextEncoder(),
+                     out=tmp_path / "set", batch_size=2, shard_size=256)
+    assert updates == [2, 2, 2, 1]  # one shard, yet the bar moves after every batch
+    # a resumed build counts the pairs an earlier run saved at once, then moves per batch
+    updates.clear()
+    work = Path(str(tmp_path / "again") + ".partial")
+    with pytest.raises(KeyboardInterrupt):
+        build_anchor_set(pairs, image_encoder=TinyImageEncoder(), out=tmp_path / "again",
+                         text_encoder=_interrupting_text_encoder(after=2), batch_size=2, shard_size=3)
+    assert work.exists() and updates[:1] == [2]
+    updates.clear()
+    build_anchor_set(pairs, image_encoder=TinyImageEncoder(), text_encoder=TinyTextEncoder(),
+                     out=tmp_path / "again", batch_size=2, shard_size=3)
+    assert updates == [2, 1, 2, 1, 1]  # shard 0: 2 saved + 1 encoded; shard 1: 2 + 1; shard 2: 1
+
+
+def _interrupting_text_encoder(after: int):
+    """A TinyTextEncoder that raises KeyboardInterrupt on its ``after``-th encode call."""
+    class Interrupting(TinyTextEncoder):
+        calls = 0
+
+        def encode(self, batch, **kwargs):
+            type(self).calls += 1
+            if type(self).calls >= after:
+                raise KeyboardInterrupt
+            return super().encode(batch, **kwargs)
+
+    return Interrupting()

@@ -90,3 +90,16 @@ def test_build_from_a_shard_pattern(runner, tmp_path, specs):
     missing = runner.invoke(main, ["anchors", "build", "--pairs", str(tmp_path / "nope.jsonl"),
                                    "--out", str(tmp_path / "o")])
     assert missing.exit_code == 2 and "shards/{00000..00099}.tar" in missing.output
+
+
+def test_build_shard_size(runner, tmp_path, specs):
+    from nofree.anchors import build
+    from nofree.cli import DEFAULT_SHARD_SIZE
+
+    assert DEFAULT_SHARD_SIZE == build.DEFAULT_SHARD_SIZE
+    pairs = make_pairs(tmp_path / "data", n=5)
+    result = runner.invoke(main, ["anchors", "build", "--pairs", str(pairs), "--image-encoder", specs[0],
+                                  "--text-encoder", specs[1], "--out", str(tmp_path / "set"),
+                                  "--shard-size", "2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "--shard-size" in runner.invoke(main, ["anchors", "build", "--help"]).output

@@ -109,8 +109,11 @@ def _join(pieces: list[tuple[dict[str, torch.Tensor], dict[str, list]]], dims: t
 def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: Encoder,
                   batch_size: int, *, checkpoint: Path | None = None,
                   checkpoint_s: float = DEFAULT_CHECKPOINT_S, strict: bool = False,
+                  on_pairs: Callable[[int], Any] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Encode one shard: one anchor per (readable image, caption); returns tensors + metadata.
+    ``on_pairs(n)`` is called as each piece of ``n`` pairs is done (and once for the pairs a
+    checkpoint already held), e.g. to move a progress bar.
 
     The shard is encoded in pieces of ``batch_size`` pairs (one image batch each), so its result
     does not depend on where an earlier attempt stopped. With ``checkpoint`` (a file path), the
@@ -125,6 +128,8 @@ def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: E
         tensors, meta = saved
         done = int(meta["pairs_done"])
         pieces.append((tensors, {key: meta[key] for key in ("captions", "images", "skipped")}))
+        if on_pairs is not None:
+            on_pairs(done)
     saved_done, last_save = done, time.monotonic()
 
     def save() -> None:
@@ -137,6 +142,8 @@ def _encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: E
             chunk = pairs[done:done + batch_size]
             pieces.append(_encode_piece(chunk, image_encoder, text_encoder, batch_size, strict))
             done += len(chunk)
+            if on_pairs is not None:
+                on_pairs(len(chunk))
             if checkpoint is not None and done < len(pairs) and \
                     time.monotonic() - last_save >= checkpoint_s:
                 save()
@@ -268,12 +275,14 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
             if part is None:
                 tensors, metadata = _encode_shard(chunk, image_encoder, text_encoder, batch_size,
                                                   checkpoint=checkpoint_path(work_dir, index),
-                                                  checkpoint_s=checkpoint_s, strict=strict)
+                                                  checkpoint_s=checkpoint_s, strict=strict,
+                                                  on_pairs=bar.update)  # moves per encoded batch
                 _write_shard(path, tensors, metadata)
                 checkpoint_path(work_dir, index).unlink(missing_ok=True)
                 part = tensors, {key: json.loads(value) for key, value in metadata.items()}
+            else:
+                bar.update(len(chunk))  # a shard finished by an earlier run
             parts.append(part)
-            bar.update(len(chunk))
     except KeyboardInterrupt:
         bar.close()
         if not _holds_encoded_work(work_dir):
