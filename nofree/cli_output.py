@@ -50,9 +50,10 @@ def interrupted_exit(err: KeyboardInterrupt) -> click.exceptions.Exit:
 def stream_rows(rows: Iterable[dict], fmt: str, columns: list[str],
                 table_row: Callable[[dict], dict] | None = None) -> None:
     """Write ``rows`` to stdout: ``jsonl``, one JSON line per row as each arrives (flushed);
-    ``table``, ``table_row(row)`` for each row without an ``error``, aligned in ``columns``,
-    after the last row (or after whatever stopped the iteration). The iterator is closed on the
-    way out, so a generator's own cleanup runs before the exception travels on."""
+    ``json``, one JSON list of every row (error rows included) at the end; ``table``,
+    ``table_row(row)`` for each row without an ``error``, aligned in ``columns``. ``json`` and
+    ``table`` print after the last row, or after whatever stopped the iteration. The iterator is
+    closed on the way out, so a generator's own cleanup runs before the exception travels on."""
     finished: list[dict] = []
     iterator = iter(rows)
     try:
@@ -61,14 +62,23 @@ def stream_rows(rows: Iterable[dict], fmt: str, columns: list[str],
                 if fmt == "jsonl":
                     click.echo(json.dumps(row, ensure_ascii=False))
                     sys.stdout.flush()
+                elif fmt == "json":
+                    finished.append(row)
                 elif "error" not in row:  # unreadable inputs are reported on stderr instead
                     finished.append(table_row(row) if table_row else row)
     except BaseException:
         if fmt != "jsonl" and finished:  # the rows finished before the run was stopped
-            print_table(finished, columns)
+            _print_rows(finished, fmt, columns)
         raise
     if fmt != "jsonl":
-        print_table(finished, columns)
+        _print_rows(finished, fmt, columns)
+
+
+def _print_rows(rows: list[dict], fmt: str, columns: list[str]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+    else:
+        print_table(rows, columns)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

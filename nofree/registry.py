@@ -58,7 +58,8 @@ __all__ = ["load_encoder", "load_lm", "list_encoders", "list_lms", "clear_cache"
 # backend -> (modality, python modules needed, pip install line, what it loads)
 _ENCODER_BACKENDS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
     "open_clip": ("image+text", ("open_clip",), "open_clip_torch",
-                  "open_clip:ARCH@PRETRAINED | open_clip:ARCH@random | open_clip:local-dir:DIR"),
+                  "open_clip:ARCH@PRETRAINED (or ARCH/PRETRAINED) | open_clip:ARCH@random | "
+                  "open_clip:local-dir:DIR | open_clip:hf-hub:ORG/NAME"),
     "hf-clip": ("image+text", ("transformers",), "'transformers>=5'",
                 "hf-clip:NAME_OR_DIR[@revision] (CLIP-like two-tower model)"),
     "hf-vision": ("image", ("transformers",), "'transformers>=5'",

@@ -103,3 +103,91 @@ def test_build_shard_size(runner, tmp_path, specs):
                                   "--shard-size", "2", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     assert "--shard-size" in runner.invoke(main, ["anchors", "build", "--help"]).output
+
+
+# --- one vocabulary: --format, defaults in --help, cache info|clear -----------------------------
+
+def test_format_table_jsonl_json_everywhere(runner, tmp_path, specs):
+    _, out, _ = build_set(runner, tmp_path, specs, n=4)
+    table = runner.invoke(main, ["anchors", "info", str(out), "--format", "table"]).output
+    assert table == runner.invoke(main, ["anchors", "info", str(out), "--format", "text"]).output
+    assert "anchors      8" in table
+    line = runner.invoke(main, ["anchors", "info", str(out), "--format", "jsonl"]).output
+    assert len(line.strip().splitlines()) == 1 and json.loads(line)["n_anchors"] == 8
+    listed = json.loads(runner.invoke(main, ["models", "--format", "json"]).output)
+    assert {"embedded:minilm-l6", "st:..."} <= {row["spec"] for row in listed}
+    assert all(isinstance(row["installed"], bool) for row in listed)
+    lines = runner.invoke(main, ["models", "--format", "jsonl"]).output.strip().splitlines()
+    assert len(lines) == len(listed)
+    images = sorted(str(p) for p in (tmp_path / "data").glob("*.png"))[:2]
+    result = runner.invoke(main, ["classify", "--anchors", str(out), "--label", "red", "--label", "blue",
+                                  "--format", "json", *images])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [row["image"] for row in rows] == images and rows[0]["top"][0]["label"] in ("red", "blue")
+    bad = runner.invoke(main, ["models", "--format", "yaml"])
+    assert bad.exit_code == 2 and "table" in bad.output and "json" in bad.output
+
+
+def _commands(group, prefix=()):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_help_shows_its_defaults(runner):
+    import click
+
+    for path, command in _commands(main):
+        text = runner.invoke(main, [*path, "--help"]).output
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.hidden:
+                continue
+            unset = param.default is None or param.default == () or "UNSET" in repr(param.default)
+            if not unset:
+                assert f"[default: {param.default}" in " ".join(text.split()), (path, param.name)
+    train = " ".join(runner.invoke(main, ["train", "--help"]).output.split())
+    import inspect
+
+    from nofree.adapters import train as training
+
+    lit, clipcap, flamingo = (inspect.signature(fn).parameters for fn in
+                              (training.train_lit, training.train_clipcap, training.train_flamingo))
+    for name in ("epochs", "batch_size"):  # the numbers the help states are the functions' own
+        assert clipcap[name].default == flamingo[name].default
+        assert f"lit {lit[name].default}, clipcap and flamingo {clipcap[name].default}" in train
+
+
+def test_cache_info_and_clear(runner, tmp_path):
+    from nofree.cache import EmbeddingCache
+    from nofree.testing import TinyImageEncoder, TinyTextEncoder
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.encode(TinyTextEncoder(), ["a cat", "a dog", "a cat"])
+    cache.encode(TinyImageEncoder(), [__import__("PIL.Image").Image.new("RGB", (8, 8))])
+    foreign = tmp_path / "cache" / "embeddings" / "not-nofree"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    info = json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)
+    assert info["path"] == str(tmp_path / "cache")
+    by_spec = {row["spec"]: row for row in info["specs"]}
+    assert by_spec[TinyTextEncoder().spec]["embeddings"] == 2 and len(by_spec) == 2
+    table = runner.invoke(main, ["cache", "info"]).output
+    assert TinyTextEncoder().spec in table and "MiB" in table
+    # stdin is not a terminal here: without --yes nothing is deleted
+    refused = runner.invoke(main, ["cache", "clear"])
+    assert refused.exit_code == 2 and "--yes" in refused.output
+    assert len(json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)["specs"]) == 2
+    unknown = runner.invoke(main, ["cache", "clear", "--spec", "embedded:nope", "--yes"])
+    assert unknown.exit_code != 0 and TinyTextEncoder().spec in unknown.output
+    one = runner.invoke(main, ["cache", "clear", "--spec", TinyTextEncoder().spec, "--yes"])
+    assert one.exit_code == 0 and "deleted 1 spec folder" in one.output
+    left = json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)["specs"]
+    assert [row["spec"] for row in left] == [TinyImageEncoder().spec]
+    assert runner.invoke(main, ["cache", "clear", "--yes"]).exit_code == 0
+    assert not json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)["specs"]
+    assert (foreign / "keep.txt").read_text() == "mine"  # not a folder nofree wrote
