@@ -398,21 +398,30 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
 
             options["pool"] = load_text_lines(pool)
         return MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, **options)
-    if method in ("clipcap", "flamingo"):
+    if method in ("clipcap", "flamingo", "smallcap"):
         if adapter_dir is None:
             raise DataError(f"--method {method} needs --adapter DIR (from `nofree train {method}`)")
-        from nofree.adapters import AdapterCaptioner, load_adapter
-
         decoding = {"max_new_tokens": "max_tokens", "beams": "beams", "no_repeat_ngram": "no_repeat_ngram"}
         unused = sorted(k for k in options if k not in decoding)
         if unused:
             raise DataError(f"--method {method} takes no {_flags(unused)}")
+        decode = {decoding[k]: v for k, v in options.items()}
+        if method == "smallcap":
+            from nofree.adapters.smallcap import SmallCapCaptioner
+            from nofree.cache import EmbeddingCache
+            from nofree.data.pairs import load_text_lines
+
+            return SmallCapCaptioner.from_pretrained(
+                adapter_dir, pool=load_text_lines(pool) if pool is not None else None, device=device,
+                cache=EmbeddingCache(), **decode)
+        from nofree.adapters import AdapterCaptioner, load_adapter
+
         adapter = load_adapter(adapter_dir, device=device)
         if adapter.kind != method:
             raise DataError(f"{adapter_dir} holds a {adapter.kind} adapter, not {method}: "
                             f"use --method {adapter.kind}")
-        return AdapterCaptioner(adapter, **{decoding[k]: v for k, v in options.items()})
-    raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap or flamingo")
+        return AdapterCaptioner(adapter, **decode)
+    raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap, flamingo or smallcap")
 
 
 def _flags(options: Sequence[str]) -> str:

@@ -417,15 +417,15 @@ def _parse_windows(ctx, param, value):
 
 
 @main.command()
-@click.option("--method", type=click.Choice(["retrieval", "magic", "clipcap", "flamingo"]),
+@click.option("--method", type=click.Choice(["retrieval", "magic", "clipcap", "flamingo", "smallcap"]),
               default="magic", show_default=True)
 @click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Anchor set (retrieval, magic).")
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Trained adapter directory (clipcap, flamingo).")
+              help="Trained adapter directory (clipcap, flamingo, smallcap).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Caption pool for --method retrieval and MAGIC's in-context examples "
-                   "(default: the bundled 24k COCO captions).")
+              help="Caption pool for --method retrieval, MAGIC's in-context examples and SmallCap's "
+                   "retrieved examples (default: the bundled 24k COCO captions; SmallCap: its training pool).")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for --method magic.")
 @click.option("--k", "top_k", type=click.IntRange(min=1), default=None, help="MAGIC: LM candidates per step.")
 @click.option("--alpha", type=float, default=None,
@@ -511,14 +511,22 @@ def _train_options(f):
 
 
 @main.command()
-@click.argument("method", type=click.Choice(["lit", "clipcap", "flamingo"]))
+@click.argument("method", type=click.Choice(["lit", "clipcap", "flamingo", "smallcap"]))
 @_train_options
-@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True, help="LiT's text side.")
-@click.option("--lm", default=DEFAULT_LM, show_default=True, help="Frozen LM (clipcap, flamingo).")
+@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True,
+              help="LiT's text side; SmallCap's anchors' text side.")
+@click.option("--lm", default=DEFAULT_LM, show_default=True, help="Frozen LM (clipcap, flamingo, smallcap).")
+@click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="SmallCap: anchor set to retrieve with (default: built from --train-split).")
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SmallCap: caption pool to retrieve from (default: the bundled 24k COCO captions).")
 def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, train_split, val_split,
-          device, seed, overwrite, resume, text_encoder, lm):
-    """Train a light adapter (LiT, ClipCap or Flamingo-style) on frozen backbones."""
-    from nofree.adapters import train_clipcap, train_flamingo, train_lit
+          device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool):
+    """Train a light adapter (LiT, ClipCap, Flamingo-style or SmallCap-style) on frozen backbones."""
+    from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
+
+    if method != "smallcap" and (anchor_dir is not None or pool is not None):
+        raise click.UsageError("--anchors and --pool are SmallCap's options (train smallcap)")
 
     tuned = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
                                            ("precision", precision)) if value is not None}
@@ -527,6 +535,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
                   resume=resume, **tuned)
     if method == "lit":
         result = train_lit(pairs, text_encoder=text_encoder, **common)
+    elif method == "smallcap":
+        result = train_smallcap(pairs, text_encoder=text_encoder, lm=lm, anchors=anchor_dir, pool=pool, **common)
     else:
         result = (train_clipcap if method == "clipcap" else train_flamingo)(pairs, lm=lm, **common)
     last = result.history[-1] if result.history else {}
@@ -540,7 +550,7 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
               help="Pairs (JSONL/CSV/folder/webdataset shards) holding the evaluation split.")
 @click.option("--split", default="val", show_default=True, help="Split to evaluate ('' for all pairs).")
 @click.option("--method", "methods", multiple=True, type=click.Choice(
-    ["asif", "lit", "retrieval", "magic", "magic-lit", "clipcap", "flamingo"]),
+    ["asif", "lit", "retrieval", "magic", "magic-lit", "clipcap", "flamingo", "smallcap"]),
     help="Method to run (repeatable; default: every method whose inputs are given).")
 @click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Anchor set (default: built from --anchor-split of --pairs into REPORT/anchors).")
@@ -548,6 +558,7 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--clipcap", "clipcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--flamingo", "flamingo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--smallcap", "smallcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Caption pool for retrieval and MAGIC's examples (default: the bundled 24k captions).")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for MAGIC.")
@@ -566,15 +577,15 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --report.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, pool,
+def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, smallcap_dir, pool,
                  lm, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, report_dir, resume, overwrite,
                  batch_size, device):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
     from nofree.data.pairs import load_labels
     from nofree.eval.report import EvalConfig, run_eval
 
-    adapters = {kind: d for kind, d in (("lit", lit_dir), ("clipcap", clipcap_dir), ("flamingo", flamingo_dir))
-                if d is not None}
+    adapters = {kind: d for kind, d in (("lit", lit_dir), ("clipcap", clipcap_dir), ("flamingo", flamingo_dir),
+                                        ("smallcap", smallcap_dir)) if d is not None}
     config = EvalConfig(pairs=pairs, split=split or None, limit=limit, anchors=anchor_dir,
                         anchor_split=anchor_split, adapters=adapters, pool=pool, lm=lm,
                         labels=load_labels(labels_file) if labels_file else None,

@@ -43,8 +43,9 @@ def setup(tmp_path_factory):
                                   "--image-encoder", image, "--text-encoder", text, "--out", str(anchors)])
     assert result.exit_code == 0, result.output
     adapters = {}
-    for kind in ("lit", "clipcap", "flamingo"):
-        backbone = ["--text-encoder", text] if kind == "lit" else ["--lm", lm]
+    for kind in ("lit", "clipcap", "flamingo", "smallcap"):
+        backbone = {"lit": ["--text-encoder", text],
+                    "smallcap": ["--lm", lm, "--text-encoder", text, "--pool", str(pool)]}.get(kind, ["--lm", lm])
         result = runner.invoke(main, ["train", kind, "--pairs", str(pairs), "--image-encoder", image,
                                       *backbone, "--out", str(root / kind), "--epochs", "1"])
         assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""Trainable adapters on the frozen core: LiT, ClipCap and a Flamingo-style captioner.
+"""Trainable adapters on the frozen core: LiT, ClipCap, a Flamingo-style and a SmallCap-style captioner.
 
 Only the adapters' own weights train; image encoders, text encoders and language models stay
 frozen. Every adapter saves with ``save_pretrained(dir)`` and loads with ``from_pretrained(dir)``
@@ -19,6 +19,9 @@ _LAZY = {
     "ClipCap": "nofree.adapters.clipcap",
     "Flamingo": "nofree.adapters.flamingo",
     "find_decoder_layers": "nofree.adapters.flamingo",
+    "SmallCap": "nofree.adapters.smallcap",
+    "SmallCapCaptioner": "nofree.adapters.smallcap",
+    "train_smallcap": "nofree.adapters.smallcap",
     "Examples": "nofree.adapters.train",
     "TrainResult": "nofree.adapters.train",
     "prepare_examples": "nofree.adapters.train",

@@ -40,7 +40,8 @@ WEIGHTS_FILE = "adapter.safetensors"
 #: adapter kind -> (module, class); ``load_adapter`` dispatches on the recorded kind.
 ADAPTER_CLASSES = {"lit": ("nofree.adapters.lit", "LiT"),
                    "clipcap": ("nofree.adapters.clipcap", "ClipCap"),
-                   "flamingo": ("nofree.adapters.flamingo", "Flamingo")}
+                   "flamingo": ("nofree.adapters.flamingo", "Flamingo"),
+                   "smallcap": ("nofree.adapters.smallcap", "SmallCap")}
 #: backbone role -> encoder modality (``None``: a language model)
 ROLE_MODALITY = {"image_encoder": "image", "text_encoder": "text", "lm": None}
 #: The most trainable parameters a saved config may ask for (4 GiB of float32 weights): far

@@ -36,8 +36,9 @@ DECODING = {"beams": 1, "no_repeat_ngram": 3}
 class CaptioningAdapter(Adapter):
     """An adapter that makes a frozen causal LM write captions of images.
 
-    Subclasses implement ``generation_inputs(features)`` (the ids or embeddings the LM starts
-    from) and may override ``media(features, copies=...)`` (a context active during the whole
+    Subclasses implement ``caption_logits(features, texts, prompts)`` and
+    ``generation_inputs(features, prompts)`` (the ids or embeddings the LM starts from; ``prompts``
+    is an optional text per row, for adapters that read one) and may override ``media(features, copies=...)`` (a context active during the whole
     decode, e.g. the image latents cross-attention reads).
     """
 
@@ -73,13 +74,14 @@ class CaptioningAdapter(Adapter):
                     stops.add(int(ids[0]))
         return stops
 
-    def caption_logits(self, features: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+    def caption_logits(self, features: Tensor, texts: list[str],
+                       prompts: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced logits ``(B, T, V)`` and aligned labels ``(B, T)`` (``-100`` ignored)."""
         raise NotImplementedError
 
     def batch_loss(self, batch: Any) -> Tensor:
         """Mean next-token cross-entropy over the caption tokens (and eos) of a batch."""
-        logits, labels = self.caption_logits(batch.image_features, batch.texts)
+        logits, labels = self.caption_logits(batch.image_features, batch.texts, batch.prompts)
         return next_token_loss(logits, labels)
 
     @torch.no_grad()
@@ -103,7 +105,9 @@ class CaptioningAdapter(Adapter):
 
             texts = []
             for start in range(0, len(examples.image_features), batch_size):
-                texts += self.caption_features(examples.image_features[start:start + batch_size], **DECODING)
+                prompts = examples.image_prompts[start:start + batch_size] if examples.image_prompts else None
+                texts += self.caption_features(examples.image_features[start:start + batch_size],
+                                               prompts=prompts, **DECODING)
             found = degeneration(texts)
             metrics.update(val_distinct=found["distinct"], val_repeat_3gram=found["repeat_3gram"])
         return metrics
@@ -113,12 +117,12 @@ class CaptioningAdapter(Adapter):
         by_length = torch.tensor(sorted(range(len(examples)), key=lambda i: len(examples.texts[i])),
                                  dtype=torch.long)  # similar lengths share a batch: less padding
         for batch in examples.batches(batch_size, device=self.device, order=by_length):
-            logits, labels = self.caption_logits(batch.image_features, batch.texts)
+            logits, labels = self.caption_logits(batch.image_features, batch.texts, batch.prompts)
             total += float(next_token_loss(logits, labels, reduction="sum"))
             count += int((labels != IGNORE_INDEX).sum())
         return total / max(count, 1)
 
-    def generation_inputs(self, features: Tensor) -> dict[str, Tensor]:
+    def generation_inputs(self, features: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
         """What the frozen LM's ``generate`` starts from for image ``features``: ``input_ids``
         or ``inputs_embeds`` ``(B, S, ...)`` and ``attention_mask`` ``(B, S)`` (under no_grad)."""
         raise NotImplementedError
@@ -129,11 +133,12 @@ class CaptioningAdapter(Adapter):
         return nullcontext()
 
     @torch.no_grad()
-    def generate(self, features: Tensor, *, beams: int = 1, max_tokens: int = 30,
-                 stop_at_period: bool = True, no_repeat_ngram: int = 0,
+    def generate(self, features: Tensor, *, prompts: Sequence[str] | None = None, beams: int = 1,
+                 max_tokens: int = 30, stop_at_period: bool = True, no_repeat_ngram: int = 0,
                  repetition_penalty: float = 1.0) -> list[list[int]]:
         """Token ids of one caption per feature row ``(B, ...)``, each ending at its first stop
-        token (kept) or after ``max_tokens``.
+        token (kept) or after ``max_tokens``; ``prompts``: one text per row for adapters that
+        read one (see :meth:`generation_inputs`).
 
         Decoding is transformers' ``generate`` on the frozen LM (greedy when ``beams == 1``,
         else beam search ranked by mean token log-probability), with its repetition controls:
@@ -150,7 +155,7 @@ class CaptioningAdapter(Adapter):
         lm = self.lm
         try:
             with self.media(features, copies=beams):
-                inputs = self.generation_inputs(features)
+                inputs = self.generation_inputs(features, prompts)
                 beam_options = {"num_beams": beams, "length_penalty": 1.0, "early_stopping": True} \
                     if beams > 1 else {}
                 out = lm.model.generate(

@@ -132,9 +132,11 @@ class ClipCap(CaptioningAdapter):
                              f"got {tuple(image_emb.shape)}")
         return self.mapper(l2_normalize(image_emb.to(self.device)))
 
-    def caption_logits(self, features: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+    def caption_logits(self, features: Tensor, texts: list[str], prompts: Any = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced logits ``(B, 1+Tc, V)`` from the last prefix position on, and aligned
         labels ``(B, 1+Tc)`` (-100 ignored)."""
+        if prompts is not None:
+            raise ValueError("ClipCap conditions on the image prefix only; it takes no prompts")
         ids, mask, labels = caption_batch(self.caption_ids(texts), eos_id=self.lm.eos_id,
                                           pad_id=self.lm.pad_id, n_start=self.prefix_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -144,7 +146,9 @@ class ClipCap(CaptioningAdapter):
                             logits_to_keep=keep)
         return out.logits, labels[:, -keep:].to(self.device)
 
-    def generation_inputs(self, features: Tensor) -> dict[str, Tensor]:
+    def generation_inputs(self, features: Tensor, prompts: Any = None) -> dict[str, Tensor]:
+        if prompts is not None:
+            raise ValueError("ClipCap conditions on the image prefix only; it takes no prompts")
         prefix = self.prefix(features)
         return {"inputs_embeds": prefix,
                 "attention_mask": torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from nofree.adapters.base import find_layers
 from nofree.adapters.captioning import CaptioningAdapter
 from nofree.adapters.losses import caption_batch
+from nofree.lm.hf import left_pad
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -235,22 +236,41 @@ class Flamingo(CaptioningAdapter):
         finally:
             object.__setattr__(self, "_media_latents", previous)
 
-    def lm_logits(self, tokens: Tensor, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits ``(B, T, V)`` of the LM over ``ids`` ``(B, T)`` conditioned on image tokens."""
+    def lm_logits(self, tokens: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,
+                  keep: int = 0) -> Tensor:
+        """Logits ``(B, T, V)`` of the LM over ``ids`` ``(B, T)`` conditioned on image tokens (only
+        the last ``keep`` positions when ``keep`` > 0). Left padding in ``attention_mask`` is
+        honoured: positions count from each row's first real token."""
+        position_ids = None
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         with self.attending(self.latents(tokens)):
             out = self.lm.model(input_ids=ids.to(self.device), attention_mask=attention_mask,
-                                use_cache=False)
+                                position_ids=position_ids, use_cache=False, logits_to_keep=keep)
         return out.logits
 
-    def caption_logits(self, features: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """Teacher-forced logits ``(B, S+Tc, V)`` after the start tokens, and labels ``(B, S+Tc)``."""
+    def start_rows(self, n: int, prompts: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+        """Left-padded start ids ``(n, S)`` and mask ``(n, S)``: the start tokens (and the fixed
+        ``prompt``), then each row's own text from ``prompts`` (one per row) when given."""
+        rows = [list(self.start_ids) for _ in range(n)]
+        if prompts is not None:
+            if len(prompts) != n:
+                raise ValueError(f"{len(prompts)} prompts for {n} rows")
+            rows = [row + extra for row, extra in zip(rows, self.lm.tokenize(list(prompts)))]
+        return left_pad(rows, self.lm.pad_id)
+
+    def caption_logits(self, features: Tensor, texts: list[str],
+                       prompts: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced logits ``(B, 1+Tc, V)`` from the last start position on, and labels
+        ``(B, 1+Tc)`` (-100 ignored); ``prompts`` as in :meth:`start_rows`."""
+        start, start_mask = self.start_rows(len(texts), prompts)
         ids, mask, labels = caption_batch(self.caption_ids(texts), eos_id=self.lm.eos_id,
-                                          pad_id=self.lm.pad_id, n_start=len(self.start_ids))
-        start = torch.tensor(self.start_ids, dtype=torch.long).expand(ids.shape[0], -1)
-        logits = self.lm_logits(features, torch.cat([start, ids], dim=1), mask)
-        return logits, labels.to(self.device)
+                                          pad_id=self.lm.pad_id, n_start=start.shape[1])
+        mask[:, :start.shape[1]] = start_mask
+        keep = labels.shape[1] - (start.shape[1] - 1)  # no logits where nothing is predicted
+        logits = self.lm_logits(features, torch.cat([start, ids], dim=1), mask, keep=keep)
+        return logits, labels[:, -keep:].to(self.device)
 
     # --- decoding ---------------------------------------------------------------------------------
     @contextmanager
@@ -258,9 +278,9 @@ class Flamingo(CaptioningAdapter):
         with self.attending(self.latents(features).repeat_interleave(copies, dim=0)):
             yield
 
-    def generation_inputs(self, features: Tensor) -> dict[str, Tensor]:
-        ids = torch.tensor(self.start_ids, dtype=torch.long, device=self.device).expand(features.shape[0], -1)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    def generation_inputs(self, features: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
+        ids, mask = self.start_rows(features.shape[0], prompts)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
 def _make_hook(adapter_ref: "weakref.ref[Flamingo]", block_index: int):

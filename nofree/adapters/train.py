@@ -52,6 +52,7 @@ class Batch:
     texts: list[str]
     text_features: Tensor | None = None
     text_mask: Tensor | None = None
+    prompts: list[str] | None = None
 
 
 @dataclass
@@ -62,7 +63,9 @@ class Examples:
     ``image_index`` ``(N,)`` long: each example's image row; ``texts``: N captions;
     ``text_features``: None, frozen text embeddings ``(N, Dt)``, or (LiT with trainable top text
     layers) intermediate token states ``(N, T, Wt)`` with ``text_mask`` ``(N, T)`` bool;
-    ``skipped``: image paths that could not be read.
+    ``skipped``: image paths that could not be read; ``image_prompts``: None, or one text per
+    image row that a prompted adapter reads before the caption (e.g. retrieved captions);
+    ``image_paths``: each image row's path when known.
     """
 
     image_features: Tensor
@@ -71,6 +74,8 @@ class Examples:
     text_features: Tensor | None = None
     skipped: list[str] = field(default_factory=list)
     text_mask: Tensor | None = None
+    image_prompts: list[str] | None = None
+    image_paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -78,6 +83,9 @@ class Examples:
             raise ValueError(f"image_index must be ({n},), got {tuple(self.image_index.shape)}")
         if n and (int(self.image_index.min()) < 0 or int(self.image_index.max()) >= len(self.image_features)):
             raise ValueError("image_index points outside image_features")
+        if self.image_prompts is not None and len(self.image_prompts) != len(self.image_features):
+            raise ValueError(f"image_prompts must have one text per image row ({len(self.image_features)}), "
+                             f"got {len(self.image_prompts)}")
         if self.text_features is not None and self.text_features.shape[0] != n:
             raise ValueError(f"text_features must have {n} rows, got {self.text_features.shape[0]}")
 
@@ -88,9 +96,10 @@ class Examples:
         index = self.image_index[rows]
         text_features = None if self.text_features is None else self.text_features[rows].to(device)
         text_mask = None if self.text_mask is None else self.text_mask[rows].to(device)
+        prompts = None if self.image_prompts is None else [self.image_prompts[i] for i in index.tolist()]
         return Batch(image_features=self.image_features[index].to(device), image_ids=index,
                      texts=[self.texts[i] for i in rows.tolist()], text_features=text_features,
-                     text_mask=text_mask)
+                     text_mask=text_mask, prompts=prompts)
 
     def batches(self, batch_size: int, *, device: Any, order: Tensor | None = None) -> Iterator[Batch]:
         order = torch.arange(len(self)) if order is None else order
@@ -116,19 +125,23 @@ class Examples:
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def with_images_shuffled(self, seed: int = 0) -> "Examples":
-        """The same captions, each paired with another photo's features: photo rows are permuted
-        by a fixed-seed derangement (no photo keeps its own features when there are two or more)."""
+        """The same captions (and prompts), each paired with another photo's features: feature rows
+        are permuted by a fixed-seed derangement (no photo keeps its own features when there are
+        two or more)."""
         m = len(self.image_features)
         order = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
         target = torch.empty(m, dtype=torch.long)
         target[order] = order.roll(1)  # each photo takes the next one's features in a random cycle
-        return Examples(image_features=self.image_features, image_index=target[self.image_index],
-                        texts=self.texts, text_features=self.text_features, text_mask=self.text_mask)
+        return Examples(image_features=self.image_features[target], image_index=self.image_index,
+                        texts=self.texts, text_features=self.text_features, text_mask=self.text_mask,
+                        image_prompts=self.image_prompts)
 
     def digest(self) -> str:
         """sha256 of the texts, image index and feature shape: identifies a training set."""
-        h = hashlib.sha256(json.dumps([self.texts, self.image_index.tolist(),
-                                       list(self.image_features.shape)]).encode("utf-8"))
+        record = [self.texts, self.image_index.tolist(), list(self.image_features.shape)]
+        if self.image_prompts is not None:
+            record.append(self.image_prompts)
+        h = hashlib.sha256(json.dumps(record).encode("utf-8"))
         return h.hexdigest()
 
 
@@ -185,7 +198,8 @@ def prepare_examples(adapter: Adapter, pairs: Sequence[Pair] | Examples, *, cach
     if adapter.uses_text_features and texts:
         text_features, text_mask = adapter.text_inputs(texts, cache=cache)
     return Examples(image_features=features.float(), image_index=torch.tensor(index, dtype=torch.long),
-                    texts=texts, text_features=text_features, skipped=skipped, text_mask=text_mask)
+                    texts=texts, text_features=text_features, skipped=skipped, text_mask=text_mask,
+                    image_paths=[paths[i] for i in kept])
 
 
 # --- the loop ---------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Method:
 
     name: str
     task: str                      # SCORING (retrieval R@K + zero-shot) or CAPTIONING
-    needs: tuple[str, ...]         # "anchors" and/or adapter kinds: "lit", "clipcap", "flamingo"
+    needs: tuple[str, ...]         # "anchors" and/or adapter kinds: "lit", "clipcap", "flamingo", "smallcap"
     label: str
 
 
@@ -55,6 +55,7 @@ METHODS = {m.name: m for m in (
     Method("magic-lit", CAPTIONING, ("anchors", "lit"), "MAGIC, LiT scorer (α=0.1, β=2, one draft)"),
     Method("clipcap", CAPTIONING, ("clipcap",), "ClipCap (trained prefix)"),
     Method("flamingo", CAPTIONING, ("flamingo",), "Flamingo-style (trained x-attn)"),
+    Method("smallcap", CAPTIONING, ("smallcap",), "SmallCap-style (retrieved captions + trained x-attn)"),
 )}
 
 
@@ -313,8 +314,18 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     from nofree.adapters import AdapterCaptioner
 
     adapter = ctx.adapter(kind)
-    captioner = AdapterCaptioner(adapter, max_tokens=ctx.config.max_tokens, batch_size=ctx.config.batch_size,
-                                 **ctx.config.decoding)
+    options = {"max_tokens": ctx.config.max_tokens, "batch_size": ctx.config.batch_size, **ctx.config.decoding}
+    if kind == "smallcap":
+        from nofree.adapters.smallcap import SmallCapCaptioner
+        from nofree.cache import EmbeddingCache
+        from nofree.data.pairs import load_text_lines
+
+        pool = load_text_lines(ctx.config.pool) if ctx.config.pool is not None else None
+        captioner = SmallCapCaptioner.for_adapter(adapter, ctx.config.adapters[kind], pool=pool,
+                                                  cache=EmbeddingCache(), **options)
+        check_no_leak(captioner.retrieval.pipeline.anchors, ctx.config.pairs, ctx.config.split)
+    else:
+        captioner = AdapterCaptioner(adapter, **options)
     captions = _batched(captioner.caption, ctx.paths, ctx.config.batch_size, kind, ctx.progress)
     return {}, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
                 "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
@@ -326,6 +337,7 @@ RUNNERS: dict[str, Callable[[_Context], tuple[dict, dict, Any]]] = {
     "magic": lambda ctx: _magic(ctx, "asif"), "magic-lit": lambda ctx: _magic(ctx, "lit"),
     "clipcap": lambda ctx: _eval_adapter(ctx, "clipcap"),
     "flamingo": lambda ctx: _eval_adapter(ctx, "flamingo"),
+    "smallcap": lambda ctx: _eval_adapter(ctx, "smallcap"),
 }
 
 

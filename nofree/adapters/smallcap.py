@@ -1,0 +1,329 @@
+"""SmallCap-style captioner: retrieved captions in the frozen LM's prompt, gated cross-attention to
+the image.
+
+Ramos, Martins, Elliott & Kementchedjhieva (2023), "SmallCap: Lightweight Image Captioning
+Prompted with Retrieval Augmentation" (CVPR): a frozen GPT-2 decoder reads the prompt "Similar
+images show {c1} ... {ck}. This image shows" filled with the k captions that a CLIP retrieval finds
+for the image in a datastore, and only cross-attention from the decoder to frozen CLIP features is
+trained (1.8–7M parameters; COCO CIDEr ~120 with the full training set). Here:
+
+- the image path is the Flamingo-style one of :mod:`nofree.adapters.flamingo` (perceiver
+  resampler + tanh-gated cross-attention, zero gates at initialisation), so a fresh adapter *is*
+  the frozen LM reading the prompt;
+- retrieval is nofree's caption retrieval (:class:`nofree.captioners.RetrievalCaptioner`: ASIF
+  similarity through an anchor set, CIDEr-D consensus re-ranking) over a caption pool, exactly as
+  ``nofree caption --method retrieval`` ranks them; the pool can be swapped at inference without
+  retraining (training-free domain transfer);
+- a photo's own captions are never among its examples, and training photos get their examples
+  from anchors that do not contain them (:func:`leave_out_prompts`): with its own anchor in the
+  set a training photo would retrieve better examples than any new photo can, and the adapter
+  would learn to trust them more than it should.
+
+The adapter folder holds, beside ``config.json`` and ``adapter.safetensors``, the anchor set it
+retrieves with (``anchors/``) and, when training used a pool other than the bundled one, that pool
+(``pool.txt``).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from nofree.adapters.captioning import AdapterCaptioner
+from nofree.adapters.flamingo import Flamingo
+from nofree.core import DataError, SpecError
+
+ANCHORS_DIR = "anchors"
+POOL_FILE = "pool.txt"
+#: SmallCap's prompt, with a colon after each part (the frozen LM is an instruction-tuned one).
+TEMPLATE = "Similar images show: {examples} This image shows:"
+
+
+def _normal(caption: str) -> str:
+    """Lower case, one space between words, no final period: how captions are compared."""
+    return re.sub(r"\s+", " ", caption.strip().lower()).rstrip(" .")
+
+
+class SmallCap(Flamingo):
+    """A Flamingo-style adapter whose LM prompt holds ``examples`` retrieved pool captions.
+
+    ``template`` must contain ``{examples}`` (the captions, each ending with a period). Other
+    hyperparameters as in :class:`~nofree.adapters.flamingo.Flamingo`. The retrieval assets
+    (``anchors``: an :class:`~nofree.anchors.anchor_set.AnchorSet` whose image side was built with
+    this adapter's image encoder; ``pool``: captions, or None for the bundled pool) are attached
+    with :meth:`attach_retrieval` and saved with the adapter.
+    """
+
+    kind = "smallcap"
+    config_limits = {**Flamingo.config_limits, "examples": (1, 64)}
+
+    def __init__(self, image_encoder: Any, lm: Any, *, examples: int = 4, template: str = TEMPLATE,
+                 num_latents: int = 32, resampler_depth: int = 2, heads: int = 8, dim_head: int = 64,
+                 ff_mult: int = 2, xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
+                 max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
+        if int(examples) < 1:
+            raise ValueError(f"examples must be >= 1, got {examples!r}")
+        if "{examples}" not in template:
+            raise ValueError(f"template must contain '{{examples}}', got {template!r}")
+        super().__init__(image_encoder, lm, num_latents=num_latents, resampler_depth=resampler_depth,
+                         heads=heads, dim_head=dim_head, ff_mult=ff_mult, xattn_every=xattn_every,
+                         prompt=prompt, gate_lr_scale=gate_lr_scale,
+                         max_caption_tokens=max_caption_tokens, device=device)
+        self.hparams.update(examples=int(examples), template=str(template))
+        object.__setattr__(self, "anchors", None)
+        object.__setattr__(self, "pool", None)
+
+    def attach_retrieval(self, anchors: Any, pool: Sequence[str] | None = None) -> None:
+        """Record the anchor set (image side from this adapter's image encoder) and the caption
+        pool (``None``: the bundled one) that ``save_pretrained`` stores with the weights."""
+        if anchors.image_spec != self.image_encoder.spec:
+            raise SpecError(f"the anchor set's images were encoded with {anchors.image_spec!r}, but this "
+                            f"adapter's image encoder is {self.image_encoder.spec!r}; build the anchors "
+                            "with the same image encoder")
+        object.__setattr__(self, "anchors", anchors)
+        object.__setattr__(self, "pool", None if pool is None else list(pool))
+
+    def prompt_text(self, examples: Sequence[str]) -> str:
+        """The prompt for one photo's retrieved captions."""
+        joined = " ".join(_normal(c)[:1].upper() + _normal(c)[1:] + "." for c in examples)
+        return self.hparams["template"].format(examples=joined)
+
+    def caption_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        # captions continue the prompt after its colon: a leading space, as the LM would write it
+        return super().caption_ids([" " + text.strip() for text in texts])
+
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Weights and config (see :class:`~nofree.adapters.base.Adapter`), then the attached anchor
+        set and custom pool when not already there (they do not change during training)."""
+        directory = super().save_pretrained(directory, overwrite=overwrite)
+        if self.anchors is None:  # prompts come from the caller: nothing to retrieve with
+            return directory
+        if not (directory / ANCHORS_DIR / "manifest.json").is_file():
+            self.anchors.save(directory / ANCHORS_DIR, overwrite=True)
+        if self.pool is not None and not (directory / POOL_FILE).is_file():
+            from nofree.adapters.base import atomic_write_bytes
+
+            atomic_write_bytes(directory / POOL_FILE, ("\n".join(self.pool) + "\n").encode("utf-8"))
+        return directory
+
+
+def retrieval_for(anchors: Any, image_encoder: Any, text_encoder: Any, pool: Sequence[str], *,
+                  cache: Any = None) -> Any:
+    """The :class:`~nofree.captioners.RetrievalCaptioner` that ranks ``pool`` for ``anchors``."""
+    from nofree.anchors.pipeline import AsifPipeline
+    from nofree.captioners import RetrievalCaptioner
+
+    pipeline = AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache)
+    return RetrievalCaptioner(pipeline, pool)
+
+
+def example_captions(retrieval: Any, image_emb: Tensor, m: int,
+                     exclude: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+    """Each image's ``m`` best pool captions as :meth:`RetrievalCaptioner.ranked` orders them,
+    leaving out any equal (case, spacing and final period aside) to that image's ``exclude``
+    captions (its own references)."""
+    if len(retrieval.pool) < m:
+        raise DataError(f"the caption pool holds {len(retrieval.pool)} captions but {m} examples per "
+                        "photo were asked for; give --pool a larger file")
+    extra = max((len(e) for e in exclude), default=0) if exclude else 0
+    ranked = retrieval.ranked(image_emb, m + extra)
+    out = []
+    for row, candidates in enumerate(ranked):
+        own = {_normal(c) for c in exclude[row]} if exclude else set()
+        out.append([c for c in candidates if _normal(c) not in own][:m])
+    return out
+
+
+def leave_out_prompts(adapter: SmallCap, retrieval_of: Any, image_paths: Sequence[str], image_emb: Tensor,
+                      own: Sequence[Sequence[str]], *, folds: int = 5) -> list[str]:
+    """Prompts for training photos whose retrieval never sees them: the photos are split into
+    ``folds`` groups and each group's examples come from ``retrieval_of(anchor_rows)``, a
+    :class:`RetrievalCaptioner` over the anchors at ``anchor_rows`` (those of the other groups).
+    ``image_emb`` ``(M, Di)`` are the photos' embeddings by the anchors' image encoder, ``own``
+    their reference captions (never used as examples)."""
+    import os
+
+    anchors = adapter.anchors
+    n = len(image_paths)
+    group = {os.path.realpath(path): i % folds for i, path in enumerate(image_paths)}
+    anchor_groups = [group.get(os.path.realpath(path)) for path in anchors.images]
+    prompts: list[str | None] = [None] * n
+    for fold in range(min(folds, n)):
+        rows = [i for i, g in enumerate(anchor_groups) if g != fold]
+        if not rows:
+            raise DataError("too few anchors to leave each training fold out; give --anchors a set "
+                            "built from more photos")
+        members = [i for i in range(n) if i % folds == fold]
+        retrieval = retrieval_of(rows)
+        found = example_captions(retrieval, image_emb[members], adapter.hparams["examples"],
+                                 [own[i] for i in members])
+        for i, captions in zip(members, found):
+            prompts[i] = adapter.prompt_text(captions)
+    return prompts  # type: ignore[return-value]
+
+
+class SmallCapCaptioner(AdapterCaptioner):
+    """:class:`nofree.core.Captioner` of a SmallCap adapter: retrieves each image's examples
+    (``retrieval``: a :class:`RetrievalCaptioner` whose image encoder is the adapter's), builds its
+    prompt and decodes as :class:`AdapterCaptioner` does."""
+
+    def __init__(self, adapter: SmallCap, retrieval: Any, **kw: Any) -> None:
+        super().__init__(adapter, **kw)
+        if retrieval.pipeline.image_encoder.spec != adapter.image_encoder.spec:
+            raise SpecError(f"the retrieval's image encoder {retrieval.pipeline.image_encoder.spec!r} "
+                            f"is not the adapter's {adapter.image_encoder.spec!r}")
+        self.retrieval = retrieval
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, pool: Sequence[str] | None = None,
+                        device: Any = None, cache: Any = None, **kw: Any) -> "SmallCapCaptioner":
+        """The adapter saved in ``directory`` with its anchor set, retrieving from ``pool`` (default:
+        the pool it was trained with); keywords as in :class:`AdapterCaptioner`."""
+        from nofree.adapters.base import load_adapter
+
+        return cls.for_adapter(load_adapter(directory, device=device), directory, pool=pool, cache=cache,
+                               **kw)
+
+    @classmethod
+    def for_adapter(cls, adapter: Any, directory: str | Path, *, pool: Sequence[str] | None = None,
+                    cache: Any = None, **kw: Any) -> "SmallCapCaptioner":
+        """Like :meth:`from_pretrained` for an adapter already loaded from ``directory``."""
+        from nofree.anchors.anchor_set import AnchorSet
+        from nofree.captioners import default_pool_path
+        from nofree.data.pairs import load_text_lines
+        from nofree.registry import load_encoder
+
+        directory = Path(directory)
+        if not isinstance(adapter, SmallCap):
+            raise DataError(f"{directory} holds a {adapter.kind} adapter, not smallcap: use "
+                            f"--method {adapter.kind}")
+        if not (directory / ANCHORS_DIR).is_dir():
+            raise DataError(f"{directory} lacks its anchor set ({ANCHORS_DIR}/); copy the whole adapter "
+                            "folder, or retrain it")
+        anchors = AnchorSet.load(directory / ANCHORS_DIR)
+        text_encoder = load_encoder(anchors.text_spec, modality="text", device=adapter.device)
+        if pool is None:
+            saved = directory / POOL_FILE
+            pool = load_text_lines(saved if saved.is_file() else default_pool_path())
+        adapter.attach_retrieval(anchors, pool)
+        return cls(adapter, retrieval_for(anchors, adapter.image_encoder, text_encoder, pool, cache=cache), **kw)
+
+    def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
+        """One caption per image (paths or PIL images); keywords as in :class:`AdapterCaptioner`."""
+        from nofree.adapters.captioning import _as_image
+        from nofree.core import clean_caption
+
+        options = {**self.options, **kw}
+        loaded = [_as_image(image) for image in images]
+        captions: list[str] = []
+        m = self.adapter.hparams["examples"]
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = loaded[start:start + self.batch_size]
+            image_emb = self.retrieval.pipeline.encode_images(chunk)
+            prompts = [self.adapter.prompt_text(c) for c in example_captions(self.retrieval, image_emb, m)]
+            tokens = self.image_encoder.encode_tokens(chunk)
+            captions += [clean_caption(text) for text in
+                         self.adapter.caption_features(tokens, prompts=prompts, **options)]
+        return captions
+
+
+def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:
+    """``retrieval`` over the anchors at ``rows`` only: same pool and pool embeddings (nothing is
+    re-encoded), ASIF refitted and the pool's relative representations recomputed."""
+    import copy
+
+    from nofree.anchors.pipeline import AsifPipeline
+
+    full = retrieval.pipeline
+    other = copy.copy(retrieval)
+    other.pipeline = AsifPipeline.from_anchors(full.anchors.subset(list(rows)), full.image_encoder,
+                                               full.text_encoder, cache=full.cache)
+    other.pool_rel = other.pipeline.asif.transform(retrieval.pool_emb, modality="text")
+    return other
+
+
+def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str | None = None,
+                   text_encoder: str | None = None, lm: str | None = None, anchors: str | Path | None = None,
+                   pool: str | Path | None = None, examples: int = 4, epochs: int = 3, batch_size: int = 16,
+                   lr: float = 1e-3, num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
+                   precision: str = "bf16", resume: bool = False, overwrite: bool = False, device: Any = None,
+                   seed: int = 0, train_split: str = "train", val_split: str | None = "val",
+                   cache_dir: str | Path | None = None, progress: bool = True, **train_kw: Any) -> Any:
+    """Train a SmallCap adapter on ``pairs_path`` (see the module docstring); returns the
+    :class:`~nofree.adapters.train.TrainResult`.
+
+    ``anchors``: an anchor set folder to retrieve with (default: built from ``train_split``);
+    ``pool``: a caption file (default: the bundled pool). Other keywords as in
+    :func:`nofree.adapters.train.train_flamingo`.
+    """
+    import tempfile
+
+    from nofree.adapters.base import _load_backbone
+    from nofree.adapters.checkpoint import check_out_dir
+    from nofree.adapters.train import _check_positive, prepare_examples, train_adapter
+    from nofree.anchors.anchor_set import AnchorSet
+    from nofree.cache import EmbeddingCache
+    from nofree.captioners import default_pool_path
+    from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
+    from nofree.data.pairs import load_pairs, load_text_lines
+    from nofree.registry import load_encoder
+
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
+    train_pairs = load_pairs(pairs_path, split=train_split)
+    val_pairs = None
+    if val_split:
+        try:
+            val_pairs = load_pairs(pairs_path, split=val_split)
+        except DataError:
+            val_pairs = None
+    cache = EmbeddingCache(cache_dir)
+    image = _load_backbone("image_encoder", image_encoder or DEFAULT_IMAGE_ENCODER, device)
+    if anchors is not None:
+        anchor_set = AnchorSet.load(anchors)
+        if image_encoder is not None and anchor_set.image_spec != image.spec:
+            raise SpecError(f"{anchors} was built with image encoder {anchor_set.image_spec!r}, not "
+                            f"{image.spec!r}; pass --image-encoder {anchor_set.image_spec} or other anchors")
+        image = image if anchor_set.image_spec == image.spec else \
+            _load_backbone("image_encoder", anchor_set.image_spec, device)
+        text = load_encoder(anchor_set.text_spec, modality="text", device=device)
+    else:
+        from nofree.anchors.build import build_anchor_set
+
+        text = load_encoder(text_encoder or DEFAULT_TEXT_ENCODER, modality="text", device=device)
+        with tempfile.TemporaryDirectory(prefix="nofree-smallcap-") as scratch:
+            anchor_set = build_anchor_set(pairs_path, split=train_split, out=Path(scratch) / "anchors",
+                                          image_encoder=image, text_encoder=text, device=device,
+                                          progress=progress)
+    pool_lines = load_text_lines(pool) if pool is not None else None
+    torch.manual_seed(seed)
+    adapter = SmallCap(image, _load_backbone("lm", lm or DEFAULT_LM, device), examples=examples,
+                       num_latents=num_latents, xattn_every=xattn_every, gate_lr_scale=gate_lr_scale,
+                       device=device)
+    adapter.attach_retrieval(anchor_set, pool_lines)
+    retrieval = retrieval_for(anchor_set, image, text, pool_lines or load_text_lines(default_pool_path()),
+                              cache=cache)
+
+    def prompted(pairs: Any, *, leave_out: bool) -> Any:
+        found = prepare_examples(adapter, pairs, cache=cache, progress=progress)
+        if not found.image_paths:
+            return found
+        own_of = {str(p.image): list(p.captions) for p in pairs}
+        own = [own_of[path] for path in found.image_paths]
+        image_emb = cache.encode(image, found.image_paths, kind="embed")
+        if leave_out:
+            found.image_prompts = leave_out_prompts(adapter, lambda rows: _with_anchor_rows(retrieval, rows),
+                                                    found.image_paths, image_emb, own)
+        else:
+            found.image_prompts = [adapter.prompt_text(c) for c in
+                                   example_captions(retrieval, image_emb, examples, own)]
+        return found
+
+    train = prompted(train_pairs, leave_out=True)
+    val = prompted(val_pairs, leave_out=False) if val_pairs else None
+    return train_adapter(adapter, train, val_pairs=val, epochs=epochs, batch_size=batch_size, lr=lr,
+                         out_dir=out, resume=resume, overwrite=overwrite, seed=seed, progress=progress,
+                         precision=precision, cache=cache, **train_kw)
