@@ -239,7 +239,8 @@ def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[
         raise DataError(f"{refuse}: it is {'/' if real == real.parent else 'your home folder'}; "
                         f"choose another {option}")
     if _within(_real(os.getcwd()), real):
-        raise DataError(f"{refuse}: it is the current directory or holds it; choose another {option}")
+        raise DataError(f"{refuse}: it is the current directory or holds it; run the command from "
+                        f"another folder, or choose another {option}")
     for item in inputs:
         source = _real(item)
         folder = source if source.is_dir() else source.parent

@@ -223,13 +223,16 @@ def anchors_import(embeddings, image_spec, text_spec, out, overwrite, index_fact
 @anchors.command("extend")
 @click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pairs", required=True, type=PAIRS, help="Pairs to add (the forms anchors build takes).")
+@click.option("--dedupe", is_flag=True, help="Skip repeated pairs (an image listed twice, a caption "
+              "its image already has in the set or the pairs); without it they are reported and "
+              "each becomes an anchor.")
 @_pairs_options
-def anchors_extend(anchor_dir, pairs, limit, split, batch_size, device):
+def anchors_extend(anchor_dir, pairs, dedupe, limit, split, batch_size, device):
     """Add pairs to an existing anchor set, encoded with its own encoders."""
     from nofree.anchors.build import extend_anchor_set
 
     merged = extend_anchor_set(anchor_dir, pairs, split=split, limit=limit, batch_size=batch_size,
-                               device=device)
+                               device=device, dedupe=dedupe)
     click.echo(f"extended {anchor_dir}: now {len(merged)} anchors")
 
 

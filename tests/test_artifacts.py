@@ -348,3 +348,94 @@ def test_training_checkpoint_write_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(DataError, match="read-only"):  # found before any training
         check_out_dir(tmp_path / "run", resume=False, overwrite=False)
+
+
+# --- anchors extend and AnchorSet.save ----------------------------------------------------------
+def extend(path, pairs, **kw):
+    from nofree.anchors.build import extend_anchor_set
+
+    image_encoder, text_encoder = tiny()
+    return extend_anchor_set(path, pairs, image_encoder=image_encoder, text_encoder=text_encoder,
+                             progress=False, **kw)
+
+
+def test_extend_refuses_pairs_kept_inside_the_set_and_deletes_nothing(tmp_path):
+    build(make_pairs(tmp_path / "data", n=2), tmp_path / "set")
+    more = make_pairs(tmp_path / "set" / "more", n=2)  # the user's photos inside the set's folder
+    before = snapshot(tmp_path / "set")
+    with pytest.raises(DataError, match=r"refusing to replace .*set with --overwrite: it holds this "
+                                        r"command's input"):
+        extend(tmp_path / "set", more)
+    assert snapshot(tmp_path / "set") == before
+    assert not (tmp_path / "set.extend-partial").exists()
+
+
+def test_a_failed_extend_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import nofree.anchors.build as build_module
+
+    build(make_pairs(tmp_path / "data", n=2), tmp_path / "set")
+    unreadable = make_pairs(tmp_path / "bad", n=2, corrupt=(0, 1))
+    with pytest.raises(DataError, match="none of the 2 images"):
+        extend(tmp_path / "set", unreadable)
+    assert not (tmp_path / "set.extend-partial").exists()
+
+    def broken(*args, **kw):
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr(build_module, "_encode_piece", broken)
+    with pytest.raises(RuntimeError):
+        extend(tmp_path / "set", make_pairs(tmp_path / "more", n=2))
+    assert not (tmp_path / "set.extend-partial").exists()
+    assert len(AnchorSet.load(tmp_path / "set")) == 4  # the set itself is untouched
+
+
+def test_extend_dedupe_skips_the_anchors_the_set_already_has(runner, tmp_path, caplog):
+    pairs = make_pairs(tmp_path / "data", n=3)
+    build(pairs, tmp_path / "set")
+    with pytest.raises(DataError, match="every pair in .* is already in"):
+        extend(tmp_path / "set", pairs, dedupe=True)
+    assert "0 pair(s) list an image listed before and 6 caption(s) repeat" in caplog.text
+    more = make_pairs(tmp_path / "more", n=2)
+    lines = pairs.read_text().splitlines()[:1] + more.read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"  # one pair the set has, two new ones
+    mixed.write_text("\n".join(json.dumps({**json.loads(line), "image": str(folder / json.loads(line)["image"])})
+                               for line, folder in zip(lines, [tmp_path / "data"] + [tmp_path / "more"] * 2))
+                     + "\n")
+    result = runner.invoke(main, ["anchors", "extend", str(tmp_path / "set"), "--pairs", str(mixed),
+                                  "--dedupe"])
+    assert result.exit_code == 0, result.output
+    assert "now 10 anchors" in result.output  # 6 + 2 new pairs of 2 captions
+    assert len(extend(tmp_path / "set", mixed)) == 16  # without --dedupe every pair is added
+
+
+def test_save_with_overwrite_replaces_only_an_anchor_set(tmp_path, monkeypatch):
+    anchors = build(make_pairs(tmp_path / "data", n=2), tmp_path / "set")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="it is not an anchor set"):
+        anchors.save(scratch, overwrite=True)
+    assert (scratch / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path / "set")
+    with pytest.raises(DataError, match="current directory"):
+        anchors.save(".", overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    assert len(AnchorSet.load(anchors.save(tmp_path / "set", overwrite=True))) == 4
+
+
+def test_the_interrupt_message_counts_the_saved_pairs(tmp_path, monkeypatch, caplog):
+    import nofree.anchors.build as build_module
+
+    pairs = make_pairs(tmp_path / "data", n=7)
+    real, calls = build_module._encode_piece, []
+
+    def interrupted(chunk, *args, **kw):
+        calls.append(len(chunk))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # two pieces of 2 pairs done, both saved by the interrupt
+        return real(chunk, *args, **kw)
+
+    monkeypatch.setattr(build_module, "_encode_piece", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=3600)
+    assert "interrupted after 4 of 7 pairs" in caplog.text

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.artifacts import (apply_umask, file_record, replace_dir, temp_dir_beside, verify_files,
-                              writing)
+from nofree.artifacts import (ANCHOR_SET, apply_umask, check_replaceable, file_record, replace_dir,
+                              temp_dir_beside, verify_files, writing)
 from nofree.core import DataError, SpecError
 
 FORMAT_NAME = "nofree-anchor-set"
@@ -116,8 +116,10 @@ class AnchorSet:
         """Write format v1 to directory ``path`` atomically (a crash leaves the old set intact).
 
         The new set is written completely into a hidden folder beside ``path`` and swapped in;
-        an old set there is removed only after the swap. Callers replacing a folder a user
-        named check it first (:func:`nofree.artifacts.check_replaceable`).
+        an old set there is removed only after the swap. ``overwrite`` replaces only an anchor
+        set or an empty folder, never the current directory, home or ``/``
+        (:func:`nofree.artifacts.check_replaceable`); callers that know what they read also
+        pass it as ``inputs`` there first.
         """
         from safetensors.torch import save_file
 
@@ -125,6 +127,8 @@ class AnchorSet:
         if path.exists() and not overwrite:
             raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) or choose "
                             "another --out")
+        if path.exists():
+            check_replaceable(path, kind=ANCHOR_SET)
         tmp = None
         try:
             with writing(path):

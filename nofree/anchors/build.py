@@ -267,6 +267,12 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
                               batch_size)
     parts: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
     bar = tqdm(total=len(pairs), unit="pair", desc="encoding anchors", disable=not progress)
+    saved = [0]  # pairs encoded so far: all on disk once an interrupt has saved the finished pieces
+
+    def advance(n: int) -> None:
+        saved[0] += n
+        bar.update(n)
+
     try:
         for index in range(n_shards):
             chunk = pairs[index * shard_size:(index + 1) * shard_size]
@@ -276,22 +282,21 @@ def encode_pairs_resumably(pairs: Sequence[Pair], image_encoder: Encoder, text_e
                 tensors, metadata = _encode_shard(chunk, image_encoder, text_encoder, batch_size,
                                                   checkpoint=checkpoint_path(work_dir, index),
                                                   checkpoint_s=checkpoint_s, strict=strict,
-                                                  on_pairs=bar.update)  # moves per encoded batch
+                                                  on_pairs=advance)  # moves per encoded batch
                 _write_shard(path, tensors, metadata)
                 checkpoint_path(work_dir, index).unlink(missing_ok=True)
                 part = tensors, {key: json.loads(value) for key, value in metadata.items()}
             else:
-                bar.update(len(chunk))  # a shard finished by an earlier run
+                advance(len(chunk))  # a shard finished by an earlier run
             parts.append(part)
     except KeyboardInterrupt:
         bar.close()
         if not _holds_encoded_work(work_dir):
             log.warning("interrupted before any pair was saved; nothing to resume")
             raise
-        done = len(parts) * shard_size
         log.warning("interrupted after %d of %d pairs; finished shards (and the pieces of the shard "
                     "being encoded) are kept in %s: run the same command again to resume",
-                    min(done, len(pairs)), len(pairs), work_dir)
+                    saved[0], len(pairs), work_dir)
         raise
     finally:
         bar.close()  # so an error message starts on a line of its own
@@ -434,28 +439,54 @@ def _discard_work_dir(work_dir: Path) -> None:
 def extend_anchor_set(path: str | Path, pairs: str | Path | Sequence[Pair], *,
                       split: str | None = None, limit: int | None = None, batch_size: int = 32,
                       device: Any = None, image_encoder: Encoder | None = None,
-                      text_encoder: Encoder | None = None, progress: bool = True) -> AnchorSet:
-    """Append the anchors of ``pairs`` to the set at ``path``, encoded with its recorded encoders."""
+                      text_encoder: Encoder | None = None, progress: bool = True,
+                      dedupe: bool = False) -> AnchorSet:
+    """Append the anchors of ``pairs`` to the set at ``path``, encoded with its recorded encoders.
+
+    The set's folder is rewritten as a whole (new set complete, then swapped in), so pairs or
+    images kept inside it are refused rather than deleted. Repeated pairs, among ``pairs`` or of
+    anchors the set already has, are reported, and skipped when ``dedupe``. An interrupted
+    extension keeps its work in ``PATH.extend-partial`` and the same call resumes it; one that
+    encoded nothing (unreadable images, a failing encoder) leaves no such folder.
+    """
     path = Path(path)
     with exclusive(path, option="anchor set"):
         return _extend(path, pairs, split=split, limit=limit, batch_size=batch_size, device=device,
-                       image_encoder=image_encoder, text_encoder=text_encoder, progress=progress)
+                       image_encoder=image_encoder, text_encoder=text_encoder, progress=progress,
+                       dedupe=dedupe)
 
 
 def _extend(path: Path, pairs: str | Path | Sequence[Pair], *, split: str | None, limit: int | None,
             batch_size: int, device: Any, image_encoder: Encoder | None, text_encoder: Encoder | None,
-            progress: bool) -> AnchorSet:
+            progress: bool, dedupe: bool) -> AnchorSet:
+    from nofree.data.pairs import dedupe_pairs
+
     base = AnchorSet.load(path)
+    loaded, unread = _load_pairs(pairs, split, limit)
+    if not loaded:
+        raise DataError(f"no pairs to add from {pairs}" + (f" with split={split!r}" if split else ""))
+    # before any encoding: the swap at the end deletes whatever else the set's folder holds
+    check_replaceable(path, kind=ANCHOR_SET, inputs=_inputs(pairs, loaded), option="anchor set")
+    loaded = dedupe_pairs(loaded, pairs if isinstance(pairs, (str, Path)) else "pairs", dedupe=dedupe,
+                          existing=set(zip(base.images, base.captions)))
+    if not loaded:
+        raise DataError(f"every pair in {pairs} is already in {path} (--dedupe); nothing to add")
     image_encoder = _resolve_encoder(image_encoder or base.image_spec, "image", device)
     text_encoder = _resolve_encoder(text_encoder or base.text_spec, "text", device)
     base.check_encoder(image_encoder, "image")
     base.check_encoder(text_encoder, "text")
-    loaded, unread = _load_pairs(pairs, split, limit)
-    if not loaded:
-        raise DataError(f"no pairs to add from {pairs}" + (f" with split={split!r}" if split else ""))
     work_dir = Path(os.path.abspath(path) + ".extend-partial")
-    extra, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
-                                            batch_size=batch_size, progress=progress)
+    try:
+        extra, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
+                                                batch_size=batch_size, progress=progress)
+        if len(extra) == 0:
+            _discard_work_dir(work_dir)  # its shards only record failures: retry them next time
+            raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
+                            f"(e.g. {(unread + skipped)[:3]}); check the image paths")
+    except BaseException:
+        if not _holds_encoded_work(work_dir):
+            _discard_work_dir(work_dir)
+        raise
     meta = dict(base.meta)
     meta["sources"] = [*meta.get("sources", []), _source_record(pairs, loaded, split, limit)]
     meta["skipped_images"] = [*meta.get("skipped_images", []), *unread, *skipped]
@@ -467,4 +498,8 @@ def _extend(path: Path, pairs: str | Path | Sequence[Pair], *, split: str | None
                        (base.images + extra.images) if base.images else (), meta)
     merged.save(path, overwrite=True)
     shutil.rmtree(work_dir, ignore_errors=True)
+    if skipped:
+        log.warning("skipped %d unreadable image(s): %s%s (all listed in %s/manifest.json)",
+                    len(skipped), ", ".join(skipped[:5]),
+                    f" and {len(skipped) - 5} more" if len(skipped) > 5 else "", path)
     return merged

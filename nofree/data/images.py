@@ -81,13 +81,13 @@ def load_image(path: str | os.PathLike):
         raise DataError(f"image path {name} is a folder, not an image file") from None
     except UnidentifiedImageError:
         raise DataError(f"image {name} is not a readable image (unknown or corrupt format); "
-                        "re-export it as JPEG or PNG, or remove it from the pairs") from None
+                        "re-export it as JPEG or PNG, or remove it from the input") from None
     except Image.DecompressionBombError as err:
         raise DataError(f"image {name} is too large to decode safely ({err}); resize it, or raise "
                         "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt data, bad headers
         raise DataError(f"image {name} is corrupt or truncated ({err}); re-export it or remove it "
-                        "from the pairs") from None
+                        "from the input") from None
     for warning in caught:
         if issubclass(warning.category, Image.DecompressionBombWarning):
             log.warning("image %s is very large (%s); decoding it anyway", name, warning.message)

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 from nofree.core import DataError, Pair
 
@@ -106,13 +106,16 @@ def load_pairs(source: str | os.PathLike | Sequence[str | os.PathLike], *, split
     return pairs[:limit] if limit is not None else pairs
 
 
-def dedupe_pairs(pairs: Sequence[Pair], source: object, *, dedupe: bool) -> list[Pair]:
+def dedupe_pairs(pairs: Sequence[Pair], source: object, *, dedupe: bool,
+                 existing: Collection[tuple[str, str]] = frozenset()) -> list[Pair]:
     """Report repeated pairs (one warning with the counts) and, when ``dedupe``, skip them.
 
     Two kinds are counted, in order: a pair listing an image (of the same split) that an earlier
     pair already listed, and a caption its image already has. Skipping merges a repeated image's
     new captions into its first pair and drops repeated captions, so every (image, caption)
-    anchor is encoded once; without ``dedupe`` the pairs come back unchanged.
+    anchor is encoded once; without ``dedupe`` the pairs come back unchanged. ``existing``: the
+    (image, caption) anchors a set already holds (when extending it); a pair's caption among them
+    counts as a repeated caption too.
     """
     first: dict[tuple[str, str | None], int] = {}  # (image, split) -> index in `kept`
     kept: list[Pair] = []
@@ -127,12 +130,14 @@ def dedupe_pairs(pairs: Sequence[Pair], source: object, *, dedupe: bool) -> list
         have = set(known.captions) if known is not None else set()
         new = []
         for caption in pair.captions:
-            if caption in have:
+            if caption in have or (pair.image, caption) in existing:
                 repeated_captions += 1
             else:
                 have.add(caption)
                 new.append(caption)
         if known is None:
+            if pair.captions and not new:  # every caption is among the ``existing`` anchors
+                continue
             first[key] = len(kept)
             kept.append(Pair(pair.image, tuple(new), pair.split, pair.meta) if new else pair)
         elif new:
