@@ -224,8 +224,9 @@ def _within(inner: Path, outer: Path) -> bool:
 
 
 def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[str | os.PathLike] = (),
-                      option: str = "--out") -> None:
-    """Raise a one-line :class:`DataError` unless ``--overwrite`` may replace ``target``.
+                      option: str = "--out", flag: str = "--overwrite") -> None:
+    """Raise a one-line :class:`DataError` unless ``flag`` (the option asking for the
+    replacement; empty for a command that always rewrites its target) may replace ``target``.
 
     Allowed: a missing or empty folder, or a folder :func:`artifact_kind` recognises as ``kind``.
     Refused whatever it holds: ``/``, the home folder, the current directory or a folder above
@@ -234,7 +235,7 @@ def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[
     """
     real = _real(target)
     home = _real("~")
-    refuse = f"refusing to replace {target} with --overwrite"
+    refuse = f"refusing to replace {target}" + (f" with {flag}" if flag else "")
     if real == real.parent or real == home or _within(home, real):
         raise DataError(f"{refuse}: it is {'/' if real == real.parent else 'your home folder'}; "
                         f"choose another {option}")

@@ -363,8 +363,8 @@ def test_extend_refuses_pairs_kept_inside_the_set_and_deletes_nothing(tmp_path):
     build(make_pairs(tmp_path / "data", n=2), tmp_path / "set")
     more = make_pairs(tmp_path / "set" / "more", n=2)  # the user's photos inside the set's folder
     before = snapshot(tmp_path / "set")
-    with pytest.raises(DataError, match=r"refusing to replace .*set with --overwrite: it holds this "
-                                        r"command's input"):
+    with pytest.raises(DataError, match=r"more.* lies inside the anchor set .*set, which extend "
+                                        r"rewrites as a whole .* move the pairs and their images out"):
         extend(tmp_path / "set", more)
     assert snapshot(tmp_path / "set") == before
     assert not (tmp_path / "set.extend-partial").exists()

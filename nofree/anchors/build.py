@@ -466,7 +466,14 @@ def _extend(path: Path, pairs: str | Path | Sequence[Pair], *, split: str | None
     if not loaded:
         raise DataError(f"no pairs to add from {pairs}" + (f" with split={split!r}" if split else ""))
     # before any encoding: the swap at the end deletes whatever else the set's folder holds
-    check_replaceable(path, kind=ANCHOR_SET, inputs=_inputs(pairs, loaded), option="anchor set")
+    folder = Path(os.path.realpath(path))
+    for item in _inputs(pairs, loaded):
+        real = Path(os.path.realpath(item))
+        if real == folder or folder in real.parents:
+            raise DataError(f"{item} lies inside the anchor set {path}, which extend rewrites as a "
+                            f"whole (deleting anything else in it); move the pairs and their images "
+                            f"out of {path} and run the command again")
+    check_replaceable(path, kind=ANCHOR_SET, option="anchor set", flag="")
     loaded = dedupe_pairs(loaded, pairs if isinstance(pairs, (str, Path)) else "pairs", dedupe=dedupe,
                           existing=set(zip(base.images, base.captions)))
     if not loaded:
