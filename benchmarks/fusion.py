@@ -1,5 +1,6 @@
-"""Frozen vs trained fusion on coco-mini: train LiT, ClipCap and Flamingo-style adapters with their
-default settings on ``train``, then run every method through ``nofree eval`` on ``val``.
+"""Frozen vs trained fusion on coco-mini: train LiT, ClipCap, Flamingo-style and SmallCap-style
+adapters with their default settings on ``train``, then run every method through ``nofree eval``
+on ``val``.
 
     python -m benchmarks.fusion [--smoke] [--json PATH] [--work runs/bench/fusion]
 
@@ -50,7 +51,7 @@ def _tiny_backbones(folder: Path) -> dict[str, str]:
 
 
 def main(argv=None) -> dict:
-    from nofree.adapters import train_clipcap, train_flamingo, train_lit
+    from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
     from nofree.anchors.build import build_anchor_set
     from nofree.eval.report import EvalConfig, run_eval
 
@@ -88,7 +89,9 @@ def main(argv=None) -> dict:
         previous = json.loads((work / "training.json").read_text())
     trainers = {"lit": (train_lit, {"text_encoder": backbones["text"]}),
                 "clipcap": (train_clipcap, {"lm": backbones["lm"]}),
-                "flamingo": (train_flamingo, {"lm": backbones["lm"]})}
+                "flamingo": (train_flamingo, {"lm": backbones["lm"]}),
+                "smallcap": (train_smallcap, {"lm": backbones["lm"], "text_encoder": backbones["text"],
+                                              **({"pool": pool} if pool is not None else {})})}
     for kind, (trainer, backbone) in trainers.items():
         if args.reuse_adapters and (work / kind / "config.json").exists() and kind in previous:
             training[kind] = {**previous[kind], "reused": True}
@@ -156,7 +159,8 @@ def markdown(out: dict) -> str:
 
 
 NOTES = """Reading the table: every row used the same frozen backbones and the same 700 train
-pairs, as anchors (ASIF, retrieval, MAGIC) or as training data (LiT, ClipCap, Flamingo-style).
+pairs, as anchors (ASIF, retrieval, MAGIC, SmallCap's retrieval) or as training data (LiT,
+ClipCap, Flamingo-style, SmallCap-style).
 Training time counts the frozen features computed once and every epoch's forward/backward pass
 through the frozen LM; the training-free rows need no training, only the anchors' encoding."""
 

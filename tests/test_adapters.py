@@ -769,8 +769,11 @@ def test_no_repeat_ngram_forbids_repeated_token_ngrams(kind, lm, image_encoder):
     adapter = _build(kind, lm, image_encoder)
     features = _examples(adapter, captions=CAPTIONS[:3]).image_features
 
+    canon = adapter.word_ids()
+
     def repeats(row, n):
-        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        words = canon[torch.tensor(row, dtype=torch.long)].tolist()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         return len(grams) != len(set(grams))
 
     free = adapter.generate(features, max_tokens=20, stop_at_period=False)
@@ -781,3 +784,18 @@ def test_no_repeat_ngram_forbids_repeated_token_ngrams(kind, lm, image_encoder):
             for row, plain in zip(rows, free):
                 if not repeats(plain, n):
                     assert row == plain
+
+
+def test_no_repeat_word_ngram_compares_words_and_skips_the_prompt(gpt2):
+    from nofree.adapters.captioning import NoRepeatWordNGram, word_ids
+
+    canon = word_ids(gpt2.tokenizer, gpt2.vocab_size)
+    upper, spaced = (gpt2.tokenize([text])[0][0] for text in ("A", " a"))
+    assert upper != spaced and canon[upper] == canon[spaced]
+    ids = gpt2.tokenize([" a red bus on a red"])[0]
+    scores = torch.zeros(1, gpt2.vocab_size)
+    banned = NoRepeatWordNGram(3, 0, canon)(torch.tensor([ids]), scores.clone())
+    bus = gpt2.tokenize([" bus"])[0][0]
+    assert banned[0, bus] == float("-inf") and torch.isfinite(banned[0, :bus]).all()
+    # the same tokens as a prompt (before ``start``) ban nothing
+    assert torch.equal(NoRepeatWordNGram(3, len(ids), canon)(torch.tensor([ids]), scores.clone()), scores)

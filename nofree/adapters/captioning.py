@@ -29,6 +29,46 @@ def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
     return lm_dev
 
 
+def word_ids(tokenizer: Any, size: int) -> Tensor:
+    """``(size,)`` long: for each token id, an id of its text lower-cased without surrounding spaces,
+    so that ``"A"`` and ``" a"`` (or ``" Plate"`` and ``" plate"``) count as the same word; ids
+    beyond the tokenizer's vocabulary keep their own."""
+    texts = tokenizer.batch_decode([[i] for i in range(min(size, len(tokenizer)))])
+    first: dict[str, int] = {}
+    canon = torch.arange(size)
+    for i, text in enumerate(texts):
+        canon[i] = first.setdefault(text.strip().lower() or text, i)
+    return canon
+
+
+class NoRepeatWordNGram:
+    """A transformers logits processor: no word ``n``-gram twice in the generated tokens.
+
+    transformers' ``no_repeat_ngram_size`` compares raw token ids over the whole sequence, prompt
+    included, so it lets "A plate of food with a plate of fries" through ("A" and " a" are other
+    ids) and would forbid a SmallCap caption from reusing a phrase of its retrieved examples. Here
+    tokens compare through :func:`word_ids` and only positions from ``start`` (the prompt's
+    length) on count.
+    """
+
+    def __init__(self, n: int, start: int, canon: Tensor) -> None:
+        self.n, self.start, self.canon = int(n), int(start), canon
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        words = self.canon[input_ids[:, self.start:].cpu()]                # (B, T)
+        if words.shape[1] < self.n - 1:
+            return scores
+        canon = self.canon.to(scores.device)
+        for row, seq in enumerate(words.tolist()):
+            prefix = seq[len(seq) - (self.n - 1):] if self.n > 1 else []
+            banned = {seq[i + self.n - 1] for i in range(len(seq) - self.n + 1)
+                      if seq[i:i + self.n - 1] == prefix}
+            if banned:
+                hit = torch.isin(canon[:scores.shape[1]], torch.tensor(sorted(banned), device=scores.device))
+                scores[row, :len(hit)] = scores[row, :len(hit)].masked_fill(hit, float("-inf"))
+        return scores
+
+
 #: How AdapterCaptioner decodes unless told otherwise (see benchmarks/RESULTS.md, "Trained fusion").
 DECODING = {"beams": 1, "no_repeat_ngram": 3}
 
@@ -127,6 +167,12 @@ class CaptioningAdapter(Adapter):
         or ``inputs_embeds`` ``(B, S, ...)`` and ``attention_mask`` ``(B, S)`` (under no_grad)."""
         raise NotImplementedError
 
+    def word_ids(self) -> Tensor:
+        """The LM tokenizer's :func:`word_ids` (computed once)."""
+        if getattr(self, "_word_ids", None) is None:
+            object.__setattr__(self, "_word_ids", word_ids(self.lm.tokenizer, self.lm.vocab_size))
+        return self._word_ids
+
     def media(self, features: Tensor, *, copies: int = 1) -> Any:
         """A context active during the whole decode (each image's row repeated ``copies`` times,
         as beam search runs ``copies`` rows per image)."""
@@ -141,9 +187,10 @@ class CaptioningAdapter(Adapter):
         read one (see :meth:`generation_inputs`).
 
         Decoding is transformers' ``generate`` on the frozen LM (greedy when ``beams == 1``,
-        else beam search ranked by mean token log-probability), with its repetition controls:
-        ``no_repeat_ngram`` > 0 forbids any token n-gram from occurring twice in a caption,
-        ``repetition_penalty`` > 1 divides the scores of tokens already written (CTRL's rule).
+        else beam search ranked by mean token log-probability), with repetition controls:
+        ``no_repeat_ngram`` > 0 forbids any word n-gram from occurring twice in a caption
+        (:class:`NoRepeatWordNGram`), ``repetition_penalty`` > 1 divides the scores of tokens
+        already in the sequence, prompt included (CTRL's rule, transformers' processor).
         """
         if beams < 1 or max_tokens < 1 or no_repeat_ngram < 0 or not repetition_penalty > 0:
             raise ValueError("beams and max_tokens must be >= 1, no_repeat_ngram >= 0 and "
@@ -158,9 +205,15 @@ class CaptioningAdapter(Adapter):
                 inputs = self.generation_inputs(features, prompts)
                 beam_options = {"num_beams": beams, "length_penalty": 1.0, "early_stopping": True} \
                     if beams > 1 else {}
+                processors = []
+                if no_repeat_ngram:
+                    from transformers import LogitsProcessorList
+
+                    start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+                    processors = LogitsProcessorList([NoRepeatWordNGram(no_repeat_ngram, start, self.word_ids())])
                 out = lm.model.generate(
                     **inputs, **beam_options, max_new_tokens=max_tokens, do_sample=False,
-                    no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty,
+                    logits_processor=processors, repetition_penalty=repetition_penalty,
                     eos_token_id=stops, pad_token_id=lm.pad_id, use_cache=True)
         finally:
             self.train(was_training)
