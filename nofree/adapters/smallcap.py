@@ -263,23 +263,18 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
 
     from nofree.adapters.base import _load_backbone
     from nofree.adapters.checkpoint import check_out_dir
-    from nofree.adapters.train import _check_positive, prepare_examples, train_adapter
+    from nofree.adapters.train import _check_positive, load_splits, prepare_examples, train_adapter
     from nofree.anchors.anchor_set import AnchorSet
     from nofree.cache import EmbeddingCache
     from nofree.captioners import default_pool_path
     from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
-    from nofree.data.pairs import load_pairs, load_text_lines
+    from nofree.data.pairs import load_text_lines
     from nofree.registry import load_encoder
 
-    check_out_dir(out, resume=resume, overwrite=overwrite)
+    check_out_dir(out, resume=resume, overwrite=overwrite,
+                  inputs=[p for p in (pairs_path, anchors, pool) if p is not None])
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
-    train_pairs = load_pairs(pairs_path, split=train_split)
-    val_pairs = None
-    if val_split:
-        try:
-            val_pairs = load_pairs(pairs_path, split=val_split)
-        except DataError:
-            val_pairs = None
+    train_pairs, val_pairs = load_splits(pairs_path, train_split, val_split)
     cache = EmbeddingCache(cache_dir)
     image = _load_backbone("image_encoder", image_encoder or DEFAULT_IMAGE_ENCODER, device)
     if anchors is not None:

@@ -392,6 +392,21 @@ def _autocast(device: torch.device, precision: str) -> Any:
 
 # --- one entry point per method (the CLI calls these) --------------------------------------------
 
+def load_splits(pairs_path: str | Path, train_split: str, val_split: str | None) -> tuple[list[Pair], list[Pair] | None]:
+    """The training pairs (a missing split is an error) and the validation pairs (``None`` when
+    ``val_split`` is empty or absent from the file, with a warning)."""
+    from nofree.data.pairs import load_pairs
+
+    train_pairs = load_pairs(pairs_path, split=train_split)
+    val_pairs = None
+    if val_split:
+        try:
+            val_pairs = load_pairs(pairs_path, split=val_split)
+        except DataError as err:
+            log.warning("no validation: %s", err)
+    return train_pairs, val_pairs
+
+
 def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, str],
                      hparams: dict[str, Any], out: str | Path, epochs: int, batch_size: int,
                      lr: float, resume: bool = False, overwrite: bool = False,
@@ -407,17 +422,10 @@ def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, 
     """
     from nofree.adapters.base import _load_backbone, adapter_class
     from nofree.cache import EmbeddingCache
-    from nofree.data.pairs import load_pairs
 
     check_out_dir(out, resume=resume, overwrite=overwrite, inputs=[pairs_path])
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
-    train_pairs = load_pairs(pairs_path, split=train_split)
-    val_pairs = None
-    if val_split:
-        try:
-            val_pairs = load_pairs(pairs_path, split=val_split)
-        except DataError as err:
-            log.warning("no validation: %s", err)
+    train_pairs, val_pairs = load_splits(pairs_path, train_split, val_split)
     loaded = {role: _load_backbone(role, spec, device) for role, spec in backbones.items()}
     torch.manual_seed(seed)
     adapter = adapter_class(kind)(**loaded, **hparams, device=device)
