@@ -114,6 +114,9 @@ def _trim_padding(grid: Tensor) -> Tensor:
     return grid[:length]
 
 
+#: Encoding this many items or more shows a progress bar unless the caller says otherwise.
+PROGRESS_FROM = 1000
+
 class _Shard:
     """Header facts of one shard file: its keys and (tokens) the row offset of each item."""
 
@@ -312,7 +315,7 @@ class EmbeddingCache:
         return self.root / "embeddings" / spec_dirname(spec)
 
     def encode(self, encoder: Encoder, items: Sequence[Any], *, kind: str = "embed",
-               batch_size: int = 32, progress: bool = False, flush: bool = True) -> Tensor:
+               batch_size: int = 32, progress: bool | None = None, flush: bool = True) -> Tensor:
         """``encoder.encode(items)`` (``kind="embed"``: ``(N, D)``) or ``encoder.encode_tokens(items)``
         (``kind="tokens"``: ``(N, T, W)``, zero-padded), computing only what is not cached.
 
@@ -321,6 +324,8 @@ class EmbeddingCache:
         raised after everything encoded so far is saved). Returns float CPU tensors in input
         order; repeated items are encoded once. ``flush=False`` leaves the newly encoded items
         waiting in memory (written by size, by age, on an error, or by :meth:`flush`).
+        ``progress``: a progress bar on stderr (``None``: when at least
+        :data:`PROGRESS_FROM` items need encoding, e.g. a caption pool seen for the first time).
         """
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
@@ -430,13 +435,14 @@ class EmbeddingCache:
         return found
 
     def _encode_missing(self, store: _Store, encoder: Encoder, todo: dict[str, Any], kind: str,
-                        batch_size: int, progress: bool) -> dict[str, Tensor]:
+                        batch_size: int, progress: bool | None) -> dict[str, Tensor]:
         from tqdm.auto import tqdm
 
         method = encoder.encode if kind == "embed" else encoder.encode_tokens
         keys, items = list(todo), list(todo.values())
         done: dict[str, Tensor] = {}
-        bar = tqdm(total=len(items), unit="item", desc=f"encoding ({encoder.spec})", disable=not progress)
+        show = len(items) >= PROGRESS_FROM if progress is None else progress
+        bar = tqdm(total=len(items), unit="item", desc=f"encoding ({encoder.spec})", disable=not show)
         try:
             for start in range(0, len(items), batch_size):
                 chunk = _as_inputs(items[start:start + batch_size], encoder.modality)
