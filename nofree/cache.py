@@ -117,6 +117,7 @@ def _trim_padding(grid: Tensor) -> Tensor:
 #: Encoding this many items or more shows a progress bar unless the caller says otherwise.
 PROGRESS_FROM = 1000
 
+
 class _Shard:
     """Header facts of one shard file: its keys and (tokens) the row offset of each item."""
 
