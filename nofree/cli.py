@@ -497,15 +497,15 @@ def _train_options(f):
     f = click.option("--train-split", default="train", show_default=True)(f)
     f = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
                      help="Training arithmetic: bf16 autocast (default for clipcap/flamingo) or fp32.")(f)
+    from nofree.adapters.recipes import describe
+
     f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Learning rate (default depends on the method: 1e-3 for lit, clipcap and "
-                          "flamingo).")(f)
+                     help=f"Learning rate (default depends on the method: {describe('lr')}).")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Pairs per step (default depends on the method: lit 64, clipcap and "
-                          "flamingo 16).")(f)
+                     help=f"Pairs per step (default depends on the method: {describe('batch_size')}).")(f)
     f = click.option("--epochs", type=click.IntRange(min=1), default=None,
-                     help="Passes over the training pairs (default depends on the method: lit 10, "
-                          "clipcap and flamingo 2).")(f)
+                     help=f"Passes over the training pairs (default depends on the method: "
+                          f"{describe('epochs')}).")(f)
     f = click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")(f)
     f = click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)(f)
     f = click.option("--pairs", required=True, type=PAIRS, help="Training pairs (the forms anchors "

@@ -155,11 +155,14 @@ def test_every_help_shows_its_defaults(runner):
 
     from nofree.adapters import train as training
 
-    lit, clipcap, flamingo = (inspect.signature(fn).parameters for fn in
-                              (training.train_lit, training.train_clipcap, training.train_flamingo))
-    for name in ("epochs", "batch_size"):  # the numbers the help states are the functions' own
-        assert clipcap[name].default == flamingo[name].default
-        assert f"lit {lit[name].default}, clipcap and flamingo {clipcap[name].default}" in train
+    from nofree.adapters import smallcap
+
+    functions = {"lit": training.train_lit, "clipcap": training.train_clipcap,
+                 "flamingo": training.train_flamingo, "smallcap": smallcap.train_smallcap}
+    for name in ("epochs", "batch_size", "lr"):  # the numbers the help states are the functions' own
+        stated = ", ".join(f"{kind} {inspect.signature(fn).parameters[name].default:g}"
+                           for kind, fn in functions.items())
+        assert stated in train, (name, stated)
 
 
 def test_cache_info_and_clear(runner, tmp_path):

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from nofree.adapters.captioning import AdapterCaptioner
 from nofree.adapters.flamingo import Flamingo
+from nofree.adapters.recipes import RECIPES
 from nofree.core import DataError, SpecError
 
 ANCHORS_DIR = "anchors"
@@ -247,8 +248,9 @@ def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:
 
 def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str | None = None,
                    text_encoder: str | None = None, lm: str | None = None, anchors: str | Path | None = None,
-                   pool: str | Path | None = None, examples: int = 4, epochs: int = 3, batch_size: int = 16,
-                   lr: float = 1e-3, num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
+                   pool: str | Path | None = None, examples: int = 4, epochs: int = RECIPES["smallcap"]["epochs"],
+                   batch_size: int = RECIPES["smallcap"]["batch_size"], lr: float = RECIPES["smallcap"]["lr"],
+                   num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
                    precision: str = "bf16", resume: bool = False, overwrite: bool = False, device: Any = None,
                    seed: int = 0, train_split: str = "train", val_split: str | None = "val",
                    cache_dir: str | Path | None = None, progress: bool = True, **train_kw: Any) -> Any:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from nofree.adapters.base import Adapter, load_tensors
+from nofree.adapters.recipes import RECIPES
 from nofree.adapters.checkpoint import (CURVE_FILE, OPTIMIZER_FILE, STATE_DIR, STATE_FILE, _read_state,
                                         _restore_optimizer, _restore_rng, _save_checkpoint, check_out_dir,
                                         save_loss_curve)
@@ -436,8 +437,8 @@ def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, 
 
 
 def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-              text_encoder: str = DEFAULT_TEXT_ENCODER, epochs: int = 10, batch_size: int = 64,
-              lr: float = 1e-3, loss: str = "contrastive", embed_dim: int | None = None,
+              text_encoder: str = DEFAULT_TEXT_ENCODER, epochs: int = RECIPES["lit"]["epochs"],
+              batch_size: int = RECIPES["lit"]["batch_size"], lr: float = RECIPES["lit"]["lr"], loss: str = "contrastive", embed_dim: int | None = None,
               hidden_dim: int | None = None, text_layers: int = 0, **kw: Any) -> TrainResult:
     """Train a LiT text head on ``pairs_path`` (frozen features cached; seconds on a CPU).
 
@@ -455,7 +456,8 @@ def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = D
 
 
 def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-                  lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
+                  lm: str = DEFAULT_LM, epochs: int = RECIPES["clipcap"]["epochs"],
+                  batch_size: int = RECIPES["clipcap"]["batch_size"], lr: float = RECIPES["clipcap"]["lr"],
                   mapper: str = "mlp", prefix_length: int = 10, precision: str = "bf16",
                   **kw: Any) -> TrainResult:
     """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`.
@@ -471,7 +473,8 @@ def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str
 
 
 def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-                   lm: str = DEFAULT_LM, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
+                   lm: str = DEFAULT_LM, epochs: int = RECIPES["flamingo"]["epochs"],
+                   batch_size: int = RECIPES["flamingo"]["batch_size"], lr: float = RECIPES["flamingo"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
                    precision: str = "bf16", **kw: Any) -> TrainResult:
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
