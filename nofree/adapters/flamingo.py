@@ -91,7 +91,10 @@ class PerceiverResampler(nn.Module):
                  dim_head: int, ff_mult: int) -> None:
         super().__init__()
         self.proj = nn.Linear(media_dim, dim)
-        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        # Small learned latents: at unit scale they dominate the residual stream, so the resampled
+        # latents of different photos start nearly identical (RESULTS.md, "Trained fusion"), a few
+        # hundred steps never make them depend on the image, and the gates learn to ignore them.
+        self.latents = nn.Parameter(0.02 * torch.randn(num_latents, dim))
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
             for _ in range(depth))
