@@ -8,9 +8,9 @@ from __future__ import annotations
 
 RECIPES: dict[str, dict[str, int | float]] = {
     "lit": {"epochs": 10, "batch_size": 64, "lr": 1e-3},
-    "clipcap": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
-    "flamingo": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
-    "smallcap": {"epochs": 3, "batch_size": 16, "lr": 1e-3},
+    "clipcap": {"epochs": 3, "batch_size": 16, "lr": 1e-3},
+    "flamingo": {"epochs": 3, "batch_size": 16, "lr": 1e-3},
+    "smallcap": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
 }
 
 
