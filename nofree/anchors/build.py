@@ -394,10 +394,7 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
                                                           progress=progress, checkpoint_s=checkpoint_s,
                                                           strict=strict)
             skipped = unread + skipped
-            if len(anchors) == 0:
-                _discard_work_dir(work_dir)  # its shards only record failures: retry them next time
-                raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
-                                f"(e.g. {skipped[:3]}); check the image paths")
+            _require_some(anchors, work_dir, loaded, pairs, skipped)
         except BaseException:
             if not _holds_encoded_work(work_dir):
                 _discard_work_dir(work_dir)
@@ -428,6 +425,15 @@ def _inputs(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair]) -> list[
 def _holds_encoded_work(work_dir: Path) -> bool:
     """Whether ``work_dir`` holds a finished shard or saved pieces (worth keeping to resume)."""
     return any(work_dir.glob("shard-*.safetensors")) or any(work_dir.glob("part-*.safetensors"))
+
+
+def _require_some(encoded: Any, work_dir: Path, loaded: Sequence[Pair], pairs: Any, skipped: list) -> None:
+    """Stop when no image could be read: drop ``work_dir`` (its shards only record failures, which
+    the next run must retry) and say so in one line."""
+    if len(encoded) == 0:
+        _discard_work_dir(work_dir)
+        raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
+                        f"(e.g. {skipped[:3]}); check the image paths")
 
 
 def _discard_work_dir(work_dir: Path) -> None:
@@ -486,10 +492,7 @@ def _extend(path: Path, pairs: str | Path | Sequence[Pair], *, split: str | None
     try:
         extra, skipped = encode_pairs_resumably(loaded, image_encoder, text_encoder, work_dir,
                                                 batch_size=batch_size, progress=progress)
-        if len(extra) == 0:
-            _discard_work_dir(work_dir)  # its shards only record failures: retry them next time
-            raise DataError(f"none of the {len(loaded)} images in {pairs} could be read "
-                            f"(e.g. {(unread + skipped)[:3]}); check the image paths")
+        _require_some(extra, work_dir, loaded, pairs, unread + skipped)
     except BaseException:
         if not _holds_encoded_work(work_dir):
             _discard_work_dir(work_dir)
