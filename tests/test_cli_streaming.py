@@ -40,8 +40,11 @@ def _interrupted_run(args: list[str], sig: int, cache: Path, after_rows: int = 1
     out, and return (rows parsed from stdout, exit code, stderr)."""
     env = {**os.environ, "NOFREE_CACHE": str(cache), "NOFREE_TEST_DELAY": "0.4",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the child gets the default SIGINT disposition even when this test runs in a background job
+    # (where SIGINT is ignored and Python would then install no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "tests.slow_cli", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = [proc.stdout.readline() for _ in range(after_rows)]
         proc.send_signal(sig)
