@@ -344,7 +344,10 @@ def _greedy_without_cache(adapter, features, max_tokens):
                 else:
                     full = torch.cat([torch.tensor([adapter.start_ids]), ids], 1)
                     logits = adapter.lm_logits(features[row:row + 1], full)
-                tokens.append(int(logits[0, -1].argmax()))
+                last = logits[0, -1]
+                if len(tokens) < 2:  # captions have at least two tokens
+                    last[list(stops)] = float("-inf")
+                tokens.append(int(last.argmax()))
                 if tokens[-1] in stops:
                     break
             out.append(tokens)
@@ -403,8 +406,11 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder):
     # and cached decoding from the start token equals the plain LM's greedy decoding
     start = torch.tensor([adapter.start_ids] * 2)
     plain_tokens, cache, step = [], None, lm.step(start)
-    for _ in range(6):
-        nxt = step.logits.argmax(-1, keepdim=True)
+    for t in range(6):
+        logits = step.logits.clone()
+        if t < 2:  # captions have at least two tokens
+            logits[:, lm.eos_id] = float("-inf")
+        nxt = logits.argmax(-1, keepdim=True)
         plain_tokens.append(nxt)
         step = lm.step(nxt, cache=step.cache)
     plain_tokens = torch.cat(plain_tokens, 1).tolist()

@@ -183,7 +183,7 @@ class CaptioningAdapter(Adapter):
                  max_tokens: int = 30, stop_at_period: bool = True, no_repeat_ngram: int = 0,
                  repetition_penalty: float = 1.0) -> list[list[int]]:
         """Token ids of one caption per feature row ``(B, ...)``, each ending at its first stop
-        token (kept) or after ``max_tokens``; ``prompts``: one text per row for adapters that
+        token (kept; never one of the first two tokens) or after ``max_tokens``; ``prompts``: one text per row for adapters that
         read one (see :meth:`generation_inputs`).
 
         Decoding is transformers' ``generate`` on the frozen LM (greedy when ``beams == 1``,
@@ -211,9 +211,9 @@ class CaptioningAdapter(Adapter):
 
                     start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
                     processors = LogitsProcessorList([NoRepeatWordNGram(no_repeat_ngram, start, self.word_ids())])
-                out = lm.model.generate(
-                    **inputs, **beam_options, max_new_tokens=max_tokens, do_sample=False,
-                    logits_processor=processors, repetition_penalty=repetition_penalty,
+                out = lm.model.generate(  # at least two tokens: a caption is never empty
+                    **inputs, **beam_options, max_new_tokens=max_tokens, min_new_tokens=min(2, max_tokens),
+                    do_sample=False, logits_processor=processors, repetition_penalty=repetition_penalty,
                     eos_token_id=stops, pad_token_id=lm.pad_id, use_cache=True)
         finally:
             self.train(was_training)
