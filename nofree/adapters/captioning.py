@@ -2,9 +2,9 @@
 
 :class:`CaptioningAdapter` is what ClipCap and the Flamingo-style adapter share on top of
 :class:`nofree.adapters.base.Adapter`: caption tokenisation, the teacher-forced loss, batched
-decoding through transformers' ``generate`` (greedy or beam search, with repetition controls). :class:`AdapterCaptioner` is the
-:class:`nofree.core.Captioner` of a trained captioning adapter (its captions are tidied with
-:func:`nofree.core.clean_caption`, like the other captioners').
+decoding through transformers' ``generate`` (greedy or beam search, with repetition controls).
+:class:`AdapterCaptioner` is the :class:`nofree.core.Captioner` of a trained captioning adapter
+(its captions are tidied with :func:`nofree.core.clean_caption`, like the other captioners').
 """
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ class CaptioningAdapter(Adapter):
 
     Subclasses implement ``caption_logits(features, texts, prompts)`` and
     ``generation_inputs(features, prompts)`` (the ids or embeddings the LM starts from; ``prompts``
-    is an optional text per row, for adapters that read one) and may override ``media(features, copies=...)`` (a context active during the whole
-    decode, e.g. the image latents cross-attention reads).
+    is an optional text per row, for adapters that read one) and may override
+    ``media(features, copies=...)`` (a context active during the whole decode, e.g. the image
+    latents cross-attention reads).
     """
 
     backbone_roles = ("image_encoder", "lm")
@@ -183,8 +184,8 @@ class CaptioningAdapter(Adapter):
                  max_tokens: int = 30, stop_at_period: bool = True, no_repeat_ngram: int = 0,
                  repetition_penalty: float = 1.0) -> list[list[int]]:
         """Token ids of one caption per feature row ``(B, ...)``, each ending at its first stop
-        token (kept; never one of the first two tokens) or after ``max_tokens``; ``prompts``: one text per row for adapters that
-        read one (see :meth:`generation_inputs`).
+        token (kept; never one of the first two tokens) or after ``max_tokens``; ``prompts``: one
+        text per row for adapters that read one (see :meth:`generation_inputs`).
 
         Decoding is transformers' ``generate`` on the frozen LM (greedy when ``beams == 1``,
         else beam search ranked by mean token log-probability), with repetition controls:
@@ -210,7 +211,8 @@ class CaptioningAdapter(Adapter):
                     from transformers import LogitsProcessorList
 
                     start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
-                    processors = LogitsProcessorList([NoRepeatWordNGram(no_repeat_ngram, start, self.word_ids())])
+                    processors = LogitsProcessorList(
+                        [NoRepeatWordNGram(no_repeat_ngram, start, self.word_ids())])
                 out = lm.model.generate(  # at least two tokens: a caption is never empty
                     **inputs, **beam_options, max_new_tokens=max_tokens, min_new_tokens=min(2, max_tokens),
                     do_sample=False, logits_processor=processors, repetition_penalty=repetition_penalty,

@@ -132,7 +132,8 @@ class ClipCap(CaptioningAdapter):
                              f"got {tuple(image_emb.shape)}")
         return self.mapper(l2_normalize(image_emb.to(self.device)))
 
-    def caption_logits(self, features: Tensor, texts: list[str], prompts: Any = None) -> tuple[Tensor, Tensor]:
+    def caption_logits(self, features: Tensor, texts: list[str],
+                       prompts: Any = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced logits ``(B, 1+Tc, V)`` from the last prefix position on, and aligned
         labels ``(B, 1+Tc)`` (-100 ignored)."""
         if prompts is not None:

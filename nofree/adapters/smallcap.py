@@ -210,7 +210,8 @@ class SmallCapCaptioner(AdapterCaptioner):
             saved = directory / POOL_FILE
             pool = load_text_lines(saved if saved.is_file() else default_pool_path())
         adapter.attach_retrieval(anchors, pool)
-        return cls(adapter, retrieval_for(anchors, adapter.image_encoder, text_encoder, pool, cache=cache), **kw)
+        retrieval = retrieval_for(anchors, adapter.image_encoder, text_encoder, pool, cache=cache)
+        return cls(adapter, retrieval, **kw)
 
     def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
         """One caption per image (paths or PIL images); keywords as in :class:`AdapterCaptioner`."""
@@ -248,7 +249,8 @@ def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:
 
 def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str | None = None,
                    text_encoder: str | None = None, lm: str | None = None, anchors: str | Path | None = None,
-                   pool: str | Path | None = None, examples: int = 4, epochs: int = RECIPES["smallcap"]["epochs"],
+                   pool: str | Path | None = None, examples: int = 4,
+                   epochs: int = RECIPES["smallcap"]["epochs"],
                    batch_size: int = RECIPES["smallcap"]["batch_size"], lr: float = RECIPES["smallcap"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
                    precision: str = "bf16", resume: bool = False, overwrite: bool = False, device: Any = None,

@@ -393,7 +393,8 @@ def _autocast(device: torch.device, precision: str) -> Any:
 
 # --- one entry point per method (the CLI calls these) --------------------------------------------
 
-def load_splits(pairs_path: str | Path, train_split: str, val_split: str | None) -> tuple[list[Pair], list[Pair] | None]:
+def load_splits(pairs_path: str | Path, train_split: str,
+                val_split: str | None) -> tuple[list[Pair], list[Pair] | None]:
     """The training pairs (a missing split is an error) and the validation pairs (``None`` when
     ``val_split`` is empty or absent from the file, with a warning)."""
     from nofree.data.pairs import load_pairs
@@ -438,7 +439,8 @@ def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, 
 
 def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
               text_encoder: str = DEFAULT_TEXT_ENCODER, epochs: int = RECIPES["lit"]["epochs"],
-              batch_size: int = RECIPES["lit"]["batch_size"], lr: float = RECIPES["lit"]["lr"], loss: str = "contrastive", embed_dim: int | None = None,
+              batch_size: int = RECIPES["lit"]["batch_size"], lr: float = RECIPES["lit"]["lr"],
+              loss: str = "contrastive", embed_dim: int | None = None,
               hidden_dim: int | None = None, text_layers: int = 0, **kw: Any) -> TrainResult:
     """Train a LiT text head on ``pairs_path`` (frozen features cached; seconds on a CPU).
 
@@ -462,10 +464,11 @@ def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str
                   **kw: Any) -> TrainResult:
     """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`.
 
-    Defaults suit ~1k captions on a CPU: the rate is far above the paper's 2e-5 because a small
-    set gives only tens of steps per epoch (coco-mini: 44); each epoch runs the 135M-parameter LM
-    forward and backward over every caption (minutes on two CPU cores), under bf16 autocast by
-    default (``precision="fp32"`` to turn it off).
+    Defaults (:data:`nofree.adapters.recipes.RECIPES`) suit ~1k captions on a CPU: the rate is
+    far above the paper's 2e-5 because a small set gives only tens of steps per epoch (coco-mini:
+    44), warmed up then decayed to 0 on a cosine; longer training overfits such a set. Each epoch
+    runs the 135M-parameter LM forward and backward over every caption (minutes on two CPU
+    cores), under bf16 autocast by default (``precision="fp32"`` to turn it off).
     """
     return train_from_pairs("clipcap", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"mapper": mapper, "prefix_length": prefix_length},
@@ -480,7 +483,8 @@ def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
     :func:`train_lit`, small-data defaults as in :func:`train_clipcap`. ``gate_lr_scale`` = 30:
     with tens of steps per epoch at lr 1e-3 the zero-initialised tanh gates otherwise stay near
-    0.02 and the LM ignores the image."""
+    0.02. On coco-mini the adapter still learns to ignore the image (RESULTS.md, "Trained
+    fusion"): the warning at the end of training says so when it happens."""
     return train_from_pairs("flamingo", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"num_latents": num_latents, "xattn_every": xattn_every,
                                      "gate_lr_scale": gate_lr_scale},
