@@ -15,18 +15,11 @@ from click.testing import CliRunner
 from nofree.adapters.smallcap import SmallCap, SmallCapCaptioner, example_captions, leave_out_prompts, train_smallcap
 from nofree.cli import main
 from nofree.core import DataError, SpecError
-from nofree.testing import make_tiny_hf_text, make_tiny_hf_vision, make_tiny_lm_dir
+from nofree.testing import make_tiny_hf_vision
 from tests.test_anchors import make_pairs
+from tests.test_train_cli import backbones  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backbones")
-    return {"image": f"local:{make_tiny_hf_vision(root / 'vision')}",
-            "text": f"local:{make_tiny_hf_text(root / 'text')}",
-            "lm": f"local:{make_tiny_lm_dir(root / 'lm')}"}
 
 
 @pytest.fixture(scope="module")
