@@ -48,13 +48,17 @@ def _train_options(f):
               help="SmallCap: anchor set to retrieve with (default: built from --train-split).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="SmallCap: caption pool to retrieve from (default: the bundled 24k COCO captions).")
+@click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True,
+              help="ClipCap: the mapper from the image embedding to the LM prefix.")
 def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, train_split, val_split,
-          device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool):
+          device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool, mapper):
     """Train a light adapter (LiT, ClipCap, Flamingo-style or SmallCap-style) on frozen backbones."""
     from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
 
     if method != "smallcap" and (anchor_dir is not None or pool is not None):
         raise click.UsageError("--anchors and --pool are SmallCap's options (train smallcap)")
+    if method != "clipcap" and mapper != "mlp":
+        raise click.UsageError("--mapper is ClipCap's option (train clipcap)")
 
     tuned = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
                                            ("precision", precision)) if value is not None}
@@ -65,8 +69,10 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
         result = train_lit(pairs, text_encoder=text_encoder, **common)
     elif method == "smallcap":
         result = train_smallcap(pairs, text_encoder=text_encoder, lm=lm, anchors=anchor_dir, pool=pool, **common)
+    elif method == "clipcap":
+        result = train_clipcap(pairs, lm=lm, mapper=mapper, **common)
     else:
-        result = (train_clipcap if method == "clipcap" else train_flamingo)(pairs, lm=lm, **common)
+        result = train_flamingo(pairs, lm=lm, **common)
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
     click.echo(f"wrote {result.out_dir} ({result.steps} steps; last epoch: {summary})")

@@ -51,6 +51,18 @@ def test_train_then_caption(tmp_path, backbones, method, monkeypatch):
     assert wrong.exit_code != 0 and f"--method {method}" in wrong.output
 
 
+def test_train_clipcap_with_the_transformer_mapper(tmp_path, backbones, monkeypatch):
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
+    pairs = make_pairs(tmp_path / "data", n=6)
+    args = ["train", "clipcap", "--pairs", str(pairs), "--image-encoder", backbones["image"], "--lm",
+            backbones["lm"], "--out", str(tmp_path / "cc"), "--epochs", "1", "--mapper", "transformer"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cc" / "config.json").read_text())["config"]["mapper"] == "transformer"
+    wrong = CliRunner().invoke(main, ["train", "flamingo", *args[2:-2], "--mapper", "transformer"])
+    assert wrong.exit_code == 2 and "ClipCap's option" in wrong.output
+
+
 def test_train_lit(tmp_path, backbones, monkeypatch):
     monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "cache"))
     pairs = make_pairs(tmp_path / "data", n=6)
