@@ -271,8 +271,13 @@ class AdapterCaptioner:
                 features = self.image_encoder.encode_tokens(chunk)
             else:
                 features = self.image_encoder.encode(chunk)
-            captions += [clean_caption(text) for text in self.adapter.caption_features(features, **options)]
+            captions += [clean_caption(text) for text in
+                         self.adapter.caption_features(features, prompts=self.prompts(chunk), **options)]
         return captions
+
+    def prompts(self, images: Sequence[Any]) -> list[str] | None:
+        """The text each image's caption follows, for adapters that read one (none here)."""
+        return None
 
 
 def _as_image(image: Any) -> Any:

@@ -89,7 +89,7 @@ class SmallCap(Flamingo):
 
     def prompt_text(self, examples: Sequence[str]) -> str:
         """The prompt for one photo's retrieved captions."""
-        joined = " ".join(_normal(c)[:1].upper() + _normal(c)[1:] + "." for c in examples)
+        joined = " ".join(text[:1].upper() + text[1:] + "." for text in map(_normal, examples))
         return self.hparams["template"].format(examples=joined)
 
     def caption_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -213,23 +213,11 @@ class SmallCapCaptioner(AdapterCaptioner):
         retrieval = retrieval_for(anchors, adapter.image_encoder, text_encoder, pool, cache=cache)
         return cls(adapter, retrieval, **kw)
 
-    def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
-        """One caption per image (paths or PIL images); keywords as in :class:`AdapterCaptioner`."""
-        from nofree.adapters.captioning import _as_image
-        from nofree.core import clean_caption
-
-        options = {**self.options, **kw}
-        loaded = [_as_image(image) for image in images]
-        captions: list[str] = []
-        m = self.adapter.hparams["examples"]
-        for start in range(0, len(loaded), self.batch_size):
-            chunk = loaded[start:start + self.batch_size]
-            image_emb = self.retrieval.pipeline.encode_images(chunk)
-            prompts = [self.adapter.prompt_text(c) for c in example_captions(self.retrieval, image_emb, m)]
-            tokens = self.image_encoder.encode_tokens(chunk)
-            captions += [clean_caption(text) for text in
-                         self.adapter.caption_features(tokens, prompts=prompts, **options)]
-        return captions
+    def prompts(self, images: Sequence[Any]) -> list[str]:
+        """Each image's prompt: its retrieved pool captions."""
+        image_emb = self.retrieval.pipeline.encode_images(images)
+        found = example_captions(self.retrieval, image_emb, self.adapter.hparams["examples"])
+        return [self.adapter.prompt_text(captions) for captions in found]
 
 
 def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:

@@ -415,7 +415,6 @@ def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
         entry.update(status="ok", params=params)
         if method.task == CAPTIONING:
             from nofree.eval.captioning import caption_metrics
-
             from nofree.eval.degeneration import degeneration
 
             scored = caption_metrics(list(captions), ctx.references, meteor=ctx.config.meteor)
