@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,9 +21,12 @@ from torch import Tensor
 
 from nofree.core import DataError, clean_caption, l2_normalize
 
+log = logging.getLogger(__name__)
+
 
 def default_pool_path() -> Path:
-    """The bundled caption pool: 24k COCO captions, none of them of a sample photo."""
+    """The bundled caption pool: 24k COCO captions, none of them of a sample photo (cleaned by
+    :func:`nofree.data.pool.filter_pool`: no line of it is dropped)."""
     from nofree import sample_dir
 
     return sample_dir() / "caption_corpus.txt"
@@ -64,7 +68,12 @@ def _rerank_depth(consensus: str, rerank: int | None) -> int:
 
 
 class RetrievalCaptioner:
-    """Caption images with the best pool caption under an ASIF pipeline.
+    """Caption images with the best pool caption under an ASIF pipeline (or a CLIP-like scorer).
+
+    ``pipeline`` is the joint image–text space that ranks the pool: an
+    :class:`~nofree.anchors.pipeline.AsifPipeline` (ASIF similarity), or a
+    :class:`~nofree.scoring.ScorerSpace` (the cosine of a CLIP-like model or a LiT: CLIPRe);
+    "ASIF" below means whichever it is.
 
     ``pool`` is a list of candidate captions (e.g. ``caption_corpus.txt``; never the evaluation
     references). ``rerank`` is the number m of top candidates (by ASIF similarity) re-ranked by
@@ -73,13 +82,28 @@ class RetrievalCaptioner:
     retrieved captions (leaving itself out; n-gram weights from the pool), ``"embedding"`` by its
     mean text-encoder cosine to the other candidates, mixed with the ASIF score by
     ``consensus_weight`` (see :func:`consensus_scores`).
+
+    ``clean_pool=True`` (default) first drops the pool's non-captions, too short or too long
+    lines and repeats (:func:`nofree.data.pool.filter_pool`; one warning says how many and why),
+    so ``self.pool`` may be shorter than ``pool``; ``False`` keeps every line as given.
     """
 
     def __init__(self, pipeline: Any, pool: Sequence[str], *, rerank: int | None = None,
                  consensus: str = "cider", references: int = 50, consensus_weight: float = 1.0,
-                 chunk: int = 4096) -> None:
+                 chunk: int = 4096, clean_pool: bool = True) -> None:
+        cleaned = ""
+        if clean_pool:
+            from nofree.data.pool import filter_pool
+
+            found = filter_pool(pool)
+            if found.n_dropped:
+                cleaned = found.summary()
+                log.warning("caption pool: %s as non-captions or repeats (--raw-pool / clean_pool=False "
+                            "keeps every line)", cleaned)
+            pool = found.captions
         if len(pool) == 0:
-            raise DataError("the caption pool is empty: give --pool a text file with one caption a line")
+            raise DataError("the caption pool is empty" + (f" after cleaning ({cleaned})" if cleaned else "")
+                            + ": give --pool a text file with one caption a line")
         rerank = _rerank_depth(consensus, rerank)
         if rerank < 0 or references < 1:
             raise DataError(f"rerank must be >= 0 and references >= 1, got {rerank} and {references}")
@@ -91,7 +115,8 @@ class RetrievalCaptioner:
         self.chunk = chunk
         self._cider = None
         self.pool_emb = l2_normalize(pipeline.encode_texts(self.pool))  # (P, Dt)
-        self.pool_rel = pipeline.asif.transform(self.pool_emb, modality="text")
+        asif = getattr(pipeline, "asif", None)  # ASIF: the pool's relative representations, once
+        self.pool_rel = asif.transform(self.pool_emb, modality="text") if asif is not None else self.pool_emb
 
     def with_consensus(self, consensus: str, rerank: int | None = None) -> "RetrievalCaptioner":
         """The same pool (embeddings shared, nothing re-encoded) re-ranked another way."""
@@ -198,10 +223,13 @@ class MagicCaptioner:
     ``examples`` > 0, m captions chosen for the image are listed in the prompt as in-context
     examples (``pipeline`` is then required): ``examples_from="pool"`` takes the m best captions
     of ``pool`` by ASIF retrieval + consensus (a :class:`RetrievalCaptioner`, whose ranking is used
-    as it is, or a list of captions, ranked by embedding consensus as the defaults were tuned;
-    default the bundled 24k COCO captions), ``"anchors"`` the m anchor captions nearest to
+    as it is, or a list of captions, ranked by embedding consensus as the defaults were tuned and
+    cleaned unless ``clean_pool=False`` (see :class:`RetrievalCaptioner`); default the bundled
+    24k COCO captions), ``"anchors"`` the m anchor captions nearest to
     the image by ASIF. The scorer (e.g.
     :class:`~nofree.decoding.scorers.AsifScorer`) sees only the generated continuation.
+    ``pipeline`` may also be a CLIP-like scorer's :class:`~nofree.scoring.ScorerSpace`
+    (:meth:`from_scorer`): its own cosine then ranks the pool (CLIPRe) and there are no anchors.
 
     Several candidates, one kept (pool examples only): the LM writes ``drafts`` captions, each
     with another window ``(first, count)`` of the image's ranked pool captions as its examples
@@ -224,7 +252,8 @@ class MagicCaptioner:
                  max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"], pool: Any = None,
                  drafts: int = MAGIC_DEFAULTS["drafts"], windows: Sequence[tuple[int, int]] | None = None,
                  consensus: int = MAGIC_DEFAULTS["consensus"],
-                 with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"], packed: bool = True) -> None:
+                 with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"], packed: bool = True,
+                 clean_pool: bool = True) -> None:
         if not prompt or not prompt.strip():
             raise DataError("the MAGIC prompt is empty: give --prompt a short instruction, e.g. "
                             f"{PLAIN_PROMPT!r}")
@@ -234,6 +263,9 @@ class MagicCaptioner:
             raise DataError(f"k={k} is larger than the LM's vocabulary ({lm.vocab_size}); use a smaller --k")
         if examples_from not in ("pool", "anchors"):
             raise DataError(f"examples_from={examples_from!r}: choose 'pool' or 'anchors'")
+        if examples and examples_from == "anchors" and not hasattr(pipeline, "anchors"):
+            raise DataError("examples from the anchors need an ASIF anchor set; this scorer ranks the "
+                            "caption pool itself: take the examples from the pool")
         if drafts < 1:
             raise DataError(f"drafts must be >= 1, got {drafts}")
         if not examples or examples_from != "pool":
@@ -252,7 +284,7 @@ class MagicCaptioner:
 
                 pool = load_text_lines(default_pool_path())
             # examples ranked by embedding consensus: the order the defaults were tuned with
-            pool = RetrievalCaptioner(pipeline, pool, consensus="embedding")
+            pool = RetrievalCaptioner(pipeline, pool, consensus="embedding", clean_pool=clean_pool)
         self.pool = pool if examples and examples_from == "pool" else None
         self.windows, self.consensus, self.with_retrieved = windows, int(consensus), bool(with_retrieved)
         self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
@@ -268,19 +300,23 @@ class MagicCaptioner:
         ``precision``: the LM's arithmetic, ``"fp32"`` or ``"bf16"`` (see
         :func:`nofree.registry.load_lm`).
         """
-        from nofree.core import DEFAULT_LM
         from nofree.decoding.scorers import AsifScorer
-        from nofree.registry import LM_PRECISIONS, load_lm
 
-        if precision not in LM_PRECISIONS:
-            raise DataError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
-        if lm is None or isinstance(lm, str):
-            lm = load_lm(lm or DEFAULT_LM, device=device, precision=precision)
-        elif precision != "fp32":
-            lm = lm.to_dtype(LM_PRECISIONS[precision])
+        lm = _magic_lm(lm, device, precision)
         extra = {} if temperature is None else {"temperature": temperature}
         scorer = AsifScorer(pipeline.asif, pipeline.text_encoder, pipeline.image_encoder, **extra)
         return cls(lm, scorer, pipeline=pipeline, **options)
+
+    @classmethod
+    def from_scorer(cls, space: Any, *, lm: Any = None, device: Any = None, precision: str = "fp32",
+                    **options: Any) -> "MagicCaptioner":
+        """A captioner steered by a CLIP-like scorer or a LiT (a :class:`~nofree.scoring.ScorerSpace`,
+        from :func:`nofree.scoring.load_scorer`), whose own cosine ranks the caption pool (CLIPRe):
+        no anchor set. ``alpha``/``beta`` default to the paper's :data:`MAGIC_PAPER` (the tuned
+        :data:`MAGIC_DEFAULTS` turn the ASIF image term off); other options as :meth:`from_pipeline`.
+        """
+        options = {**MAGIC_PAPER, **options}
+        return cls(_magic_lm(lm, device, precision), space.scorer, pipeline=space, **options)
 
     def example_captions(self, image_emb: Tensor, count: int | None = None) -> list[list[str]]:
         """For each image, its ``count`` (default ``examples``) best distinct captions, best
@@ -370,14 +406,53 @@ class MagicCaptioner:
         return self.caption_embeddings(image_emb)
 
 
+def _magic_lm(lm: Any, device: Any, precision: str) -> Any:
+    """MAGIC's LM: a spec (default the embedded LM) loaded, or an LM object, in ``precision``."""
+    from nofree.core import DEFAULT_LM
+    from nofree.registry import LM_PRECISIONS, load_lm
+
+    if precision not in LM_PRECISIONS:
+        raise DataError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
+    if lm is None or isinstance(lm, str):
+        return load_lm(lm or DEFAULT_LM, device=device, precision=precision)
+    return lm.to_dtype(LM_PRECISIONS[precision]) if precision != "fp32" else lm
+
+
 def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
-                   lm: str | None = None, device: Any = None, options: dict | None = None) -> Any:
-    """The captioner the CLI's ``--method`` names, built from an anchor set or an adapter."""
+                   lm: str | None = None, device: Any = None, options: dict | None = None,
+                   clean_pool: bool = True, scorer: str | None = None) -> Any:
+    """The captioner the CLI's ``--method`` names, built from an anchor set or an adapter.
+
+    ``pool``: a caption file, cleaned as :class:`RetrievalCaptioner` says unless ``clean_pool``
+    is False. ``scorer``: MAGIC's scorer spec (:mod:`nofree.scoring`): ``asif`` (the default,
+    with the anchor set), or a CLIP-like model or trained LiT, which ranks the pool itself
+    (no anchor set) and steers with the paper's α, β unless ``options`` say otherwise."""
     options = dict(options or {})
+    if scorer is not None:
+        from nofree.scoring import ASIF_SCORER, load_scorer, normalize_scorer_spec
+
+        if method != "magic":
+            raise DataError(f"--scorer steers MAGIC only (--method {method} takes none): drop --scorer, "
+                            "or use --method magic")
+        scorer = normalize_scorer_spec(scorer)
+        if scorer == ASIF_SCORER and anchor_dir is None:
+            raise DataError("--scorer asif scores through an anchor set: add --anchors DIR (from `nofree "
+                            "anchors build`), or give a CLIP-like --scorer (open_clip:ARCH@TAG, "
+                            "hf-clip:NAME, local:DIR, lit:DIR), which needs none")
+        if scorer != ASIF_SCORER:
+            if anchor_dir is not None:
+                raise DataError(f"--scorer {scorer} ranks the caption pool itself and uses no anchor set: "
+                                "drop --anchors, or use --scorer asif to score with the anchors")
+            from nofree.cache import EmbeddingCache
+
+            options = _magic_options(options, pool)
+            space = load_scorer(scorer, device=device, cache=EmbeddingCache())
+            return MagicCaptioner.from_scorer(space, lm=lm, device=device, clean_pool=clean_pool, **options)
     if method in ("retrieval", "magic"):
         if anchor_dir is None:
-            raise DataError(f"--method {method} needs --anchors DIR (an anchor set from "
-                            "`nofree anchors build`)")
+            clip = " or a CLIP-like --scorer (open_clip:ARCH@TAG, hf-clip:NAME, local:DIR, lit:DIR)"
+            raise DataError(f"--method {method} needs --anchors DIR (an anchor set from `nofree anchors "
+                            f"build`){clip if method == 'magic' else ''}")
         from nofree.anchors.pipeline import AsifPipeline
         from nofree.cache import EmbeddingCache
 
@@ -388,16 +463,10 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
             unused = sorted(k for k in options if k not in {"max_new_tokens"})
             if unused:
                 raise DataError(f"--method retrieval takes no {_flags(unused)}")
-            return RetrievalCaptioner(pipeline, load_text_lines(pool or default_pool_path()))
-        adapter_only = sorted(k for k in ("beams", "no_repeat_ngram") if k in options)
-        if adapter_only:
-            raise DataError(f"--method magic takes no {_flags(adapter_only)} (they set a trained "
-                            "adapter's decoding)")
-        if pool is not None:
-            from nofree.data.pairs import load_text_lines
-
-            options["pool"] = load_text_lines(pool)
-        return MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, **options)
+            return RetrievalCaptioner(pipeline, load_text_lines(pool or default_pool_path()),
+                                      clean_pool=clean_pool)
+        options = _magic_options(options, pool)
+        return MagicCaptioner.from_pipeline(pipeline, lm=lm, device=device, clean_pool=clean_pool, **options)
     if method in ("clipcap", "flamingo", "smallcap"):
         if adapter_dir is None:
             raise DataError(f"--method {method} needs --adapter DIR (from `nofree train {method}`)")
@@ -413,7 +482,7 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
 
             return SmallCapCaptioner.from_pretrained(
                 adapter_dir, pool=load_text_lines(pool) if pool is not None else None, device=device,
-                cache=EmbeddingCache(), **decode)
+                cache=EmbeddingCache(), clean_pool=clean_pool, **decode)
         from nofree.adapters import AdapterCaptioner, load_adapter
 
         adapter = load_adapter(adapter_dir, device=device)
@@ -422,6 +491,19 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
                             f"use --method {adapter.kind}")
         return AdapterCaptioner(adapter, **decode)
     raise DataError(f"unknown captioning method {method!r}: choose retrieval, magic, clipcap, flamingo or smallcap")
+
+
+def _magic_options(options: dict, pool: Any) -> dict:
+    """``options`` checked for ``--method magic`` and with the ``pool`` file's captions added."""
+    adapter_only = sorted(k for k in ("beams", "no_repeat_ngram") if k in options)
+    if adapter_only:
+        raise DataError(f"--method magic takes no {_flags(adapter_only)} (they set a trained "
+                        "adapter's decoding)")
+    if pool is not None:
+        from nofree.data.pairs import load_text_lines
+
+        return {**options, "pool": load_text_lines(pool)}
+    return options
 
 
 def _flags(options: Sequence[str]) -> str:

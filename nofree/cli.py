@@ -15,7 +15,7 @@ import click
 
 from nofree import __version__
 
-from nofree.cli_options import PAIRS, format_option
+from nofree.cli_options import PAIRS, clean_pool_option, format_option, scorer_option
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 #: pairs per shard of `anchors build` (nofree.anchors.build.DEFAULT_SHARD_SIZE; kept here so
@@ -429,12 +429,19 @@ def _parse_windows(ctx, param, value):
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Caption pool for --method retrieval, MAGIC's in-context examples and SmallCap's "
                    "retrieved examples (default: the bundled 24k COCO captions; SmallCap: its training pool).")
+@clean_pool_option
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for --method magic.")
+@scorer_option("MAGIC's image-text scorer: asif (ASIF over --anchors; the default), open_clip:ARCH@TAG, "
+               "hf-clip:NAME, local:DIR (a saved CLIP) or lit:DIR (a trained LiT adapter). All but asif need "
+               "no --anchors: the scorer itself ranks the --pool captions (CLIPRe) for the examples, "
+               "and --alpha/--beta default to the MAGIC paper's 0.1/2.")
 @click.option("--k", "top_k", type=click.IntRange(min=1), default=None, help="MAGIC: LM candidates per step.")
 @click.option("--alpha", type=float, default=None,
-              help="MAGIC: degeneration penalty weight (default 0; the paper's 0.1).")
+              help="MAGIC: degeneration penalty weight (default 0 with ASIF; the paper's 0.1 with a "
+                   "CLIP-like --scorer).")
 @click.option("--beta", type=float, default=None,
-              help="MAGIC: image-scorer weight (default 0, cross-validated on the sample; the paper's 2).")
+              help="MAGIC: image-scorer weight (default 0 with ASIF, cross-validated on the sample; the "
+                   "paper's 2 with a CLIP-like --scorer).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most new tokens per caption.")
 @click.option("--beams", type=click.IntRange(min=1), default=None,
               help="Beam width of a trained adapter's decoding (clipcap, flamingo; default: its tuned one).")
@@ -466,10 +473,10 @@ def _parse_windows(ctx, param, value):
 @format_option()
 @_strict_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_tokens, beams, no_repeat_ngram,
-            prompt, examples,
+def caption(method, anchor_dir, adapter_dir, pool, lm, scorer, top_k, alpha, beta, max_tokens, beams,
+            no_repeat_ngram, prompt, examples,
             examples_from, drafts, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
-            strict, images):
+            strict, images, clean_pool):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioners import iter_caption_paths, load_captioner
     from nofree.cli_output import stream_rows
@@ -481,7 +488,7 @@ def caption(method, anchor_dir, adapter_dir, pool, lm, top_k, alpha, beta, max_t
                "precision": precision}
     options = {k: v for k, v in options.items() if v is not None}
     captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
-                               device=device, options=options)
+                               device=device, options=options, clean_pool=clean_pool, scorer=scorer)
     rows = iter_caption_paths(captioner, _image_paths(images), batch_size=batch_size, strict=strict)
     stream_rows(rows, fmt, ["image", "caption"])
 

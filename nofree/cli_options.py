@@ -1,4 +1,5 @@
-"""Option pieces several nofree commands share: the pairs-source type and the output format."""
+"""Option pieces several nofree commands share: the pairs-source type, the output format, the
+caption-pool cleaning switch and MAGIC's ``--scorer``."""
 from __future__ import annotations
 
 import os
@@ -55,3 +56,32 @@ def format_option(choices=FORMATS, default: str = "table", help: str | None = No
                     "each result is ready; json: one JSON document at the end.")
     return click.option("--format", "fmt", type=FormatChoice(choices), default=default,
                         show_default=True, help=text)
+
+
+def clean_pool_option(f):
+    """``--clean-pool/--raw-pool`` (parameter ``clean_pool``) of every command taking ``--pool``."""
+    return click.option("--clean-pool/--raw-pool", "clean_pool", default=True, show_default=True,
+                        help="Drop the caption pool's non-captions (refusals like 'I am unable to see "
+                             "an image', task text, placeholders, links), lines under 2 or over 60 "
+                             "words and repeats first, with one warning giving the counts; --raw-pool "
+                             "uses every line as it is.")(f)
+
+
+def _parse_scorer(ctx, param, value):
+    """``--scorer SPEC`` checked and normalised (:func:`nofree.scoring.normalize_scorer_spec`)."""
+    if value is None:
+        return None
+    from nofree.core import SpecError
+    from nofree.scoring import normalize_scorer_spec
+
+    try:
+        return normalize_scorer_spec(value)
+    except SpecError as err:
+        from nofree.cli import OneLineError
+
+        raise OneLineError(f"--scorer: {err}") from err
+
+
+def scorer_option(help: str):
+    """``--scorer SPEC`` (parameter ``scorer``): MAGIC's image–text scorer."""
+    return click.option("--scorer", metavar="SPEC", default=None, callback=_parse_scorer, help=help)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from nofree.cli_options import PAIRS
+from nofree.cli_options import PAIRS, clean_pool_option, scorer_option
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
@@ -48,15 +48,16 @@ def _train_options(f):
               help="SmallCap: anchor set to retrieve with (default: built from --train-split).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="SmallCap: caption pool to retrieve from (default: the bundled 24k COCO captions).")
+@clean_pool_option
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True,
               help="ClipCap: the mapper from the image embedding to the LM prefix.")
 def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, train_split, val_split,
-          device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool, mapper):
+          device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool, mapper, clean_pool):
     """Train a light adapter (LiT, ClipCap, Flamingo-style or SmallCap-style) on frozen backbones."""
     from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
 
-    if method != "smallcap" and (anchor_dir is not None or pool is not None):
-        raise click.UsageError("--anchors and --pool are SmallCap's options (train smallcap)")
+    if method != "smallcap" and (anchor_dir is not None or pool is not None or not clean_pool):
+        raise click.UsageError("--anchors, --pool and --raw-pool are SmallCap's options (train smallcap)")
     if method != "clipcap" and mapper != "mlp":
         raise click.UsageError("--mapper is ClipCap's option (train clipcap)")
 
@@ -68,7 +69,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
     if method == "lit":
         result = train_lit(pairs, text_encoder=text_encoder, **common)
     elif method == "smallcap":
-        result = train_smallcap(pairs, text_encoder=text_encoder, lm=lm, anchors=anchor_dir, pool=pool, **common)
+        result = train_smallcap(pairs, text_encoder=text_encoder, lm=lm, anchors=anchor_dir, pool=pool,
+                                clean_pool=clean_pool, **common)
     elif method == "clipcap":
         result = train_clipcap(pairs, lm=lm, mapper=mapper, **common)
     else:
@@ -95,7 +97,12 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--smallcap", "smallcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Caption pool for retrieval and MAGIC's examples (default: the bundled 24k captions).")
+@clean_pool_option
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Language model for MAGIC.")
+@scorer_option("Scorer of the magic row: asif (ASIF over the anchors; the default), open_clip:ARCH@TAG, "
+               "hf-clip:NAME, local:DIR (a saved CLIP) or lit:DIR (a trained LiT adapter). All but asif rank "
+               "the --pool captions themselves (CLIPRe; no anchors) and steer with the MAGIC paper's "
+               "alpha=0.1, beta=2.")
 @click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Zero-shot classes, one a line (default: the pairs' 'categories').")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images of the split.")
@@ -112,8 +119,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, smallcap_dir, pool,
-                 lm, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, report_dir, resume, overwrite,
-                 batch_size, device):
+                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, report_dir, resume,
+                 overwrite, batch_size, device, clean_pool):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
     from nofree.data.pairs import load_labels
     from nofree.eval.report import EvalConfig, run_eval
@@ -121,7 +128,8 @@ def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipc
     adapters = {kind: d for kind, d in (("lit", lit_dir), ("clipcap", clipcap_dir), ("flamingo", flamingo_dir),
                                         ("smallcap", smallcap_dir)) if d is not None}
     config = EvalConfig(pairs=pairs, split=split or None, limit=limit, anchors=anchor_dir,
-                        anchor_split=anchor_split, adapters=adapters, pool=pool, lm=lm,
+                        anchor_split=anchor_split, adapters=adapters, pool=pool, clean_pool=clean_pool, lm=lm,
+                        scorer=scorer,
                         labels=load_labels(labels_file) if labels_file else None,
                         batch_size=batch_size, device=device, meteor=not no_meteor,
                         decoding={k: v for k, v in (("beams", beams), ("no_repeat_ngram", no_repeat_ngram))

@@ -51,15 +51,15 @@ POOL = ["photo number 3", "Photo number 3.", "a red bus 7", "photo number 4", "n
 def test_pool_examples_follow_the_retrieval_ranking(parts):
     pipeline, _ = parts
     image_emb = pipeline.encode_images([_img(4), _img(8)])
-    for rerank in (0, 4):
-        retrieval = RetrievalCaptioner(pipeline, POOL, rerank=rerank)
+    for rerank in (0, 4):  # raw pools (clean_pool=False): ranked() itself counts twins once
+        retrieval = RetrievalCaptioner(pipeline, POOL, rerank=rerank, clean_pool=False)
         cap = captioner(parts, examples=3, examples_from="pool", pool=retrieval)
         examples = cap.example_captions(image_emb)
         assert [row[0] for row in examples] == retrieval.caption_embeddings(image_emb)
         for row in examples:
             assert len(row) == 3 and set(row) <= set(POOL)
             assert len({e.lower().rstrip(".") for e in row}) == 3  # case/period twins count once
-    plain = RetrievalCaptioner(pipeline, POOL, rerank=0)
+    plain = RetrievalCaptioner(pipeline, POOL, rerank=0, clean_pool=False)
     sim = plain.scores(image_emb)[0]
     distinct: dict[str, str] = {}
     for j in sim.argsort(descending=True, stable=True).tolist():

@@ -112,13 +112,14 @@ class SmallCap(Flamingo):
 
 
 def retrieval_for(anchors: Any, image_encoder: Any, text_encoder: Any, pool: Sequence[str], *,
-                  cache: Any = None) -> Any:
-    """The :class:`~nofree.captioners.RetrievalCaptioner` that ranks ``pool`` for ``anchors``."""
+                  cache: Any = None, clean_pool: bool = True) -> Any:
+    """The :class:`~nofree.captioners.RetrievalCaptioner` that ranks ``pool`` for ``anchors``
+    (its non-captions and repeats dropped unless ``clean_pool`` is False)."""
     from nofree.anchors.pipeline import AsifPipeline
     from nofree.captioners import RetrievalCaptioner
 
     pipeline = AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache)
-    return RetrievalCaptioner(pipeline, pool)
+    return RetrievalCaptioner(pipeline, pool, clean_pool=clean_pool)
 
 
 def example_captions(retrieval: Any, image_emb: Tensor, m: int,
@@ -190,7 +191,7 @@ class SmallCapCaptioner(AdapterCaptioner):
 
     @classmethod
     def for_adapter(cls, adapter: Any, directory: str | Path, *, pool: Sequence[str] | None = None,
-                    cache: Any = None, **kw: Any) -> "SmallCapCaptioner":
+                    cache: Any = None, clean_pool: bool = True, **kw: Any) -> "SmallCapCaptioner":
         """Like :meth:`from_pretrained` for an adapter already loaded from ``directory``."""
         from nofree.anchors.anchor_set import AnchorSet
         from nofree.captioners import default_pool_path
@@ -210,7 +211,8 @@ class SmallCapCaptioner(AdapterCaptioner):
             saved = directory / POOL_FILE
             pool = load_text_lines(saved if saved.is_file() else default_pool_path())
         adapter.attach_retrieval(anchors, pool)
-        retrieval = retrieval_for(anchors, adapter.image_encoder, text_encoder, pool, cache=cache)
+        retrieval = retrieval_for(anchors, adapter.image_encoder, text_encoder, pool, cache=cache,
+                                  clean_pool=clean_pool)
         return cls(adapter, retrieval, **kw)
 
     def prompts(self, images: Sequence[Any]) -> list[str]:
@@ -237,7 +239,7 @@ def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:
 
 def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str | None = None,
                    text_encoder: str | None = None, lm: str | None = None, anchors: str | Path | None = None,
-                   pool: str | Path | None = None, examples: int = 4,
+                   pool: str | Path | None = None, clean_pool: bool = True, examples: int = 4,
                    epochs: int = RECIPES["smallcap"]["epochs"],
                    batch_size: int = RECIPES["smallcap"]["batch_size"], lr: float = RECIPES["smallcap"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 30.0,
@@ -248,7 +250,8 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     :class:`~nofree.adapters.train.TrainResult`.
 
     ``anchors``: an anchor set folder to retrieve with (default: built from ``train_split``);
-    ``pool``: a caption file (default: the bundled pool). Other keywords as in
+    ``pool``: a caption file (default: the bundled pool), its non-captions and repeats dropped
+    unless ``clean_pool`` is False (:class:`~nofree.captioners.RetrievalCaptioner`). Other keywords as in
     :func:`nofree.adapters.train.train_flamingo`.
     """
     import tempfile
@@ -292,7 +295,7 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
                        device=device)
     adapter.attach_retrieval(anchor_set, pool_lines)
     retrieval = retrieval_for(anchor_set, image, text, pool_lines or load_text_lines(default_pool_path()),
-                              cache=cache)
+                              cache=cache, clean_pool=clean_pool)
 
     def prompted(pairs: Any, *, leave_out: bool) -> Any:
         found = prepare_examples(adapter, pairs, cache=cache, progress=progress)

@@ -49,7 +49,7 @@ def _from_pretrained(factory: Any, name: str, spec: str, **kwargs: Any) -> Any:
     except (OSError, ValueError, KeyError) as err:
         where = "folder" if Path(name).exists() else "hub name (needs internet, or a cached copy)"
         raise SpecError(f"{spec}: could not load {getattr(factory, '__name__', factory)} from "
-                        f"{name!r} as a {where}: {err}") from err
+                        f"{name!r} as a {where}: {' '.join(str(err).split())}") from err  # one line
 
 
 def pickle_refused(spec: str, name: str) -> SpecError:

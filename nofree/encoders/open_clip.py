@@ -20,8 +20,11 @@ text in the chunk with padding masked out.
 """
 from __future__ import annotations
 
+import logging
 import pickle
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -88,6 +91,29 @@ class OpenClipTower(FrozenEncoder):
         return states[:, :length], mask[:, :length]
 
 
+class _RaisedAnyway(logging.Filter):
+    """Drops the error records open_clip's files (under ``package``) log on the root logger: each
+    comes right before an exception, which :func:`load_open_clip` turns into a SpecError with the
+    same message, so the user reads it once."""
+
+    def __init__(self, package: str) -> None:
+        super().__init__()
+        self.package = package
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.pathname.startswith(self.package))
+
+
+@contextmanager
+def _quiet_open_clip_errors(open_clip: Any) -> Iterator[None]:
+    root, quiet = logging.getLogger(), _RaisedAnyway(str(Path(open_clip.__file__).parent))
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_open_clip(name: str, tag: str | None, *, device: str | torch.device | None = None,
                    spec: str | None = None) -> dict[str, OpenClipTower]:
     """Both towers of an open_clip model: ``{"image": OpenClipTower, "text": OpenClipTower}``.
@@ -110,9 +136,14 @@ def load_open_clip(name: str, tag: str | None, *, device: str | torch.device | N
             raise SpecError(f"{spec}: name the weights, e.g. open_clip:{name}@{example} "
                             f"(tags: {', '.join(tags) or 'none'}), or open_clip:{name}@{RANDOM_TAG} "
                             "for random weights")
+        if tag != RANDOM_TAG and not open_clip.get_pretrained_cfg(name, tag) and not Path(tag).is_file():
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise SpecError(f"{spec}: {tag!r} is neither a pretrained tag of {name} nor a checkpoint "
+                            f"file; tags: {', '.join(tags) or 'none'} (or {RANDOM_TAG} for random weights)")
     pretrained = None if tag == RANDOM_TAG else tag
     try:
-        with torch.random.fork_rng(devices=[]):  # "@random" weights are the same on every load
+        # "@random" weights are the same on every load
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip_errors(open_clip):
             torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=str(resolve_device(device)))

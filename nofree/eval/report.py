@@ -1,9 +1,9 @@
 """``nofree eval``: every fusion method on one pairs file and split, one report.
 
-The training-free methods (ASIF scoring, caption retrieval, MAGIC with the ASIF or LiT scorer)
-and the trained ones (LiT, ClipCap, Flamingo-style) run on the same evaluation images with the
-same frozen backbones and go through the same metric code (DESIGN.md §8), so the table compares
-like with like. The report folder holds
+The training-free methods (ASIF scoring, caption retrieval, MAGIC with the ASIF or LiT scorer, or
+with a CLIP-like ``scorer`` spec that ranks the pool itself) and the trained ones (LiT, ClipCap,
+Flamingo-style) run on the same evaluation images with the same frozen backbones and go through
+the same metric code (DESIGN.md §8), so the table compares like with like. The report folder holds
 
 - ``results.json``: every metric with its n, the split, all specs and hyperparameters, the
   nofree version, seconds per method (model loading counted apart) and each caption;
@@ -70,7 +70,9 @@ class EvalConfig:
     anchor_split: str = "train"
     adapters: dict[str, Any] = field(default_factory=dict)   # kind -> adapter dir
     pool: Any = None                            # caption pool: retrieval, MAGIC's examples
+    clean_pool: bool = True                     # drop the pool's non-captions and repeats first
     lm: str = DEFAULT_LM
+    scorer: str | None = None                   # the magic row's scorer spec (nofree.scoring); None: asif
     labels: Sequence[str] | None = None         # zero-shot classes (default: the pairs' categories)
     magic: dict[str, Any] = field(default_factory=dict)      # MagicCaptioner options
     max_tokens: int = 30                        # adapters' caption length limit
@@ -169,7 +171,8 @@ class _Context:
         from nofree.data.pairs import load_text_lines
 
         return self._load(("retrieval",), lambda: RetrievalCaptioner(self.pipeline(),
-                                                                    load_text_lines(self.pool_path())))
+                                                                    load_text_lines(self.pool_path()),
+                                                                    clean_pool=self.config.clean_pool))
 
     def adapter(self, kind: str) -> Any:
         from nofree.adapters.base import ROLE_MODALITY, load_adapter, read_config
@@ -279,6 +282,7 @@ def _eval_retrieval(ctx: _Context) -> tuple[dict, dict, list[str]]:
     captioner = ctx.retrieval()
     captions = captioner.caption_embeddings(ctx.image_emb())
     return {}, {"pool": str(ctx.pool_path()), "pool_size": len(captioner.pool),
+                "clean_pool": ctx.config.clean_pool,
                 **_asif_params(ctx.pipeline())}, captions
 
 
@@ -322,7 +326,8 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
 
         pool = load_text_lines(ctx.config.pool) if ctx.config.pool is not None else None
         captioner = SmallCapCaptioner.for_adapter(adapter, ctx.config.adapters[kind], pool=pool,
-                                                  cache=EmbeddingCache(), **options)
+                                                  cache=EmbeddingCache(), clean_pool=ctx.config.clean_pool,
+                                                  **options)
         check_no_leak(captioner.retrieval.pipeline.anchors, ctx.config.pairs, ctx.config.split)
     else:
         captioner = AdapterCaptioner(adapter, **options)
@@ -332,9 +337,42 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
                 **adapter.backbone_specs(), **adapter.config()}, captions
 
 
+def _scorer_spec(config: EvalConfig) -> str:
+    """The magic row's scorer spec, normalised (``asif`` when none is given)."""
+    from nofree.scoring import ASIF_SCORER, normalize_scorer_spec
+
+    return ASIF_SCORER if config.scorer is None else normalize_scorer_spec(config.scorer)
+
+
+def _magic_scored(ctx: _Context) -> tuple[dict, dict, list[str]]:
+    """The magic row steered by ``config.scorer`` (a CLIP-like model or a LiT), whose own cosine
+    ranks the pool (CLIPRe): no anchors; the paper's α, β unless ``config.magic`` says otherwise."""
+    from nofree.cache import EmbeddingCache
+    from nofree.captioners import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner, RetrievalCaptioner
+    from nofree.data.pairs import load_text_lines
+    from nofree.scoring import load_scorer
+
+    spec = _scorer_spec(ctx.config)
+    space = ctx._load(("scorer", spec), lambda: load_scorer(spec, device=ctx.config.device,
+                                                            cache=EmbeddingCache()))
+    options = {**MAGIC_DEFAULTS, **MAGIC_PAPER, **ctx.config.magic}
+    pool = None
+    if options["examples"] and options["examples_from"] == "pool":
+        pool = ctx._load(("scorer-pool", spec), lambda: RetrievalCaptioner(
+            space, load_text_lines(ctx.pool_path()), consensus="embedding", clean_pool=ctx.config.clean_pool))
+    captioner = MagicCaptioner(ctx.lm(ctx.config.lm), space.scorer, pipeline=space, pool=pool, **options)
+    image_emb = ctx._load(("scorer-image-emb", spec), lambda: space.encode_images(ctx.paths))
+    captions = _batched(lambda rows: captioner.caption_embeddings(image_emb[list(rows)]),
+                        range(len(image_emb)), ctx.config.batch_size, "MAGIC+scorer", ctx.progress)
+    if pool is not None:
+        options["pool"] = str(ctx.pool_path())
+    return {}, {"lm": ctx.config.lm, "scorer": spec, **options}, captions
+
+
 RUNNERS: dict[str, Callable[[_Context], tuple[dict, dict, Any]]] = {
     "asif": _eval_asif, "lit": _eval_lit, "retrieval": _eval_retrieval,
-    "magic": lambda ctx: _magic(ctx, "asif"), "magic-lit": lambda ctx: _magic(ctx, "lit"),
+    "magic": lambda ctx: _magic(ctx, "asif") if _scorer_spec(ctx.config) == "asif" else _magic_scored(ctx),
+    "magic-lit": lambda ctx: _magic(ctx, "lit"),
     "clipcap": lambda ctx: _eval_adapter(ctx, "clipcap"),
     "flamingo": lambda ctx: _eval_adapter(ctx, "flamingo"),
     "smallcap": lambda ctx: _eval_adapter(ctx, "smallcap"),
@@ -358,6 +396,10 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise DataError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    scorer = _scorer_spec(config)
+    if scorer != "asif" and "magic" not in methods:
+        raise DataError(f"--scorer steers the magic row, which is not among the methods run "
+                        f"({', '.join(methods)}): add --method magic, or drop --scorer")
     missing = {m: [n for n in METHODS[m].needs if n != "anchors" and n not in config.adapters] for m in methods}
     missing = {m: n for m, n in missing.items() if n}
     if missing:
@@ -383,7 +425,8 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     }
     for name in methods:
         old = previous.get("methods", {}).get(name)
-        if old and old.get("status") == "ok" and resume and old.get("images") == ctx.paths:
+        if old and old.get("status") == "ok" and resume and old.get("images") == ctx.paths \
+                and (name != "magic" or old.get("params", {}).get("scorer") == scorer):  # same scorer
             echo(f"{name}: kept from the previous run ({results_path})")
             results["methods"][name] = old
             continue

@@ -316,7 +316,8 @@ def load_hf_lm(name_or_path: str | Path, *, device: str | torch.device | None = 
 
         raise pickle_refused(spec, name) from None
     except OSError as err:
-        raise SpecError(f"{spec}: could not load a causal LM from {name!r} ({err}). Give a hub name "
+        detail = " ".join(str(err).split())  # one line
+        raise SpecError(f"{spec}: could not load a causal LM from {name!r} ({detail}). Give a hub name "
                         "(needs internet) or a local folder with config.json and weights") from err
     return HFLanguageModel(model, tokenizer, spec=spec, device=device)
 
