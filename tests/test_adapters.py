@@ -393,8 +393,10 @@ def test_find_decoder_layers(lm):
     assert layers is expected
 
 
-def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder):
-    adapter = _build("flamingo", lm, image_encoder)
+@pytest.mark.parametrize("init", [{}, {"gate_init": 0.0, "scale_to_residual": False}],
+                         ids=["zero-projections", "paper-zero-gates"])
+def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, init):
+    adapter = _build("flamingo", lm, image_encoder, **init)
     assert len(adapter.blocks) == len(find_decoder_layers(lm.model))
     ids = torch.tensor(lm.tokenize(["a dog on the beach", "the cat on the sofa"]))
     assert ids.shape == (2, 5)
@@ -419,6 +421,41 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder):
         assert got[row] == plain_tokens[row][:len(got[row])]
 
 
+def test_gated_block_scaled_to_the_residual_changes_each_position_relatively():
+    from nofree.adapters.flamingo import GatedCrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=0.5,
+                                     scale_to_residual=True)
+    assert float(block.to_out.weight.abs().sum()) == 0 and float(block.ff[-1].weight.abs().sum()) == 0
+    with torch.no_grad():
+        nn.init.normal_(block.to_out.weight)
+        nn.init.normal_(block.ff[-1].weight)
+        y, latents = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+        change = block(y, latents) - y
+        # LayerNorm sees the same input at any scale, so the change grows with the stream
+        assert torch.allclose(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-4, atol=1e-3)
+        block.scale_to_residual = False
+        assert not torch.allclose(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-2)
+    with pytest.raises(ValueError, match="gate_init"):
+        GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=1.0)
+
+
+def test_flamingo_saved_before_gate_init_existed_loads_with_the_paper_block(gpt2, image_encoder, tmp_path):
+    adapter = _build("flamingo", gpt2, image_encoder)
+    adapter.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "config.json"
+    header = json.loads(path.read_text())
+    for key in ("gate_init", "scale_to_residual"):
+        del header["config"][key]
+    path.write_text(json.dumps(header))
+    old = Flamingo.from_pretrained(tmp_path / "a", image_encoder=image_encoder, lm=gpt2)
+    assert old.hparams["gate_init"] == 0.0 and not old.hparams["scale_to_residual"]
+    assert not any(block.scale_to_residual for block in old.blocks)
+    assert Flamingo.from_pretrained(tmp_path / "a", image_encoder=image_encoder,
+                                    lm=gpt2).hparams == old.hparams
+
+
 def test_flamingo_param_groups_cover_every_parameter_once(gpt2, image_encoder):
     adapter = _build("flamingo", gpt2, image_encoder, gate_lr_scale=7.0)
     groups = adapter.param_groups()
@@ -429,7 +466,9 @@ def test_flamingo_param_groups_cover_every_parameter_once(gpt2, image_encoder):
 
 
 def test_flamingo_trains_and_hooks_stay_inert_outside_the_adapter(lm, image_encoder):
-    adapter = _build("flamingo", lm, image_encoder)
+    # the paper's block: a random tiny LM's residual stream is ~0.02, so blocks scaled to it
+    # (the default) move too little in 40 steps to memorise the captions
+    adapter = _build("flamingo", lm, image_encoder, gate_init=0.0, scale_to_residual=False)
     ids = torch.tensor(lm.tokenize(["a cat on a sofa"]))
     with torch.no_grad():
         reference = lm.model(input_ids=ids).logits

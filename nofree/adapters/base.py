@@ -392,6 +392,7 @@ class Adapter(nn.Module):
             raise DataError(f"{directory} holds a {header['kind']} adapter, not {cls.kind}; load it "
                             f"with nofree.adapters.load_adapter() or {target.__name__}.from_pretrained()")
         check_saved_config(target, header, directory)
+        config = {**getattr(target, "absent_config", {}), **header["config"]}
         given = {"image_encoder": image_encoder, "text_encoder": text_encoder, "lm": lm}
         for role, value in given.items():
             if value is not None and role not in target.backbone_roles:
@@ -410,7 +411,7 @@ class Adapter(nn.Module):
                                 f"it was trained with, or leave {role}= out to load it from its spec")
             backbones[role] = backbone
         try:
-            adapter = target(**backbones, **header["config"], device=device)
+            adapter = target(**backbones, **config, device=device)
         except ValueError as err:
             if isinstance(err, SpecError):
                 raise

@@ -29,6 +29,7 @@ implemented; neither are its per-frame time embeddings (single images only).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -110,31 +111,50 @@ class PerceiverResampler(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """``y += tanh(α)·XAttn(LN(y), latents); y += tanh(β)·FF(LN(y))``, α = β = 0 at init.
+    """``y += tanh(α)·s·XAttn(LN(y), latents); y += tanh(β)·s·FF(LN(y))``: a fresh block is the
+    identity.
 
     ``y`` ``(B, T, H)`` hidden states of the LM, ``latents`` ``(B, n, H)``; returns ``(B, T, H)``
-    in ``y``'s dtype.
+    in ``y``'s dtype. ``s`` is 1, or with ``scale_to_residual`` the RMS of each position's
+    incoming hidden state (no gradient), so that a gate value means the same relative change at
+    every depth: a causal LM's residual stream grows with depth (SmolLM2-135M: RMS ~0.1 at the
+    embeddings, 5–20 in the upper layers), and at unit scale the image signal swamps the first
+    layers and vanishes in the last ones.
+
+    ``gate_init`` 0 is the paper's initialisation: both gates at 0, the output projections random.
+    A positive ``gate_init`` starts both gates at that value and the output projections (the
+    attention's ``to_out`` and the feed-forward's last layer) at 0 instead: the block is still the
+    identity, but each output direction learns on its own from the first step, rather than
+    through one scalar gate that opens only once the randomly projected image features help the
+    LM, which a few hundred captions never showed (benchmarks/RESULTS.md, "Trained fusion").
     """
 
-    def __init__(self, dim: int, *, heads: int, dim_head: int, ff_mult: int) -> None:
+    def __init__(self, dim: int, *, heads: int, dim_head: int, ff_mult: int, gate_init: float = 0.0,
+                 scale_to_residual: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        if not 0.0 <= gate_init < 1.0:
+            raise ValueError(f"gate_init must be in [0, 1), got {gate_init!r}")
+        self.heads, self.scale_to_residual = heads, bool(scale_to_residual)
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), math.atanh(gate_init)))
         self.ff = feed_forward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), math.atanh(gate_init)))
+        if gate_init > 0:
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.ff[-1].weight)
 
     def forward(self, y: Tensor, latents: Tensor) -> Tensor:
         x = y.to(self.attn_gate.dtype)
+        scale = x.detach().pow(2).mean(-1, keepdim=True).sqrt() if self.scale_to_residual else 1.0
         q = self.to_q(self.norm(x))
         k, v = self.to_kv(latents).chunk(2, dim=-1)
         attended = self.to_out(_merge(F.scaled_dot_product_attention(
             *(_heads(t, self.heads) for t in (q, k, v)))))
-        x = x + torch.tanh(self.attn_gate) * attended
-        x = x + torch.tanh(self.ff_gate) * self.ff(x)
+        x = x + torch.tanh(self.attn_gate) * scale * attended
+        x = x + torch.tanh(self.ff_gate) * scale * self.ff(x)
         return x.to(y.dtype)
 
 
@@ -144,7 +164,9 @@ class Flamingo(CaptioningAdapter):
     Hyperparameters: ``num_latents`` n, ``resampler_depth``, ``heads`` and ``dim_head`` (both
     attentions), ``ff_mult``, ``xattn_every`` (a block before LM layers 0, n, 2n, ...), ``prompt``
     (text after the start token that every caption follows; default none), ``gate_lr_scale``
-    (learning-rate multiplier of the tanh gates in training). The adapter runs on
+    (learning-rate multiplier of the tanh gates in training), ``gate_init`` and
+    ``scale_to_residual`` (see :class:`GatedCrossAttentionBlock`; ``gate_init=0``,
+    ``scale_to_residual=False`` is the paper's block). The adapter runs on
     the LM's device and attaches inert forward pre-hooks to the LM's decoder layers
     (:meth:`detach` removes them).
     """
@@ -154,6 +176,9 @@ class Flamingo(CaptioningAdapter):
     config_limits = {"num_latents": (1, 4096), "resampler_depth": (1, 64), "heads": (1, 256),
                      "dim_head": (1, 4096), "ff_mult": (1, 64), "xattn_every": (1, 10**6),
                      "max_caption_tokens": (1, 8192)}
+    # Settings a saved config may lack (written before they existed), with the value that
+    # reproduces how such an adapter was trained.
+    absent_config = {"gate_init": 0.0, "scale_to_residual": False}
 
     @classmethod
     def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
@@ -165,7 +190,7 @@ class Flamingo(CaptioningAdapter):
     def __init__(self, image_encoder: Any, lm: Any, *, num_latents: int = 32,
                  resampler_depth: int = 2, heads: int = 8, dim_head: int = 64, ff_mult: int = 2,
                  xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
-                 max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
+                 gate_init: float = 0.5, scale_to_residual: bool = True, max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         super().__init__(image_encoder, lm, max_caption_tokens=max_caption_tokens, device=device)
         for name, value in (("num_latents", num_latents), ("resampler_depth", resampler_depth),
                             ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult),
@@ -176,14 +201,16 @@ class Flamingo(CaptioningAdapter):
         self.hparams = {"num_latents": int(num_latents), "resampler_depth": int(resampler_depth),
                         "heads": int(heads), "dim_head": int(dim_head), "ff_mult": int(ff_mult),
                         "xattn_every": int(xattn_every), "prompt": str(prompt),
-                        "gate_lr_scale": float(gate_lr_scale)}
+                        "gate_lr_scale": float(gate_lr_scale), "gate_init": float(gate_init),
+                        "scale_to_residual": bool(scale_to_residual)}
         self.resampler = PerceiverResampler(int(image_encoder.token_dim), hidden,
                                             num_latents=int(num_latents), depth=int(resampler_depth),
                                             heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult))
         layers = find_decoder_layers(lm.model)
         self.xattn_layers = list(range(0, len(layers), int(xattn_every)))
         self.blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(hidden, heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult))
+            GatedCrossAttentionBlock(hidden, heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult),
+                                     gate_init=float(gate_init), scale_to_residual=bool(scale_to_residual))
             for _ in self.xattn_layers)
         self.to(self.device)
         tok = lm.tokenizer
