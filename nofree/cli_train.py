@@ -24,6 +24,9 @@ def _train_options(f):
                      help="Training arithmetic: bf16 autocast (default for clipcap/flamingo) or fp32.")(f)
     from nofree.adapters.recipes import describe
 
+    f = click.option("--augment", type=click.Choice(["none", "hflip"]), default=None,
+                     help="Extra views of each training photo, encoded once: hflip mirrors it "
+                          f"(default depends on the method: {describe('augment')}).")(f)
     f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help=f"Learning rate (default depends on the method: {describe('lr')}).")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -51,7 +54,7 @@ def _train_options(f):
 @clean_pool_option
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True,
               help="ClipCap: the mapper from the image embedding to the LM prefix.")
-def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, train_split, val_split,
+def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, precision, train_split, val_split,
           device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool, mapper, clean_pool):
     """Train a light adapter (LiT, ClipCap, Flamingo-style or SmallCap-style) on frozen backbones."""
     from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
@@ -62,7 +65,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, precision, 
         raise click.UsageError("--mapper is ClipCap's option (train clipcap)")
 
     tuned = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
-                                           ("precision", precision)) if value is not None}
+                                           ("augment", augment), ("precision", precision))
+             if value is not None}
     common = dict(out=out, image_encoder=image_encoder, train_split=train_split,
                   val_split=val_split or None, device=device, seed=seed, overwrite=overwrite,
                   resume=resume, **tuned)

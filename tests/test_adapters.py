@@ -427,7 +427,7 @@ def test_gated_block_scaled_to_the_residual_changes_each_position_relatively():
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=0.5,
                                      scale_to_residual=True)
-    assert float(block.to_out.weight.abs().sum()) == 0 and float(block.ff[-1].weight.abs().sum()) == 0
+    assert not block.to_out.weight.detach().any() and not block.ff[-1].weight.detach().any()
     with torch.no_grad():
         nn.init.normal_(block.to_out.weight)
         nn.init.normal_(block.ff[-1].weight)
@@ -731,6 +731,53 @@ def test_prepare_examples_encodes_each_image_once_and_skips_unreadable(gpt2, tmp
     calls = encoder.calls
     assert torch.equal(prepare_examples(adapter, pairs[2:3], cache=cache).image_features,
                        cached.image_features[1:2]) and encoder.calls == calls  # served from disk
+
+
+def test_hflip_views_are_encoded_once_cached_apart_and_drawn_per_row(gpt2, tmp_path):
+    from PIL import ImageOps
+
+    from nofree.adapters.augment import MirroredImageEncoder
+    from nofree.cache import EmbeddingCache
+
+    paths = []
+    for i, image in enumerate(IMAGES[:3]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        # left and right halves differ, so the mirrored view has other features
+        array = np.asarray(image).copy()
+        array[:, :4] = 0
+        Image.fromarray(array).save(paths[-1])
+    pairs = [Pair(path, ("a caption", "another caption")) for path in paths]
+    encoder = FakeImageEncoder()
+    adapter = ClipCap(encoder, gpt2, prefix_length=2)
+    cache = EmbeddingCache(tmp_path / "cache")
+    examples = prepare_examples(adapter, pairs, cache=cache, augment="hflip")
+    mirrored = [ImageOps.mirror(Image.open(path).convert("RGB")) for path in paths]
+    assert examples.view_features.shape == (1, *examples.image_features.shape)
+    torch.testing.assert_close(examples.view_features[0], encoder.encode(mirrored))
+    assert not torch.allclose(examples.view_features[0], examples.image_features)
+    assert MirroredImageEncoder(encoder).spec == "fake-image:v1#hflip"
+    calls = encoder.calls
+    again = prepare_examples(adapter, pairs, cache=cache, augment="hflip")  # both views from disk
+    assert encoder.calls == calls and torch.equal(again.view_features, examples.view_features)
+
+    rows = torch.arange(len(examples)).repeat(20)
+    plain = examples.batch(rows, adapter.device).image_features
+    assert torch.equal(plain, examples.image_features[examples.image_index[rows]])
+    drawn = examples.batch(rows, adapter.device, views=torch.Generator().manual_seed(0)).image_features
+    own = (drawn == plain).all(-1)
+    flipped = (drawn == examples.view_features[0][examples.image_index[rows]]).all(-1)
+    assert bool((own | flipped).all()) and 0.3 < float(flipped.float().mean()) < 0.7
+    with pytest.raises(ValueError, match="without views"):
+        prepare_examples(adapter, prepare_examples(adapter, pairs), augment="hflip")
+    with pytest.raises(ValueError, match="augment must be"):
+        prepare_examples(adapter, pairs, augment="rotate")
+    train_adapter(adapter, pairs, epochs=1, batch_size=2, lr=1e-3, out_dir=tmp_path / "run",
+                  progress=False, augment="hflip", cache=cache)
+    state = json.loads((tmp_path / "run" / "training" / "state.json").read_text())
+    assert state["settings"]["augment"] == "hflip"
+    with pytest.raises(DataError, match="augment"):  # a resumed run keeps its augmentation
+        train_adapter(adapter, pairs, epochs=2, batch_size=2, lr=1e-3, out_dir=tmp_path / "run",
+                      progress=False, augment="none", cache=cache, resume=True)
 
 
 def test_adapter_captioner(gpt2, image_encoder, tmp_path):

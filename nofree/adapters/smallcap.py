@@ -245,7 +245,8 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
                    epochs: int = RECIPES["smallcap"]["epochs"],
                    batch_size: int = RECIPES["smallcap"]["batch_size"], lr: float = RECIPES["smallcap"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
-                   precision: str = "bf16", resume: bool = False, overwrite: bool = False, device: Any = None,
+                   precision: str = "bf16", augment: str = str(RECIPES["smallcap"]["augment"]),
+                   resume: bool = False, overwrite: bool = False, device: Any = None,
                    seed: int = 0, train_split: str = "train", val_split: str | None = "val",
                    cache_dir: str | Path | None = None, progress: bool = True, **train_kw: Any) -> Any:
     """Train a SmallCap adapter on ``pairs_path`` (see the module docstring); returns the
@@ -300,7 +301,8 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
                               cache=cache, clean_pool=clean_pool)
 
     def prompted(pairs: Any, *, leave_out: bool) -> Any:
-        found = prepare_examples(adapter, pairs, cache=cache, progress=progress)
+        found = prepare_examples(adapter, pairs, cache=cache, progress=progress,
+                                 augment=augment if leave_out else "none")
         if not found.image_paths:
             return found
         own_of = {str(p.image): list(p.captions) for p in pairs}
@@ -318,4 +320,4 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     val = prompted(val_pairs, leave_out=False) if val_pairs else None
     return train_adapter(adapter, train, val_pairs=val, epochs=epochs, batch_size=batch_size, lr=lr,
                          out_dir=out, resume=resume, overwrite=overwrite, seed=seed, progress=progress,
-                         precision=precision, cache=cache, **train_kw)
+                         precision=precision, augment=augment, cache=cache, **train_kw)

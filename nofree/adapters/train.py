@@ -66,7 +66,8 @@ class Examples:
     layers) intermediate token states ``(N, T, Wt)`` with ``text_mask`` ``(N, T)`` bool;
     ``skipped``: image paths that could not be read; ``image_prompts``: None, or one text per
     image row that a prompted adapter reads before the caption (e.g. retrieved captions);
-    ``image_paths``: each image row's path when known.
+    ``image_paths``: each image row's path when known; ``view_features``: None, or augmented
+    views ``(V, M, ...)`` of every image row (:mod:`nofree.adapters.augment`).
     """
 
     image_features: Tensor
@@ -77,6 +78,7 @@ class Examples:
     text_mask: Tensor | None = None
     image_prompts: list[str] | None = None
     image_paths: list[str] = field(default_factory=list)
+    view_features: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -89,16 +91,27 @@ class Examples:
                              f"got {len(self.image_prompts)}")
         if self.text_features is not None and self.text_features.shape[0] != n:
             raise ValueError(f"text_features must have {n} rows, got {self.text_features.shape[0]}")
+        if self.view_features is not None and self.view_features.shape[1:] != self.image_features.shape:
+            raise ValueError(f"view_features must be (V, *{tuple(self.image_features.shape)}), got "
+                             f"{tuple(self.view_features.shape)}")
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def batch(self, rows: Tensor, device: torch.device) -> Batch:
+    def batch(self, rows: Tensor, device: torch.device, *, views: torch.Generator | None = None) -> Batch:
+        """The examples ``rows``; with ``views`` (a generator) and ``view_features``, each row takes
+        its photo's own features or one of its augmented views, uniformly at random."""
         index = self.image_index[rows]
+        features = self.image_features[index]
+        if views is not None and self.view_features is not None:
+            pick = torch.randint(0, len(self.view_features) + 1, (len(index),), generator=views)
+            for view, view_features in enumerate(self.view_features, start=1):
+                chosen = (pick == view).nonzero().flatten()
+                features[chosen] = view_features[index[chosen]]
         text_features = None if self.text_features is None else self.text_features[rows].to(device)
         text_mask = None if self.text_mask is None else self.text_mask[rows].to(device)
         prompts = None if self.image_prompts is None else [self.image_prompts[i] for i in index.tolist()]
-        return Batch(image_features=self.image_features[index].to(device), image_ids=index,
+        return Batch(image_features=features.to(device), image_ids=index,
                      texts=[self.texts[i] for i in rows.tolist()], text_features=text_features,
                      text_mask=text_mask, prompts=prompts)
 
@@ -170,15 +183,22 @@ def _encode_images(encoder: Any, paths: list[str], kind: str, cache: Any,
 
 
 def prepare_examples(adapter: Adapter, pairs: Sequence[Pair] | Examples, *, cache: Any = None,
-                     what: str = "training", progress: bool = False) -> Examples:
+                     what: str = "training", progress: bool = False, augment: str = "none") -> Examples:
     """Frozen features of every (image, caption) of ``pairs``, computed once.
 
     Images go through the adapter's image encoder (pooled or token grids per
     ``adapter.feature_kind``); for LiT the captions also go through its frozen text encoder.
     ``cache`` is an optional :class:`nofree.cache.EmbeddingCache`. Unreadable images are skipped,
-    logged and listed in ``Examples.skipped``. Already-prepared ``Examples`` pass through.
+    logged and listed in ``Examples.skipped``. ``augment`` (:mod:`nofree.adapters.augment`) adds
+    ``view_features``, encoded once too. Already-prepared ``Examples`` pass through.
     """
+    from nofree.adapters.augment import view_encoders
+
+    encoders = view_encoders(adapter.image_encoder, augment)
     if isinstance(pairs, Examples):
+        if encoders and pairs.view_features is None:
+            raise ValueError(f"augment={augment!r}, but these examples were prepared without views; "
+                             f"pass augment={augment!r} to prepare_examples")
         return pairs
     pairs = [pair for pair in pairs if pair.captions]
     paths = list(dict.fromkeys(str(pair.image) for pair in pairs))  # one row per distinct image
@@ -198,9 +218,13 @@ def prepare_examples(adapter: Adapter, pairs: Sequence[Pair] | Examples, *, cach
     text_features = text_mask = None
     if adapter.uses_text_features and texts:
         text_features, text_mask = adapter.text_inputs(texts, cache=cache)
+    views = None
+    if encoders and kept:
+        views = torch.stack([_encode_images(view, [paths[i] for i in kept], adapter.feature_kind, cache,
+                                            progress)[0].float() for view in encoders])
     return Examples(image_features=features.float(), image_index=torch.tensor(index, dtype=torch.long),
                     texts=texts, text_features=text_features, skipped=skipped, text_mask=text_mask,
-                    image_paths=[paths[i] for i in kept])
+                    image_paths=[paths[i] for i in kept], view_features=views)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -231,7 +255,8 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
                   lr: float, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
                   seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
                   weight_decay: float = 0.0, warmup_steps: int = 20, grad_clip: float | None = 1.0,
-                  schedule: str = "cosine", precision: str = "fp32", cache: Any = None) -> TrainResult:
+                  schedule: str = "cosine", precision: str = "fp32", augment: str = "none",
+                  cache: Any = None) -> TrainResult:
     """Train ``adapter`` on ``train_pairs`` (pairs or prepared :class:`Examples`), checkpointing
     to ``out_dir`` after every epoch; see the module docstring.
 
@@ -244,7 +269,8 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     rest of the curve) or ``"constant"`` keeps it. ``precision="bf16"`` runs the
     training and validation forward/backward under bfloat16 autocast (weights, optimizer state and
     the loss stay float32; the frozen backbone is untouched): about 2–3× faster through a frozen
-    LM on CPUs with bf16 matrix units. Inference is float32 either way.
+    LM on CPUs with bf16 matrix units. Inference is float32 either way. ``augment``: extra views
+    of each training photo (:mod:`nofree.adapters.augment`), drawn at random per row and step.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -264,7 +290,8 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     else:
         check_out_dir(out_dir, resume=resume, overwrite=overwrite)
     adapter.check_target(out_dir, overwrite=overwrite)
-    train = prepare_examples(adapter, train_pairs, cache=cache, what="training", progress=progress)
+    train = prepare_examples(adapter, train_pairs, cache=cache, what="training", progress=progress,
+                             augment=augment)
     if len(train) == 0:
         raise DataError("the training split is empty (no readable image with a caption); check the "
                         "pairs file and its 'split' field")
@@ -276,7 +303,7 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     settings = {"kind": adapter.kind, "config": adapter.config(), "backbone": adapter.backbone_specs(),
                 "batch_size": batch_size, "lr": lr, "seed": seed, "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps, "grad_clip": grad_clip, "precision": precision,
-                "schedule": schedule,
+                "schedule": schedule, "augment": augment,
                 "train_digest": train.digest()}
     optimizer = torch.optim.AdamW(adapter.param_groups(), lr=lr, weight_decay=weight_decay)
     history: list[dict[str, Any]] = []
@@ -284,7 +311,7 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     start_epoch, step = 0, 0
     if saved is not None:
         # a state file without these settings comes from a run that trained with these values
-        before = {"precision": "fp32", "schedule": "constant", **saved["settings"]}
+        before = {"precision": "fp32", "schedule": "constant", "augment": "none", **saved["settings"]}
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise DataError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
@@ -307,13 +334,13 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
         adapter.train()
-        rows = train.epoch_batches(batch_size, torch.Generator().manual_seed(seed * 1_000_003 + epoch),
-                                   bucket_by_length=adapter.bucket_by_length)
+        shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        rows = train.epoch_batches(batch_size, shuffle, bucket_by_length=adapter.bucket_by_length)
         bar = tqdm(rows, total=steps_per_epoch, desc=f"{adapter.kind} epoch {epoch + 1}/{epochs}",
                    disable=not progress)
         epoch_losses = []
         for batch_rows in bar:
-            batch = train.batch(batch_rows, adapter.device)
+            batch = train.batch(batch_rows, adapter.device, views=shuffle)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0) * lr_factor(
                     step, warmup_steps=warmup_steps, total_steps=epochs * steps_per_epoch, schedule=schedule)
@@ -461,7 +488,7 @@ def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str
                   lm: str = DEFAULT_LM, epochs: int = RECIPES["clipcap"]["epochs"],
                   batch_size: int = RECIPES["clipcap"]["batch_size"], lr: float = RECIPES["clipcap"]["lr"],
                   mapper: str = "mlp", prefix_length: int = 10, precision: str = "bf16",
-                  **kw: Any) -> TrainResult:
+                  augment: str = str(RECIPES["clipcap"]["augment"]), **kw: Any) -> TrainResult:
     """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`.
 
     Defaults (:data:`nofree.adapters.recipes.RECIPES`) suit ~1k captions on a CPU: the rate is
@@ -472,15 +499,16 @@ def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str
     """
     return train_from_pairs("clipcap", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"mapper": mapper, "prefix_length": prefix_length},
-                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, **kw)
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision,
+                            augment=augment, **kw)
 
 
 def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
                    lm: str = DEFAULT_LM, epochs: int = RECIPES["flamingo"]["epochs"],
                    batch_size: int = RECIPES["flamingo"]["batch_size"], lr: float = RECIPES["flamingo"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
-                   gate_init: float = 0.5, scale_to_residual: bool = True,
-                   precision: str = "bf16", **kw: Any) -> TrainResult:
+                   gate_init: float = 0.5, scale_to_residual: bool = True, precision: str = "bf16",
+                   augment: str = str(RECIPES["flamingo"]["augment"]), **kw: Any) -> TrainResult:
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
     :func:`train_lit`, small-data defaults as in :func:`train_clipcap`. ``gate_init`` and
     ``scale_to_residual`` as in :class:`~nofree.adapters.flamingo.GatedCrossAttentionBlock`: with
@@ -491,4 +519,5 @@ def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: st
                             hparams={"num_latents": num_latents, "xattn_every": xattn_every,
                                      "gate_lr_scale": gate_lr_scale, "gate_init": gate_init,
                                      "scale_to_residual": scale_to_residual},
-                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, **kw)
+                            out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision,
+                            augment=augment, **kw)
