@@ -26,11 +26,16 @@ import torch
 
 from nofree import sample_dir
 from nofree.anchors.anchor_set import AnchorSet
-from nofree.captioners import default_pool_path
-from nofree.anchors.pipeline import PIPELINE_ASIF_DEFAULTS, PIPELINE_CSLS
+from nofree.captioning import default_pool_path
+from nofree.anchors.asif import ASIF_DEFAULTS
 from nofree.cache import EmbeddingCache
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from nofree.data.pairs import load_pairs, load_text_lines
+
+
+#: nofree's defaults without CSLS (the plain estimator's knobs), and its CSLS neighbours
+PLAIN_DEFAULTS = {key: ASIF_DEFAULTS[key] for key in ("k", "p", "center")}
+CSLS = ASIF_DEFAULTS["csls"]
 
 
 @dataclass
@@ -60,11 +65,12 @@ def anchors_of(split: Split, rows: torch.Tensor | None = None) -> AnchorSet:
 
 # --- similarity variants: each maps an anchor set to sim(image_emb, text_emb) -> (n_images, n_texts)
 def asif_variant(**params):
-    """ASIF(**params): Norelli et al. (2022), with nofree's optional centring / per-modality k."""
+    """ASIF(**params): Norelli et al. (2022), with nofree's optional centring / per-modality k
+    (no CSLS unless ``params`` ask for it)."""
     from nofree.anchors.asif import ASIF
 
     def fit(anchors: AnchorSet):
-        asif = ASIF(**params).fit(anchors)
+        asif = ASIF(**{"csls": 0, **params}).fit(anchors)
         return lambda image_emb, text_emb: torch.as_tensor(asif.similarity(image_emb, text_emb))
     return fit
 
@@ -75,7 +81,7 @@ def csls_variant(neighbours: int = 10, **params):
     from nofree.anchors.asif import ASIF
 
     def fit(anchors: AnchorSet):
-        asif = ASIF(**params).fit(anchors)
+        asif = ASIF(**params, csls=0).fit(anchors)  # the plain similarity; CSLS written out below
 
         def sim(image_emb, text_emb):
             s = torch.as_tensor(asif.similarity(image_emb, text_emb))
@@ -125,7 +131,7 @@ def cross_validate(train: Split, variant, folds: int = 5, seed: int = 0) -> floa
 
 def evaluate(variant, caption_params: dict, train: Split, val: Split, pool, pool_emb,
              label_emb, label_sets, meteor: bool) -> dict:
-    from nofree.captioners import consensus_rerank
+    from nofree.captioning import consensus_rerank
     from nofree.eval import caption_metrics, hit_rate, retrieval_report
 
     sim_fn = variant(anchors_of(train))
@@ -183,7 +189,7 @@ def main(argv=None) -> dict:
           f"paper defaults: {next(s for s, q in cv if q == paper):.3f}")
 
     # 2. beyond the paper, also chosen on train only: per-modality k, CSLS, DeCap-style projection
-    defaults = dict(k=None, **PIPELINE_ASIF_DEFAULTS)
+    defaults = dict(PLAIN_DEFAULTS)
     extra = {f"per-modality k ({_name(kk)})": asif_variant(**defaults, **kk) for kk in
              ([dict(k_image=100, k_text=None)] if args.smoke else
               [dict(k_image=100, k_text=None), dict(k_image=None, k_text=100),
@@ -209,8 +215,8 @@ def main(argv=None) -> dict:
     }
     rows.update({f"nofree defaults without CSLS, {best_extra[f]} (best by CV), consensus":
                  (extra[best_extra[f]], {"rerank": 100}) for f in best_extra if f != "CSLS"})
-    rows[f"nofree defaults (center, p=2, k=min(800,N), CSLS K={PIPELINE_CSLS}, consensus m=100)"] = (
-        csls_variant(PIPELINE_CSLS, **defaults), {"rerank": 100})
+    rows[f"nofree defaults (center, p=2, k=min(800,N), CSLS K={CSLS}, consensus m=100)"] = (
+        csls_variant(CSLS, **defaults), {"rerank": 100})
     results = {}
     for name, (variant, caption_params) in rows.items():
         results[name] = r = evaluate(variant, caption_params, train, val, pool, pool_emb, label_emb,
@@ -233,7 +239,7 @@ def markdown(out: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     cv = {json.dumps(row["params"], sort_keys=True): row["t2i_R@1"] for row in out["cv"]}
     paper = cv.get(json.dumps(dict(k=None, p=8.0, center=False), sort_keys=True))
-    ours = cv.get(json.dumps(dict(k=None, **PIPELINE_ASIF_DEFAULTS), sort_keys=True))
+    ours = cv.get(json.dumps(PLAIN_DEFAULTS, sort_keys=True))
     lines = [
         "EfficientNet-Lite0 (ImageNet classifier, 1280-d) and all-MiniLM-L6-v2 (384-d), never trained "
         f"together, composed by {out['n_anchors']} anchors. Retrieval among the {out['n_val_images']} val "

@@ -89,7 +89,7 @@ def run_nofree(image, text, queries, prompts, k, p, precision, anchor_chunk):
     from nofree.anchors.asif import ASIF
 
     t0 = time.perf_counter()
-    asif = ASIF(k=k, p=p, precision=precision, anchor_chunk=anchor_chunk).fit((image, text))
+    asif = ASIF.paper(k=k, p=p, precision=precision, anchor_chunk=anchor_chunk).fit((image, text))
     t1 = time.perf_counter()
     rho_i = asif.transform(queries, modality="image")
     t2 = time.perf_counter()

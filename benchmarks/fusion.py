@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from nofree import sample_dir
-from nofree.captioners import default_pool_path
+from nofree.captioning import default_pool_path
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 

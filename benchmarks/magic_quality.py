@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from nofree.captioners import (CONSENSUS_RERANK, MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner,
+from nofree.captioning import (CONSENSUS_RERANK, MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner,
                                RetrievalCaptioner, default_pool_path, example_windows)
 from nofree.core import DEFAULT_LM
 
@@ -293,8 +293,8 @@ NOTES = """How the settings were chosen: on `train` only. Every train photo was 
 each setting of the grid, with anchors from the other four folds (560 pairs) and the same 24k pool
 (none of its captions belongs to a sample photo); the setting with the best cross-validated CIDEr
 became nofree's default, and each `val` row ran once. Disclosure: before the drafts + consensus
-grid was written into this benchmark, a scratch run (`runs/s5/select_cv.py`, not committed)
-tried selection rules on the same cached drafts for `train` (CV) and then scored six of them on
+grid was written into this benchmark, a scratch run (its script not committed) tried
+selection rules on the same cached drafts for `train` (CV) and then scored six of them on
 `val` once; the rule that a cheaper setting within 0.5 CIDEr of the best CV score should win
 picked "4 windows + the retrieval caption, top 5" (CV 52.3), which scored 43.1 on `val`, and the
 benchmark's plain rule (best CV score, as for every other setting here) was used instead. Earlier

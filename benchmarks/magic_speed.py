@@ -102,7 +102,7 @@ def asif_scorer(text_encoder, n_anchors, image_dim, temperature=None):
 
         anchors = AnchorSet(image=image, text=text, captions=tuple(f"anchor {i}" for i in range(n_anchors)),
                             image_spec="bench:random-image", text_spec=text_encoder.spec)
-        asif, kind = ASIF(k=min(800, n_anchors), p=8.0).fit(anchors), "nofree ASIF"
+        asif, kind = ASIF.paper(k=min(800, n_anchors)).fit(anchors), "nofree ASIF"
     except ImportError:
         asif, kind = StandInAsif(image, text), "stand-in ASIF (nofree.anchors.asif absent)"
     return AsifScorer(asif, text_encoder, temperature=temperature or DEFAULT_ASIF_TEMPERATURE), kind

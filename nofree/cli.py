@@ -15,18 +15,13 @@ import click
 
 from nofree import __version__
 
-from nofree.cli_options import PAIRS, clean_pool_option, format_option, scorer_option
+from nofree.cli_options import PAIRS, clean_pool_option, format_option, scorer_option, windows_option
+from nofree.cli_output import OneLineError, cli_message
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
-#: pairs per shard of `anchors build` (nofree.anchors.build.DEFAULT_SHARD_SIZE; kept here so
-#: `--help` does not import torch)
+#: pairs per shard of `anchors build`: nofree.anchors.shards.DEFAULT_SHARD_SIZE (tests/test_cli.py
+#: checks they agree), written here so that `--help` imports none of the anchors code
 DEFAULT_SHARD_SIZE = 256
-
-
-class OneLineError(click.ClickException):
-    """An error a user can fix, printed as one line (``Error: ...``) with exit code 2."""
-
-    exit_code = 2
 
 
 #: Operating-system errors about the place a file goes (not bugs): one line with the fix.
@@ -60,7 +55,7 @@ class NofreeGroup(click.Group):
         except NofreeError as err:
             if debugging(ctx):
                 raise
-            raise OneLineError(str(err)) from err
+            raise OneLineError(cli_message(err)) from err
         except OSError as err:
             if err.errno not in _PLACE_ERRORS or debugging(ctx):
                 raise
@@ -292,10 +287,38 @@ def _asif_options(f):
     f = click.option("--k", "asif_k", type=click.IntRange(min=1), default=None,
                      help="ASIF: anchors kept per relative representation (default: tuned by set size).")(f)
     f = click.option("--device", default="cpu", show_default=True)(f)
-    f = click.option("--anchors", "anchor_dir", required=True,
+    f = click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="A trained LiT adapter (`nofree train lit`) instead of --anchors: images and "
+                          "texts compared by the cosine of its joint space.")(f)
+    f = click.option("--anchors", "anchor_dir",
                      type=click.Path(exists=True, file_okay=False, path_type=Path),
-                     help="Anchor set directory (from `nofree anchors build`).")(f)
+                     help="Anchor set directory (from `nofree anchors build`); or give --lit.")(f)
     return f
+
+
+def _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size):
+    """The joint image–text space of classify / retrieve: ASIF over --anchors, or a LiT (--lit)."""
+    if anchor_dir is not None and lit_dir is not None:
+        raise OneLineError("--anchors and --lit exclude each other: compare images and texts through an "
+                           "ASIF anchor set (--anchors DIR) or a trained LiT (--lit DIR), not both")
+    if lit_dir is None:
+        if anchor_dir is None:
+            raise OneLineError("give --anchors DIR (an anchor set from `nofree anchors build`) or --lit DIR "
+                               "(a LiT adapter from `nofree train lit`)")
+        return _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
+    asif_only = [flag for flag, value in (("--k", asif_k), ("--p", asif_p), ("--csls", csls),
+                                           ("--search", None if search == "exact" else search))
+                 if value is not None]
+    if asif_only:
+        one = len(asif_only) == 1
+        raise OneLineError(f"{', '.join(asif_only)} {'tunes' if one else 'tune'} ASIF over --anchors; --lit "
+                           f"compares by the LiT's own cosine: drop {'it' if one else 'them'}")
+    from nofree.cache import EmbeddingCache
+    from nofree.scoring import load_scorer
+
+    space = load_scorer(f"lit:{lit_dir}", device=device, cache=EmbeddingCache())
+    space.batch_size = batch_size
+    return space
 
 
 def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact", batch_size=32):
@@ -334,11 +357,19 @@ def _image_paths(images) -> list[str]:
 @click.option("--average-templates", is_flag=True, help="Score a class by the mean over its prompts "
               "instead of its nearest prompt.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--probabilities", is_flag=True,
+              help="Also give each image's probabilities over the labels, softmax(score / T) (rows get "
+                   "'probabilities'; the table shows p). With --anchors, T is chosen on the anchor set at "
+                   "each run (nothing stored) by 5-fold cross-validation over its photos (at most 500): "
+                   "ASIF with this command's settings fitted on the other folds' anchors, each held-out "
+                   "photo scored against one caption of every held-out photo, T = the grid value "
+                   "(0.001 to 1, 4 a decade) of lowest mean negative log-likelihood of its own caption; "
+                   "a held-out photo is never an anchor. With --lit, T = 1 / the LiT's learned logit scale.")
 @format_option()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, labels_file, inline_labels,
-             templates, average_templates, top, fmt, images):
-    """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set."""
+def classify(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, strict, labels_file,
+             inline_labels, templates, average_templates, top, probabilities, fmt, images):
+    """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set or a trained LiT."""
     from nofree.anchors.pipeline import DEFAULT_TEMPLATES, iter_classify_paths
     from nofree.cli_output import stream_rows
     from nofree.data.pairs import load_labels
@@ -348,12 +379,30 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
         labels += load_labels(labels_file)
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
-    rows = iter_classify_paths(pipeline, _image_paths(images), labels,
-                               templates=templates or DEFAULT_TEMPLATES,
-                               average_templates=average_templates, top=top, strict=strict)
+    space = _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size)
+    temperature = _temperature(space) if probabilities else None
+    rows = iter_classify_paths(space, _image_paths(images), labels,
+                               templates=templates or DEFAULT_TEMPLATES, average_templates=average_templates,
+                               top=top, strict=strict, temperature=temperature)
+
+    def shown(t: dict, row: dict) -> str:
+        p = f", p {row['probabilities'][t['label']]:.3f}" if "probabilities" in row else ""
+        return f"{t['label']} ({t['score']:.3f}{p})"
+
     stream_rows(rows, fmt, ["image", "top"], lambda r: {
-        "image": r["image"], "top": ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"])})
+        "image": r["image"], "top": ", ".join(shown(t, r) for t in r["top"])})
+
+
+def _temperature(space) -> float:
+    """classify --probabilities: the softmax temperature of ``space``'s scores (see its --help)."""
+    if getattr(space, "asif", None) is None:    # a LiT: its learned logit scale
+        return 1.0 / float(space.logit_scale)
+    from nofree.anchors.calibration import choose_temperature
+
+    chosen = choose_temperature(space.anchors, space.asif)
+    logging.getLogger(__name__).info("softmax temperature %.4g, chosen by %d-fold cross-validation on %d "
+                                     "anchor photos", chosen.value, chosen.folds, chosen.n_photos)
+    return chosen.value
 
 
 @main.command()
@@ -364,8 +413,8 @@ def classify(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @format_option()
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries, image_queries,
-             top, fmt, target):
+def retrieve(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries,
+             image_queries, top, fmt, target):
     """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
 
     TARGET is an image folder, or a pairs file (its images for --query, its captions for
@@ -376,7 +425,7 @@ def retrieve(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, stric
 
     if bool(queries) == bool(image_queries):
         raise click.UsageError("give either --query TEXT or --image-query IMAGE (not both, not neither)")
-    pipeline = _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
+    pipeline = _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size)
     if queries:  # every query needs every image: the rows come when all images are encoded
         paths = _image_paths([target]) if target.is_dir() else _pairs_images(target)
         rows = search_images(pipeline, list(queries), paths, top=top, strict=strict)
@@ -406,24 +455,14 @@ def _target_texts(target: Path) -> list[str]:
 
 
 # --- captioning ---------------------------------------------------------------------------
-def _parse_windows(ctx, param, value):
-    """``"0:4,1:4"`` -> ``[(0, 4), (1, 4)]``."""
-    if value is None:
-        return None
-    try:
-        windows = [tuple(int(x) for x in part.split(":")) for part in value.split(",") if part.strip()]
-    except ValueError:
-        windows = []
-    if not windows or any(len(w) != 2 or w[0] < 0 or w[1] < 0 for w in windows):
-        raise click.BadParameter(f"{value!r}: give FIRST:COUNT pairs separated by commas, e.g. 0:4,1:4")
-    return windows
-
-
 @main.command()
 @click.option("--method", type=click.Choice(["retrieval", "magic", "clipcap", "flamingo", "smallcap"]),
               default="magic", show_default=True)
 @click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Anchor set (retrieval, magic).")
+@click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A trained LiT adapter instead of --anchors: retrieval ranks the --pool by its cosine; "
+                   "magic uses it as the scorer (--scorer lit:DIR).")
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Trained adapter directory (clipcap, flamingo, smallcap).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -457,9 +496,7 @@ def _parse_windows(ctx, param, value):
 @click.option("--drafts", type=click.IntRange(min=1), default=None,
               help="MAGIC: captions written per photo, each with another window of pool examples; the "
                    "one agreeing most with the retrieved captions is kept (default 8; 1: a single draft).")
-@click.option("--windows", callback=_parse_windows, default=None,
-              help="MAGIC: the drafts' example windows FIRST:COUNT over the photo's ranked pool captions, "
-                   "comma-separated (overrides --drafts), e.g. 0:4,1:4.")
+@windows_option
 @click.option("--consensus", type=click.IntRange(min=1), default=None,
               help="MAGIC: retrieved captions used as pseudo-references to choose among candidates "
                    "(CIDEr-D; default 20).")
@@ -473,12 +510,12 @@ def _parse_windows(ctx, param, value):
 @format_option()
 @_strict_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def caption(method, anchor_dir, adapter_dir, pool, lm, scorer, top_k, alpha, beta, max_tokens, beams,
+def caption(method, anchor_dir, lit_dir, adapter_dir, pool, lm, scorer, top_k, alpha, beta, max_tokens, beams,
             no_repeat_ngram, prompt, examples,
             examples_from, drafts, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
             strict, images, clean_pool):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
-    from nofree.captioners import iter_caption_paths, load_captioner
+    from nofree.captioning.factory import iter_caption_paths, load_captioner
     from nofree.cli_output import stream_rows
 
     options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens, "beams": beams,
@@ -487,10 +524,43 @@ def caption(method, anchor_dir, adapter_dir, pool, lm, scorer, top_k, alpha, bet
                "drafts": drafts, "windows": windows, "consensus": consensus, "with_retrieved": with_retrieved,
                "precision": precision}
     options = {k: v for k, v in options.items() if v is not None}
-    captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
-                               device=device, options=options, clean_pool=clean_pool, scorer=scorer)
+    if lit_dir is not None:
+        captioner = _lit_captioner(method, lit_dir, anchor_dir, scorer, pool, lm, device, options, clean_pool)
+    else:
+        captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
+                                   device=device, options=options, clean_pool=clean_pool, scorer=scorer)
     rows = iter_caption_paths(captioner, _image_paths(images), batch_size=batch_size, strict=strict)
     stream_rows(rows, fmt, ["image", "caption"])
+
+
+def _lit_captioner(method, lit_dir, anchor_dir, scorer, pool, lm, device, options, clean_pool):
+    """``caption --lit DIR``: retrieval ranks the pool by the LiT's cosine (CLIPRe); magic is
+    ``--scorer lit:DIR``."""
+    from nofree.captioning.factory import load_captioner
+
+    if anchor_dir is not None:
+        raise OneLineError("--anchors and --lit exclude each other: rank the caption pool through an ASIF "
+                           "anchor set (--anchors DIR) or a trained LiT (--lit DIR), not both")
+    if scorer is not None:
+        raise OneLineError("--lit DIR already sets the scorer (it means --scorer lit:DIR): drop --scorer")
+    if method == "magic":
+        return load_captioner("magic", pool=pool, lm=lm, device=device, options=options,
+                              clean_pool=clean_pool, scorer=f"lit:{lit_dir}")
+    if method != "retrieval":
+        raise OneLineError(f"--lit ranks a caption pool with a trained LiT (--method retrieval or magic); "
+                           f"--method {method} takes --adapter DIR instead")
+    unused = sorted(key for key in options if key != "max_new_tokens")
+    if unused:
+        from nofree.core import Option, OptionError, option_list
+
+        raise OptionError(Option("method", "retrieval"), " takes no ", *option_list(unused))
+    from nofree.cache import EmbeddingCache
+    from nofree.captioning.retrieval import RetrievalCaptioner, default_pool_path
+    from nofree.data.pairs import load_text_lines
+    from nofree.scoring import load_scorer
+
+    space = load_scorer(f"lit:{lit_dir}", device=device, cache=EmbeddingCache())
+    return RetrievalCaptioner(space, load_text_lines(pool or default_pool_path()), clean_pool=clean_pool)
 
 
 # --- demo ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Option pieces several nofree commands share: the pairs-source type, the output format, the
-caption-pool cleaning switch and MAGIC's ``--scorer``."""
+"""Option pieces of nofree's commands: the pairs-source type, the output format, the
+caption-pool cleaning switch, and MAGIC's ``--scorer`` and ``--windows``."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import click
 
 #: ``--format`` choices of every command that prints results
 FORMATS = ("table", "jsonl", "json")
-#: older spellings still accepted (``text`` was ``anchors info``'s name for ``table``)
+#: other names accepted for a format (``text`` means ``table``: ``anchors info --format text`` works)
 FORMAT_ALIASES = {"text": "table"}
 
 
@@ -77,7 +77,7 @@ def _parse_scorer(ctx, param, value):
     try:
         return normalize_scorer_spec(value)
     except SpecError as err:
-        from nofree.cli import OneLineError
+        from nofree.cli_output import OneLineError
 
         raise OneLineError(f"--scorer: {err}") from err
 
@@ -85,3 +85,23 @@ def _parse_scorer(ctx, param, value):
 def scorer_option(help: str):
     """``--scorer SPEC`` (parameter ``scorer``): MAGIC's image–text scorer."""
     return click.option("--scorer", metavar="SPEC", default=None, callback=_parse_scorer, help=help)
+
+
+def _parse_windows(ctx, param, value):
+    """``"0:4,1:4"`` -> ``[(0, 4), (1, 4)]``."""
+    if value is None:
+        return None
+    try:
+        windows = [tuple(int(x) for x in part.split(":")) for part in value.split(",") if part.strip()]
+    except ValueError:
+        windows = []
+    if not windows or any(len(w) != 2 or w[0] < 0 or w[1] < 0 for w in windows):
+        raise click.BadParameter(f"{value!r}: give FIRST:COUNT pairs separated by commas, e.g. 0:4,1:4")
+    return windows
+
+
+def windows_option(f):
+    """``--windows FIRST:COUNT,...`` (parameter ``windows``): the example windows of MAGIC's drafts."""
+    return click.option("--windows", callback=_parse_windows, default=None,
+                        help="MAGIC: the drafts' example windows FIRST:COUNT over the photo's ranked pool "
+                             "captions, comma-separated (overrides --drafts), e.g. 0:4,1:4.")(f)

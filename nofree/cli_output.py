@@ -5,7 +5,9 @@ a file holds every finished row whatever stops the run; a table is aligned, so i
 printed together at the end, and also when an error or an interrupt stops the run early.
 ``signals_as_exceptions`` makes SIGTERM raise :class:`Terminated` (a ``KeyboardInterrupt``) as
 Ctrl-C does, so ``finally`` blocks run for both: the library flushes its caches and the CLI
-prints a one-line message instead of a traceback (exit code 128 + the signal number).
+prints a one-line message instead of a traceback (exit code 128 + the signal number). Errors a
+user can fix are one line too (:class:`OneLineError`), with the library's parameter names
+written as the flags that set them (:func:`cli_message`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,33 @@ from contextlib import closing, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator
 
 import click
+
+
+class OneLineError(click.ClickException):
+    """An error a user can fix, printed as one line (``Error: ...``) with exit code 2."""
+
+    exit_code = 2
+
+
+#: Library parameters whose flag is not ``--`` and their name with dashes (``no_repeat_ngram``:
+#: ``--no-repeat-ngram``).
+_FLAGS = {"anchor_dir": "--anchors", "adapter_dir": "--adapter", "max_new_tokens": "--max-tokens"}
+
+
+def cli_message(err: Exception) -> str:
+    """An error's message for the command line: the parameters a library
+    :class:`~nofree.core.OptionError` names written as the flags that set them."""
+    from nofree.core import OptionError
+
+    if not isinstance(err, OptionError):
+        return str(err)
+
+    def flag(option) -> str:
+        name = _FLAGS.get(option.name, "--" + option.name.replace("_", "-"))
+        value = option.placeholder if option.value is None else option.value
+        return name if value == "" or value is True else f"{name} {value}"  # True: a switch
+
+    return err.worded(flag)
 
 
 class Terminated(KeyboardInterrupt):

@@ -7,7 +7,7 @@ N items, D embedding width, T tokens, W token width, B batch, V vocabulary, H LM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -35,6 +35,48 @@ class MissingDependencyError(NofreeError, ImportError):
 
 class DataError(NofreeError, ValueError):
     """A bad pairs file, row, image or artefact; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A parameter of a library call named inside an :class:`OptionError`: with its ``value``,
+    with a ``placeholder`` for the value to give (``"DIR"``), or alone."""
+
+    name: str
+    value: Any = None
+    placeholder: str = ""
+
+    def python(self) -> str:
+        """The option as Python code writes it: ``anchor_dir``, ``anchor_dir=DIR``, ``method='magic'``."""
+        if self.value is not None:
+            return f"{self.name}={self.value!r}"
+        return f"{self.name}={self.placeholder}" if self.placeholder else self.name
+
+
+class OptionError(DataError):
+    """A missing, misplaced or bad option of a library call, worded for whoever made the call.
+
+    The message is text and :class:`Option` parts. ``str(err)`` writes each option as Python
+    code does (``anchor_dir``, ``method='magic'``); a front end rewrites them in its own words
+    with :meth:`worded` (the CLI: ``--anchors``, ``--method magic``), so library code never
+    names a command-line flag.
+    """
+
+    def __init__(self, *parts: str | Option) -> None:
+        self.parts = parts
+        super().__init__(self.worded(Option.python))
+
+    def worded(self, spell: Callable[[Option], str]) -> str:
+        """The message with each option written by ``spell``."""
+        return "".join(part if isinstance(part, str) else spell(part) for part in self.parts)
+
+
+def option_list(options: Sequence[str]) -> list[str | Option]:
+    """``options`` (parameter names) as :class:`OptionError` parts separated by commas."""
+    parts: list[str | Option] = []
+    for i, name in enumerate(options):
+        parts += [", "] * bool(i) + [Option(name)]
+    return parts
 
 
 @runtime_checkable

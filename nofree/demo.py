@@ -38,7 +38,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     from nofree.anchors.build import build_anchor_set
     from nofree.anchors.pipeline import AsifPipeline, top_k_rows
     from nofree.cache import EmbeddingCache
-    from nofree.captioners import RetrievalCaptioner, default_pool_path
+    from nofree.captioning.retrieval import RetrievalCaptioner, default_pool_path
     from nofree.data.pairs import load_pairs, load_text_lines
 
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
 def _magic_captions(pipeline, retrieval, lm, pairs, device, echo) -> list[str]:
     """Captions with nofree's MAGIC defaults: the embedded LM writes one caption per window of
     in-context examples from the pool, and the one agreeing most with the retrieved captions is kept."""
-    from nofree.captioners import MagicCaptioner
+    from nofree.captioning.drafts import MagicCaptioner
 
     echo("captioning with MAGIC (frozen SmolLM2, retrieved in-context examples, 8 drafts per photo) ...")
     # in-context examples ranked by embedding consensus, as MAGIC's defaults were tuned

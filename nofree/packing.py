@@ -5,10 +5,9 @@ reorders (packs) the weight into the GEMM kernel's blocked layout on every call;
 sizes (one to a few hundred rows against a 768 × 3,072 weight) that reordering costs as much as
 the multiplication itself. oneDNN, which PyTorch ships for CPUs, can pack a weight once and
 reuse it (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: the kernels
-PyTorch's own compiler uses for frozen CPU graphs). Measured on this project's 2-core AMD EPYC
-(Zen 4), 2 threads: 45 rows × 768 → 3,072, float32 1.50 → 1.00 ms, bfloat16 0.60 → 0.52 ms
-(``python -m benchmarks.magic_speed``; bfloat16 ``F.linear`` already runs through oneDNN and
-gains little).
+PyTorch's own compiler uses for frozen CPU graphs). The gain is largest in float32: bfloat16
+``F.linear`` already runs through oneDNN and gains little (per-layer timings of both in
+``benchmarks/RESULTS.md``, "Packed weights").
 
 Packed layers are for inference only: no gradient flows through them (a forward that would need
 one raises), and the packed tensor cannot be saved, copied or moved to another device. So nofree
@@ -28,9 +27,9 @@ from torch import Tensor, nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
-#: Smallest weight (in × out elements) worth packing: a packed call has ~17 µs of fixed cost, so
-#: small layers run faster unpacked (float32 breaks even near 128 × 512 on the 2-core EPYC;
-#: 256 × 1,024 already gains 1.3–1.7×).
+#: Smallest weight (in × out elements) worth packing, 256 × 1,024: a packed call has a fixed cost
+#: (~17 µs, ``benchmarks/RESULTS.md``) that a small layer's multiplication does not repay, so
+#: small layers stay unpacked.
 MIN_ELEMENTS = 1 << 18
 
 

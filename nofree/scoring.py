@@ -18,7 +18,7 @@ anchor set: it comes from an :class:`~nofree.anchors.pipeline.AsifPipeline`
 (``MagicCaptioner.from_pipeline``), not from here.
 
 A :class:`ScorerSpace` is a joint image–text space with the interface
-:class:`~nofree.captioners.RetrievalCaptioner` ranks a pool with (``encode_images``,
+:class:`~nofree.captioning.retrieval.RetrievalCaptioner` ranks a pool with (``encode_images``,
 ``encode_texts``, ``similarity``, as ``AsifPipeline``), plus the ``scorer`` that steers MAGIC. So
 with a CLIP-like scorer the caption pool is ranked by the scorer itself, as in CLIPRe (the
 retrieval baseline of Su et al., 2022, "Language Models Can See: Plugging Visual Controls in
@@ -101,17 +101,20 @@ class ScorerSpace:
     ``image_encoder`` gives those ``image_emb`` (:meth:`encode_images`); ``embed_texts(texts) ->
     (N, D)`` embeds texts in the joint space and ``project_image`` maps ``image_emb`` there
     (identity for CLIP; LiT's image head). :meth:`similarity` is their cosine ``(B, N)``: what
-    ranks a caption pool. ``cache``: an EmbeddingCache for image paths (``embed_texts`` uses it
-    for the texts where it can).
+    ranks a caption pool. ``logit_scale``: the model's learned multiplier of those cosines (CLIP's
+    or the LiT's temperature t; ``None`` when unknown), what turns them into softmax
+    probabilities. ``cache``: an EmbeddingCache for image paths (``embed_texts`` uses it for the
+    texts where it can).
     """
 
     def __init__(self, spec: str, scorer: Any, image_encoder: Any, *,
                  embed_texts: Callable[[list[str]], Tensor],
                  project_image: Callable[[Tensor], Tensor] | None = None, cache: Any = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, logit_scale: float | None = None) -> None:
         self.spec, self.scorer, self.image_encoder = spec, scorer, image_encoder
         self._embed_texts, self._project_image = embed_texts, project_image
         self.cache, self.batch_size = cache, batch_size
+        self.logit_scale = logit_scale if logit_scale is not None else getattr(scorer, "logit_scale", None)
 
     def __repr__(self) -> str:
         return f"ScorerSpace({self.spec!r})"
@@ -179,4 +182,4 @@ def _lit_space(spec: str, folder: Path, device: Any, cache: Any) -> ScorerSpace:
         return torch.cat(parts)
 
     return ScorerSpace(spec, lit.scorer(), lit.image_encoder, embed_texts=embed_texts,
-                       project_image=lit.project_image, cache=cache)
+                       project_image=lit.project_image, cache=cache, logit_scale=lit.logit_scale)

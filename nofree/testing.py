@@ -1,4 +1,4 @@
-"""Tiny deterministic models for tests and examples: no downloads, built from configs.
+"""Tiny deterministic models and synthetic data for tests and examples: no downloads, built from configs.
 
 Everything here is fast on a CPU and offline. The hub backends are exercised by saving these
 config-built models to a folder and loading them through the same code path a user's model
@@ -385,27 +385,3 @@ def make_webdataset(folder: str | Path, n_samples: int, *, per_shard: int = 100,
                     tar.addfile(info, io.BytesIO(data))
         shards.append(path)
     return shards
-
-
-class FailingTextEncoder(TinyTextEncoder):
-    """For failure tests only: a :class:`TinyTextEncoder` (same spec, same embeddings) that
-    appends each batch it encodes to ``log_file`` (one JSON list a line) and kills its own
-    process, as a crashed or pre-empted worker would, when a text contains ``trigger`` while
-    ``flag_file`` exists (``once``: removing the flag first, so a retry succeeds)."""
-
-    def __init__(self, dim: int = 8, seed: int = 0, *, log_file: str, flag_file: str,
-                 trigger: str = "poison", once: bool = False, device=None) -> None:
-        super().__init__(dim, seed, device=device)
-        self.log_file, self.flag_file, self.trigger, self.once = str(log_file), str(flag_file), trigger, once
-
-    def encode(self, batch, *, batch_size: int = 32):
-        import json
-        import os
-
-        with open(self.log_file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(list(batch)) + "\n")
-        if os.path.exists(self.flag_file) and any(self.trigger in text for text in batch):
-            if self.once:
-                os.remove(self.flag_file)
-            os._exit(17)
-        return super().encode(batch, batch_size=batch_size)

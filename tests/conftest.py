@@ -22,7 +22,7 @@ def _quiet_transformers():
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: tiny ops are dominated by thread hand-off on a busy
-    2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    machine with few cores. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     import torch
 
     threads = torch.get_num_threads()

@@ -87,7 +87,7 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, encoder
     pairs = make_pairs(tmp_path / "data", n=10)
     reference = build(pairs, tmp_path / "ref", encoders, shard_size=3, batch_size=2)
 
-    real = build_module._encode_shard
+    real = build_module.encode_shard
     calls = []
 
     def flaky(chunk, *args, **kw):
@@ -96,7 +96,7 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, encoder
             raise KeyboardInterrupt  # Ctrl-C during the third shard
         return real(chunk, *args, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_shard", flaky)
+    monkeypatch.setattr(build_module, "encode_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
         build(pairs, tmp_path / "set", encoders, shard_size=3, batch_size=2)
     partial = tmp_path / "set.partial"
@@ -116,7 +116,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, encoders, monkeypatch):
     import nofree.anchors.build as build_module
 
     pairs = make_pairs(tmp_path / "data", n=6)
-    real, calls = build_module._encode_shard, []
+    real, calls = build_module.encode_shard, []
 
     def interrupt_second(*args, **kw):  # Ctrl-C during the second shard
         calls.append(1)
@@ -124,7 +124,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, encoders, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_shard", interrupt_second)
+    monkeypatch.setattr(build_module, "encode_shard", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         build(pairs, tmp_path / "set", encoders, shard_size=2)
     monkeypatch.undo()

@@ -242,11 +242,11 @@ def test_the_lock_is_per_destination_and_reentrant_after_release(tmp_path):
 
 # --- checkpoints inside a shard ---------------------------------------------------------------
 def test_an_interrupted_small_build_keeps_its_pieces_and_resumes_exactly(tmp_path, monkeypatch):
-    import nofree.anchors.build as build_module
+    import nofree.anchors.shards as shards_module
 
     pairs = make_pairs(tmp_path / "data", n=7)
     reference = build(pairs, tmp_path / "ref", batch_size=2)  # one shard of 7 pairs, 4 pieces
-    real, calls = build_module._encode_piece, []
+    real, calls = shards_module._encode_piece, []
 
     def interrupted(chunk, *args, **kw):
         calls.append(len(chunk))
@@ -254,7 +254,7 @@ def test_an_interrupted_small_build_keeps_its_pieces_and_resumes_exactly(tmp_pat
             raise KeyboardInterrupt  # Ctrl-C in the third piece
         return real(chunk, *args, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_piece", interrupted)
+    monkeypatch.setattr(shards_module, "_encode_piece", interrupted)
     with pytest.raises(KeyboardInterrupt):  # checkpoints by time would be every hour: Ctrl-C saves
         build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=3600)
     saved = tmp_path / "set.partial" / "part-00000.safetensors"
@@ -267,10 +267,10 @@ def test_an_interrupted_small_build_keeps_its_pieces_and_resumes_exactly(tmp_pat
 
 
 def test_pieces_are_saved_by_time_before_a_crash(tmp_path, monkeypatch):
-    import nofree.anchors.build as build_module
+    import nofree.anchors.shards as shards_module
 
     pairs = make_pairs(tmp_path / "data", n=7)
-    real, calls = build_module._encode_piece, []
+    real, calls = shards_module._encode_piece, []
 
     def crashing(chunk, *args, **kw):
         calls.append(1)
@@ -278,7 +278,7 @@ def test_pieces_are_saved_by_time_before_a_crash(tmp_path, monkeypatch):
             raise MemoryError  # no chance to save anything now
         return real(chunk, *args, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_piece", crashing)
+    monkeypatch.setattr(shards_module, "_encode_piece", crashing)
     with pytest.raises(MemoryError):
         build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=0)  # save after every piece
     from safetensors import safe_open
@@ -371,7 +371,7 @@ def test_extend_refuses_pairs_kept_inside_the_set_and_deletes_nothing(tmp_path):
 
 
 def test_a_failed_extend_leaves_no_partial_folder(tmp_path, monkeypatch):
-    import nofree.anchors.build as build_module
+    import nofree.anchors.shards as shards_module
 
     build(make_pairs(tmp_path / "data", n=2), tmp_path / "set")
     unreadable = make_pairs(tmp_path / "bad", n=2, corrupt=(0, 1))
@@ -382,7 +382,7 @@ def test_a_failed_extend_leaves_no_partial_folder(tmp_path, monkeypatch):
     def broken(*args, **kw):
         raise RuntimeError("encoder crashed")
 
-    monkeypatch.setattr(build_module, "_encode_piece", broken)
+    monkeypatch.setattr(shards_module, "_encode_piece", broken)
     with pytest.raises(RuntimeError):
         extend(tmp_path / "set", make_pairs(tmp_path / "more", n=2))
     assert not (tmp_path / "set.extend-partial").exists()
@@ -424,10 +424,10 @@ def test_save_with_overwrite_replaces_only_an_anchor_set(tmp_path, monkeypatch):
 
 
 def test_the_interrupt_message_counts_the_saved_pairs(tmp_path, monkeypatch, caplog):
-    import nofree.anchors.build as build_module
+    import nofree.anchors.shards as shards_module
 
     pairs = make_pairs(tmp_path / "data", n=7)
-    real, calls = build_module._encode_piece, []
+    real, calls = shards_module._encode_piece, []
 
     def interrupted(chunk, *args, **kw):
         calls.append(len(chunk))
@@ -435,7 +435,7 @@ def test_the_interrupt_message_counts_the_saved_pairs(tmp_path, monkeypatch, cap
             raise KeyboardInterrupt  # two pieces of 2 pairs done, both saved by the interrupt
         return real(chunk, *args, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_piece", interrupted)
+    monkeypatch.setattr(shards_module, "_encode_piece", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=3600)
     assert "interrupted after 4 of 7 pairs" in caplog.text

@@ -51,7 +51,7 @@ def data():
 
 @pytest.mark.parametrize("p", [8.0, 3.5, 1.0])
 def test_matches_dense_reference(data, p):
-    asif = ASIF(k=40, p=p).fit((data["image"], data["text"]))
+    asif = ASIF.paper(k=40, p=p).fit((data["image"], data["text"]))  # the paper's math: no centring, no CSLS
     rho_i = asif.transform(data["qi"], modality="image")
     rho_t = asif.transform(data["qt"], modality="text")
     ref_i, ref_t = dense_rho(data["qi"], data["image"], 40, p), dense_rho(data["qt"], data["text"], 40, p)
@@ -217,7 +217,7 @@ def test_fit_accepts_an_anchor_set(data):
 
 
 def test_options_center_and_per_modality_k(data):
-    asif = ASIF(k=30, k_image=12, center=True).fit((data["image"], data["text"]))
+    asif = ASIF.paper(k=30, k_image=12, center=True).fit((data["image"], data["text"]))  # p = 8
     assert asif.transform(data["qi"], modality="image").k == 12
     assert asif.transform(data["qt"], modality="text").k == 30
     mean = normalize(data["image"], dim=1).mean(0)
@@ -249,11 +249,11 @@ def test_precision_rule(monkeypatch):
     assert topk.resolve_precision("auto", 1000) == "fp32"
     assert topk.resolve_precision("auto", topk.AUTO_BF16_MIN_ANCHORS) == "bf16"
     assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
-    fused = Int8Products.available(topk._native(torch.device("cpu")))
+    fused = Int8Products.available(topk.library_for(torch.device("cpu")))
     mid = topk.AUTO_INT8_FUSED_MIN_ANCHORS
     assert topk.resolve_precision("auto", mid) == ("int8" if fused else "bf16")
     assert topk.resolve_precision("auto", mid - 1) == "bf16"
-    monkeypatch.setattr(topk, "_native", lambda device: None)   # no native kernels: torch's int8
+    monkeypatch.setattr(topk, "library_for", lambda device: None)   # no native kernels: torch's int8
     assert topk.resolve_precision("auto", mid) == "bf16"
     assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
     assert topk.resolve_precision("auto", 10**7, "cuda") == "fp32"
@@ -307,3 +307,30 @@ def test_default_anchor_chunk_follows_the_scan_precision(monkeypatch, precision)
     widths.clear()
     topk.cosine_topk(query, anchors, 20, precision=precision, anchor_chunk=1000)
     assert max(widths) == 1000
+
+
+def test_defaults_are_nofrees_and_the_paper_is_one_call_away(data):
+    from nofree.anchors.asif import ASIF_DEFAULTS, ASIF_PAPER
+
+    default, paper = ASIF(), ASIF.paper()
+    assert {key: getattr(default, key) for key in ASIF_DEFAULTS} == ASIF_DEFAULTS == \
+        {"k": None, "p": 2.0, "center": True, "csls": 10}
+    assert (paper.k, paper.p, paper.center, paper.csls) == (None, 8.0, False, 0) and \
+        {key: getattr(paper, key) for key in ASIF_PAPER} == ASIF_PAPER
+    g = torch.Generator().manual_seed(5)
+    big = (torch.randn(1000, 8, generator=g), torch.randn(1000, 6, generator=g))
+    assert ASIF.paper().fit(big).k_image_ == ASIF.paper().fit(big).k_text_ == 800   # the paper's k
+    assert ASIF.paper(k=40, device="cpu").k == 40 and ASIF.paper(k=40).p == 8.0      # overrides
+    assert repr(ASIF()) == "ASIF()" and repr(paper) == "ASIF(p=8.0, center=False, csls=0)"
+    # csls=0 is the plain ASIF similarity; with csls the CSLS correction 2·s − r(x) − r(y)
+    plain = ASIF(csls=0).fit((data["image"], data["text"]))
+    fitted = ASIF().fit((data["image"], data["text"]))
+    s = plain.similarity(data["qi"], data["qt"])
+    r_i = plain.similarity(data["qi"], data["text"]).topk(10, dim=1).values.mean(1)
+    r_t = plain.similarity(data["image"], data["qt"]).topk(10, dim=0).values.mean(0)
+    torch.testing.assert_close(fitted.similarity(data["qi"], data["qt"]), 2 * s - r_i[:, None] - r_t[None, :])
+    torch.testing.assert_close(fitted.hubness(data["qt"], "text"), r_t)
+    with pytest.raises(DataError, match="csls"):
+        ASIF(csls=-1).fit((data["image"], data["text"]))
+    with pytest.raises(DataError, match="csls=0"):
+        plain.hubness(data["qi"], "image")

@@ -1,9 +1,9 @@
-"""CIDEr-D consensus selection (nofree.decoding.consensus)."""
+"""CIDEr-D consensus selection (nofree.captioning.consensus)."""
 from __future__ import annotations
 
 import pytest
 
-from nofree.decoding.consensus import CiderD, words
+from nofree.captioning.consensus import CiderD, words
 
 DOCS = ["a dog runs on the beach", "a cat sleeps on a sofa", "two dogs play in the snow",
         "a man rides a red bike", "a plate of food on a table", "a dog sleeps on the grass"]

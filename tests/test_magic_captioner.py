@@ -181,9 +181,9 @@ def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts, m
     chosen = cap.caption_embeddings(image_emb)
     assert chosen == [row[cap.pool.cider.choose(row, r)] for row, r in zip(candidates, refs)]
     assert [cap.caption_embeddings(image_emb[i:i + 1])[0] for i in range(3)] == chosen  # batch-independent
-    import nofree.captioners
+    import nofree.captioning.drafts
 
-    monkeypatch.setattr(nofree.captioners, "DRAFT_ROWS", 2)  # 9 drafts in batches of 2 rows
+    monkeypatch.setattr(nofree.captioning.drafts, "DRAFT_ROWS", 2)  # 9 drafts in batches of 2 rows
     assert cap.candidates(image_emb) == candidates
     with pytest.raises(DataError, match="windows must be"):
         captioner(parts, examples_from="pool", pool=POOL, windows=[(-1, 2)])

@@ -34,7 +34,7 @@ def fresh_library():
 
 
 def torch_only(monkeypatch):
-    monkeypatch.setattr(topk, "_native", lambda device: None)
+    monkeypatch.setattr(topk, "library_for", lambda device: None)
 
 
 def take_all(codec, tiles, thr, qscale):

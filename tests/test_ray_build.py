@@ -18,7 +18,8 @@ from nofree.anchors.build import build_anchor_set  # noqa: E402
 from nofree.anchors.ray_build import encode_pairs_ray  # noqa: E402
 from nofree.core import NofreeError, SpecError  # noqa: E402
 from nofree.data.webdataset import scan_webdataset  # noqa: E402
-from nofree.testing import FailingTextEncoder, TinyImageEncoder, TinyTextEncoder, make_webdataset  # noqa: E402
+from nofree.testing import TinyImageEncoder, TinyTextEncoder, make_webdataset  # noqa: E402
+from tests.crash_helpers import FailingTextEncoder  # noqa: E402
 
 IMAGE = functools.partial(TinyImageEncoder, dim=6)
 TEXT = functools.partial(TinyTextEncoder, dim=5)

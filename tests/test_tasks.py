@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nofree.anchors.asif import ASIF
 from nofree.anchors.pipeline import AsifPipeline, top_k_rows
 from nofree.captioners import RetrievalCaptioner, caption_paths, consensus_rerank
 from nofree.cli import main
@@ -138,14 +139,15 @@ def test_cli_task_errors_are_clear(runner, tmp_path, specs):  # noqa: F811
 def test_csls_matches_its_definition_and_zero_turns_it_off(pipeline):
     image_emb = pipeline.encode_images([_img(i) for i in range(4)])
     text_emb = pipeline.encode_texts(["photo number 1", "a red bus 2", "a cat", "photo number 3", "x"])
-    plain = torch.as_tensor(pipeline.asif.similarity(image_emb, text_emb))
     off = AsifPipeline.from_anchors(pipeline.anchors, pipeline.image_encoder, pipeline.text_encoder,
                                     k=6, p=2.0, csls=0)
-    torch.testing.assert_close(off.similarity(image_emb, text_emb), plain)
+    plain = off.similarity(image_emb, text_emb)
+    torch.testing.assert_close(plain, ASIF(k=6, csls=0).fit(pipeline.anchors).similarity(image_emb, text_emb))
     assert pipeline.csls > 0  # on by default
     anchors, n = pipeline.anchors, pipeline.csls
-    r_image = torch.as_tensor(pipeline.asif.similarity(image_emb, anchors.text)).topk(n, 1).values.mean(1)
-    r_text = torch.as_tensor(pipeline.asif.similarity(anchors.image, text_emb)).topk(n, 0).values.mean(0)
+    r_image = torch.as_tensor(off.asif.similarity(image_emb, anchors.text)).topk(n, 1).values.mean(1)
+    r_text = torch.as_tensor(off.asif.similarity(anchors.image, text_emb)).topk(n, 0).values.mean(0)
+    torch.testing.assert_close(pipeline.asif.hubness(image_emb, "image"), r_image)
     torch.testing.assert_close(pipeline.similarity(image_emb, text_emb), 2 * plain - r_image[:, None] - r_text)
     # a precomputed relative representation (a caption pool's) gives the same scores
     rel = pipeline.asif.transform(text_emb, modality="text")
@@ -153,3 +155,28 @@ def test_csls_matches_its_definition_and_zero_turns_it_off(pipeline):
     torch.testing.assert_close(pipeline.similarity(image_emb, rel), pipeline.similarity(image_emb, text_emb))
     with pytest.raises(DataError, match="csls"):
         AsifPipeline.from_anchors(anchors, pipeline.image_encoder, pipeline.text_encoder, csls=-1)
+
+
+def test_asif_defaults_give_the_pipeline_and_cli_scores(runner, tmp_path, specs):  # noqa: F811
+    """One set of defaults: ``ASIF().fit(anchors)`` in Python scores as ``AsifPipeline`` and
+    ``nofree classify`` do for the same anchors (issue 22); ``ASIF.paper()`` does not."""
+    from nofree.anchors.anchor_set import AnchorSet
+    from nofree.data.images import load_image
+
+    _, out, _ = build_set(runner, tmp_path, specs, n=8)
+    images = sorted(str(p) for p in (tmp_path / "data").glob("*.png"))[:3]
+    labels = ["red", "blue", "a bus", "photo number 2"]
+    result = runner.invoke(main, ["classify", "--anchors", str(out), *sum((["--label", l] for l in labels), []),
+                                  "--template", "{}", "--top", "4", "--format", "json", *images])
+    assert result.exit_code == 0, result.output
+    cli = torch.tensor([[{t["label"]: t["score"] for t in row["top"]}[l] for l in labels]
+                        for row in json.loads(result.output)])
+    pipeline = AsifPipeline.load(out)
+    image_emb = pipeline.image_encoder.encode([load_image(p) for p in images])
+    text_emb = pipeline.text_encoder.encode(labels)
+    python = ASIF().fit(AnchorSet.load(out)).similarity(image_emb, text_emb)
+    torch.testing.assert_close(python, pipeline.similarity(image_emb, text_emb))
+    torch.testing.assert_close(python, cli, atol=2e-6, rtol=0)       # the CLI rounds to 6 decimals
+    assert repr(pipeline.asif) == "ASIF()"                            # nothing but the defaults
+    paper = ASIF.paper().fit(AnchorSet.load(out)).similarity(image_emb, text_emb)
+    assert not torch.allclose(paper, python, atol=1e-3)

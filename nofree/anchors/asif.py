@@ -9,8 +9,18 @@ prompt of highest similarity.
 
 scikit-learn conventions: hyperparameters only in ``__init__``; :meth:`ASIF.fit` stores the
 (prepared) anchors in attributes ending in ``_``; :meth:`transform`, :meth:`similarity` and
-:meth:`predict` use them. Options beyond the paper (``center``, per-modality ``k_image`` /
-``k_text``) default to the paper's behaviour.
+:meth:`predict` use them.
+
+Defaults. ``ASIF()`` uses nofree's settings, :data:`ASIF_DEFAULTS`, the ones ``AsifPipeline`` and
+every CLI command use too (one definition, here): the paper's k = min(800, N), each modality
+centred on its anchor mean, a milder power p = 2 and the CSLS hubness correction with 10
+neighbours (Lample et al., 2018, "Word translation without parallel data":
+``2·s(x, y) − r(x) − r(y)``, see :meth:`ASIF.hubness`). They were chosen by 5-fold
+cross-validation on the coco-mini train split (anchors from 4/5 of the photos, text→image R@1 on
+the rest): ``benchmarks/asif_quality.py``, reported in ``benchmarks/RESULTS.md``, section "ASIF
+on coco-mini (embedded encoders only)" (CV R@1 0.459 with the paper's settings, 0.543 centred
+with p = 2, 0.557 with CSLS K = 10 on top; the val split agrees). :meth:`ASIF.paper` gives the
+paper's own settings, :data:`ASIF_PAPER` (k = 800 clipped to N, p = 8, no centring, no CSLS).
 """
 from __future__ import annotations
 
@@ -20,13 +30,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.anchors.relative import SparseRelative, relative_topk, sparse_similarity
+from nofree.anchors.relative import (SparseRelative, power_normalize, prepare_anchors, relative_topk,
+                                     sparse_similarity)
 from nofree.anchors.topk import (DEFAULT_ANCHOR_CHUNK, DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats,
                                  anchor_stats, resolve_precision)
 from nofree.core import MODALITIES, DataError, NofreeError, l2_normalize, resolve_device
 
 #: The paper's number of kept anchors per row (it used 1.6M anchors).
 PAPER_K = 800
+#: nofree's ASIF settings: ``ASIF()``, ``AsifPipeline`` and the CLI (see the module docstring for
+#: the cross-validation that chose them). ``k=None`` means min(800, N).
+ASIF_DEFAULTS = {"k": None, "p": 2.0, "center": True, "csls": 10}
+#: The paper's settings (Norelli et al., 2022): ``ASIF.paper()``. ``k=None`` means min(800, N).
+ASIF_PAPER = {"k": None, "p": 8.0, "center": False, "csls": 0}
+#: CSLS compares a query with at most this many anchors of the other modality (a seeded random
+#: subset of a larger set).
+CSLS_REFERENCE = 10_000
 
 
 def default_k(n_anchors: int) -> int:
@@ -49,11 +68,13 @@ def _anchor_pair(anchors: Any) -> tuple[Tensor, Tensor]:
 class ASIF:
     """ASIF image–text similarity from paired anchors.
 
-    Parameters (all keyword-only):
+    Parameters (all keyword-only; defaults :data:`ASIF_DEFAULTS`, the paper's via :meth:`paper`):
         k: kept anchors per relative representation; ``None`` = ``min(800, N)``.
         p: power applied to the kept cosines (signed power, see :mod:`nofree.anchors.relative`).
         k_image, k_text: per-modality k overriding ``k`` (``None`` = use ``k``).
         center: subtract each modality's anchor mean from anchors and queries, then re-normalise.
+        csls: CSLS hubness correction, the number of neighbours averaged in :meth:`hubness`
+            (0: off, the plain ASIF similarity).
         precision: scan precision for the top-k search, ``"auto"`` | ``"fp32"`` | ``"bf16"`` |
             ``"int8"``; every choice returns the exact float32 top-k (see ``topk.py``).
         anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan (``anchor_chunk=None``:
@@ -69,26 +90,39 @@ class ASIF:
     ``image_dim_``, ``text_dim_``.
     """
 
-    def __init__(self, *, k: int | None = None, p: float = 8.0, k_image: int | None = None,
-                 k_text: int | None = None, center: bool = False, precision: str = "auto",
-                 anchor_chunk: int | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
-                 search: str = "exact", device: Any = None) -> None:
+    def __init__(self, *, k: int | None = ASIF_DEFAULTS["k"], p: float = ASIF_DEFAULTS["p"],
+                 k_image: int | None = None, k_text: int | None = None,
+                 center: bool = ASIF_DEFAULTS["center"], csls: int = ASIF_DEFAULTS["csls"],
+                 precision: str = "auto", anchor_chunk: int | None = None,
+                 query_chunk: int = DEFAULT_QUERY_CHUNK, search: str = "exact", device: Any = None) -> None:
         self.k = k
         self.p = p
         self.k_image = k_image
         self.k_text = k_text
         self.center = center
+        self.csls = csls
         self.precision = precision
         self.anchor_chunk = anchor_chunk
         self.query_chunk = query_chunk
         self.search = search
         self.device = device
 
-    def __repr__(self) -> str:
-        names = ("k", "p", "k_image", "k_text", "center", "precision", "anchor_chunk", "query_chunk",
+    @classmethod
+    def paper(cls, **params: Any) -> "ASIF":
+        """The paper's settings, :data:`ASIF_PAPER` (Norelli et al., 2022: k = 800, clipped to the
+        number of anchors; p = 8; no centring; no CSLS); ``params`` override any of them."""
+        return cls(**{**ASIF_PAPER, **params})
+
+    def get_params(self) -> dict[str, Any]:
+        """The hyperparameters, ``{name: value}`` (scikit-learn's convention): ``ASIF(**a.get_params())``
+        is an unfitted copy of ``a``."""
+        names = ("k", "p", "k_image", "k_text", "center", "csls", "precision", "anchor_chunk", "query_chunk",
                  "search", "device")
-        defaults = ASIF()
-        changed = [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(defaults, n)]
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        defaults = ASIF().get_params()
+        changed = [f"{n}={v!r}" for n, v in self.get_params().items() if v != defaults[n]]
         return f"ASIF({', '.join(changed)})"
 
     # --- fitting --------------------------------------------------------------------------------
@@ -96,6 +130,9 @@ class ASIF:
         if not isinstance(self.p, (int, float)) or isinstance(self.p, bool) or not self.p > 0 \
                 or self.p == float("inf"):
             raise DataError(f"ASIF p must be a positive finite number, got {self.p!r}")
+        if isinstance(self.csls, bool) or not isinstance(self.csls, int) or self.csls < 0:
+            raise DataError(f"ASIF csls must be a whole number of neighbours >= 0 (0 turns CSLS off), "
+                            f"got {self.csls!r}")
         if self.precision not in PRECISIONS:
             raise DataError(f"ASIF precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.search not in ("exact", "index"):
@@ -123,24 +160,9 @@ class ASIF:
         return value
 
     def _prepare(self, anchors: Tensor, modality: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """Anchors as float32 unit rows on ``device`` (no copy when they already are)."""
-        a = anchors.to(device=device, dtype=torch.float32)
-        chunk = self.anchor_chunk or DEFAULT_ANCHOR_CHUNK
-        off = 0.0
-        for i in range(0, a.shape[0], chunk):
-            block = a[i:i + chunk]
-            if not bool(torch.isfinite(block).all()):
-                raise DataError(f"{modality} anchors contain NaN or inf (rows {i}.."
-                                f"{i + block.shape[0] - 1}); rebuild the anchor set")
-            off = max(off, float((block.norm(dim=1) - 1).abs().max()))
-        if off > 1e-3:
-            a = l2_normalize(a)
-        mean = None
-        if self.center:
-            mean = sum(a[i:i + chunk].double().sum(0) for i in range(0, a.shape[0], chunk)) / a.shape[0]
-            mean = mean.float()
-            a = l2_normalize(a - mean)
-        return a.contiguous(), mean
+        """Anchors as float32 unit rows on ``device``, centred when ``center``, and their mean."""
+        return prepare_anchors(anchors.to(device), modality, center=self.center,
+                               chunk=self.anchor_chunk or DEFAULT_ANCHOR_CHUNK)
 
     def fit(self, anchors: Any, *, indexes: dict | None = None) -> "ASIF":
         """Learn from N anchor pairs: an AnchorSet or ``(image (N, Di), text (N, Dt))``.
@@ -168,6 +190,8 @@ class ASIF:
         self.image_dim_, self.text_dim_ = int(image.shape[1]), int(text.shape[1])
         self.device_ = device
         self._stats: dict[tuple[str, str], AnchorStats] = {}
+        self._reference: dict[str, SparseRelative] = {}
+        self._hubness: dict[int, tuple[SparseRelative, Tensor]] = {}
         self.indexes_ = self._check_indexes(indexes or {}, n)
         return self
 
@@ -215,10 +239,7 @@ class ASIF:
         anchors = self.image_anchors_ if modality == "image" else self.text_anchors_
         k = self.k_image_ if modality == "image" else self.k_text_
         if modality in getattr(self, "indexes_", {}):
-            from nofree.anchors.index import index_topk
-            from nofree.anchors.relative import power_normalize
-
-            cosines, indices = index_topk(x.cpu(), anchors.cpu(), self.indexes_[modality], k)
+            cosines, indices = self.indexes_[modality].topk(x.cpu(), anchors.cpu(), k)
             cosines, indices = cosines.to(self.device_), indices.to(self.device_)
             return SparseRelative(power_normalize(cosines, float(self.p)), indices, cosines, self.n_anchors_)
         precision = resolve_precision(self.precision, self.n_anchors_, self.device_)
@@ -232,20 +253,62 @@ class ASIF:
         return relative_topk(x, anchors, k, float(self.p), precision=precision, stats=stats,
                              anchor_chunk=self.anchor_chunk, query_chunk=self.query_chunk)
 
+    def _relative(self, emb: Any, modality: str) -> SparseRelative:
+        """rho of ``emb``: embeddings are transformed, a :class:`SparseRelative` is checked and kept."""
+        if not isinstance(emb, SparseRelative):
+            return self.transform(emb, modality=modality)
+        if emb.n_anchors != self.n_anchors_:
+            raise DataError(f"relative representation over {emb.n_anchors} anchors given to an ASIF "
+                            f"fitted on {self.n_anchors_}")
+        return emb
+
     def similarity(self, image_emb: Any, text_emb: Any) -> Tensor:
-        """``(n_images, n_texts)`` float32 ASIF similarities.
+        """``(n_images, n_texts)`` float32 ASIF similarities ⟨rho_img, rho_txt⟩, CSLS-corrected when
+        ``csls`` > 0: ``2·s(x, y) − r(x) − r(y)`` with r from :meth:`hubness`.
 
         Either argument may be embeddings ``(n, D)`` or the :class:`SparseRelative` that
         :meth:`transform` returned for it (to reuse a caption pool's representations).
         """
         self._fitted()
-        rho_i, rho_t = (emb if isinstance(emb, SparseRelative) else self.transform(emb, modality=modality)
-                        for emb, modality in ((image_emb, "image"), (text_emb, "text")))
-        for rho in (rho_i, rho_t):
-            if rho.n_anchors != self.n_anchors_:
-                raise DataError(f"relative representation over {rho.n_anchors} anchors given to an ASIF "
-                                f"fitted on {self.n_anchors_}")
-        return sparse_similarity(rho_i.values, rho_i.indices, rho_t.values, rho_t.indices, self.n_anchors_)
+        rho_i, rho_t = self._relative(image_emb, "image"), self._relative(text_emb, "text")
+        sim = sparse_similarity(rho_i.values, rho_i.indices, rho_t.values, rho_t.indices, self.n_anchors_)
+        if not self.csls:
+            return sim
+        r_image = self._hubness_of(rho_i, "image", keep=rho_i is image_emb)
+        r_text = self._hubness_of(rho_t, "text", keep=rho_t is text_emb)
+        return 2 * sim - r_image[:, None] - r_text[None, :]
+
+    def hubness(self, emb: Any, modality: str) -> Tensor:
+        """CSLS r(q) ``(n,)`` of queries of ``modality`` (embeddings or their :class:`SparseRelative`):
+        the mean of the ``csls`` highest plain ASIF similarities of each query to the other
+        modality's anchors (at most :data:`CSLS_REFERENCE` of them, a seeded random subset beyond)."""
+        self._fitted()
+        if self.csls < 1:
+            raise DataError("hubness needs csls >= 1 neighbours; this ASIF has csls=0 (CSLS off)")
+        rho = self._relative(emb, modality)
+        return self._hubness_of(rho, modality, keep=rho is emb)
+
+    def _hubness_of(self, rho: SparseRelative, modality: str, *, keep: bool) -> Tensor:
+        """r(q) of relative representations; ``keep``: remember it for this very object (a caption
+        pool's, given again and again), keeping it alive so its ``id`` stays its own."""
+        if id(rho) in self._hubness:
+            return self._hubness[id(rho)][1]
+        other = "text" if modality == "image" else "image"
+        if other not in self._reference:
+            side = _anchor_pair(self.anchors_)[0 if other == "image" else 1]
+            if len(side) > CSLS_REFERENCE:
+                pick = torch.randperm(len(side), generator=torch.Generator().manual_seed(0))[:CSLS_REFERENCE]
+                side = side[pick]
+            self._reference[other] = self.transform(side, modality=other)
+        ref = self._reference[other]
+        if modality == "image":
+            sim = sparse_similarity(rho.values, rho.indices, ref.values, ref.indices, self.n_anchors_)
+        else:
+            sim = sparse_similarity(ref.values, ref.indices, rho.values, rho.indices, self.n_anchors_).T
+        r = sim.topk(min(self.csls, sim.shape[1]), dim=1).values.mean(1)               # (n,)
+        if keep:
+            self._hubness[id(rho)] = (rho, r)
+        return r
 
     def predict(self, image_emb: Any, class_text_emb: Any) -> Tensor:
         """Zero-shot class ``(n_images,)`` int64: the class prompt of highest similarity."""

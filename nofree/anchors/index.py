@@ -17,7 +17,7 @@ the anchors were centred, measured recall). Anything that rewrites the set (``ex
 the index, since it would no longer cover the anchors.
 
 The index is built over the anchors exactly as ASIF prepares them (unit rows, centred on the
-anchor mean when ``center``: nofree's pipeline default), so its candidates are those ASIF
+anchor mean when ``center``: nofree's default), so its candidates are those ASIF
 ranks. Training needs enough points: at least 39 per IVF list and per PQ centroid (faiss's own
 guidance); a smaller set keeps exact search and says so instead of failing inside faiss.
 """
@@ -67,6 +67,10 @@ class AnchorIndex:
         q = np.ascontiguousarray(query.detach().cpu().float().numpy())
         _, ids = self.index.search(q, k)
         return torch.from_numpy(ids.astype(np.int64))
+
+    def topk(self, query: Tensor, anchors: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k cosines and anchor ids ``(Q, k)`` of prepared queries: :func:`index_topk`."""
+        return index_topk(query, anchors, self, k)
 
 
 def _faiss():
@@ -191,10 +195,10 @@ def index_topk(query: Tensor, anchors: Tensor, index: AnchorIndex, k: int) -> tu
 
 def _prepared(anchors: AnchorSet, center: bool) -> dict[str, Tensor]:
     """Both sides as ASIF prepares them (unit rows; centred when ``center``)."""
-    from nofree.anchors.asif import ASIF
+    from nofree.anchors.relative import prepare_anchors
 
-    asif = ASIF(k=1, center=center).fit(anchors)
-    return {"image": asif.image_anchors_, "text": asif.text_anchors_}
+    return {modality: prepare_anchors(torch.as_tensor(getattr(anchors, modality)), modality, center=center)[0]
+            for modality in MODALITIES}
 
 
 def check_index_entry(entry: Any, file: Path) -> None:
@@ -239,21 +243,20 @@ def add_index(anchor_dir: str | Path, factory: str, *, nprobe: int | None = None
               n_queries: int = DEFAULT_RECALL_QUERIES, anchors: AnchorSet | None = None) -> dict:
     """Train an index of ``factory`` on both sides of the set at ``anchor_dir`` and store it there.
 
-    ``center`` defaults to the ASIF pipeline's setting; ``recall_k`` to ASIF's default k
-    (min(800, N)), which also sets the default ``nprobe`` of IVF indices (:func:`default_nprobe`;
-    ignored by others); ``refine`` candidates per kept anchor are re-scored exactly (more:
-    higher recall, slower). Returns the manifest entry written (with the measured recall per side, or
+    ``center`` defaults to ASIF's (:data:`~nofree.anchors.asif.ASIF_DEFAULTS`); ``recall_k`` to
+    ASIF's default k (min(800, N)), which also sets the default ``nprobe`` of IVF indices
+    (:func:`default_nprobe`; ignored by others); ``refine`` candidates per kept anchor are
+    re-scored exactly (more: higher recall, slower). Returns the manifest entry written (with the measured recall per side, or
     ``"search": "exact"`` and the reason when the set is too small to train the index).
     """
-    from nofree.anchors.asif import default_k
-    from nofree.anchors.pipeline import PIPELINE_ASIF_DEFAULTS
+    from nofree.anchors.asif import ASIF_DEFAULTS, default_k
 
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 1:
         raise DataError(f"refine must be a positive whole number of candidates per kept anchor, got {refine!r}")
     faiss = _faiss()
     path = Path(anchor_dir)
     anchors = anchors if anchors is not None else AnchorSet.load(path)
-    center = PIPELINE_ASIF_DEFAULTS["center"] if center is None else bool(center)
+    center = ASIF_DEFAULTS["center"] if center is None else bool(center)
     k = min(recall_k or default_k(len(anchors)), len(anchors))
     entry: dict[str, Any] = {"factory": factory, "center": center, "search": "index", "sides": {}}
     built: dict[str, Any] = {}

@@ -1,14 +1,13 @@
 """The int8 anchor scan's products in C, with the candidate selection fused in (AVX-512 VNNI).
 
-``torch._int_mm`` (oneDNN) runs the int8 scan's query × anchor products at ~260 G multiply-adds/s
-on a 2-core Zen 4; the native kernel in ``nofree/native/scan.c`` keeps an 8 × 48 tile of int32 dot
-products in registers through the whole embedding width and reaches ~450 G/s there
-(``runs/s8/vbench3.py``). Its second entry point compares each finished tile with the rows'
-discard thresholds and appends only the passing entries, so the (queries × chunk) score tile is
-never written and read back; meanwhile it fetches the next anchor chunk into the cache, so that
-quantising and packing it reads the cache, not memory. Both give exactly the int32 products of
-``torch._int_mm`` (integer arithmetic), so the scan's candidates, and hence its results, are the
-same either way.
+The native kernel in ``nofree/native/scan.c`` keeps an 8 × 48 tile of int32 dot products in
+registers through the whole embedding width, and computes the int8 scan's query × anchor
+products faster than ``torch._int_mm`` (oneDNN; ``benchmarks/RESULTS.md``, "ASIF at scale").
+Its second entry point compares each finished tile with the rows' discard thresholds and
+appends only the passing entries, so the (queries × chunk) score tile is never written and read
+back; meanwhile it fetches the next anchor chunk into the cache, so that quantising and packing
+it reads the cache, not memory. Both give exactly the int32 products of ``torch._int_mm``
+(integer arithmetic), so the scan's candidates, and hence its results, are the same either way.
 
 Used by :func:`nofree.anchors.topk._scan_block` when the native helpers are built for a CPU with
 AVX-512 VNNI; elsewhere the scan keeps ``torch._int_mm`` and the tile-wise selection.

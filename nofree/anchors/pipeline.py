@@ -11,6 +11,9 @@ when it is done, so the task functions below (``iter_classify_paths``, ``iter_se
 can hand out results as they finish. One rule for unreadable images: they are skipped, reported
 once at the end (count and the first few paths, via ``logging``) and named in their rows;
 ``strict=True`` raises the first one's ``DataError`` instead.
+
+The task functions take any joint image–text space with the pipeline's interface, e.g. a trained
+LiT's :class:`~nofree.scoring.ScorerSpace` (``nofree classify / retrieve --lit DIR``).
 """
 from __future__ import annotations
 
@@ -22,17 +25,9 @@ import torch
 from torch import Tensor
 
 from nofree.anchors.anchor_set import AnchorSet
+from nofree.anchors.asif import ASIF, ASIF_DEFAULTS
 from nofree.core import DataError, Encoder
 
-#: ASIF settings nofree uses unless told otherwise: the paper's top-k with k = min(800, N), plus
-#: centring each modality on its anchor mean and a milder power than the paper's p = 8. Chosen
-#: by 5-fold cross-validation on coco-mini train (benchmarks/asif_quality.py, RESULTS.md).
-PIPELINE_ASIF_DEFAULTS = {"center": True, "p": 2.0}
-#: CSLS hubness correction (Lample et al., 2018, "Word translation without parallel data"):
-#: neighbours averaged per query, and the most anchors of the other modality used as its
-#: reference set (a seeded random subset beyond that). Chosen by the same cross-validation.
-PIPELINE_CSLS = 10
-CSLS_REFERENCE = 10_000
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 #: Prompt ensemble for ``average_templates`` (a short subset in the spirit of CLIP's 80).
 ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.",
@@ -55,7 +50,12 @@ class EncodedBatch(NamedTuple):
 
 @dataclass
 class AsifPipeline:
-    """Anchors + encoders + ASIF. Embeddings in, ``(n_images, n_texts)`` similarities out."""
+    """Anchors + encoders + ASIF. Embeddings in, ``(n_images, n_texts)`` similarities out.
+
+    The similarities are the fitted :class:`~nofree.anchors.asif.ASIF`'s, with its settings
+    (nofree's defaults, :data:`~nofree.anchors.asif.ASIF_DEFAULTS`, unless told otherwise): the
+    same numbers as ``ASIF().fit(anchors).similarity(...)``.
+    """
 
     anchors: AnchorSet
     asif: Any
@@ -63,18 +63,17 @@ class AsifPipeline:
     text_encoder: Encoder
     cache: Any = None
     batch_size: int = 32
-    csls: int = PIPELINE_CSLS
 
-    def __post_init__(self) -> None:
-        self._reference: dict[str, Any] = {}
-        self._hubness: dict[int, tuple[Any, Tensor]] = {}
+    @property
+    def csls(self) -> int:
+        """CSLS neighbours of the fitted ASIF (0: plain ASIF similarity)."""
+        return int(getattr(self.asif, "csls", 0))
 
     @classmethod
     def load(cls, anchor_dir: str | Path, *, device: Any = None, cache: Any = None,
              image_encoder: Encoder | None = None, text_encoder: Encoder | None = None,
              **asif_params: Any) -> "AsifPipeline":
         """Load the set at ``anchor_dir``, its recorded encoders, and fit ASIF(**asif_params)."""
-        from nofree.anchors.asif import ASIF
         from nofree.registry import load_encoder
 
         anchors = AnchorSet.load(anchor_dir)
@@ -85,7 +84,8 @@ class AsifPipeline:
             from nofree.anchors.index import load_indexes
 
             indexes = load_indexes(anchor_dir)
-            asif_params.setdefault("center", anchors.meta.get("index", {}).get("center", True))
+            index_center = anchors.meta.get("index", {}).get("center", ASIF_DEFAULTS["center"])
+            asif_params.setdefault("center", index_center)
         return cls.from_anchors(anchors, image_encoder, text_encoder, cache=cache, indexes=indexes,
                                 **asif_params)
 
@@ -93,17 +93,14 @@ class AsifPipeline:
     def from_anchors(cls, anchors: AnchorSet, image_encoder: Encoder, text_encoder: Encoder, *,
                      cache: Any = None, indexes: dict | None = None, csls: int | None = None,
                      **asif_params: Any) -> "AsifPipeline":
-        """``csls``: CSLS neighbours (``None``: nofree's default, 0: plain ASIF similarity)."""
-        from nofree.anchors.asif import ASIF
-
+        """``asif_params`` (and ``csls``: CSLS neighbours, 0 = plain ASIF similarity) go to
+        :class:`~nofree.anchors.asif.ASIF`; what is not given keeps ASIF's defaults."""
         anchors.check_encoder(image_encoder, "image")
         anchors.check_encoder(text_encoder, "text")
-        params = {**PIPELINE_ASIF_DEFAULTS, **asif_params}
-        csls = PIPELINE_CSLS if csls is None else int(csls)
-        if csls < 0:
-            raise DataError(f"csls must be >= 0 neighbours (0 turns CSLS off), got {csls}")
-        return cls(anchors, ASIF(**params).fit(anchors, indexes=indexes), image_encoder, text_encoder, cache,
-                   csls=csls)
+        if csls is not None:
+            asif_params["csls"] = csls
+        return cls(anchors, ASIF(**asif_params).fit(anchors, indexes=indexes), image_encoder, text_encoder,
+                   cache)
 
     # --- embeddings ---------------------------------------------------------------------
     def _encode(self, encoder: Encoder, items: Sequence[Any]) -> Tensor:
@@ -123,96 +120,25 @@ class AsifPipeline:
 
     def iter_encode_images(self, paths: Sequence[str | Path], *, strict: bool = False,
                            ) -> Iterator[EncodedBatch]:
-        """Embed image paths ``batch_size`` at a time, yielding each batch as it is done.
-
-        With a cache, finished embeddings are kept there (written by size and age, and when the
-        iteration ends, fails or is interrupted), so a re-run encodes only what was not done.
-        Unreadable images are skipped, listed in each batch's ``errors`` and reported once at
-        the end; ``strict=True`` raises the first one's ``DataError`` (naming the file) instead.
-        """
-        from nofree.data.images import load_image, report_skipped
-
-        skipped: list[str] = []
-        try:
-            for start in range(0, len(paths), self.batch_size):
-                chunk = [str(path) for path in paths[start:start + self.batch_size]]
-                errors: dict[int, str] = {}
-                try:
-                    image_emb = self._encode_paths(chunk)
-                except DataError as first:
-                    if strict:
-                        raise
-                    for position, path in enumerate(chunk):  # find the unreadable ones
-                        try:
-                            load_image(path)
-                        except DataError as err:
-                            errors[position] = str(err)
-                    if not errors:  # not an unreadable image: a real error
-                        raise first
-                    image_emb = self._encode_paths([p for i, p in enumerate(chunk) if i not in errors])
-                    skipped += [chunk[i] for i in errors]
-                yield EncodedBatch(chunk, image_emb, errors)
-        finally:
-            if self.cache is not None:
-                self.cache.flush()
-            report_skipped(skipped)
-
-    def _encode_paths(self, paths: list[str]) -> Tensor:
-        """``(N, Di)`` embeddings of readable image paths; the cache keeps them unflushed."""
-        from nofree.data.images import load_image
-
-        if not paths:
-            return torch.zeros(0, self.image_encoder.embed_dim)
-        if self.cache is not None:
-            return self.cache.encode(self.image_encoder, paths, batch_size=self.batch_size, flush=False)
-        return self.image_encoder.encode([load_image(p) for p in paths], batch_size=self.batch_size)
+        """Embed image paths ``batch_size`` at a time, yielding each batch as it is done
+        (:func:`iter_encode_images`)."""
+        return iter_encode_images(self, paths, strict=strict)
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """``(N, Dt)`` embeddings of texts."""
         return self._encode(self.text_encoder, texts)
 
     def similarity(self, image_emb: Any, text_emb: Any) -> Tensor:
-        """ASIF similarity ``(n_images, n_texts)`` of already-encoded images and texts, CSLS-
-        corrected when ``csls`` > 0: ``2·s(x, y) − r(x) − r(y)``. Either side may also be the
-        relative representation ``asif.transform`` gave for it (to reuse a caption pool's)."""
-        sim = torch.as_tensor(self.asif.similarity(image_emb, text_emb))
-        if not self.csls:
-            return sim
-        return 2 * sim - self.hubness(image_emb, "image")[:, None] - self.hubness(text_emb, "text")[None, :]
-
-    def hubness(self, emb: Any, modality: str) -> Tensor:
-        """CSLS r(q) ``(n,)``: the mean of the ``csls`` highest ASIF similarities of each query (of
-        ``modality``) to the other modality's anchors (at most ``CSLS_REFERENCE`` of them)."""
-        from nofree.anchors.relative import SparseRelative
-
-        if isinstance(emb, SparseRelative) and id(emb) in self._hubness:   # e.g. a caption pool's
-            return self._hubness[id(emb)][1]
-        other = "text" if modality == "image" else "image"
-        if other not in self._reference:
-            side = self.anchors.text if other == "text" else self.anchors.image
-            if len(side) > CSLS_REFERENCE:
-                side = side[torch.randperm(len(side), generator=torch.Generator().manual_seed(0))[:CSLS_REFERENCE]]
-            self._reference[other] = self.asif.transform(side, modality=other)
-        reference = self._reference[other]
-        if modality == "image":
-            sim = torch.as_tensor(self.asif.similarity(emb, reference))        # (n, R)
-        else:
-            sim = torch.as_tensor(self.asif.similarity(reference, emb)).T      # (n, R)
-        r = sim.topk(min(self.csls, sim.shape[1]), dim=1).values.mean(1)
-        if isinstance(emb, SparseRelative):
-            self._hubness[id(emb)] = (emb, r)  # keeps emb alive, so its id stays its own
-        return r
+        """ASIF similarity ``(n_images, n_texts)`` of already-encoded images and texts (CSLS-
+        corrected when the ASIF's ``csls`` > 0; :meth:`ASIF.similarity`). Either side may also be
+        the relative representation ``asif.transform`` gave for it (to reuse a caption pool's)."""
+        return torch.as_tensor(self.asif.similarity(image_emb, text_emb))
 
     # --- tasks --------------------------------------------------------------------------
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                          ) -> tuple[Tensor, Tensor]:
         """Prompt embeddings ``(C·P, Dt)`` and each prompt's class index ``(C·P,)``."""
-        if not labels:
-            raise DataError("no class labels given: pass --labels FILE or --label NAME (repeatable)")
-        for template in templates:
-            if "{}" not in template:
-                raise DataError(f"prompt template {template!r} has no '{{}}' where the label goes")
-        prompts = [template.format(label) for label in labels for template in templates]
+        prompts = class_prompts(labels, templates)
         owner = torch.arange(len(labels)).repeat_interleave(len(templates))
         return self.encode_texts(prompts), owner
 
@@ -228,41 +154,125 @@ class AsifPipeline:
         return _class_scores(self.similarity(image_emb, prompt_emb), len(labels), average_templates)
 
 
+# --- the tasks, over an AsifPipeline or any joint space with its interface ----------------------
+# ``pipeline`` below: an AsifPipeline, or another joint image–text space offering ``encode_texts``,
+# ``similarity(image_emb, text_emb)`` and ``image_encoder`` / ``cache`` / ``batch_size`` for the
+# images, e.g. a trained LiT's :class:`~nofree.scoring.ScorerSpace` (``nofree classify --lit``).
+
+def iter_encode_images(pipeline: Any, paths: Sequence[str | Path], *, strict: bool = False,
+                       ) -> Iterator[EncodedBatch]:
+    """Embed image paths with ``pipeline.image_encoder``, ``pipeline.batch_size`` at a time,
+    yielding each batch as it is done.
+
+    With a cache (``pipeline.cache``), finished embeddings are kept there (written by size and
+    age, and when the iteration ends, fails or is interrupted), so a re-run encodes only what was
+    not done. Unreadable images are skipped, listed in each batch's ``errors`` and reported once
+    at the end; ``strict=True`` raises the first one's ``DataError`` (naming the file) instead.
+    """
+    from nofree.data.images import load_image, report_skipped
+
+    skipped: list[str] = []
+    try:
+        for start in range(0, len(paths), pipeline.batch_size):
+            chunk = [str(path) for path in paths[start:start + pipeline.batch_size]]
+            errors: dict[int, str] = {}
+            try:
+                image_emb = _encode_paths(pipeline, chunk)
+            except DataError as first:
+                if strict:
+                    raise
+                for position, path in enumerate(chunk):  # find the unreadable ones
+                    try:
+                        load_image(path)
+                    except DataError as err:
+                        errors[position] = str(err)
+                if not errors:  # not an unreadable image: a real error
+                    raise first
+                image_emb = _encode_paths(pipeline, [p for i, p in enumerate(chunk) if i not in errors])
+                skipped += [chunk[i] for i in errors]
+            yield EncodedBatch(chunk, image_emb, errors)
+    finally:
+        if pipeline.cache is not None:
+            pipeline.cache.flush()
+        report_skipped(skipped)
+
+
+def _encode_paths(pipeline: Any, paths: list[str]) -> Tensor:
+    """``(N, Di)`` embeddings of readable image paths; the cache keeps them unflushed."""
+    from nofree.data.images import load_image
+
+    encoder, batch_size = pipeline.image_encoder, pipeline.batch_size
+    if not paths:
+        return torch.zeros(0, encoder.embed_dim)
+    if pipeline.cache is not None:
+        return pipeline.cache.encode(encoder, paths, batch_size=batch_size, flush=False)
+    return encoder.encode([load_image(p) for p in paths], batch_size=batch_size)
+
+
+def class_prompts(labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+    """The ``C·P`` prompts of ``labels`` (each label's ``P`` templates together, in order)."""
+    if not labels:
+        raise DataError("no class labels given: pass --labels FILE or --label NAME (repeatable)")
+    for template in templates:
+        if "{}" not in template:
+            raise DataError(f"prompt template {template!r} has no '{{}}' where the label goes")
+    return [template.format(label) for label in labels for template in templates]
+
+
+def _texts_once(pipeline: Any, text_emb: Tensor) -> Any:
+    """What ``pipeline.similarity`` compares with ``text_emb`` by, computed once for every batch:
+    ASIF relative representations, or the embeddings themselves in another joint space."""
+    asif = getattr(pipeline, "asif", None)
+    return asif.transform(text_emb, modality="text") if asif is not None else text_emb
+
+
 def _class_scores(sim: Tensor, n_labels: int, average_templates: bool) -> Tensor:
     """Class scores ``(n, C)`` from prompt similarities ``(n, C·P)`` (prompts grouped by class)."""
     sim = sim.view(sim.shape[0], n_labels, -1)
     return sim.mean(-1) if average_templates else sim.amax(-1)
 
 
-def iter_classify_paths(pipeline: AsifPipeline, paths: Sequence[str | Path], labels: Sequence[str], *,
+def iter_classify_paths(pipeline: Any, paths: Sequence[str | Path], labels: Sequence[str], *,
                         templates: Sequence[str] = DEFAULT_TEMPLATES, average_templates: bool = False,
-                        top: int = 5, strict: bool = False) -> Iterator[dict]:
+                        top: int = 5, strict: bool = False, temperature: float | None = None,
+                        ) -> Iterator[dict]:
     """Zero-shot classify image files, one row per image in input order, yielded batch by batch
     as each is done: ``{"image": path, "top": [{"label": l, "score": s}, ...]}`` (the ``top``
     best classes, as :meth:`AsifPipeline.classify` scores them), or for an unreadable image
     ``{"image": path, "top": None, "error": reason}`` (``strict``: its ``DataError`` instead).
+
+    ``temperature`` τ: rows also carry ``"probabilities": {label: p, ...}`` over every label (in
+    label order), ``softmax(scores / τ)`` (:func:`nofree.anchors.calibration.class_probabilities`;
+    :func:`~nofree.anchors.calibration.choose_temperature` picks τ for ASIF scores).
     """
-    prompt_emb, _ = pipeline.class_embeddings(labels, templates)
-    prompt_rel = pipeline.asif.transform(prompt_emb, modality="text")  # once, for every batch
-    for batch in pipeline.iter_encode_images(paths, strict=strict):
-        ranked = iter(top_k_rows(_class_scores(pipeline.similarity(batch.image_emb, prompt_rel), len(labels),
-                                               average_templates), labels, top)
-                      if len(batch.image_emb) else [])
+    from nofree.anchors.calibration import check_temperature, class_probabilities
+
+    if temperature is not None:
+        check_temperature(temperature)
+    prompt_rel = _texts_once(pipeline, pipeline.encode_texts(class_prompts(labels, templates)))
+    for batch in iter_encode_images(pipeline, paths, strict=strict):
+        scores = _class_scores(pipeline.similarity(batch.image_emb, prompt_rel), len(labels),
+                               average_templates)                                          # (n, C)
+        ranked = iter(top_k_rows(scores, labels, top) if len(batch.image_emb) else [])
+        probabilities = iter([] if temperature is None else class_probabilities(scores, temperature).tolist())
         for position, path in enumerate(batch.paths):
             if position in batch.errors:
                 yield {"image": path, "top": None, "error": batch.errors[position]}
-            else:
+            elif temperature is None:
                 yield {"image": path, "top": next(ranked)}
+            else:
+                yield {"image": path, "top": next(ranked),
+                       "probabilities": {label: round(p, 6) for label, p in zip(labels, next(probabilities))}}
 
 
-def search_images(pipeline: AsifPipeline, queries: Sequence[str], paths: Sequence[str | Path], *,
+def search_images(pipeline: Any, queries: Sequence[str], paths: Sequence[str | Path], *,
                   top: int = 5, strict: bool = False) -> list[dict]:
     """Text-to-image retrieval over image files: ``[{"query": q, "results": [{"image": path,
     "score": s}, ...]}, ...]``, the ``top`` best readable images per query (unreadable ones are
     skipped and reported; ``strict``: the first raises its ``DataError``)."""
     readable: list[str] = []
     parts: list[Tensor] = []
-    for batch in pipeline.iter_encode_images(paths, strict=strict):
+    for batch in iter_encode_images(pipeline, paths, strict=strict):
         readable += [path for position, path in enumerate(batch.paths) if position not in batch.errors]
         parts.append(batch.image_emb)
     if not readable:
@@ -272,14 +282,14 @@ def search_images(pipeline: AsifPipeline, queries: Sequence[str], paths: Sequenc
             for query, hits in zip(queries, top_k_rows(sim.T, readable, top, key="image"))]
 
 
-def iter_search_texts(pipeline: AsifPipeline, image_queries: Sequence[str | Path], texts: Sequence[str], *,
+def iter_search_texts(pipeline: Any, image_queries: Sequence[str | Path], texts: Sequence[str], *,
                       top: int = 5, strict: bool = False) -> Iterator[dict]:
     """Image-to-text retrieval over ``texts``, one row per query image in input order, yielded
     batch by batch as each is done: ``{"query": path, "results": [{"caption": t, "score": s},
     ...]}``, or for an unreadable image ``{"query": path, "results": None, "error": reason}``
     (``strict``: its ``DataError`` instead)."""
-    text_rel = pipeline.asif.transform(pipeline.encode_texts(list(texts)), modality="text")
-    for batch in pipeline.iter_encode_images(image_queries, strict=strict):
+    text_rel = _texts_once(pipeline, pipeline.encode_texts(list(texts)))
+    for batch in iter_encode_images(pipeline, image_queries, strict=strict):
         ranked = iter(top_k_rows(pipeline.similarity(batch.image_emb, text_rel), texts, top, key="caption")
                       if len(batch.image_emb) else [])
         for position, path in enumerate(batch.paths):

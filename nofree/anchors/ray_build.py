@@ -5,10 +5,11 @@ shards, one row each (shard index + its pairs), through ``map_batches`` on an ac
 ``workers`` actors. Each actor builds its own encoders from spec strings (or zero-argument
 factories) once, on its GPU when Ray gave it one (GPU actors whenever the cluster has GPUs),
 else on CPU, then for each shard reads the images (files or webdataset members), encodes them
-with the same ``_encode_shard`` as the local engine and writes ``shard-NNNNN.safetensors``
-atomically (temporary name, then rename) into ``OUT.partial``. The driver then assembles the
-shards in shard order into a normal :class:`~nofree.anchors.anchor_set.AnchorSet`, so the
-result equals the single-process build (same shards, same order).
+with the same :func:`~nofree.anchors.shards.encode_shard` as the local engine and writes
+``shard-NNNNN.safetensors`` atomically (temporary name, then rename) into ``OUT.partial``. The
+driver then assembles the shards in shard order into a normal
+:class:`~nofree.anchors.anchor_set.AnchorSet`, so the result equals the single-process build
+(same shards, same order).
 
 Failures cost only their own shard: Ray restarts a dead actor and retries its shard
 (``max_retries`` times); a shard already on disk is never encoded again, so rerunning a build
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from nofree.anchors.anchor_set import AnchorSet
-from nofree.anchors.build import (_encode_shard, _read_shard, _resolve_encoder, _write_shard,
-                                  assemble_shards, shard_path, start_work_dir)
+from nofree.anchors.shards import (DEFAULT_SHARD_SIZE, assemble_shards, encode_shard, read_shard,
+                                   resolve_encoder, shard_path, start_work_dir, write_shard)
 from nofree.core import Encoder, MissingDependencyError, NofreeError, Pair, SpecError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class ShardEncoder:
         self.batch_size = batch_size
         self.error = ""  # a user-fixable error (bad spec, missing package) goes back to the driver
         try:
-            self.image = _resolve_encoder(image_encoder, "image", device)
-            self.text = _resolve_encoder(text_encoder, "text", device)
+            self.image = resolve_encoder(image_encoder, "image", device)
+            self.text = resolve_encoder(text_encoder, "text", device)
             for encoder, spec in ((self.image, image_spec), (self.text, text_spec)):
                 if encoder.spec != spec:
                     raise SpecError(f"a Ray worker built {encoder.spec!r} but the build records {spec!r}")
@@ -85,11 +86,11 @@ class ShardEncoder:
                 done["skipped"].append(0)
                 continue
             path = shard_path(self.work_dir, index)
-            part = _read_shard(path) if path.exists() else None  # finished by an earlier attempt
+            part = read_shard(path) if path.exists() else None  # finished by an earlier attempt
             if part is None:
                 pairs = [Pair(image, tuple(captions)) for image, captions in json.loads(rows)]
-                tensors, metadata = _encode_shard(pairs, self.image, self.text, self.batch_size)
-                _write_shard(path, tensors, metadata)
+                tensors, metadata = encode_shard(pairs, self.image, self.text, self.batch_size)
+                write_shard(path, tensors, metadata)
                 part = tensors, {"skipped": json.loads(metadata["skipped"])}
             done["index"].append(index)
             done["anchors"].append(int(part[0]["image"].shape[0]))
@@ -202,7 +203,7 @@ def _run_pool(ray: Any, rows: list[dict], encoder_args: dict, n_actors: int, res
 
 def encode_pairs_ray(pairs: Sequence[Pair], image_encoder: str | Callable[[], Encoder],
                      text_encoder: str | Callable[[], Encoder], work_dir: Path, *,
-                     batch_size: int = 32, shard_size: int = 256, workers: int | None = None,
+                     batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
                      ray_address: str | None = None, max_retries: int = 3, progress: bool = True,
                      ) -> tuple[AnchorSet, list[str]]:
     """Like :func:`nofree.anchors.build.encode_pairs_resumably`, on Ray actors.
@@ -241,7 +242,7 @@ def encode_pairs_ray(pairs: Sequence[Pair], image_encoder: str | Callable[[], En
                     "again to encode only the missing ones") from err
     parts = []
     for index in range(n_shards):
-        part = _read_shard(shard_path(work_dir, index))
+        part = read_shard(shard_path(work_dir, index))
         if part is None:
             shard_path(work_dir, index).unlink(missing_ok=True)
             raise NofreeError(f"shard {index} in {work_dir} is missing or unreadable (removed); run "

@@ -118,6 +118,31 @@ def to_torch_csr(values: Tensor, indices: Tensor, n_anchors: int) -> Tensor:
                                        check_invariants=False)
 
 
+# --- the anchors as ASIF compares with them -------------------------------------------------------
+
+def prepare_anchors(anchors: Tensor, modality: str, *, center: bool, chunk: int = DEFAULT_ANCHOR_CHUNK,
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Anchors ``(N, D)`` as float32 unit rows (no copy when they already are), and, when
+    ``center``, minus their mean ``(D,)`` (summed in float64, ``chunk`` rows at a time) and
+    re-normalised; returns ``(prepared (N, D), mean or None)``. Raises ``DataError`` on NaN/inf."""
+    a = anchors.to(dtype=torch.float32)
+    off = 0.0
+    for i in range(0, a.shape[0], chunk):
+        block = a[i:i + chunk]
+        if not bool(torch.isfinite(block).all()):
+            raise DataError(f"{modality} anchors contain NaN or inf (rows {i}.."
+                            f"{i + block.shape[0] - 1}); rebuild the anchor set")
+        off = max(off, float((block.norm(dim=1) - 1).abs().max()))
+    if off > 1e-3:
+        a = l2_normalize(a)
+    mean = None
+    if center:
+        mean = sum(a[i:i + chunk].double().sum(0) for i in range(0, a.shape[0], chunk)) / a.shape[0]
+        mean = mean.float()
+        a = l2_normalize(a - mean)
+    return a.contiguous(), mean
+
+
 # --- the power and normalisation -----------------------------------------------------------------
 
 def power_normalize(cosines: Tensor, p: float) -> Tensor:

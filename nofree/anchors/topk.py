@@ -40,16 +40,18 @@ from nofree.native import library_for
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DEFAULT_ANCHOR_CHUNK = 8192
 DEFAULT_QUERY_CHUNK = 2048
-#: anchor rows per scan chunk when none is given, by scan precision (measured with
-#: benchmarks/asif_scale.py on a 2-core Zen 4, 2,048 queries: int8 at 1M anchors 9.3 s with 2,048
-#: vs 10.4 s with 8,192; bf16 at 200k 13.3 s with 4,096 vs 13.9 s with 8,192, 10k queries)
+#: anchor rows per scan chunk when none is given, by scan precision: a low-precision chunk is
+#: quantised (and, with the int8 kernel, fetched into the cache while the previous chunk is
+#: scanned), so smaller chunks that stay in the cache suit it (benchmarks/asif_scale.py; int8
+#: against 1,024 and 4,096 rows in benchmarks/RESULTS.md, "ASIF at scale")
 ANCHOR_CHUNK_BY_PRECISION = {"fp32": DEFAULT_ANCHOR_CHUNK, "bf16": 4096, "int8": 2048}
 #: ``precision="auto"`` on CPU: float32 below AUTO_BF16_MIN_ANCHORS, bfloat16 candidates up to
-#: AUTO_INT8_MIN_ANCHORS, int8 candidates above (int8's matmul is ~1.6x faster but its wider error
-#: band keeps ~3x more candidates; crossovers measured with benchmarks/asif_scale.py on a 2-core
-#: Zen 4). With nofree's own int8 kernel (AVX-512 VNNI, selection fused in, ~1.7x torch's int8
-#: matmul) int8 wins from AUTO_INT8_FUSED_MIN_ANCHORS on (10k queries: 100k anchors int8 8.1 s vs
-#: bf16 7.6 s; 200k 11.0 vs 12.4 s). Other devices always scan in float32.
+#: AUTO_INT8_MIN_ANCHORS, int8 candidates above: int8's matmul is faster, but its wider error
+#: band lets more candidates through to the float32 re-scoring, so it wins only where the matmul
+#: dominates, at many anchors (crossovers from benchmarks/asif_scale.py). With nofree's own int8
+#: kernel (AVX-512 VNNI, selection fused in) int8 wins from AUTO_INT8_FUSED_MIN_ANCHORS on
+#: (benchmarks/RESULTS.md, "ASIF at scale": 100k and 200k anchors). Other devices always scan in
+#: float32.
 AUTO_BF16_MIN_ANCHORS = 65536
 AUTO_INT8_MIN_ANCHORS = 500_000
 AUTO_INT8_FUSED_MIN_ANCHORS = 150_000
@@ -60,8 +62,8 @@ _BIN_LO = -1.5
 _N_BINS = 3072  # covers [-1.5, 1.5); values outside are clamped into the end bins
 _GROUP = 16  # column group for the max-prefilter in _select
 _REFRESH = 1.25  # the discard level is recomputed whenever the anchors seen grow by this factor
-#: anchor rows per pass of anchor_stats (several passes per chunk: 3 MB at 768-d stays in cache;
-#: 500k × 768 anchors, int8: 0.42–0.47 s against 0.59–0.74 s with 8,192 rows, runs/s7/st3.py)
+#: anchor rows per pass of anchor_stats: several passes per chunk, so that one pass's rows
+#: (3 MB of float32 at 768-d) stay in the cache between its steps
 _STATS_ROWS = 1024
 
 
@@ -79,7 +81,7 @@ def resolve_precision(precision: str, n_anchors: int, device: Any = None) -> str
         return "fp32"
     if n_anchors >= AUTO_INT8_MIN_ANCHORS:
         return "int8"
-    fused = n_anchors >= AUTO_INT8_FUSED_MIN_ANCHORS and Int8Products.available(_native(torch.device("cpu")))
+    fused = n_anchors >= AUTO_INT8_FUSED_MIN_ANCHORS and Int8Products.available(library_for(torch.device("cpu")))
     return "int8" if fused else "bf16"
 
 
@@ -223,7 +225,7 @@ class _Int8(_Fp32):
         # a multiply and in-place rounding: ~2.7x faster than round(a / scale) per chunk (one
         # pass in C when the native helpers are built, same values); the error bound uses these
         # same quantised anchors (anchor_stats calls this function too)
-        lib = _native(a.device)
+        lib = library_for(a.device)
         if lib is not None and a.dtype == torch.float32 and a.is_contiguous():
             out = torch.empty(a.shape, dtype=torch.int8)
             lib.nofree_quantize_i8(a.data_ptr(), a.numel(), 1.0 / scale, out.data_ptr())
@@ -288,9 +290,6 @@ def _bins(v: Tensor) -> Tensor:
     return ((v.float() - _BIN_LO) / _BIN_W).floor_().clamp_(0, _N_BINS - 1).long()
 
 
-_native = library_for  # the native helpers for work on a device (a name the tests replace)
-
-
 class _Candidates:
     """The candidate ``(row, anchor id, approximate value)`` triples of one query block, in flat
     int32 / int32 / float32 arrays that grow by doubling and are pruned in place.
@@ -331,7 +330,7 @@ class _Candidates:
 
     def prune(self, level: Tensor) -> None:
         """Keep the triples whose value is ``>= level[row]`` (float32 ``level``; order kept)."""
-        lib = _native(self.rows.device)
+        lib = library_for(self.rows.device)
         if lib is not None:
             level = level.float().contiguous()
             self.size = lib.nofree_prune(self.rows.data_ptr(), self.cols.data_ptr(), self.vals.data_ptr(),
@@ -361,7 +360,7 @@ class _Taker:
     def __init__(self, codec: Any, qscale: Tensor, hist: Tensor, store: _Candidates) -> None:
         self.codec, self.hist, self.store = codec, hist, store
         self.qscale32 = qscale.float().contiguous()
-        self.lib = _native(hist.device)
+        self.lib = library_for(hist.device)
         self.rate = 1.0  # fraction of the last tile's entries taken (picks the torch strategy)
 
     def __call__(self, s: Tensor, thr: Tensor, qscale: Tensor, col0: int) -> None:
@@ -390,7 +389,7 @@ class _Taker:
 def _kth_bins(hist: Tensor, k: int, lo: int) -> Tensor:
     """Per row of ``hist (R, bins)``, the highest bin ``b >= lo`` where the count from the top
     reaches k, or -1 when bins ``lo..`` hold fewer than k entries -> ``(R,)`` int64."""
-    lib = _native(hist.device) if hist.is_contiguous() else None
+    lib = library_for(hist.device) if hist.is_contiguous() else None
     if lib is not None:
         out = torch.empty(hist.shape[0], dtype=torch.int64)
         lib.nofree_kth_bins(hist.data_ptr(), hist.shape[0], hist.shape[1], k, lo, out.data_ptr())
@@ -528,7 +527,7 @@ def _scan(query: Tensor, anchors: Tensor, k: int, codec: Any, stats: AnchorStats
         b = min(a + query_chunk, nq)
         rows, cols, vals = _scan_block(q_low[a:b], qscale[a:b], err[a:b], anchors, k, codec, stats,
                                        anchor_chunk, order)
-        if _native(device) is None:  # anchor order: cache-friendly re-scoring; _top_per_row's ties by id
+        if library_for(device) is None:  # anchor order: cache-friendly re-scoring; _top_per_row's ties by id
             cols, o = cols.sort(stable=True)
             rows, vals = rows[o], vals[o]
         if not codec.exact:  # exact float32 scores
@@ -548,7 +547,7 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
     pruned_at = seen = refreshed_at = 0  # store size after the last pruning; anchors seen
     take = _Taker(codec, qscale, hist, store)
     # int8 on a CPU with AVX-512 VNNI: the products in C, the selection fused into them
-    fused = Int8Products.create(_native(device), q_low) if codec is _Int8 else None
+    fused = Int8Products.create(library_for(device), q_low) if codec is _Int8 else None
     for step, ci in enumerate(order):
         c0 = ci * anchor_chunk
         chunk = anchors[c0:c0 + anchor_chunk]
@@ -592,7 +591,7 @@ def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> t
     row. Ties keep the input order (callers pass candidates sorted by anchor id). With the native
     helpers: per-row buckets, each sorted by (value desc, id asc), in C; same result.
     """
-    lib = _native(vals.device)
+    lib = library_for(vals.device)
     if lib is not None:  # per-row buckets and a sort of each (value desc, col asc) in C
         rows, cols = rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous()
         vals = vals.float().contiguous()

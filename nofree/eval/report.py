@@ -161,13 +161,13 @@ class _Context:
         return self._load(("pipeline",), build)
 
     def pool_path(self) -> Path:
-        from nofree.captioners import default_pool_path
+        from nofree.captioning.retrieval import default_pool_path
 
         return Path(self.config.pool or default_pool_path())
 
     def retrieval(self) -> Any:
         """One :class:`RetrievalCaptioner` over the pool, shared by retrieval and MAGIC's examples."""
-        from nofree.captioners import RetrievalCaptioner
+        from nofree.captioning.retrieval import RetrievalCaptioner
         from nofree.data.pairs import load_text_lines
 
         return self._load(("retrieval",), lambda: RetrievalCaptioner(self.pipeline(),
@@ -287,7 +287,7 @@ def _eval_retrieval(ctx: _Context) -> tuple[dict, dict, list[str]]:
 
 
 def _magic(ctx: _Context, scorer_name: str) -> tuple[dict, dict, list[str]]:
-    from nofree.captioners import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
+    from nofree.captioning.drafts import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
 
     pipeline = ctx.pipeline()
     # "magic-lit" exists to steer with the LiT scorer: the paper's α, β on one draft (each steered
@@ -348,7 +348,8 @@ def _magic_scored(ctx: _Context) -> tuple[dict, dict, list[str]]:
     """The magic row steered by ``config.scorer`` (a CLIP-like model or a LiT), whose own cosine
     ranks the pool (CLIPRe): no anchors; the paper's α, β unless ``config.magic`` says otherwise."""
     from nofree.cache import EmbeddingCache
-    from nofree.captioners import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner, RetrievalCaptioner
+    from nofree.captioning.drafts import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
+    from nofree.captioning.retrieval import RetrievalCaptioner
     from nofree.data.pairs import load_text_lines
     from nofree.scoring import load_scorer
 

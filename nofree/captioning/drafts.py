@@ -1,0 +1,247 @@
+"""MAGIC captioning with drafts and consensus: a frozen LM writes, retrieval picks the draft to keep.
+
+:class:`MagicCaptioner` runs MAGIC (Su et al., 2022, :mod:`nofree.decoding.magic`) per image:
+the LM is prompted with captions retrieved for the image as in-context examples, writes several
+drafts (one per window of those examples), and the draft that agrees most with the retrieved
+captions is kept (:mod:`nofree.captioning.consensus`). The retrieval itself is a
+:class:`~nofree.captioning.retrieval.RetrievalCaptioner`; the image–text scorer that may steer
+every decoding step lives in :mod:`nofree.decoding.scorers`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from nofree.captioning.retrieval import RetrievalCaptioner, default_pool_path
+from nofree.core import DEFAULT_LM, DataError, Option, OptionError, clean_caption
+
+
+def example_windows(examples: int, drafts: int) -> list[tuple[int, int]]:
+    """The in-context example windows ``(first, count)`` of MAGIC's drafts, over the image's
+    ranked pool captions: the ``examples`` best, then fewer, more, and shifted windows
+    (``examples=4``: 0:4, 0:2, 0:3, 0:5, 1:4, 2:4, 4:4, 0:8), the first ``drafts`` of them."""
+    m = int(examples)
+    schedule = [(0, m), (0, max(1, m // 2)), (0, max(1, m - 1)), (0, m + 1), (1, m), (2, m), (m, m), (0, 2 * m)]
+    return list(dict.fromkeys(schedule))[:max(1, int(drafts))] if m else [(0, 0)]
+
+
+#: MAGIC defaults for the embedded instruct LM, chosen by 5-fold cross-validation on coco-mini
+#: ``train`` (benchmarks/magic_quality.py, RESULTS.md): in-context examples from the caption pool;
+#: the LM writes 8 drafts (one per window of :func:`example_windows`), the retrieval caption is
+#: added, and the candidate with the highest CIDEr-D against the image's 20 top retrieved
+#: captions is kept. Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1
+#: scored no better in CIDEr than α = β = 0, so the image reaches the LM through the retrieved
+#: examples; pass ``alpha=0.1, beta=2`` (the paper's values, :data:`MAGIC_PAPER`) to steer
+#: every step.
+MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "examples": 4,
+                  "examples_from": "pool", "drafts": 8, "consensus": 20, "with_retrieved": True,
+                  "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
+#: The MAGIC paper's weights (Su et al., 2022, COCO): what a scorer-steered run uses.
+MAGIC_PAPER = {"alpha": 0.1, "beta": 2.0}
+PLAIN_PROMPT = "Write a short caption of a photo."
+#: Most greedy drafts decoded in one batch (8 photos × 8 windows): bigger batches read the LM's
+#: weights once for more rows, and hold more KV cache (~9 MB per SmolLM2 draft of ~190 tokens).
+DRAFT_ROWS = 64
+
+
+class MagicCaptioner:
+    """MAGIC captions (Su et al., 2022): a frozen LM steered by an image–text scorer.
+
+    ``prompt`` is the instruction (wrapped in the LM's chat template when it has one); with
+    ``examples`` > 0, m captions chosen for the image are listed in the prompt as in-context
+    examples (``pipeline`` is then required): ``examples_from="pool"`` takes the m best captions
+    of ``pool`` by ASIF retrieval + consensus (a :class:`RetrievalCaptioner`, whose ranking is used
+    as it is, or a list of captions, ranked by embedding consensus as the defaults were tuned and
+    cleaned unless ``clean_pool=False`` (see :class:`RetrievalCaptioner`); default the bundled
+    24k COCO captions), ``"anchors"`` the m anchor captions nearest to
+    the image by ASIF. The scorer (e.g.
+    :class:`~nofree.decoding.scorers.AsifScorer`) sees only the generated continuation.
+    ``pipeline`` may also be a CLIP-like scorer's :class:`~nofree.scoring.ScorerSpace`
+    (:meth:`from_scorer`): its own cosine then ranks the pool (CLIPRe) and there are no anchors.
+
+    Several candidates, one kept (pool examples only): the LM writes ``drafts`` captions, each
+    with another window ``(first, count)`` of the image's ranked pool captions as its examples
+    (:func:`example_windows`; ``windows`` gives the list explicitly), ``with_retrieved`` adds the
+    retrieval caption itself, and among more than one candidate the kept one has the highest
+    CIDEr-D against the image's top ``consensus`` pool captions by ASIF similarity
+    (:mod:`nofree.captioning.consensus`: minimum-Bayes-risk selection with retrieved captions as
+    pseudo-references). ``drafts=1, with_retrieved=False`` is one plain caption.
+
+    ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
+    with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.packing`; float32
+    outputs equal to ~1e-6, 1.2–2× faster steps), shared with every captioner of that LM.
+    """
+
+    def __init__(self, lm: Any, scorer: Any, *, pipeline: Any = None, image_encoder: Any = None,
+                 examples_from: str = MAGIC_DEFAULTS["examples_from"],
+                 prompt: str = MAGIC_DEFAULTS["prompt"], examples: int = MAGIC_DEFAULTS["examples"],
+                 k: int = MAGIC_DEFAULTS["k"], alpha: float = MAGIC_DEFAULTS["alpha"],
+                 beta: float = MAGIC_DEFAULTS["beta"],
+                 max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"], pool: Any = None,
+                 drafts: int = MAGIC_DEFAULTS["drafts"], windows: Sequence[tuple[int, int]] | None = None,
+                 consensus: int = MAGIC_DEFAULTS["consensus"],
+                 with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"], packed: bool = True,
+                 clean_pool: bool = True) -> None:
+        if not prompt or not prompt.strip():
+            raise OptionError("the MAGIC prompt is empty: give ", Option("prompt"),
+                              f" a short instruction, e.g. {PLAIN_PROMPT!r}")
+        if examples and pipeline is None:
+            raise DataError("in-context examples need an anchor set (pipeline=) to draw captions from")
+        if k > lm.vocab_size:
+            raise OptionError(Option("k", k), f" is larger than the LM's vocabulary ({lm.vocab_size}); "
+                              "use a smaller ", Option("k"))
+        if examples_from not in ("pool", "anchors"):
+            raise DataError(f"examples_from={examples_from!r}: choose 'pool' or 'anchors'")
+        if examples and examples_from == "anchors" and not hasattr(pipeline, "anchors"):
+            raise DataError("examples from the anchors need an ASIF anchor set; this scorer ranks the "
+                            "caption pool itself: take the examples from the pool")
+        if drafts < 1:
+            raise DataError(f"drafts must be >= 1, got {drafts}")
+        if not examples or examples_from != "pool":
+            drafts, windows, with_retrieved = 1, None, False  # several candidates need the pool's rankings
+        windows = example_windows(examples, drafts) if windows is None else [(int(a), int(n)) for a, n in windows]
+        if not windows or any(a < 0 or n < 0 for a, n in windows):
+            raise DataError(f"windows must be (first >= 0, count >= 0) pairs, got {windows}")
+        if consensus < 1:
+            raise DataError(f"consensus (pseudo-references) must be >= 1, got {consensus}")
+        self.lm = lm.packed() if packed and hasattr(lm, "packed") else lm
+        self.scorer, self.pipeline = scorer, pipeline
+        self.examples_from = examples_from
+        if examples and examples_from == "pool" and not isinstance(pool, RetrievalCaptioner):
+            if pool is None:
+                from nofree.data.pairs import load_text_lines
+
+                pool = load_text_lines(default_pool_path())
+            # examples ranked by embedding consensus: the order the defaults were tuned with
+            pool = RetrievalCaptioner(pipeline, pool, consensus="embedding", clean_pool=clean_pool)
+        self.pool = pool if examples and examples_from == "pool" else None
+        self.windows, self.consensus, self.with_retrieved = windows, int(consensus), bool(with_retrieved)
+        self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
+        self.prompt, self.examples = prompt.strip(), int(examples)
+        self.k, self.alpha, self.beta, self.max_new_tokens = int(k), float(alpha), float(beta), int(max_new_tokens)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, *, lm: Any = None, device: Any = None,
+                      temperature: float | None = None, precision: str = "fp32",
+                      **options: Any) -> "MagicCaptioner":
+        """A captioner over an :class:`~nofree.anchors.pipeline.AsifPipeline` and an LM spec/object.
+
+        ``precision``: the LM's arithmetic, ``"fp32"`` or ``"bf16"`` (see
+        :func:`nofree.registry.load_lm`).
+        """
+        from nofree.decoding.scorers import AsifScorer
+
+        lm = _magic_lm(lm, device, precision)
+        extra = {} if temperature is None else {"temperature": temperature}
+        scorer = AsifScorer(pipeline.asif, pipeline.text_encoder, pipeline.image_encoder, **extra)
+        return cls(lm, scorer, pipeline=pipeline, **options)
+
+    @classmethod
+    def from_scorer(cls, space: Any, *, lm: Any = None, device: Any = None, precision: str = "fp32",
+                    **options: Any) -> "MagicCaptioner":
+        """A captioner steered by a CLIP-like scorer or a LiT (a :class:`~nofree.scoring.ScorerSpace`,
+        from :func:`nofree.scoring.load_scorer`), whose own cosine ranks the caption pool (CLIPRe):
+        no anchor set. ``alpha``/``beta`` default to the paper's :data:`MAGIC_PAPER` (the tuned
+        :data:`MAGIC_DEFAULTS` turn the ASIF image term off); other options as :meth:`from_pipeline`.
+        """
+        options = {**MAGIC_PAPER, **options}
+        return cls(_magic_lm(lm, device, precision), space.scorer, pipeline=space, **options)
+
+    def example_captions(self, image_emb: Tensor, count: int | None = None) -> list[list[str]]:
+        """For each image, its ``count`` (default ``examples``) best distinct captions, best
+        first (pool or anchors)."""
+        count = self.examples if count is None else count
+        if not count:
+            return [[] for _ in range(len(image_emb))]
+        if self.pool is not None:
+            return self.pool.ranked(image_emb, count)
+        anchors = self.pipeline.anchors
+        sim = self.pipeline.similarity(image_emb, anchors.text)  # (B, N)
+        order = sim.argsort(dim=1, descending=True)
+        out = []
+        for row in order.tolist():
+            chosen: list[str] = []
+            for j in row:
+                caption = anchors.captions[j].strip()
+                if caption.lower() not in {c.lower() for c in chosen}:
+                    chosen.append(caption)
+                if len(chosen) == count:
+                    break
+            out.append(chosen)
+        return out
+
+    def prompt_texts(self, image_emb: Tensor, window: tuple[int, int] | None = None,
+                     ranked: list[list[str]] | None = None) -> list[str]:
+        """The full prompt of each image (instruction, examples, chat template) for one example
+        ``window`` ``(first, count)`` (default: the first of ``windows``)."""
+        first, count = window or self.windows[0]
+        if ranked is None:
+            ranked = self.example_captions(image_emb, first + count)
+        texts = []
+        for examples in ranked:
+            examples = examples[first:first + count]
+            user = self.prompt if not examples else \
+                self.prompt + "\n" + "\n".join(f"- {c.rstrip('.')}." for c in examples)
+            texts.append(self.lm.chat_prompt(user))
+        return texts
+
+    def candidates(self, image_emb: Tensor) -> list[list[str]]:
+        """Each image's candidate captions: one written per example window, then the retrieval
+        caption when ``with_retrieved`` (the best-ranked pool caption).
+
+        Greedy drafts (α = β = 0) of all windows decode together, at most :data:`DRAFT_ROWS` rows
+        at a time (their KV cache: ~0.6 GB for SmolLM2); steered ones run window by window."""
+        from nofree.decoding.magic import greedy_search, magic_search
+
+        ranked = self.example_captions(image_emb, max(a + n for a, n in self.windows))
+        out: list[list[str]] = [[] for _ in range(len(image_emb))]
+        prompts = [[self.lm.tokenizer.encode(t, add_special_tokens=False)
+                    for t in self.prompt_texts(image_emb, window, ranked)] for window in self.windows]
+        if self.alpha == 0 and self.beta == 0:
+            # greedy (identical tokens, tested): the drafts of all windows and images in batches
+            # of DRAFT_ROWS, whose prefill groups prompts by length and whose steps read the
+            # weights once for all rows
+            flat = [ids for window in prompts for ids in window]
+            texts = [text for start in range(0, len(flat), DRAFT_ROWS)
+                     for text in greedy_search(self.lm, flat[start:start + DRAFT_ROWS],
+                                               max_new_tokens=self.max_new_tokens).texts]
+            drafts = [texts[i:i + len(image_emb)] for i in range(0, len(texts), len(image_emb))]
+        else:
+            drafts = [magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
+                                   alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
+                                   trace=False).texts for prompt_ids in prompts]
+        for window_texts in drafts:
+            for row, text in zip(out, window_texts):
+                row.append(clean_caption(text))
+        if self.with_retrieved:
+            for row, examples in zip(out, ranked):
+                row.append(examples[0].strip())
+        return out
+
+    def caption_embeddings(self, image_emb: Tensor) -> list[str]:
+        """Captions for images already embedded by the image encoder ``(B, Di)``."""
+        candidates = self.candidates(image_emb)
+        if all(len(row) == 1 for row in candidates):
+            return [row[0] for row in candidates]
+        references = self.pool.top(image_emb, self.consensus)
+        return [row[self.pool.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
+
+    def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
+        """One caption per image (paths or PIL images)."""
+        if self.pipeline is not None:
+            image_emb = self.pipeline.encode_images(images)
+        else:
+            image_emb = self.scorer.embed_images(images)
+        return self.caption_embeddings(image_emb)
+
+
+def _magic_lm(lm: Any, device: Any, precision: str) -> Any:
+    """MAGIC's LM: a spec (default the embedded LM) loaded, or an LM object, in ``precision``."""
+    from nofree.registry import LM_PRECISIONS, load_lm
+
+    if precision not in LM_PRECISIONS:
+        raise DataError(f"precision must be one of {tuple(LM_PRECISIONS)}, got {precision!r}")
+    if lm is None or isinstance(lm, str):
+        return load_lm(lm or DEFAULT_LM, device=device, precision=precision)
+    return lm.to_dtype(LM_PRECISIONS[precision]) if precision != "fp32" else lm
