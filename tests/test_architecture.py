@@ -29,7 +29,7 @@ LAYERS = [
 
 #: Imports that point up a layer, each with the reason it is tolerated.
 UPWARD_EXCEPTIONS = {
-    ("nofree.adapters.smallcap", "nofree.captioners"):
+    ("nofree.adapters.smallcap", "nofree.captioning.retrieval"):
         "SmallCap retrieves its in-context captions with RetrievalCaptioner (lazily); "
         "nofree.captioning.retrieval itself imports nothing above the composition layer",
 }
@@ -40,10 +40,6 @@ LAZY_CYCLE_EXCEPTIONS = {
     frozenset({"nofree.data.images", "nofree.data.webdataset"}):
         "load_image reads a webdataset member (SHARD.tar#MEMBER) through webdataset.read_member, "
         "imported only when it is given one; the webdataset reader decodes members with data.images",
-    frozenset({"nofree.adapters.smallcap", "nofree.captioners", "nofree.captioning.factory"}):
-        "load_captioner dispatches method='smallcap' to SmallCapCaptioner (lazily), which imports "
-        "RetrievalCaptioner through the nofree.captioners re-exports (lazily); importing it from "
-        "nofree.captioning.retrieval instead would remove this cycle",
     # Known, and being removed by the rework of anchors/ (asif, index, pipeline): delete this
     # entry when the cycle is gone (the test then says so).
     frozenset({"nofree.anchors.anchor_set", "nofree.anchors.index"}):

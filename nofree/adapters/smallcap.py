@@ -10,7 +10,7 @@ trained (1.8–7M parameters; COCO CIDEr ~120 with the full training set). Here:
 - the image path is the Flamingo-style one of :mod:`nofree.adapters.flamingo` (perceiver
   resampler + tanh-gated cross-attention, zero gates at initialisation), so a fresh adapter *is*
   the frozen LM reading the prompt;
-- retrieval is nofree's caption retrieval (:class:`nofree.captioners.RetrievalCaptioner`: ASIF
+- retrieval is nofree's caption retrieval (:class:`nofree.captioning.retrieval.RetrievalCaptioner`: ASIF
   similarity through an anchor set, CIDEr-D consensus re-ranking) over a caption pool, exactly as
   ``nofree caption --method retrieval`` ranks them; the pool can be swapped at inference without
   retraining (training-free domain transfer);
@@ -115,10 +115,10 @@ class SmallCap(Flamingo):
 
 def retrieval_for(anchors: Any, image_encoder: Any, text_encoder: Any, pool: Sequence[str], *,
                   cache: Any = None, clean_pool: bool = True) -> Any:
-    """The :class:`~nofree.captioners.RetrievalCaptioner` that ranks ``pool`` for ``anchors``
+    """The :class:`~nofree.captioning.retrieval.RetrievalCaptioner` that ranks ``pool`` for ``anchors``
     (its non-captions and repeats dropped unless ``clean_pool`` is False)."""
     from nofree.anchors.pipeline import AsifPipeline
-    from nofree.captioners import RetrievalCaptioner
+    from nofree.captioning.retrieval import RetrievalCaptioner
 
     pipeline = AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache)
     return RetrievalCaptioner(pipeline, pool, clean_pool=clean_pool)
@@ -196,7 +196,7 @@ class SmallCapCaptioner(AdapterCaptioner):
                     cache: Any = None, clean_pool: bool = True, **kw: Any) -> "SmallCapCaptioner":
         """Like :meth:`from_pretrained` for an adapter already loaded from ``directory``."""
         from nofree.anchors.anchor_set import AnchorSet
-        from nofree.captioners import default_pool_path
+        from nofree.captioning.retrieval import default_pool_path
         from nofree.data.pairs import load_text_lines
         from nofree.registry import load_encoder
 
@@ -254,7 +254,7 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
 
     ``anchors``: an anchor set folder to retrieve with (default: built from ``train_split``);
     ``pool``: a caption file (default: the bundled pool), its non-captions and repeats dropped
-    unless ``clean_pool`` is False (:class:`~nofree.captioners.RetrievalCaptioner`). Other keywords as in
+    unless ``clean_pool`` is False (:class:`~nofree.captioning.retrieval.RetrievalCaptioner`). Other keywords as in
     :func:`nofree.adapters.train.train_flamingo`.
     """
     import tempfile
@@ -264,7 +264,7 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     from nofree.adapters.train import _check_positive, load_splits, prepare_examples, train_adapter
     from nofree.anchors.anchor_set import AnchorSet
     from nofree.cache import EmbeddingCache
-    from nofree.captioners import default_pool_path
+    from nofree.captioning.retrieval import default_pool_path
     from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
     from nofree.data.pairs import load_text_lines
     from nofree.registry import load_encoder
