@@ -421,7 +421,7 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, 
         assert got[row] == plain_tokens[row][:len(got[row])]
 
 
-def test_gated_block_scaled_to_the_residual_changes_each_position_relatively():
+def test_gated_block_scaled_to_the_residual_multiplies_its_change_by_the_layers_rms():
     from nofree.adapters.flamingo import GatedCrossAttentionBlock
 
     torch.manual_seed(0)
@@ -431,18 +431,32 @@ def test_gated_block_scaled_to_the_residual_changes_each_position_relatively():
     with torch.no_grad():
         nn.init.normal_(block.to_out.weight)
         nn.init.normal_(block.ff[-1].weight)
+        block.ff[-1].weight.zero_()  # attention only: its change is linear in the scale
         y, latents = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
-        change = block(y, latents) - y
-        # LayerNorm sees the same input at any scale, so the change grows with the stream
-        assert torch.allclose(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-4, atol=1e-3)
-        block.scale_to_residual = False
-        assert not torch.allclose(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-2)
+        unit = block(y, latents) - y
+        block.residual_rms.fill_(7.0)
+        torch.testing.assert_close(block(y, latents) - y, 7.0 * unit, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="gate_init"):
         GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=1.0)
 
 
+def test_flamingo_measures_each_layers_residual_rms_on_the_frozen_lm(lm, image_encoder, tmp_path):
+    adapter = _build("flamingo", lm, image_encoder, xattn_every=2)
+    with torch.no_grad():
+        ids = torch.tensor([[adapter.start_ids[0]] + lm.tokenize(["a dog on the beach"])[0]])
+        hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+    rms = [float(b.residual_rms) for b in adapter.blocks]
+    assert len(rms) == len(adapter.xattn_layers) and all(r > 0 for r in rms)
+    for value, layer in zip(rms, adapter.xattn_layers):  # the same order of size as a sentence's states
+        typical = float(hidden[layer][0, 1:].pow(2).mean(-1).sqrt().median())
+        assert 0.2 * typical < value < 5 * typical
+    adapter.save_pretrained(tmp_path / "a")
+    again = Flamingo.from_pretrained(tmp_path / "a", image_encoder=image_encoder, lm=lm)
+    assert [float(b.residual_rms) for b in again.blocks] == rms
+
+
 def test_flamingo_saved_before_gate_init_existed_loads_with_the_paper_block(gpt2, image_encoder, tmp_path):
-    adapter = _build("flamingo", gpt2, image_encoder)
+    adapter = _build("flamingo", gpt2, image_encoder, gate_init=0.0, scale_to_residual=False)
     adapter.save_pretrained(tmp_path / "a")
     path = tmp_path / "a" / "config.json"
     header = json.loads(path.read_text())
