@@ -46,6 +46,7 @@ class Section:
 
 SECTIONS = (
     Section("asif_quality", "ASIF on coco-mini (embedded encoders only)"),
+    Section("embedded_encoders", "Embedded image encoders"),
     Section("fusion", "Frozen vs trained fusion on coco-mini val",
             previous_titles=("Trained adapters on the same frozen backbones (first measurements)",)),
     Section("magic_quality", "Training-free captioning quality on coco-mini val",

