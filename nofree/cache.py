@@ -489,6 +489,18 @@ class EmbeddingCache:
         return out
 
 
+def encode_images(encoder: Encoder, images: Sequence[Any], *, cache: "EmbeddingCache | None" = None,
+                  batch_size: int = 32) -> Tensor:
+    """``encoder.encode`` of image paths or PIL images ``(N, D)``: through ``cache`` when every
+    item is a path (the cache reads the files it has to encode), else the paths are read here."""
+    if cache is not None and all(isinstance(x, (str, Path)) for x in images):
+        return cache.encode(encoder, [str(x) for x in images], batch_size=batch_size)
+    from nofree.data.images import load_image
+
+    loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
+    return encoder.encode(loaded, batch_size=batch_size)
+
+
 def _as_inputs(items: list[Any], modality: str) -> list[Any]:
     """Encoder-ready inputs: image paths become RGB PIL images; everything else is unchanged."""
     if modality != "image":

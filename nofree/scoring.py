@@ -121,13 +121,9 @@ class ScorerSpace:
 
     def encode_images(self, images: Sequence[Any]) -> Tensor:
         """``(N, Di)`` image embeddings (what ``scorer.score`` takes) of image paths or PIL images."""
-        from nofree.data.images import load_image
+        from nofree.cache import encode_images
 
-        if self.cache is not None and all(isinstance(x, (str, Path)) for x in images):
-            return self.cache.encode(self.image_encoder, [str(x) for x in images],
-                                     batch_size=self.batch_size)
-        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
-        return self.image_encoder.encode(loaded, batch_size=self.batch_size)
+        return encode_images(self.image_encoder, images, cache=self.cache, batch_size=self.batch_size)
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """``(N, D)`` L2-normalised joint-space embeddings of texts."""

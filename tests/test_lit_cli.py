@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from nofree.anchors.calibration import TEMPERATURE_GRID, choose_temperature, class_probabilities
 from nofree.cli import main
 from nofree.core import DataError
-from nofree.testing import make_tiny_hf_text, make_tiny_hf_vision
-from tests.test_anchors import make_pairs
+from tests.test_scorer_cli import tiny_lit_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,19 +24,10 @@ POOL = ["a red bus", "photo of a thing", "a dog on grass", "a cat on a sofa", "t
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A fresh LiT over tiny towers (saved), an anchor set built with the same towers, photos, a pool."""
-    from nofree.adapters.lit import LiT
-    from nofree.registry import load_encoder
-
     root = tmp_path_factory.mktemp("lit-cli")
-    vision, text = make_tiny_hf_vision(root / "vision"), make_tiny_hf_text(root / "text")
-    torch.manual_seed(0)
-    lit = LiT(load_encoder(f"local:{vision}", modality="image"), load_encoder(f"local:{text}", modality="text"),
-              embed_dim=8)
+    vision, text, lit, pairs, pool = tiny_lit_world(root, POOL, n=8)
     with torch.no_grad():
         lit.log_temperature.fill_(2.5)   # a learned scale other than the initial 10
-    pairs = make_pairs(root / "data", n=8)
-    pool = root / "pool.txt"
-    pool.write_text("\n".join(POOL) + "\n")
     result = CliRunner().invoke(main, ["anchors", "build", "--pairs", str(pairs), "--image-encoder",
                                        f"local:{vision}", "--text-encoder", f"local:{text}",
                                        "--out", str(root / "anchors")])

@@ -28,20 +28,26 @@ POOL = ["a red bus", "photo of a thing", "a dog on grass", "a cat on a sofa", "t
         "a man riding a red bus"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny CLIPs (transformers, open_clip), a fresh LiT over tiny towers, a tiny LM, photos, a pool."""
+def tiny_lit_world(root: Path, pool: list[str], *, n: int):
+    """Tiny HF towers (vision, text folders), a fresh LiT over them (8-d), ``n`` photos with
+    captions (``make_pairs``) and ``pool`` written one caption a line."""
     from nofree.adapters.lit import LiT
     from nofree.registry import load_encoder
 
-    root = tmp_path_factory.mktemp("scorers")
     vision, text = make_tiny_hf_vision(root / "vision"), make_tiny_hf_text(root / "text")
     torch.manual_seed(0)
     lit = LiT(load_encoder(f"local:{vision}", modality="image"), load_encoder(f"local:{text}", modality="text"),
               embed_dim=8)
-    pairs = make_pairs(root / "data", n=6)
-    pool = root / "pool.txt"
-    pool.write_text("\n".join(POOL) + "\n")
+    pool_file = root / "pool.txt"
+    pool_file.write_text("\n".join(pool) + "\n")
+    return vision, text, lit, make_pairs(root / "data", n=n), pool_file
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny CLIPs (transformers, open_clip), a fresh LiT over tiny towers, a tiny LM, photos, a pool."""
+    root = tmp_path_factory.mktemp("scorers")
+    vision, _, lit, pairs, pool = tiny_lit_world(root, POOL, n=6)
     return {"clip": make_tiny_hf_clip(root / "clip"), "open_clip": make_tiny_open_clip(root / "open_clip"),
             "lit": lit.save_pretrained(root / "lit"), "vision": vision, "lm": make_tiny_lm_dir(root / "lm"),
             "pairs": pairs, "images": sorted(str(p) for p in (root / "data").glob("*.png"))[:3], "pool": pool}

@@ -110,13 +110,9 @@ class AsifPipeline:
 
     def encode_images(self, images: Sequence[Any]) -> Tensor:
         """``(N, Di)`` embeddings of image paths or PIL images (paths are read here)."""
-        from nofree.data.images import load_image
+        from nofree.cache import encode_images
 
-        if self.cache is not None and all(isinstance(x, (str, Path)) for x in images):
-            return self.cache.encode(self.image_encoder, [str(x) for x in images],
-                                     batch_size=self.batch_size)
-        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
-        return self.image_encoder.encode(loaded, batch_size=self.batch_size)
+        return encode_images(self.image_encoder, images, cache=self.cache, batch_size=self.batch_size)
 
     def iter_encode_images(self, paths: Sequence[str | Path], *, strict: bool = False,
                            ) -> Iterator[EncodedBatch]:
