@@ -421,8 +421,8 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, 
         assert got[row] == plain_tokens[row][:len(got[row])]
 
 
-def test_gated_block_scaled_to_the_residual_multiplies_its_change_by_the_layers_rms():
-    from nofree.adapters.flamingo import GatedCrossAttentionBlock
+def test_gated_block_scaled_to_the_residual_changes_each_position_relatively_up_to_the_sink_cap():
+    from nofree.adapters.flamingo import SINK_CAP, GatedCrossAttentionBlock
 
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=0.5,
@@ -430,12 +430,18 @@ def test_gated_block_scaled_to_the_residual_multiplies_its_change_by_the_layers_
     assert not block.to_out.weight.detach().any() and not block.ff[-1].weight.detach().any()
     with torch.no_grad():
         nn.init.normal_(block.to_out.weight)
-        nn.init.normal_(block.ff[-1].weight)
         block.ff[-1].weight.zero_()  # attention only: its change is linear in the scale
         y, latents = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+        block.residual_rms.fill_(1e6)  # no position near the cap
+        change = block(y, latents) - y
+        # LayerNorm sees the same input at any scale, so the change grows with the stream
+        torch.testing.assert_close(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-4, atol=1e-3)
+        block.scale_to_residual = False
         unit = block(y, latents) - y
-        block.residual_rms.fill_(7.0)
-        torch.testing.assert_close(block(y, latents) - y, 7.0 * unit, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(change, y.pow(2).mean(-1, keepdim=True).sqrt() * unit)
+        block.scale_to_residual = True
+        block.residual_rms.fill_(0.01)  # every position is above the cap: capped changes
+        torch.testing.assert_close(block(y, latents) - y, SINK_CAP * 0.01 * unit, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="gate_init"):
         GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=1.0)
 

@@ -60,6 +60,11 @@ def _merge(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
+#: A position's hidden state counts as an attention sink above this many times its layer's
+#: typical RMS; a gated block's change there is capped at that size.
+SINK_CAP = 4.0
+
+
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
     """``LN → Linear(dim → mult·dim) → GELU → Linear(→ dim)`` (no biases, as in Flamingo)."""
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
@@ -115,14 +120,16 @@ class GatedCrossAttentionBlock(nn.Module):
     identity.
 
     ``y`` ``(B, T, H)`` hidden states of the LM, ``latents`` ``(B, n, H)``; returns ``(B, T, H)``
-    in ``y``'s dtype. ``s`` is 1, or with ``scale_to_residual`` the buffer ``residual_rms``: the
-    typical RMS of the hidden states entering this layer, measured once on the frozen LM
-    (:meth:`Flamingo.measure_residual_rms`), so that a gate value means the same relative change
-    at every depth: a causal LM's residual stream grows with depth (SmolLM2-135M: RMS ~0.1 at the
-    embeddings, 5–20 in the upper layers), and at unit scale the image signal swamps the first
-    layers and vanishes in the last ones. One number per layer, not each position's own RMS:
-    attention-sink positions run ~100× larger than the rest, and a change scaled to them breaks
-    the LM (training diverges); and it is the same in training and in cached decoding.
+    in ``y``'s dtype. ``s`` is 1, or with ``scale_to_residual`` the RMS of each position's
+    incoming hidden state (no gradient), capped at ``SINK_CAP`` times the buffer
+    ``residual_rms`` (the typical RMS of the hidden states entering this layer, measured once on
+    the frozen LM: :meth:`Flamingo.measure_residual_rms`). So a gate value means the same relative
+    change at every depth and position: a causal LM's residual stream grows with depth
+    (SmolLM2-135M: RMS ~0.1 at the embeddings, 5–20 in the upper layers), and at unit scale the
+    image signal swamps the first layers and vanishes in the last ones. The cap keeps
+    attention-sink positions (~100× the typical RMS) from taking changes of their own size,
+    which can break the frozen LM's attention. One per-layer constant instead of each
+    position's RMS learns far less from the image (benchmarks/RESULTS.md, "Trained fusion").
 
     ``gate_init`` 0 is the paper's initialisation: both gates at 0, the output projections random.
     A positive ``gate_init`` starts both gates at that value and the output projections (the
@@ -153,7 +160,10 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def forward(self, y: Tensor, latents: Tensor) -> Tensor:
         x = y.to(self.attn_gate.dtype)
-        scale = self.residual_rms if self.scale_to_residual else 1.0
+        scale = 1.0
+        if self.scale_to_residual:
+            own = x.detach().pow(2).mean(-1, keepdim=True).sqrt()
+            scale = torch.minimum(own, SINK_CAP * self.residual_rms)
         q = self.to_q(self.norm(x))
         k, v = self.to_kv(latents).chunk(2, dim=-1)
         attended = self.to_out(_merge(F.scaled_dot_product_attention(
