@@ -15,7 +15,8 @@ import click
 
 from nofree import __version__
 
-from nofree.cli_options import PAIRS, clean_pool_option, format_option, scorer_option, windows_option
+from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, PAIRS, clean_pool_option, format_option,
+                                scorer_option, windows_option)
 from nofree.cli_output import OneLineError, cli_message
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
@@ -232,7 +233,7 @@ def anchors_extend(anchor_dir, pairs, dedupe, limit, split, batch_size, device):
 
 
 @anchors.command("info")
-@click.argument("anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("anchor_dir", type=ANCHOR_DIR)
 @format_option(help="table: the manifest summarised for reading ('text' is accepted too); json: the "
                     "manifest as indented JSON; jsonl: the manifest on one line.")
 @click.option("--verify/--quick", default=True, show_default=True,
@@ -240,14 +241,14 @@ def anchors_extend(anchor_dir, pairs, dedupe, limit, split, batch_size, device):
                    "checks the manifest and the files' sizes only (for very large sets).")
 def anchors_info(anchor_dir, fmt, verify):
     """Show an anchor set's manifest and check its files: encoders, counts, sources, skipped
-    images, search index, checksums."""
+    images, search index, checksums. ANCHOR_DIR: a folder or hf-hub:ORG/NAME[@REVISION]."""
     from nofree.anchors.anchor_set import AnchorSet, quick_check
+    from nofree.hub import resolve_dir
 
+    folder = resolve_dir(anchor_dir, what="anchor set")
+    manifest, examples = quick_check(folder)  # the manifest as written (paths relative to the set)
     if verify:
-        anchor_set = AnchorSet.load(anchor_dir)
-        manifest, examples = anchor_set.manifest(), anchor_set.captions[:3]
-    else:
-        manifest, examples = quick_check(anchor_dir)
+        examples = AnchorSet.load(folder).captions[:3]
     if fmt != "table":
         click.echo(json.dumps(manifest, indent=2 if fmt == "json" else None))
         return
@@ -262,6 +263,8 @@ def anchors_info(anchor_dir, fmt, verify):
     skipped = manifest.get("skipped_images", [])
     click.echo(f"skipped      {len(skipped)} unreadable image(s)" + (f": {', '.join(skipped[:5])}"
                                                                      if skipped else ""))
+    if manifest.get("image_root") is not None:
+        click.echo(f"image root   {manifest['image_root']}  (image paths are relative to it, it to the set)")
     if manifest.get("index"):
         click.echo(_index_line(manifest["index"]))
     files = ", ".join(manifest.get("files", {}))
@@ -287,12 +290,12 @@ def _asif_options(f):
     f = click.option("--k", "asif_k", type=click.IntRange(min=1), default=None,
                      help="ASIF: anchors kept per relative representation (default: tuned by set size).")(f)
     f = click.option("--device", default="cpu", show_default=True)(f)
-    f = click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    f = click.option("--lit", "lit_dir", type=ADAPTER_DIR,
                      help="A trained LiT adapter (`nofree train lit`) instead of --anchors: images and "
                           "texts compared by the cosine of its joint space.")(f)
-    f = click.option("--anchors", "anchor_dir",
-                     type=click.Path(exists=True, file_okay=False, path_type=Path),
-                     help="Anchor set directory (from `nofree anchors build`); or give --lit.")(f)
+    f = click.option("--anchors", "anchor_dir", type=ANCHOR_DIR,
+                     help="Anchor set directory (from `nofree anchors build`) or hf-hub:ORG/NAME[@REV]; "
+                          "or give --lit.")(f)
     return f
 
 
@@ -458,13 +461,13 @@ def _target_texts(target: Path) -> list[str]:
 @main.command()
 @click.option("--method", type=click.Choice(["retrieval", "magic", "clipcap", "flamingo", "smallcap"]),
               default="magic", show_default=True)
-@click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Anchor set (retrieval, magic).")
-@click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--anchors", "anchor_dir", type=ANCHOR_DIR,
+              help="Anchor set (retrieval, magic): a folder or hf-hub:ORG/NAME[@REV].")
+@click.option("--lit", "lit_dir", type=ADAPTER_DIR,
               help="A trained LiT adapter instead of --anchors: retrieval ranks the --pool by its cosine; "
                    "magic uses it as the scorer (--scorer lit:DIR).")
-@click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Trained adapter directory (clipcap, flamingo, smallcap).")
+@click.option("--adapter", "adapter_dir", type=ADAPTER_DIR,
+              help="Trained adapter (clipcap, flamingo, smallcap): a folder or hf-hub:ORG/NAME[@REV].")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Caption pool for --method retrieval, MAGIC's in-context examples and SmallCap's "
                    "retrieved examples (default: the bundled 24k COCO captions; SmallCap: its training pool).")
@@ -576,9 +579,11 @@ def demo(n_images, device):
 
 
 from nofree.cli_cache import cache  # noqa: E402  (command groups of their own modules)
+from nofree.cli_hub import push  # noqa: E402
 from nofree.cli_train import eval_command, train  # noqa: E402
 
 main.add_command(cache)
+main.add_command(push)
 main.add_command(train)
 main.add_command(eval_command)
 

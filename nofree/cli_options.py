@@ -39,6 +39,45 @@ class PairsSource(click.ParamType):
 PAIRS = PairsSource()
 
 
+class ArtifactDir(click.ParamType):
+    """The folder of an anchor set or an adapter: an existing folder (a ``Path``), or
+    ``hf-hub:ORG/NAME[@REVISION]`` (a ``str``, checked for form here and fetched by the library
+    through :func:`nofree.hub.resolve_dir`)."""
+
+    name = "dir"
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "DIR|hf-hub:ORG/NAME"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path):
+            return value
+        text = os.fspath(value)
+        from nofree.hub import is_hub_ref, parse_hub_ref
+
+        if is_hub_ref(text):
+            from nofree.core import SpecError
+
+            try:
+                parse_hub_ref(text)
+            except SpecError as err:
+                self.fail(str(err), param, ctx)
+            return text
+        path = Path(text)
+        if not path.is_dir():
+            hint = "is a file" if path.exists() else "does not exist"
+            self.fail(f"{text!r} {hint}: give the folder of {self.what}, or hf-hub:ORG/NAME[@REVISION] "
+                      "for one on the Hugging Face Hub", param, ctx)
+        return path
+
+
+ANCHOR_DIR = ArtifactDir("an anchor set (`nofree anchors build`)")
+ADAPTER_DIR = ArtifactDir("a trained adapter (`nofree train`)")
+
+
 class FormatChoice(click.Choice):
     """``--format table|jsonl|json`` (or a subset), also accepting :data:`FORMAT_ALIASES`."""
 

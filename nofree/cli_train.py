@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from nofree.cli_options import PAIRS, clean_pool_option, scorer_option
+from nofree.cli_options import ADAPTER_DIR, ANCHOR_DIR, PAIRS, clean_pool_option, scorer_option
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
@@ -47,7 +47,7 @@ def _train_options(f):
 @click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True,
               help="LiT's text side; SmallCap's anchors' text side.")
 @click.option("--lm", default=DEFAULT_LM, show_default=True, help="Frozen LM (clipcap, flamingo, smallcap).")
-@click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--anchors", "anchor_dir", type=ANCHOR_DIR,
               help="SmallCap: anchor set to retrieve with (default: built from --train-split).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="SmallCap: caption pool to retrieve from (default: the bundled 24k COCO captions).")
@@ -92,13 +92,13 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
 @click.option("--method", "methods", multiple=True, type=click.Choice(
     ["asif", "lit", "retrieval", "magic", "magic-lit", "clipcap", "flamingo", "smallcap"]),
     help="Method to run (repeatable; default: every method whose inputs are given).")
-@click.option("--anchors", "anchor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--anchors", "anchor_dir", type=ANCHOR_DIR,
               help="Anchor set (default: built from --anchor-split of --pairs into REPORT/anchors).")
 @click.option("--anchor-split", default="train", show_default=True)
-@click.option("--lit", "lit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--clipcap", "clipcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--flamingo", "flamingo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--smallcap", "smallcap_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--lit", "lit_dir", type=ADAPTER_DIR)
+@click.option("--clipcap", "clipcap_dir", type=ADAPTER_DIR)
+@click.option("--flamingo", "flamingo_dir", type=ADAPTER_DIR)
+@click.option("--smallcap", "smallcap_dir", type=ADAPTER_DIR)
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Caption pool for retrieval and MAGIC's examples (default: the bundled 24k captions).")
 @clean_pool_option

@@ -10,7 +10,7 @@ spec                       scorer
 ``hf-clip:NAME``           a transformers CLIP-like model, hub name or folder (also ``hf_clip:``)
 ``local:DIR``              a CLIP saved in a folder (open_clip or transformers; a bare folder too)
 ``lit:DIR``                a trained LiT adapter (:mod:`nofree.adapters.lit`): its locked image tower
-                           and tuned text side
+                           and tuned text side (``lit:hf-hub:ORG/NAME[@REV]``: one on the hub)
 =========================  ============================================================================
 
 ``asif`` (:data:`ASIF_SCORER`) names the ASIF scorer, which compares images and texts through an
@@ -76,6 +76,11 @@ def normalize_scorer_spec(spec: str) -> str:
     if backend == "local" and _holds_adapter(Path(name).expanduser()):
         backend = "lit"
     if backend == "lit":
+        from nofree.hub import is_hub_ref, parse_hub_ref
+
+        if is_hub_ref(name):  # fetched when the scorer loads (nofree.hub)
+            parse_hub_ref(name)
+            return f"lit:{name}"
         folder = Path(name).expanduser()
         if not folder.is_dir():
             raise SpecError(f"{spec}: {folder} is not a folder; lit: takes the folder of a trained "
@@ -145,7 +150,9 @@ def load_scorer(spec: str, *, device: str | torch.device | None = None, cache: A
         raise SpecError("the asif scorer compares images and texts through an anchor set: build it "
                         f"from one (MagicCaptioner.from_pipeline); load_scorer takes {_CLIP_FORMS}")
     if spec.startswith("lit:"):
-        return _lit_space(spec, Path(spec[len("lit:"):]), device, cache)
+        from nofree.hub import resolve_dir
+
+        return _lit_space(spec, resolve_dir(spec[len("lit:"):], what="LiT adapter"), device, cache)
     from nofree.decoding.scorers import ClipScorer
     from nofree.registry import load_encoder
 

@@ -56,7 +56,7 @@ def test_build_round_trip(tmp_path, encoders):
     assert torch.equal(loaded.image, built.image) and torch.equal(loaded.text, built.text)
     assert loaded.captions == built.captions and loaded.images == built.images
     manifest = loaded.manifest()
-    assert manifest["format_version"] == 1 and manifest["image_spec"] == encoders[0].spec
+    assert manifest["format_version"] == 2 and manifest["image_spec"] == encoders[0].spec
     assert manifest["sources"][0]["n_pairs"] == 7 and len(manifest["sources"][0]["pairs_sha256"]) == 64
     assert not (tmp_path / "set.partial").exists()
 

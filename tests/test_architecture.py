@@ -17,14 +17,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nofree"
 #: the layers below it, never above. The longest matching name decides a module's layer.
 LAYERS = [
     ("core", ["nofree", "nofree.core", "nofree._lazy"]),
-    ("plumbing", ["nofree.artifacts", "nofree.cache", "nofree.native", "nofree.packing", "nofree.data",
-                  "nofree.eval"]),
+    ("plumbing", ["nofree.artifacts", "nofree.hub", "nofree.cache", "nofree.native", "nofree.packing",
+                  "nofree.data", "nofree.eval"]),
     ("frozen models", ["nofree.encoders", "nofree.lm", "nofree.registry"]),
     ("composition", ["nofree.anchors", "nofree.decoding", "nofree.scoring", "nofree.adapters"]),
     ("captioning", ["nofree.captioning", "nofree.captioners"]),
-    ("applications", ["nofree.eval.report", "nofree.demo"]),
+    ("applications", ["nofree.eval.report", "nofree.demo", "nofree.sharing"]),
     ("front ends", ["nofree.cli", "nofree.cli_options", "nofree.cli_output", "nofree.cli_cache",
-                    "nofree.cli_train", "nofree.testing"]),
+                    "nofree.cli_hub", "nofree.cli_train", "nofree.testing"]),
 ]
 
 #: Imports that point up a layer, each with the reason it is tolerated.

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from nofree.core import DataError, SpecError, resolve_device
+from nofree.hub import resolve_dir
 
 FORMAT = "nofree-adapter"
 FORMAT_VERSION = 1
@@ -100,8 +101,9 @@ def load_tensors(path: Path, *, expected_sha256: str | None = None,
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of an adapter folder, checked for format and version."""
-    path = Path(directory) / CONFIG_FILE
+    """The parsed ``config.json`` of an adapter folder (or ``hf-hub:ORG/NAME[@REVISION]``),
+    checked for format and version."""
+    path = resolve_dir(directory, what="adapter") / CONFIG_FILE
     if not path.is_file():
         raise DataError(f"{directory} is not a saved adapter: {CONFIG_FILE} is missing "
                         "(train one with `nofree train ...` or save one with save_pretrained)")
@@ -382,10 +384,12 @@ class Adapter(nn.Module):
                         image_encoder: Any = None, text_encoder: Any = None, lm: Any = None) -> "Adapter":
         """Rebuild a saved adapter; backbones load from the recorded specs unless given.
 
-        A given backbone must carry exactly the recorded spec (else :class:`SpecError`).
-        ``device`` is where backbones load and the adapter runs (``None``: CPU, or the given LM's).
+        ``directory``: the adapter's folder, or ``hf-hub:ORG/NAME[@REVISION]`` (downloaded into the
+        Hugging Face cache, see :mod:`nofree.hub`). A given backbone must carry exactly the
+        recorded spec (else :class:`SpecError`). ``device`` is where backbones load and the
+        adapter runs (``None``: CPU, or the given LM's).
         """
-        directory = Path(directory)
+        directory = resolve_dir(directory, what="adapter")
         header = read_config(directory)
         target = adapter_class(header["kind"])
         if cls is not Adapter and target is not cls:

@@ -187,7 +187,9 @@ class SmallCapCaptioner(AdapterCaptioner):
         """The adapter saved in ``directory`` with its anchor set, retrieving from ``pool`` (default:
         the pool it was trained with); keywords as in :class:`AdapterCaptioner`."""
         from nofree.adapters.base import load_adapter
+        from nofree.hub import resolve_dir
 
+        directory = resolve_dir(directory, what="adapter")  # a folder, or hf-hub:ORG/NAME[@REVISION]
         return cls.for_adapter(load_adapter(directory, device=device), directory, pool=pool, cache=cache,
                                **kw)
 
@@ -200,7 +202,9 @@ class SmallCapCaptioner(AdapterCaptioner):
         from nofree.data.pairs import load_text_lines
         from nofree.registry import load_encoder
 
-        directory = Path(directory)
+        from nofree.hub import resolve_dir
+
+        directory = resolve_dir(directory, what="adapter")
         if not isinstance(adapter, SmallCap):
             raise DataError(f"{directory} holds a {adapter.kind} adapter, not smallcap: use "
                             f"--method {adapter.kind}")

@@ -120,7 +120,9 @@ def _load_pairs(pairs: str | Path | Sequence[Pair], split: str | None,
 def _source_record(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair], split, limit) -> dict:
     from nofree.data.webdataset import is_shard_pattern
 
-    name = str(pairs) if isinstance(pairs, (str, Path)) else "::".join(map(str, pairs)) \
+    # absolute here, relative to the set's folder on disk (AnchorSet.save): "<...>" is a label
+    name = "::".join(os.path.abspath(os.path.expanduser(part)) for part in str(pairs).split("::")) \
+        if isinstance(pairs, (str, Path)) else "::".join(os.path.abspath(os.fspath(p)) for p in pairs) \
         if is_shard_pattern(pairs) else "<in-memory pairs>"
     return {"pairs": name, "split": split, "limit": limit, "n_pairs": len(loaded),
             "pairs_sha256": pairs_digest(loaded)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -193,7 +194,7 @@ def _import(source: str | Path, *, image_spec: str, text_spec: str, out: Path, o
     digest = hashlib.sha256(json.dumps(read.captions, ensure_ascii=False).encode())
     digest.update(read.image.numpy().tobytes())
     digest.update(read.text.numpy().tobytes())
-    meta = {"sources": [{"pairs": str(source), "split": None, "limit": None, "n_pairs": len(read),
+    meta = {"sources": [{"pairs": os.path.abspath(source), "split": None, "limit": None, "n_pairs": len(read),
                          "pairs_sha256": digest.hexdigest(), "imported": "embeddings"}],
             "skipped_images": skipped}
     anchors = AnchorSet(read.image, read.text, read.captions, normalize_spec(image_spec, "image"),

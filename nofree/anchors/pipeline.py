@@ -73,9 +73,12 @@ class AsifPipeline:
     def load(cls, anchor_dir: str | Path, *, device: Any = None, cache: Any = None,
              image_encoder: Encoder | None = None, text_encoder: Encoder | None = None,
              **asif_params: Any) -> "AsifPipeline":
-        """Load the set at ``anchor_dir``, its recorded encoders, and fit ASIF(**asif_params)."""
+        """Load the set at ``anchor_dir`` (a folder or ``hf-hub:ORG/NAME[@REVISION]``), its recorded
+        encoders, and fit ASIF(**asif_params)."""
+        from nofree.hub import resolve_dir
         from nofree.registry import load_encoder
 
+        anchor_dir = resolve_dir(anchor_dir, what="anchor set")
         anchors = AnchorSet.load(anchor_dir)
         image_encoder = image_encoder or load_encoder(anchors.image_spec, modality="image", device=device)
         text_encoder = text_encoder or load_encoder(anchors.text_spec, modality="text", device=device)

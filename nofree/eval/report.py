@@ -133,7 +133,9 @@ class _Context:
 
     def anchor_dir(self) -> Path:
         if self.config.anchors is not None:
-            return Path(self.config.anchors)
+            from nofree.hub import resolve_dir
+
+            return resolve_dir(self.config.anchors, what="anchor set")  # a folder, or hf-hub:ORG/NAME
         built = self.out_dir / "anchors"
         if not (built / "manifest.json").exists():
             from nofree.anchors.build import build_anchor_set
@@ -179,7 +181,9 @@ class _Context:
 
         if kind not in self.config.adapters:
             raise DataError(f"method needs a {kind} adapter: pass --{kind} DIR (from `nofree train {kind}`)")
-        directory = Path(self.config.adapters[kind])
+        from nofree.hub import resolve_dir
+
+        directory = resolve_dir(self.config.adapters[kind], what=f"{kind} adapter")
 
         def build() -> Any:
             header = read_config(directory)
