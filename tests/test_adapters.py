@@ -421,8 +421,8 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, 
         assert got[row] == plain_tokens[row][:len(got[row])]
 
 
-def test_gated_block_scaled_to_the_residual_changes_each_position_relatively_up_to_the_sink_cap():
-    from nofree.adapters.flamingo import SINK_CAP, GatedCrossAttentionBlock
+def test_gated_block_scaled_to_the_residual_changes_each_position_relatively():
+    from nofree.adapters.flamingo import GatedCrossAttentionBlock
 
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=0.5,
@@ -430,35 +430,15 @@ def test_gated_block_scaled_to_the_residual_changes_each_position_relatively_up_
     assert not block.to_out.weight.detach().any() and not block.ff[-1].weight.detach().any()
     with torch.no_grad():
         nn.init.normal_(block.to_out.weight)
-        block.ff[-1].weight.zero_()  # attention only: its change is linear in the scale
+        nn.init.normal_(block.ff[-1].weight)
         y, latents = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
-        block.residual_rms.fill_(1e6)  # no position near the cap
         change = block(y, latents) - y
         # LayerNorm sees the same input at any scale, so the change grows with the stream
-        torch.testing.assert_close(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-4, atol=1e-3)
         block.scale_to_residual = False
-        unit = block(y, latents) - y
-        torch.testing.assert_close(change, y.pow(2).mean(-1, keepdim=True).sqrt() * unit)
-        block.scale_to_residual = True
-        block.residual_rms.fill_(0.01)  # every position is above the cap: capped changes
-        torch.testing.assert_close(block(y, latents) - y, SINK_CAP * 0.01 * unit, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(block(100 * y, latents) - 100 * y, 100 * change, rtol=1e-2)
     with pytest.raises(ValueError, match="gate_init"):
         GatedCrossAttentionBlock(16, heads=2, dim_head=8, ff_mult=2, gate_init=1.0)
-
-
-def test_flamingo_measures_each_layers_residual_rms_on_the_frozen_lm(lm, image_encoder, tmp_path):
-    adapter = _build("flamingo", lm, image_encoder, xattn_every=2)
-    with torch.no_grad():
-        ids = torch.tensor([[adapter.start_ids[0]] + lm.tokenize(["a dog on the beach"])[0]])
-        hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
-    rms = [float(b.residual_rms) for b in adapter.blocks]
-    assert len(rms) == len(adapter.xattn_layers) and all(r > 0 for r in rms)
-    for value, layer in zip(rms, adapter.xattn_layers):  # the same order of size as a sentence's states
-        typical = float(hidden[layer][0, 1:].pow(2).mean(-1).sqrt().median())
-        assert 0.2 * typical < value < 5 * typical
-    adapter.save_pretrained(tmp_path / "a")
-    again = Flamingo.from_pretrained(tmp_path / "a", image_encoder=image_encoder, lm=lm)
-    assert [float(b.residual_rms) for b in again.blocks] == rms
 
 
 def test_flamingo_saved_before_gate_init_existed_loads_with_the_paper_block(gpt2, image_encoder, tmp_path):

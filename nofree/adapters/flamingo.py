@@ -60,11 +60,6 @@ def _merge(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
-#: A position's hidden state counts as an attention sink above this many times its layer's
-#: typical RMS; a gated block's change there is capped at that size.
-SINK_CAP = 4.0
-
-
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
     """``LN → Linear(dim → mult·dim) → GELU → Linear(→ dim)`` (no biases, as in Flamingo)."""
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
@@ -121,15 +116,13 @@ class GatedCrossAttentionBlock(nn.Module):
 
     ``y`` ``(B, T, H)`` hidden states of the LM, ``latents`` ``(B, n, H)``; returns ``(B, T, H)``
     in ``y``'s dtype. ``s`` is 1, or with ``scale_to_residual`` the RMS of each position's
-    incoming hidden state (no gradient), capped at ``SINK_CAP`` times the buffer
-    ``residual_rms`` (the typical RMS of the hidden states entering this layer, measured once on
-    the frozen LM: :meth:`Flamingo.measure_residual_rms`). So a gate value means the same relative
-    change at every depth and position: a causal LM's residual stream grows with depth
-    (SmolLM2-135M: RMS ~0.1 at the embeddings, 5–20 in the upper layers), and at unit scale the
-    image signal swamps the first layers and vanishes in the last ones. The cap keeps
-    attention-sink positions (~100× the typical RMS) from taking changes of their own size,
-    which can break the frozen LM's attention. One per-layer constant instead of each
-    position's RMS learns far less from the image (benchmarks/RESULTS.md, "Trained fusion").
+    incoming hidden state (no gradient), so that a gate value means the same relative change at
+    every depth and position: a causal LM's residual stream grows with depth (SmolLM2-135M: RMS
+    ~0.1 at the embeddings, 5–20 in the upper layers), and at unit scale the image signal swamps
+    the first layers and vanishes in the last ones. Each position's own RMS, not one typical
+    value per layer: attention-sink positions (~100× the others) then take changes of their own
+    size, and every later token reads them; one constant per layer, or a cap at a few times it,
+    learnt far less from the image (benchmarks/RESULTS.md, "Trained fusion").
 
     ``gate_init`` 0 is the paper's initialisation: both gates at 0, the output projections random.
     A positive ``gate_init`` starts both gates at that value and the output projections (the
@@ -145,8 +138,6 @@ class GatedCrossAttentionBlock(nn.Module):
         if not 0.0 <= gate_init < 1.0:
             raise ValueError(f"gate_init must be in [0, 1), got {gate_init!r}")
         self.heads, self.scale_to_residual = heads, bool(scale_to_residual)
-        if self.scale_to_residual:
-            self.register_buffer("residual_rms", torch.ones(()))
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
@@ -160,10 +151,7 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def forward(self, y: Tensor, latents: Tensor) -> Tensor:
         x = y.to(self.attn_gate.dtype)
-        scale = 1.0
-        if self.scale_to_residual:
-            own = x.detach().pow(2).mean(-1, keepdim=True).sqrt()
-            scale = torch.minimum(own, SINK_CAP * self.residual_rms)
+        scale = x.detach().pow(2).mean(-1, keepdim=True).sqrt() if self.scale_to_residual else 1.0
         q = self.to_q(self.norm(x))
         k, v = self.to_kv(latents).chunk(2, dim=-1)
         attended = self.to_out(_merge(F.scaled_dot_product_attention(
@@ -228,8 +216,6 @@ class Flamingo(CaptioningAdapter):
                                      gate_init=float(gate_init), scale_to_residual=bool(scale_to_residual))
             for _ in self.xattn_layers)
         self.to(self.device)
-        if scale_to_residual:
-            self.measure_residual_rms(layers)
         tok = lm.tokenizer
         start = tok.bos_token_id if getattr(tok, "bos_token_id", None) is not None else lm.eos_id
         self.start_ids = [int(start)] + (lm.tokenize([prompt])[0] if prompt else [])
@@ -242,20 +228,6 @@ class Flamingo(CaptioningAdapter):
 
     def config(self) -> dict[str, Any]:
         return {**self.hparams, "max_caption_tokens": self.max_caption_tokens}
-
-    @torch.no_grad()
-    def measure_residual_rms(self, layers: nn.ModuleList | None = None) -> None:
-        """Set each block's ``residual_rms``: the median, over the tokens of a fixed caption-like
-        sentence, of the RMS of the hidden state entering its LM layer (the first position, an
-        attention sink in many LMs, left out). Deterministic for a given LM; saved with the
-        adapter."""
-        text = "A man riding a bicycle down a street next to a red bus and two dogs on the grass."
-        ids = [self.lm.eos_id if self.lm.tokenizer.bos_token_id is None else self.lm.tokenizer.bos_token_id]
-        ids = torch.tensor([ids + self.lm.tokenize([text])[0]], device=self.device)
-        hidden = self.lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-        for block, layer_index in zip(self.blocks, self.xattn_layers):
-            rms = hidden[layer_index][0, 1:].float().pow(2).mean(-1).sqrt()
-            block.residual_rms.fill_(float(rms.median()))
 
     def backbone_dims(self) -> dict[str, int]:
         return {"image_token_dim": int(self.image_encoder.token_dim),

@@ -9,7 +9,7 @@ from __future__ import annotations
 RECIPES: dict[str, dict[str, int | float | str]] = {
     "lit": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "augment": "none"},
     "clipcap": {"epochs": 3, "batch_size": 16, "lr": 1e-3, "augment": "hflip"},
-    "flamingo": {"epochs": 3, "batch_size": 16, "lr": 1e-3, "augment": "hflip"},
+    "flamingo": {"epochs": 3, "batch_size": 16, "lr": 5e-4, "augment": "hflip"},
     "smallcap": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "augment": "hflip"},
 }
 
