@@ -109,6 +109,31 @@ def test_caption_and_swap_the_pool_without_retraining(trained, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_drafts_and_the_retrieved_caption_go_through_consensus(trained):
+    directory = trained["root"] / "adapter"
+    images = sorted(str(p) for p in (trained["root"] / "data").glob("*.png"))[:3]
+    plain = SmallCapCaptioner.from_pretrained(directory, max_tokens=4)
+    drafted = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, drafts=2, with_retrieved=True,
+                                                consensus=3)
+    emb = drafted.retrieval.pipeline.encode_images(images)
+    m = drafted.adapter.hparams["examples"]
+    windows = example_captions(drafted.retrieval, emb, 2 * m)
+    second = [drafted.adapter.prompt_text(found[m:]) for found in windows]
+    from nofree.core import clean_caption
+    from nofree.data.images import load_image
+
+    features = drafted.image_encoder.encode_tokens([load_image(p) for p in images])
+
+    second_drafts = [clean_caption(t) for t in drafted.adapter.caption_features(
+        features, prompts=second, **drafted.options)]
+    references = drafted.retrieval.top(emb, 3)
+    for row, got in enumerate(drafted.caption(images)):
+        candidates = [plain.caption([images[row]])[0], second_drafts[row], windows[row][0].strip()]
+        assert got == candidates[drafted.retrieval.cider.choose(candidates, references[row])]
+    with pytest.raises(ValueError, match="drafts"):
+        SmallCapCaptioner(drafted.adapter, drafted.retrieval, drafts=0)
+
+
 def test_bad_input_is_one_line(trained, backbones, tmp_path):
     directory = trained["root"] / "adapter"
     runner = CliRunner()

@@ -32,10 +32,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from nofree.adapters.captioning import AdapterCaptioner
+from nofree.adapters.captioning import AdapterCaptioner, _as_image
 from nofree.adapters.flamingo import Flamingo
 from nofree.adapters.recipes import RECIPES
-from nofree.core import DataError, SpecError
+from nofree.core import DataError, SpecError, clean_caption
 
 ANCHORS_DIR = "anchors"
 POOL_FILE = "pool.txt"
@@ -172,14 +172,52 @@ def leave_out_prompts(adapter: SmallCap, retrieval_of: Any, image_paths: Sequenc
 class SmallCapCaptioner(AdapterCaptioner):
     """:class:`nofree.core.Captioner` of a SmallCap adapter: retrieves each image's examples
     (``retrieval``: a :class:`RetrievalCaptioner` whose image encoder is the adapter's), builds its
-    prompt and decodes as :class:`AdapterCaptioner` does."""
+    prompt and decodes as :class:`AdapterCaptioner` does.
 
-    def __init__(self, adapter: SmallCap, retrieval: Any, **kw: Any) -> None:
+    ``drafts`` > 1 writes one caption per window of examples (the best ``examples`` pool
+    captions, the next ones, ...); with ``with_retrieved`` the retrieved caption joins them; of
+    these candidates the one agreeing most (CIDEr-D) with the image's ``consensus`` best pool
+    captions is kept, the selection nofree's MAGIC defaults use
+    (:mod:`nofree.captioning.consensus`). ``drafts=1`` without it is SmallCap's own decoding.
+    """
+
+    def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int = 1, with_retrieved: bool = False,
+                 consensus: int = 20, **kw: Any) -> None:
         super().__init__(adapter, **kw)
         if retrieval.pipeline.image_encoder.spec != adapter.image_encoder.spec:
             raise SpecError(f"the retrieval's image encoder {retrieval.pipeline.image_encoder.spec!r} "
                             f"is not the adapter's {adapter.image_encoder.spec!r}")
+        if drafts < 1 or consensus < 1:
+            raise ValueError(f"drafts and consensus must be >= 1, got {drafts} and {consensus}")
         self.retrieval = retrieval
+        self.drafts, self.with_retrieved, self.consensus = int(drafts), bool(with_retrieved), int(consensus)
+
+    def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
+        """One caption per image; keywords of :meth:`CaptioningAdapter.generate` override the
+        captioner's."""
+        if self.drafts == 1 and not self.with_retrieved:
+            return super().caption(images, **kw)
+        options = {**self.options, **kw}
+        m = self.adapter.hparams["examples"]
+        loaded = [_as_image(image) for image in images]
+        captions: list[str] = []
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = loaded[start:start + self.batch_size]
+            features = self.image_encoder.encode_tokens(chunk)
+            image_emb = self.retrieval.pipeline.encode_images(chunk)
+            ranked = example_captions(self.retrieval, image_emb, m * self.drafts)
+            candidates: list[list[str]] = [[] for _ in chunk]
+            for window in range(self.drafts):
+                prompts = [self.adapter.prompt_text(found[window * m:(window + 1) * m]) for found in ranked]
+                for row, text in zip(candidates, self.adapter.caption_features(features, prompts=prompts,
+                                                                               **options)):
+                    row.append(clean_caption(text))
+            if self.with_retrieved:
+                for row, found in zip(candidates, ranked):
+                    row.append(found[0].strip())
+            references = self.retrieval.top(image_emb, self.consensus)
+            captions += [row[self.retrieval.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
+        return captions
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, pool: Sequence[str] | None = None,
