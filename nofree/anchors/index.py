@@ -46,8 +46,10 @@ MIN_POINTS_PER_CENTROID = 39
 MAX_POINTS_PER_CENTROID = 256  # training sample cap (faiss subsamples beyond this anyway)
 DEFAULT_RECALL_QUERIES = 1000
 DEFAULT_REFINE = 2  # candidates per kept anchor, re-scored exactly
-SMALL_TRAIN = 200_000  # below this many anchors faiss trains on one thread (3,000 anchors, 2 cores,
-#                        torch loaded: 0.05 s instead of 6 s; the threshold itself is a guess)
+# Below this many anchors faiss trains on one thread: for small sets its thread start-up costs
+# far more than the training itself when torch's OpenMP runtime is loaded too (the threshold is
+# a rough bound, not a measured crossover).
+SMALL_TRAIN = 200_000
 _GATHER_FLOATS = 1 << 25  # bound on the (queries, k, D) block gathered for exact re-scoring
 
 
