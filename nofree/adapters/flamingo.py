@@ -8,8 +8,12 @@ appendix A.1). Two trainable parts around frozen towers:
   latent queries attend to ``concat(visual tokens, latents)`` (keys/values), with residual
   attention and feed-forward layers and a final LayerNorm;
 - **gated cross-attention blocks** before every ``xattn_every``-th decoder layer of the frozen
-  LM (layers 0, n, 2n, ...): ``y += tanh(α)·XAttn(LN(y), latents)``; ``y += tanh(β)·FF(LN(y))``
-  with ``α = β = 0`` at initialisation, so a fresh adapter returns exactly the frozen LM's logits.
+  LM (layers 0, n, 2n, ...): ``y += tanh(α)·XAttn(LN(y), latents)``; ``y += tanh(β)·FF(LN(y))``.
+  In the paper α = β = 0 at initialisation, so a fresh adapter returns exactly the frozen LM's
+  logits. nofree's default keeps that identity differently, for small data: the output
+  projections start at 0 and the gates at 0.5, and each change is scaled to the RMS of the hidden
+  state it is added to (:class:`GatedCrossAttentionBlock`; ``gate_init=0,
+  scale_to_residual=False`` is the paper's block).
 
 Insertion works with any Hugging Face causal LM: :func:`find_decoder_layers` finds the
 ``ModuleList`` of decoder layers generically (``transformer.h`` in GPT-2, ``model.layers`` in
@@ -19,8 +23,9 @@ arguments. The frozen layers, their weights and the module tree stay untouched (
 inspects layer types or attributes is unaffected), and the hooks are inert unless this adapter is
 conditioning a forward (so the same LM object can serve other captioners meanwhile).
 
-Option for small data: ``gate_lr_scale`` multiplies the gates' learning rate (default 1, as in
-the paper); from 0 at the usual rates they stay near 0 for the few hundred steps such data gives.
+``gate_lr_scale`` multiplies the gates' learning rate (default 1): with the paper's zero gates,
+a few hundred steps at the usual rates leave them near 0; with nofree's block a higher rate
+closes the attention gates early (benchmarks/RESULTS.md, "Trained fusion").
 
 The cross-attention does not depend on the KV cache, so cached decoding works unchanged. Scope:
 one image per sequence, and every text position attends to it (captioning). Flamingo's
