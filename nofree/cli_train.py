@@ -54,8 +54,9 @@ def _train_options(f):
 @clean_pool_option
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True,
               help="ClipCap: the mapper from the image embedding to the LM prefix.")
-def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, precision, train_split, val_split,
-          device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool, mapper, clean_pool):
+def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, precision, train_split,
+          val_split, device, seed, overwrite, resume, text_encoder, lm, anchor_dir, pool, mapper,
+          clean_pool):
     """Train a light adapter (LiT, ClipCap, Flamingo-style or SmallCap-style) on frozen backbones."""
     from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
 

@@ -198,7 +198,8 @@ class Flamingo(CaptioningAdapter):
     def __init__(self, image_encoder: Any, lm: Any, *, num_latents: int = 32,
                  resampler_depth: int = 2, heads: int = 8, dim_head: int = 64, ff_mult: int = 2,
                  xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
-                 gate_init: float = 0.5, scale_to_residual: bool = True, max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
+                 gate_init: float = 0.5, scale_to_residual: bool = True, max_caption_tokens: int = 40,
+                 device: str | torch.device | None = None) -> None:
         super().__init__(image_encoder, lm, max_caption_tokens=max_caption_tokens, device=device)
         for name, value in (("num_latents", num_latents), ("resampler_depth", resampler_depth),
                             ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult),

@@ -216,7 +216,8 @@ class SmallCapCaptioner(AdapterCaptioner):
                 for row, found in zip(candidates, ranked):
                     row.append(found[0].strip())
             references = self.retrieval.top(image_emb, self.consensus)
-            captions += [row[self.retrieval.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
+            captions += [row[self.retrieval.cider.choose(row, refs)]
+                         for row, refs in zip(candidates, references)]
         return captions
 
     @classmethod
