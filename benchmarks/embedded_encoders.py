@@ -173,7 +173,7 @@ NOTES = """What it says (EfficientNet-Lite2 against the default Lite0, both with
   only t2i R@5 is higher). Both gaps are within the noise of samples this small, and Lite2
   costs about 2.1× Lite0's encoding time per photo (the ratio, same process; absolute seconds
   were taken while another benchmark shared the two cores) and one more 24.7 MB package.
-  Neither reaches issue 21's target of val t2i R@1 ≥ 0.65: a slightly better ImageNet
+  Neither reaches a val t2i R@1 of 0.65: a slightly better ImageNet
   classifier (77.6% vs 75.1% reported top-1) does not move ASIF retrieval measurably.
 - Lite2's own resolution, 260 px, is what the spec uses. A one-off cross-validation of other
   input sizes (same protocol, not in this table): 224 px t2i R@1 0.526 / i2t 0.550 / CIDEr 48.3;

@@ -1,6 +1,6 @@
 """The CLI reaches a trained LiT (``--lit DIR`` on classify, retrieve and retrieval captioning)
 and gives zero-shot probabilities (``classify --probabilities``, a softmax temperature chosen by
-cross-validation on the anchors, or the LiT's learned logit scale): issue 22."""
+cross-validation on the anchors, or the LiT's learned logit scale)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from nofree.anchors.calibration import TEMPERATURE_GRID, choose_temperature, class_probabilities
 from nofree.cli import main
 from nofree.core import DataError
-from tests.test_scorer_cli import tiny_lit_world
+from tests.test_scorer_cli import one_line_error, tiny_lit_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,26 +107,18 @@ def test_retrieval_captions_with_a_lit_rank_the_pool_by_it(models, runner):
     torch.testing.assert_close(captioner.scores(captioner.pipeline.encode_images(images)), cos, atol=1e-5, rtol=0)
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_lit_and_anchors_exclude_each_other_in_one_line(models, runner):
     lit, anchors, image = str(models["lit"]), str(models["anchors"]), models["images"][0]
     both = ["--lit", lit, "--anchors", anchors]
-    _one_line_error(runner.invoke(main, ["classify", *both, "--label", "x", image]), "exclude each other")
-    _one_line_error(runner.invoke(main, ["retrieve", *both, "--query", "x", str(models["folder"])]),
+    one_line_error(runner.invoke(main, ["classify", *both, "--label", "x", image]), "exclude each other")
+    one_line_error(runner.invoke(main, ["retrieve", *both, "--query", "x", str(models["folder"])]),
                     "exclude each other")
-    _one_line_error(runner.invoke(main, ["caption", "--method", "retrieval", *both, image]), "exclude each other")
-    _one_line_error(runner.invoke(main, ["classify", "--label", "x", image]), "--anchors DIR", "--lit DIR")
-    _one_line_error(runner.invoke(main, ["classify", "--lit", lit, "--p", "2", "--label", "x", image]),
+    one_line_error(runner.invoke(main, ["caption", "--method", "retrieval", *both, image]), "exclude each other")
+    one_line_error(runner.invoke(main, ["classify", "--label", "x", image]), "--anchors DIR", "--lit DIR")
+    one_line_error(runner.invoke(main, ["classify", "--lit", lit, "--p", "2", "--label", "x", image]),
                     "--p tunes ASIF")
-    _one_line_error(runner.invoke(main, ["caption", "--method", "clipcap", "--lit", lit, image]), "--adapter")
-    _one_line_error(runner.invoke(main, ["caption", "--method", "retrieval", "--lit", lit, "--k", "3", image]),
+    one_line_error(runner.invoke(main, ["caption", "--method", "clipcap", "--lit", lit, image]), "--adapter")
+    one_line_error(runner.invoke(main, ["caption", "--method", "retrieval", "--lit", lit, "--k", "3", image]),
                     "takes no --k")
 
 

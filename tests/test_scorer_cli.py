@@ -177,10 +177,13 @@ def test_eval_magic_row_with_a_scorer_builds_no_anchors(models, runner, tmp_path
     assert result.exit_code == 2 and "--scorer steers the magic row" in result.output
 
 
-def _one_line_error(result, *needles):
+def one_line_error(result, *needles):
+    """A usage or input error: exit 2, one ``Error: `` line holding each of ``needles``, no usage
+    text, no traceback."""
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Usage:" not in result.output, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Usage:" not in result.output and "Traceback" not in result.output, result.output
     for needle in needles:
         assert needle in lines[0], lines[0]
 
@@ -199,7 +202,7 @@ def test_scorer_errors_are_one_line(models, runner, tmp_path):
         (["--method", "magic"], ["--anchors DIR", "--scorer"]),
     ]
     for args, needles in cases:
-        _one_line_error(runner.invoke(main, ["caption", *args, image]), *needles)
+        one_line_error(runner.invoke(main, ["caption", *args, image]), *needles)
 
 
 @pytest.mark.parametrize("spec", ["open_clip:ViT-B-32@laion2b_s34b_b79k", "hf-clip:openai/clip-vit-base-patch32"])

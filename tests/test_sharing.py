@@ -1,4 +1,4 @@
-"""Portable, shareable artefacts (issue 22): no absolute paths in anchor sets or adapter folders,
+"""Portable, shareable artefacts: no absolute paths in anchor sets or adapter folders,
 ``hf-hub:ORG/NAME[@REV]`` wherever such a folder is taken (offline, from a cache laid out as
 huggingface_hub writes it), and ``nofree push`` (dry run, and the upload calls against a fake
 ``HfApi``; the network itself is never reached here)."""
@@ -17,21 +17,13 @@ from click.testing import CliRunner
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.cli import main
 from nofree.core import DataError, SpecError
-from nofree.testing import make_tiny_hf_text, make_tiny_hf_vision, make_tiny_lm_dir
 from tests.test_anchors import make_pairs
+from tests.test_train_cli import backbones  # noqa: F401  (fixture: tiny local:... specs)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 POOL = ["a red bus", "photo number 3", "a dog on grass", "a cat on a sofa"]
-
-
-@pytest.fixture(scope="module")
-def specs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"image": f"local:{make_tiny_hf_vision(root / 'vision')}",
-            "text": f"local:{make_tiny_hf_text(root / 'text')}",
-            "lm": f"local:{make_tiny_lm_dir(root / 'lm')}"}
 
 
 @pytest.fixture()
@@ -45,9 +37,9 @@ def _ok(result):
     return result
 
 
-def _build(runner, specs, pairs: Path, out: Path):
-    _ok(runner.invoke(main, ["anchors", "build", "--pairs", str(pairs), "--image-encoder", specs["image"],
-                             "--text-encoder", specs["text"], "--out", str(out)]))
+def _build(runner, backbones, pairs: Path, out: Path):
+    _ok(runner.invoke(main, ["anchors", "build", "--pairs", str(pairs), "--image-encoder", backbones["image"],
+                             "--text-encoder", backbones["text"], "--out", str(out)]))
     return out
 
 
@@ -63,10 +55,10 @@ def _no_absolute_paths(folder: Path, *roots: Path) -> None:
 
 
 # --- relative paths ---------------------------------------------------------------------------
-def test_a_set_moved_with_its_photos_keeps_working(runner, tmp_path, specs):
+def test_a_set_moved_with_its_photos_keeps_working(runner, tmp_path, backbones):
     project = tmp_path / "project"
     pairs = make_pairs(project / "photos", n=6, corrupt=(5,))
-    out = _build(runner, specs, pairs, project / "set")
+    out = _build(runner, backbones, pairs, project / "set")
     _no_absolute_paths(out, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["image_root"] == "../photos"
@@ -122,20 +114,20 @@ def test_images_inside_the_set_move_with_it(tmp_path):
     _no_absolute_paths(tmp_path / "moved", tmp_path)
 
 
-def test_adapter_folders_hold_no_absolute_paths(tmp_path, specs, monkeypatch):
+def test_adapter_folders_hold_no_absolute_paths(tmp_path, backbones, monkeypatch):
     from nofree.adapters.smallcap import SmallCap
     from nofree.adapters.train import train_lit
     from nofree.registry import load_encoder, load_lm
 
     monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "nofree-cache"))
     pairs = make_pairs(tmp_path / "photos", n=6)
-    train_lit(pairs, out=tmp_path / "lit", image_encoder=specs["image"], text_encoder=specs["text"], epochs=1,
+    train_lit(pairs, out=tmp_path / "lit", image_encoder=backbones["image"], text_encoder=backbones["text"], epochs=1,
               batch_size=4, progress=False)
-    image = load_encoder(specs["image"], modality="image")
-    smallcap = SmallCap(image, load_lm(specs["lm"]), examples=2, num_latents=4, heads=2, dim_head=8,
+    image = load_encoder(backbones["image"], modality="image")
+    smallcap = SmallCap(image, load_lm(backbones["lm"]), examples=2, num_latents=4, heads=2, dim_head=8,
                         xattn_every=1)
     runner = CliRunner()
-    anchors = AnchorSet.load(_build(runner, specs, pairs, tmp_path / "anchors"))
+    anchors = AnchorSet.load(_build(runner, backbones, pairs, tmp_path / "anchors"))
     smallcap.attach_retrieval(anchors, POOL)
     smallcap.save_pretrained(tmp_path / "smallcap")
     assert (tmp_path / "lit" / "training" / "state.json").is_file()
@@ -174,7 +166,7 @@ def cache_repo(cache: Path, repo_id: str, folder: Path, *, commit: str = COMMIT,
 
 
 @pytest.fixture()
-def hub(tmp_path, specs, monkeypatch):
+def hub(tmp_path, backbones, monkeypatch):
     """An anchor set, a LiT, a ClipCap and a SmallCap in a hub cache; HF_HUB_OFFLINE=1."""
     from nofree.adapters.clipcap import ClipCap
     from nofree.adapters.lit import LiT
@@ -185,9 +177,9 @@ def hub(tmp_path, specs, monkeypatch):
     runner = CliRunner()
     pairs = make_pairs(tmp_path / "photos", n=6)
     local = tmp_path / "local"
-    anchors = _build(runner, specs, pairs, local / "anchors")
-    image, text = load_encoder(specs["image"], modality="image"), load_encoder(specs["text"], modality="text")
-    lm = load_lm(specs["lm"])
+    anchors = _build(runner, backbones, pairs, local / "anchors")
+    image, text = load_encoder(backbones["image"], modality="image"), load_encoder(backbones["text"], modality="text")
+    lm = load_lm(backbones["lm"])
     torch.manual_seed(0)
     LiT(image, text, embed_dim=8).save_pretrained(local / "lit")
     ClipCap(image, lm, prefix_length=2).save_pretrained(local / "clipcap")
@@ -288,22 +280,22 @@ def fake_hub(monkeypatch):
     return FakeHfApi
 
 
-def test_push_dry_run_shows_files_and_card(runner, tmp_path, specs):
+def test_push_dry_run_shows_files_and_card(runner, tmp_path, backbones):
     from nofree.adapters.train import train_lit
 
-    out = _build(runner, specs, make_pairs(tmp_path / "photos", n=6), tmp_path / "set")
+    out = _build(runner, backbones, make_pairs(tmp_path / "photos", n=6), tmp_path / "set")
     before = sorted(p.name for p in out.iterdir())
     result = _ok(runner.invoke(main, ["push", str(out), "org/coco-mini", "--dry-run"]))
     text = result.output
     assert "dry run: would upload anchor set" in text and "https://huggingface.co/org/coco-mini" in text
     for name in ("manifest.json", "embeddings.safetensors", "captions.jsonl", "README.md  ("):
         assert name in text
-    assert "library_name: nofree" in text and specs["image"] in text and "| anchors | 12 |" in text
+    assert "library_name: nofree" in text and backbones["image"] in text and "| anchors | 12 |" in text
     assert "hf-hub:org/coco-mini" in text and "No quality measurement" in text
     assert sorted(p.name for p in out.iterdir()) == before       # no card written into the folder
 
-    train_lit(tmp_path / "photos" / "pairs.jsonl", out=tmp_path / "lit", image_encoder=specs["image"],
-              text_encoder=specs["text"], epochs=2, batch_size=4, progress=False)
+    train_lit(tmp_path / "photos" / "pairs.jsonl", out=tmp_path / "lit", image_encoder=backbones["image"],
+              text_encoder=backbones["text"], epochs=2, batch_size=4, progress=False)
     text = _ok(runner.invoke(main, ["push", str(tmp_path / "lit"), "org/lit", "--dry-run"])).output
     assert "lit adapter" in text and "Measured at the last epoch (2)" in text and "train_loss" in text
     assert "training/state.json" in text and "optimizer.safetensors" not in text
@@ -313,8 +305,8 @@ def test_push_dry_run_shows_files_and_card(runner, tmp_path, specs):
     assert "training/optimizer.safetensors" in with_state
 
 
-def test_push_uploads_folder_and_card_in_one_commit(runner, tmp_path, specs, fake_hub):
-    out = _build(runner, specs, make_pairs(tmp_path / "photos", n=4), tmp_path / "set")
+def test_push_uploads_folder_and_card_in_one_commit(runner, tmp_path, backbones, fake_hub):
+    out = _build(runner, backbones, make_pairs(tmp_path / "photos", n=4), tmp_path / "set")
     result = _ok(runner.invoke(main, ["push", str(out), "org/name", "--private", "--branch", "v2",
                                       "--message", "first"]))
     assert "pushed anchor set" in result.output and "commit/abc" in result.output

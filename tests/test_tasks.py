@@ -159,7 +159,7 @@ def test_csls_matches_its_definition_and_zero_turns_it_off(pipeline):
 
 def test_asif_defaults_give_the_pipeline_and_cli_scores(runner, tmp_path, specs):  # noqa: F811
     """One set of defaults: ``ASIF().fit(anchors)`` in Python scores as ``AsifPipeline`` and
-    ``nofree classify`` do for the same anchors (issue 22); ``ASIF.paper()`` does not."""
+    ``nofree classify`` do for the same anchors; ``ASIF.paper()`` does not."""
     from nofree.anchors.anchor_set import AnchorSet
     from nofree.data.images import load_image
 
