@@ -271,9 +271,14 @@ class AdapterCaptioner:
                 features = self.image_encoder.encode_tokens(chunk)
             else:
                 features = self.image_encoder.encode(chunk)
-            captions += [clean_caption(text) for text in
-                         self.adapter.caption_features(features, prompts=self.prompts(chunk), **options)]
+            captions += self.caption_chunk(chunk, features, options)
         return captions
+
+    def caption_chunk(self, images: Sequence[Any], features: Tensor, options: dict[str, Any]) -> list[str]:
+        """Tidied captions of one chunk of loaded ``images`` and their ``features``, decoded with
+        ``options`` (keywords of :meth:`CaptioningAdapter.generate`)."""
+        return [clean_caption(text) for text in
+                self.adapter.caption_features(features, prompts=self.prompts(images), **options)]
 
     def prompts(self, images: Sequence[Any]) -> list[str] | None:
         """The text each image's caption follows, for adapters that read one (none here)."""

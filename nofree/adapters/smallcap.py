@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from nofree.adapters.captioning import AdapterCaptioner, _as_image
+from nofree.adapters.captioning import AdapterCaptioner
 from nofree.adapters.flamingo import Flamingo
 from nofree.adapters.recipes import RECIPES
 from nofree.core import DataError, SpecError, clean_caption
@@ -192,33 +192,25 @@ class SmallCapCaptioner(AdapterCaptioner):
         self.retrieval = retrieval
         self.drafts, self.with_retrieved, self.consensus = int(drafts), bool(with_retrieved), int(consensus)
 
-    def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
-        """One caption per image; keywords of :meth:`CaptioningAdapter.generate` override the
-        captioner's."""
+    def caption_chunk(self, images: Sequence[Any], features: Tensor, options: dict[str, Any]) -> list[str]:
+        """One caption per image of the chunk: SmallCap's own, or the consensus choice among the
+        drafts (and the retrieved caption); see the class docstring."""
         if self.drafts == 1 and not self.with_retrieved:
-            return super().caption(images, **kw)
-        options = {**self.options, **kw}
+            return super().caption_chunk(images, features, options)
         m = self.adapter.hparams["examples"]
-        loaded = [_as_image(image) for image in images]
-        captions: list[str] = []
-        for start in range(0, len(loaded), self.batch_size):
-            chunk = loaded[start:start + self.batch_size]
-            features = self.image_encoder.encode_tokens(chunk)
-            image_emb = self.retrieval.pipeline.encode_images(chunk)
-            ranked = example_captions(self.retrieval, image_emb, m * self.drafts)
-            candidates: list[list[str]] = [[] for _ in chunk]
-            for window in range(self.drafts):
-                prompts = [self.adapter.prompt_text(found[window * m:(window + 1) * m]) for found in ranked]
-                for row, text in zip(candidates, self.adapter.caption_features(features, prompts=prompts,
-                                                                               **options)):
-                    row.append(clean_caption(text))
-            if self.with_retrieved:
-                for row, found in zip(candidates, ranked):
-                    row.append(found[0].strip())
-            references = self.retrieval.top(image_emb, self.consensus)
-            captions += [row[self.retrieval.cider.choose(row, refs)]
-                         for row, refs in zip(candidates, references)]
-        return captions
+        image_emb = self.retrieval.pipeline.encode_images(images)
+        ranked = example_captions(self.retrieval, image_emb, m * self.drafts)
+        candidates: list[list[str]] = [[] for _ in images]
+        for window in range(self.drafts):
+            prompts = [self.adapter.prompt_text(found[window * m:(window + 1) * m]) for found in ranked]
+            drafts = self.adapter.caption_features(features, prompts=prompts, **options)
+            for row, text in zip(candidates, drafts):
+                row.append(clean_caption(text))
+        if self.with_retrieved:
+            for row, found in zip(candidates, ranked):
+                row.append(found[0].strip())
+        references = self.retrieval.top(image_emb, self.consensus)
+        return [row[self.retrieval.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, pool: Sequence[str] | None = None,
@@ -297,8 +289,8 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
 
     ``anchors``: an anchor set folder to retrieve with (default: built from ``train_split``);
     ``pool``: a caption file (default: the bundled pool), its non-captions and repeats dropped
-    unless ``clean_pool`` is False (:class:`~nofree.captioning.retrieval.RetrievalCaptioner`). Other keywords as in
-    :func:`nofree.adapters.train.train_flamingo`.
+    unless ``clean_pool`` is False (:class:`~nofree.captioning.retrieval.RetrievalCaptioner`).
+    Other keywords as in :func:`nofree.adapters.train.train_flamingo`.
     """
     import tempfile
 
