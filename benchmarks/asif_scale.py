@@ -293,19 +293,19 @@ def main(argv=None) -> dict:
                     res["seconds"] *= args.queries / res["n_queries"]
                     res["cpu_seconds"] *= args.queries / res["n_queries"]
                 results.append(res)
-    from nofree.anchors.int8_matmul import Int8Products
-    from nofree.native import library
+    from nofree.anchors.search.int8_gemm import Int8Products
+    from nofree.kernels.bindings import available
 
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "native_scan_helpers": library() is not None,
-                       "int8_vnni_kernel": Int8Products.available(library())},
+                       "native_scan_helpers": available(),
+                       "int8_vnni_kernel": Int8Products.available()},
            "workload": {"queries": args.queries, "classes": args.classes, "k": args.k, "p": args.p,
                         "precision": args.precision},
            "runs": results}
     print(markdown(out))
     machine = out["machine"]
-    print("native kernels (nofree.native):",
+    print("native kernels (nofree.kernels):",
           "built and used" if machine["native_scan_helpers"] else "unavailable, torch versions used",
           end="; ")
     print("int8 kernel with fused selection (AVX-512 VNNI):",

@@ -30,19 +30,24 @@ def _frozen_parameters(adapter) -> int:
     return sum(p.numel() for _, module in adapter.backbone_modules() for p in module.parameters())
 
 
+def write_pairs(out: Path, rows) -> Path:
+    """Write ``rows`` (:class:`nofree.core.Pair`) as a JSONL pairs file at ``out``; returns ``out``."""
+    out.write_text("".join(json.dumps({"image": p.image, "captions": list(p.captions), "split": p.split,
+                                       **p.meta}) + "\n" for p in rows))
+    return out
+
+
 def _small_pairs(folder: Path, n_train: int, n_val: int) -> Path:
     """A pairs file with the first n_train train and n_val val photos of the sample (absolute paths)."""
     from nofree.data.pairs import load_pairs
 
     pairs = sample_dir() / "pairs.jsonl"
     rows = [*load_pairs(pairs, split="train", limit=n_train), *load_pairs(pairs, split="val", limit=n_val)]
-    out = folder / "pairs.jsonl"
-    out.write_text("".join(json.dumps({"image": p.image, "captions": list(p.captions), "split": p.split,
-                                       **p.meta}) + "\n" for p in rows))
-    return out
+    return write_pairs(folder / "pairs.jsonl", rows)
 
 
-def _tiny_backbones(folder: Path) -> dict[str, str]:
+def tiny_backbones(folder: Path) -> dict[str, str]:
+    """Tiny config-built image, text and LM backbones saved under ``folder`` (smoke runs)."""
     from nofree.testing import make_tiny_hf_text, make_tiny_hf_vision, make_tiny_lm_dir
 
     return {"image": f"local:{make_tiny_hf_vision(folder / 'vision')}",
@@ -50,10 +55,57 @@ def _tiny_backbones(folder: Path) -> dict[str, str]:
             "lm": f"local:{make_tiny_lm_dir(folder / 'lm', family='llama')}"}
 
 
-def main(argv=None) -> dict:
-    from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
+def frozen_setup(work: Path, smoke: bool) -> tuple[dict[str, str], Path | None, dict]:
+    """``(backbones, pool, epochs)`` of a run: the embedded default backbones, the bundled caption
+    pool (``None``) and the recipes' epochs (``{}``); with ``smoke``, tiny backbones saved under
+    ``work``, the pool's first 2000 lines and one epoch."""
+    if not smoke:
+        return {"image": DEFAULT_IMAGE_ENCODER, "text": DEFAULT_TEXT_ENCODER, "lm": DEFAULT_LM}, None, {}
+    pool = work / "pool.txt"
+    pool.write_text("\n".join(default_pool_path().read_text().splitlines()[:2000]) + "\n")
+    return tiny_backbones(work / "backbones"), pool, {"epochs": 1}
+
+
+def build_train_anchors(pairs: Path, backbones: dict[str, str], out: Path) -> None:
+    """(Re)build at ``out`` the anchor set of the ``train`` split of ``pairs``."""
     from nofree.anchors.build import build_anchor_set
-    from nofree.eval.report import EvalConfig, run_eval
+
+    if out.exists():
+        shutil.rmtree(out)
+    build_anchor_set(pairs, split="train", image_encoder=backbones["image"], text_encoder=backbones["text"],
+                     out=out)
+
+
+def adapter_trainers(backbones: dict[str, str], pool: Path | None) -> dict[str, tuple]:
+    """``{kind: (train function, its backbone keywords)}`` of every adapter (default recipes)."""
+    from nofree.adapters import train_clipcap, train_flamingo, train_lit, train_smallcap
+
+    return {"lit": (train_lit, {"text_encoder": backbones["text"]}),
+            "clipcap": (train_clipcap, {"lm": backbones["lm"]}),
+            "flamingo": (train_flamingo, {"lm": backbones["lm"]}),
+            "smallcap": (train_smallcap, {"lm": backbones["lm"], "text_encoder": backbones["text"],
+                                          **({"pool": pool} if pool is not None else {})})}
+
+
+def training_record(result, seconds: float) -> dict:
+    """What a training run reports: wall time, steps, parameter counts, config, per-epoch history."""
+    return {"seconds": round(seconds, 1), "steps": result.steps,
+            "trainable_parameters": result.adapter.num_parameters(),
+            "frozen_parameters": _frozen_parameters(result.adapter),
+            "config": result.adapter.config(), "history": result.history}
+
+
+def eval_config(pairs: Path, *, anchors: Path | None, adapters: dict, backbones: dict[str, str],
+                pool: Path | None, smoke: bool, limit: int | None = None):
+    """The :class:`~nofree.eval.report.EvalConfig` every method is evaluated with."""
+    from nofree.eval.report import EvalConfig
+
+    return EvalConfig(pairs=pairs, anchors=anchors, adapters=adapters, pool=pool, lm=backbones["lm"],
+                      limit=limit, meteor=not smoke)
+
+
+def main(argv=None) -> dict:
+    from nofree.eval.report import run_eval
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny backbones, a few photos")
@@ -68,30 +120,15 @@ def main(argv=None) -> dict:
     work = args.work or (Path(tempfile.mkdtemp(prefix="nofree-fusion-")) if args.smoke
                          else Path("runs/bench/fusion"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        backbones = _tiny_backbones(work / "backbones")
-        pairs = _small_pairs(work, 30, 8)
-        pool = work / "pool.txt"
-        pool.write_text("\n".join(default_pool_path().read_text().splitlines()[:2000]) + "\n")
-        epochs = {"epochs": 1}
-    else:
-        backbones = {"image": DEFAULT_IMAGE_ENCODER, "text": DEFAULT_TEXT_ENCODER, "lm": DEFAULT_LM}
-        pairs, pool, epochs = sample_dir() / "pairs.jsonl", None, {}
-
+    backbones, pool, epochs = frozen_setup(work, args.smoke)
+    pairs = _small_pairs(work, 30, 8) if args.smoke else sample_dir() / "pairs.jsonl"
     anchors = work / "anchors"
-    if anchors.exists():
-        shutil.rmtree(anchors)
-    build_anchor_set(pairs, split="train", image_encoder=backbones["image"], text_encoder=backbones["text"],
-                     out=anchors)
+    build_train_anchors(pairs, backbones, anchors)
     training = {}
     previous = {}
     if args.reuse_adapters and (work / "training.json").exists():
         previous = json.loads((work / "training.json").read_text())
-    trainers = {"lit": (train_lit, {"text_encoder": backbones["text"]}),
-                "clipcap": (train_clipcap, {"lm": backbones["lm"]}),
-                "flamingo": (train_flamingo, {"lm": backbones["lm"]}),
-                "smallcap": (train_smallcap, {"lm": backbones["lm"], "text_encoder": backbones["text"],
-                                              **({"pool": pool} if pool is not None else {})})}
+    trainers = adapter_trainers(backbones, pool)
     for kind, (trainer, backbone) in trainers.items():
         if args.reuse_adapters and (work / kind / "config.json").exists() and kind in previous:
             training[kind] = {**previous[kind], "reused": True}
@@ -101,15 +138,12 @@ def main(argv=None) -> dict:
         result = trainer(pairs, out=work / kind, image_encoder=backbones["image"], overwrite=True,
                          **backbone, **epochs)
         seconds = time.perf_counter() - start
-        training[kind] = {"seconds": round(seconds, 1), "steps": result.steps,
-                          "trainable_parameters": result.adapter.num_parameters(),
-                          "frozen_parameters": _frozen_parameters(result.adapter),
-                          "config": result.adapter.config(), "history": result.history}
+        training[kind] = training_record(result, seconds)
         print(f"trained {kind}: {seconds:.0f} s, {result.steps} steps, last epoch {result.history[-1]}", flush=True)
     (work / "training.json").write_text(json.dumps(training, indent=1, default=str))
 
-    config = EvalConfig(pairs=pairs, anchors=anchors, adapters={k: work / k for k in trainers},
-                        pool=pool, lm=backbones["lm"], limit=args.limit, meteor=not args.smoke)
+    config = eval_config(pairs, anchors=anchors, adapters={k: work / k for k in trainers},
+                         backbones=backbones, pool=pool, smoke=args.smoke, limit=args.limit)
     report = run_eval(config, out_dir=work / "report", overwrite=True, echo=print)
     out = {"smoke": args.smoke, "backbones": backbones, "training": training, "report": report,
            "report_dir": str(work / "report")}

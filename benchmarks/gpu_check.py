@@ -48,7 +48,7 @@ def scorer_check(device):
     """Max |score difference| of the tree path on ``device`` against plain encode_text on the CPU."""
     import open_clip
 
-    from nofree.decoding.scorers import ClipScorer
+    from nofree.decoding.clip_scorer import ClipScorer
 
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1,
@@ -73,7 +73,7 @@ def magic_rows(device, tokenizer_dir, new_tokens, repeats):
 
     from benchmarks.magic_speed import PROMPT, bf16_copy, gpt2_small
     from nofree.decoding.magic import greedy_search, magic_search
-    from nofree.decoding.scorers import ClipScorer
+    from nofree.decoding.clip_scorer import ClipScorer
     from nofree.lm.hf import HFLanguageModel
 
     base = gpt2_small(tokenizer_dir)
@@ -113,7 +113,7 @@ def magic_rows(device, tokenizer_dir, new_tokens, repeats):
 
 
 def topk_rows(device, sizes, repeats):
-    from nofree.anchors.topk import cosine_topk
+    from nofree.anchors.search.exact import cosine_topk
 
     g = torch.Generator().manual_seed(0)
     rows = []

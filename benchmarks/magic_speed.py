@@ -56,7 +56,7 @@ def clip_b32(**kw):
     """CLIP ViT-B/32 as a ClipScorer (``kw``: dtype, prefix_cache, packed)."""
     import open_clip
 
-    from nofree.decoding.scorers import ClipScorer
+    from nofree.decoding.clip_scorer import ClipScorer
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)
@@ -66,7 +66,7 @@ def clip_b32(**kw):
 def tiny_clip(**kw):
     import open_clip
 
-    from nofree.decoding.scorers import ClipScorer
+    from nofree.decoding.clip_scorer import ClipScorer
 
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1,
@@ -208,8 +208,8 @@ LINEAR_SHAPES = ((1, 768, 49152), (45, 768, 3072), (45, 3072, 768), (130, 512, 2
 
 def linear_table(shapes, repeats):
     """Milliseconds of one ``x (M, K) @ W (N, K).T`` at decoding sizes: F.linear against the weight
-    packed once (:mod:`nofree.packing`), float32 and bfloat16."""
-    from nofree.packing import PackedMatrix, can_pack, linear
+    packed once (:mod:`nofree.kernels.packing`), float32 and bfloat16."""
+    from nofree.kernels.packing import PackedMatrix, can_pack, linear
 
     rows = []
     for m, k, n in shapes:
@@ -449,7 +449,7 @@ last block (the default).
 The LM's k candidates run with tree attention (side by side after each row's cache; the
 k-expanded row is timed beside it), and with α = 0 they do not run at all (only the penalty
 needs their hidden states). Both models keep their weight matrices packed once for oneDNN's CPU
-kernels (`nofree.packing`: `MagicCaptioner` decodes with `lm.packed()`, `ClipScorer` packs its
+kernels (`nofree.kernels.packing`: `MagicCaptioner` decodes with `lm.packed()`, `ClipScorer` packs its
 tower); the "plain matmuls" rows use `F.linear`, which re-packs every weight on every call. The
 CLIP scorer remembers the keys/values of recent continuations across steps (`PrefixMemory`,
 matched by longest common prefix); every timed run starts with it empty.

@@ -22,7 +22,7 @@ is recorded: on a shared machine it says how pessimistic the times are.
 
 Index part (``--index-anchors N``, 0 to skip): N synthetic clustered 384-d anchors (the text
 side's width; generator from ``benchmarks.asif_scale``), an IVF-PQ index added with
-``nofree.anchors.index.add_index``; reports its bytes per anchor and recall@800 against exact
+``nofree.anchors.search.index.add_index``; reports its bytes per anchor and recall@800 against exact
 search, which feed the paper-scale memory plan printed at the end (1.6M and 100M pairs).
 """
 from __future__ import annotations
@@ -85,8 +85,8 @@ def index_part(n: int, tmp: Path, factory: str, nprobe: int | None) -> dict:
 
     from benchmarks.asif_scale import _views
     from nofree.anchors.anchor_set import AnchorSet
-    from nofree.anchors.index import add_index, index_topk, load_indexes
-    from nofree.anchors.topk import cosine_topk
+    from nofree.anchors.search.exact import cosine_topk
+    from nofree.anchors.search.index import add_index, index_topk, load_indexes
 
     concepts = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(1))
     image, text = _views(concepts, 11, 0.6, dims=(64, DIMS[1]))

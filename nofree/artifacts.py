@@ -9,7 +9,7 @@ goes through these helpers:
   only after the swap;
 * **checksums** — :func:`file_record` (size + sha256) and :func:`verify_files`, which checks
   recorded files cheaply (sizes) or fully (sha256 of every byte);
-* **what ``--overwrite`` may replace** — :func:`check_replaceable` accepts only a missing or
+* **what ``overwrite`` may replace** — :func:`check_replaceable` accepts only a missing or
   empty folder or one that is recognisably the artefact the command writes
   (:func:`artifact_kind`), and never the command's input, the current directory, a folder
   above either, the home folder or ``/``;
@@ -18,6 +18,10 @@ goes through these helpers:
 * **write failures as one line** — :func:`writing` turns ``OSError`` and safetensors' write
   errors (read-only folder, full disk, no permission) into a :class:`DataError` naming the path
   and the fix.
+
+Errors about the destination are :class:`~nofree.core.OptionError` s naming the caller's
+parameter (``option``: :data:`OUT` unless the caller says otherwise; plain words such as
+``"anchor set"`` where no parameter sets it), so the command line writes it as its flag.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from nofree.core import DataError
+from nofree.core import DataError, Option, OptionError
 
 #: Kinds of artefact, as :func:`artifact_kind` names them.
 ANCHOR_SET = "anchor set"
@@ -41,6 +45,10 @@ REPORT = "eval report"
 
 _KIND_HINTS = {ANCHOR_SET: "nofree manifest.json", ADAPTER: "nofree adapter config.json",
                REPORT: "nofree results.json"}
+
+#: The parameter naming a destination, and the one asking to replace it, unless a caller says otherwise.
+OUT = Option("out")
+OVERWRITE = Option("overwrite", True)
 
 
 # --- checksums ------------------------------------------------------------------------------
@@ -164,30 +172,30 @@ def _reason(err: BaseException) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def writing(path: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+def writing(path: str | os.PathLike, option: str | Option = OUT) -> Iterator[None]:
     """Turn a failed write inside the block into a one-line :class:`DataError` naming ``path``
-    (the destination the user gave as ``option``) and the fix."""
+    (the destination the caller gave as ``option``) and the fix."""
     try:
         yield
     except _write_errors() as err:
         what, fix = _reason(err)
-        raise DataError(f"cannot write {path}: {what}; {fix} ({option})") from err
+        raise OptionError(f"cannot write {path}: {what}; {fix} (", option, ")") from err
 
 
-def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
+def check_writable(path: str | os.PathLike, option: str | Option = OUT) -> None:
     """Raise a one-line :class:`DataError` now if files cannot be created at ``path`` (a folder,
     existing or to be created): probes the nearest existing folder with an unnamed temp file."""
     probe = Path(os.path.abspath(path))
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise DataError(f"cannot write {path}: {probe} is a file, not a folder; choose another {option}")
+        raise OptionError(f"cannot write {path}: {probe} is a file, not a folder; choose another ", option)
     with writing(path, option):
         with tempfile.TemporaryFile(dir=probe):
             pass
 
 
-# --- what --overwrite may replace -----------------------------------------------------------
+# --- what overwrite may replace -------------------------------------------------------------
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -224,9 +232,9 @@ def _within(inner: Path, outer: Path) -> bool:
 
 
 def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[str | os.PathLike] = (),
-                      option: str = "--out", flag: str = "--overwrite") -> None:
+                      option: str | Option = OUT, flag: Option | None = OVERWRITE) -> None:
     """Raise a one-line :class:`DataError` unless ``flag`` (the option asking for the
-    replacement; empty for a command that always rewrites its target) may replace ``target``.
+    replacement; ``None`` for a call that always rewrites its target) may replace ``target``.
 
     Allowed: a missing or empty folder, or a folder :func:`artifact_kind` recognises as ``kind``.
     Refused whatever it holds: ``/``, the home folder, the current directory or a folder above
@@ -235,34 +243,34 @@ def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[
     """
     real = _real(target)
     home = _real("~")
-    refuse = f"refusing to replace {target}" + (f" with {flag}" if flag else "")
+    refuse = [f"refusing to replace {target}", *([" with ", flag] if flag else [])]
     if real == real.parent or real == home or _within(home, real):
-        raise DataError(f"{refuse}: it is {'/' if real == real.parent else 'your home folder'}; "
-                        f"choose another {option}")
+        raise OptionError(*refuse, f": it is {'/' if real == real.parent else 'your home folder'}; "
+                          "choose another ", option)
     if _within(_real(os.getcwd()), real):
-        raise DataError(f"{refuse}: it is the current directory or holds it; run the command from "
-                        f"another folder, or choose another {option}")
+        raise OptionError(*refuse, ": it is the current directory or holds it; run the command from "
+                          "another folder, or choose another ", option)
     for item in inputs:
         source = _real(item)
         folder = source if source.is_dir() else source.parent
         if _within(folder, real):
-            raise DataError(f"{refuse}: it holds this command's input {item}; choose another {option}")
+            raise OptionError(*refuse, f": it holds this command's input {item}; choose another ", option)
     if not real.exists():
         return
     if not real.is_dir():
-        raise DataError(f"{refuse}: it is a file, not an {kind}; choose another {option}")
+        raise OptionError(*refuse, f": it is a file, not an {kind}; choose another ", option)
     if not any(real.iterdir()):
         return
     found = artifact_kind(real)
     if found != kind:
         held = f"an {found}" if found else f"no {_KIND_HINTS.get(kind, kind)}"  # every kind: a vowel
-        raise DataError(f"{refuse}: it is not an {kind} ({held} found); delete it yourself if it is "
-                        f"disposable, or choose another {option}")
+        raise OptionError(*refuse, f": it is not an {kind} ({held} found); delete it yourself if it is "
+                          "disposable, or choose another ", option)
 
 
 # --- one writer per destination -------------------------------------------------------------
 @contextlib.contextmanager
-def exclusive(target: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+def exclusive(target: str | os.PathLike, option: str | Option = OUT) -> Iterator[None]:
     """Hold an exclusive lock on ``target`` (``.NAME.lock`` beside it) for the block.
 
     A second process asking for the same target while it is held gets a one-line
@@ -286,8 +294,8 @@ def exclusive(target: str | os.PathLike, option: str = "--out") -> Iterator[None
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise DataError(f"{target} is being written by another nofree process (pid {holder}, lock "
-                            f"{lock}); wait for it to finish, or choose another {option}") from None
+            raise OptionError(f"{target} is being written by another nofree process (pid {holder}, lock "
+                              f"{lock}); wait for it to finish, or choose another ", option) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -303,3 +311,32 @@ def exclusive(target: str | os.PathLike, option: str = "--out") -> Iterator[None
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)
+
+
+# --- write-then-rename for files another writer produces -------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` (:func:`temp_path`) for the block to write the file to
+    (``safetensors.save_file``, an ``open`` of its own); renamed to ``path`` when the block ends,
+    removed when it raises, so ``path`` holds its old content or the complete new file. A caller
+    that needs the bytes on disk before the rename (a crash then never leaves an empty file under
+    the final name) flushes and ``os.fsync`` s its handle inside the block."""
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error that stopped the write is the one to report
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def rename_aside(path: Path, suffix: str) -> Path | None:
+    """Rename a damaged file to ``path`` + ``suffix`` (kept for a look, no longer read under its
+    name); the new path, or ``None`` when it cannot be renamed (gone already, read-only folder)."""
+    aside = path.with_name(path.name + suffix)
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return None
+    return aside

@@ -19,7 +19,7 @@ Layout under ``root`` (default ``$NOFREE_CACHE`` or ``~/.cache/nofree``)::
 Each shard's safetensors metadata holds its item keys (JSON) and a sha256 of its tensor bytes;
 the index is rebuilt from the shard headers, so there is no separate index file to go stale.
 Shards are written to a hidden temporary name, flushed to disk and renamed into place
-(``os.replace``): a shard under its final name is always complete. Encoded items are written
+(:func:`nofree.artifacts.atomic_path`): a shard under its final name is always complete. Encoded items are written
 when ``shard_size`` of them are waiting, when the oldest has waited ``flush_seconds``, at the end
 of an ``encode`` call, and whenever an error or an interrupt (Ctrl-C, or SIGTERM raised as an
 exception by the CLI) stops one, so an interrupted run loses only what a hard kill catches in
@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from nofree.artifacts import atomic_path, atomic_write_json, rename_aside
 from nofree.core import DataError, Encoder
 
 log = logging.getLogger(__name__)
@@ -202,10 +203,7 @@ class _Store:
         for name, shard in self.shards.items():  # another shard may hold the same keys
             for position, key in enumerate(shard.keys):
                 self.index.setdefault(key, (name, position))
-        try:
-            os.replace(path, path.with_name(path.name + ".corrupt"))
-        except OSError:
-            pass
+        rename_aside(path, ".corrupt")  # if the folder refuses, this process still skips it (``seen``)
 
     def load(self, name: str) -> dict[str, Tensor] | None:
         """The verified tensors of shard ``name``, or ``None`` (and set aside) if corrupt."""
@@ -266,19 +264,11 @@ class _Store:
             meta["lengths"] = json.dumps(lengths)
         name = f"{self.kind}-{uuid.uuid4().hex[:16]}.safetensors"
         final = self.folder / name
-        temp = self.folder / f".{name}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(final) as temp:  # hidden ".NAME.tmp-*": _clean_stale_temp removes leftovers
             with open(temp, "wb") as handle:
                 handle.write(save(tensors, metadata=meta))
                 handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, final)
-        except OSError:
-            try:
-                temp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
+                os.fsync(handle.fileno())  # on disk before the final name points at it
         self.seen.add(name)
         self.shards[name] = _Shard(final, keys, lengths, meta["sha256"])
         for position, key in enumerate(keys):
@@ -387,11 +377,8 @@ class EmbeddingCache:
                 raise DataError(f"cache folder {folder} belongs to spec {recorded!r}, not "
                                 f"{spec!r}; delete it or use another cache root")
             if recorded is None and problem is None:
-                temp = folder / f".spec.json.tmp-{os.getpid()}"
                 try:
-                    temp.write_text(json.dumps({"format": FORMAT_VERSION, "spec": spec}, indent=1),
-                                    encoding="utf-8")
-                    os.replace(temp, record)
+                    atomic_write_json(record, {"format": FORMAT_VERSION, "spec": spec}, indent=1)
                 except OSError as err:
                     problem = err
             store = self._stores[(spec, kind)] = _Store(folder, spec, kind)

@@ -20,7 +20,7 @@ from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, PAIRS, clean_pool_optio
 from nofree.cli_output import OneLineError, cli_message
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
-#: pairs per shard of `anchors build`: nofree.anchors.shards.DEFAULT_SHARD_SIZE (tests/test_cli.py
+#: pairs per shard of `anchors build`: nofree.anchors.build.shards.DEFAULT_SHARD_SIZE (tests/test_cli.py
 #: checks they agree), written here so that `--help` imports none of the anchors code
 DEFAULT_SHARD_SIZE = 256
 
@@ -172,7 +172,7 @@ def anchors_build(pairs, image_encoder, text_encoder, out, overwrite, engine, wo
 
 
 def _index_line(entry: dict) -> str:
-    """One line describing an anchor set's index entry (see nofree.anchors.index)."""
+    """One line describing an anchor set's index entry (see nofree.anchors.search.index)."""
     if entry.get("search") != "index":
         return f"index        {entry['factory']}: not built, exact search ({entry.get('reason', '')})"
     sides = "; ".join(f"{m} recall@{s['k']} {s['recall_at_k']:.3f} (" + (f"nprobe {s['nprobe']}, " if s["nprobe"]
@@ -193,7 +193,7 @@ def _index_line(entry: dict) -> str:
               "(default: ASIF's k = min(800, N)).")
 def anchors_index(anchor_dir, factory, nprobe, refine, recall_k):
     """Add a faiss search index to an anchor set and measure its recall against exact search."""
-    from nofree.anchors.index import add_index
+    from nofree.anchors.search.index import add_index
 
     click.echo(_index_line(add_index(anchor_dir, factory, nprobe=nprobe, refine=refine, recall_k=recall_k)))
 
@@ -209,7 +209,7 @@ def anchors_index(anchor_dir, factory, nprobe, refine, recall_k):
 @click.option("--index", "index_factory", metavar="FACTORY", help="Also add a faiss search index.")
 def anchors_import(embeddings, image_spec, text_spec, out, overwrite, index_factory):
     """Import pre-computed embeddings (clip-retrieval, parquet) as an anchor set."""
-    from nofree.anchors.import_embeddings import import_embeddings
+    from nofree.anchors.build.import_embeddings import import_embeddings
 
     built = import_embeddings(embeddings, image_spec=image_spec, text_spec=text_spec, out=out,
                               overwrite=overwrite, index=index_factory)

@@ -29,7 +29,8 @@ class OneLineError(click.ClickException):
 
 #: Library parameters whose flag is not ``--`` and their name with dashes (``no_repeat_ngram``:
 #: ``--no-repeat-ngram``).
-_FLAGS = {"anchor_dir": "--anchors", "adapter_dir": "--adapter", "max_new_tokens": "--max-tokens"}
+_FLAGS = {"anchor_dir": "--anchors", "adapter_dir": "--adapter", "max_new_tokens": "--max-tokens",
+          "out_dir": "--report"}
 
 
 def cli_message(err: Exception) -> str:

@@ -33,7 +33,8 @@ def _train_options(f):
                      help=f"Pairs per step (default depends on the method: {describe('batch_size')}).")(f)
     f = click.option("--epochs", type=click.IntRange(min=1), default=None,
                      help=f"Passes over the training pairs (default depends on the method: "
-                          f"{describe('epochs')}).")(f)
+                          f"{describe('epochs')}; raised on small sets to train at least "
+                          f"{describe('min_steps')} steps).")(f)
     f = click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")(f)
     f = click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True)(f)
     f = click.option("--pairs", required=True, type=PAIRS, help="Training pairs (the forms anchors "

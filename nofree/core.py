@@ -119,8 +119,10 @@ class LanguageModel(Protocol):
 
     ``step`` accepts token ids ``(B, T)`` or input embeddings ``(B, T, H)`` (prefixes), an
     optional cache from the previous step and an optional ``attention_mask`` ``(B, past+T)``
-    (1 = real token, 0 = left padding). ``select_cache(cache, index)`` gathers batch rows
-    (``index`` is ``(B',)`` long) so a cache can be expanded to k candidates or narrowed back.
+    (1 = real token, 0 = left padding; :func:`left_pad` builds it). ``select_cache(cache,
+    index)`` gathers batch rows (``index`` is ``(B',)`` long) so a cache can be expanded to k
+    candidates or narrowed back. Optional capabilities that decoders use when present:
+    :class:`HeadlessLM`, :class:`CandidateLM`, :class:`StackingLM`, :class:`CacheSizeLM`.
     """
 
     spec: str
@@ -145,6 +147,90 @@ class LanguageModel(Protocol):
     ) -> LMStep: ...
 
     def select_cache(self, cache: Any, index: Tensor) -> Any: ...
+
+
+# Optional capabilities of a LanguageModel. Decoders check them with :func:`offers` and take a
+# plainer path when an LM lacks one (or sets one of its methods to None); results are the same
+# either way, to float rounding.
+
+@runtime_checkable
+class HeadlessLM(Protocol):
+    """An LM that can run without its output head (MAGIC's candidate forwards need hidden states only).
+
+    ``step(..., logits=False)`` returns ``LMStep(logits=None, hidden (B, T, H), cache)``;
+    ``head_logits(hidden (B, H)) -> (B, V)`` float32 applies the head to the rows that need logits.
+    """
+
+    def step(self, ids: Tensor | None = None, *, embeds: Tensor | None = None, cache: Any = None,
+             attention_mask: Tensor | None = None, logits: bool = True) -> LMStep: ...
+
+    def head_logits(self, hidden: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class CandidateLM(Protocol):
+    """An LM that feeds k alternative next tokens per row in one forward ("tree attention").
+
+    ``candidate_step(candidates (B, k), *, cache, attention_mask (B, past))`` puts the k tokens
+    side by side after each row's cache, each attending to the row's real cached positions and to
+    itself only; it returns ``LMStep(logits=None, hidden (B, k, H) float32, cache of past + k
+    positions)``, or None when this cache or attention kernel cannot (the caller then runs one row
+    per candidate). ``keep_candidates(cache, rows (b,), chosen (b,), k)`` is the cache after such a
+    step holding batch rows ``rows``, each with its past and its candidate ``chosen`` (an index
+    into k) appended.
+    """
+
+    def candidate_step(self, candidates: Tensor, *, cache: Any, attention_mask: Tensor) -> LMStep | None: ...
+
+    def keep_candidates(self, cache: Any, rows: Tensor, chosen: Tensor, k: int) -> Any: ...
+
+
+@runtime_checkable
+class StackingLM(Protocol):
+    """An LM whose caches can be stacked: batches prefilled apart become one batch.
+
+    ``stack_caches(caches, *, insert_at)`` is one cache with the rows of every cache in order;
+    shorter ones get empty positions inserted at ``insert_at`` up to the longest (the caller masks
+    them out). None when a cache cannot be stacked.
+    """
+
+    def select_cache(self, cache: Any, index: Tensor) -> Any: ...
+
+    def stack_caches(self, caches: Sequence[Any], *, insert_at: int) -> Any | None: ...
+
+
+@runtime_checkable
+class CacheSizeLM(Protocol):
+    """An LM that reports a cache's size: ``cache_nbytes(cache)``, the bytes of its keys and values."""
+
+    def cache_nbytes(self, cache: Any) -> int: ...
+
+
+def offers(lm: Any, capability: type) -> bool:
+    """Whether ``lm`` offers an optional ``capability`` (:class:`HeadlessLM`, :class:`CandidateLM`,
+    :class:`StackingLM`, :class:`CacheSizeLM`): each of its methods is there and not None.
+
+    Unlike ``isinstance`` on a protocol, attributes are looked up as any call would (an LM that
+    sets a method to None on itself turns that capability off; a proxy's ``__getattr__`` counts).
+    """
+    members = [name for name, value in vars(capability).items()
+               if callable(value) and not name.startswith("_")]
+    return all(callable(getattr(lm, name, None)) for name in members)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad ragged id lists to ``ids (B, T)`` long and ``mask (B, T)`` long (1 = real), the
+    ``attention_mask`` form :meth:`LanguageModel.step` reads."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("left_pad() needs at least one non-empty sequence per row "
+                         "(an empty prompt has nothing to condition on; give the LM a start text)")
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, length - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, length - len(seq):] = 1
+    return ids, mask
 
 
 @runtime_checkable

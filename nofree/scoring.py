@@ -153,7 +153,7 @@ def load_scorer(spec: str, *, device: str | torch.device | None = None, cache: A
         from nofree.hub import resolve_dir
 
         return _lit_space(spec, resolve_dir(spec[len("lit:"):], what="LiT adapter"), device, cache)
-    from nofree.decoding.scorers import ClipScorer
+    from nofree.decoding.clip_scorer import ClipScorer
     from nofree.registry import load_encoder
 
     image_encoder = load_encoder(spec, modality="image", device=device)

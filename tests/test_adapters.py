@@ -330,7 +330,10 @@ def test_transformer_mapper_trains(gpt2, image_encoder):
 
 
 def _greedy_without_cache(adapter, features, max_tokens):
-    """Reference greedy decoding: the full sequence re-run at every step, no KV cache."""
+    """Reference greedy decoding: the full sequence re-run at every step, no KV cache; each
+    caption read off the tokens by the decoders' stop rule."""
+    from nofree.decoding.stopping import end_caption
+
     stops = adapter.stop_ids()
     out = []
     with torch.no_grad():
@@ -350,7 +353,7 @@ def _greedy_without_cache(adapter, features, max_tokens):
                 tokens.append(int(last.argmax()))
                 if tokens[-1] in stops:
                     break
-            out.append(tokens)
+            out.append(end_caption(adapter.lm, tokens, stop_at_period=True, max_tokens=max_tokens)[0])
     return out
 
 
@@ -628,6 +631,21 @@ def test_training_writes_checkpoint_curve_and_validation(gpt2, image_encoder, tm
     _assert_same_state(_state(adapter), loaded)
     with pytest.raises(DataError, match="not empty"):
         train_adapter(adapter, train, epochs=1, batch_size=2, lr=1e-2, out_dir=out, progress=False)
+
+
+def test_min_steps_raises_the_epochs_of_a_small_set_and_explicit_epochs_stay(gpt2, image_encoder, tmp_path):
+    from nofree.adapters.recipes import RECIPES, recipe_epochs
+
+    adapter = _build("clipcap", gpt2, image_encoder)
+    train = _examples(adapter, captions=CAPTIONS[:2], repeats=2)     # 4 captions: 2 steps an epoch
+    result = train_adapter(adapter, train, epochs=1, batch_size=2, lr=1e-2, warmup_steps=1, min_steps=5,
+                           out_dir=tmp_path / "run", progress=False)
+    assert result.steps == 6 and len(result.history) == 3           # ceil(5 / 2) epochs
+    enough = train_adapter(_build("clipcap", gpt2, image_encoder), train, epochs=4, batch_size=2, lr=1e-2,
+                           min_steps=5, out_dir=tmp_path / "enough", progress=False)
+    assert enough.steps == 8                                         # already past min_steps
+    assert recipe_epochs("clipcap", None) == (RECIPES["clipcap"]["epochs"], RECIPES["clipcap"]["min_steps"])
+    assert recipe_epochs("clipcap", 1) == (1, 0)                     # given epochs are exact
 
 
 def test_bf16_autocast_training_learns_and_keeps_float32_weights(gpt2, image_encoder, tmp_path):

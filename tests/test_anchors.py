@@ -82,7 +82,7 @@ def test_existing_output_is_never_overwritten_silently(tmp_path, encoders):
 
 
 def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, encoders, monkeypatch):
-    import nofree.anchors.build as build_module
+    import nofree.anchors.build.local as build_module
 
     pairs = make_pairs(tmp_path / "data", n=10)
     reference = build(pairs, tmp_path / "ref", encoders, shard_size=3, batch_size=2)
@@ -113,7 +113,7 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, encoder
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, encoders, monkeypatch):
-    import nofree.anchors.build as build_module
+    import nofree.anchors.build.local as build_module
 
     pairs = make_pairs(tmp_path / "data", n=6)
     real, calls = build_module.encode_shard, []
@@ -150,7 +150,7 @@ def test_extend_appends_with_the_recorded_encoders(tmp_path, encoders):
 def test_encoder_mismatch_is_a_clear_error(tmp_path, encoders):
     built = build(make_pairs(tmp_path / "data"), tmp_path / "set", encoders)
     built.check_encoder(encoders[0], "image")
-    with pytest.raises(SpecError, match="--text-encoder"):
+    with pytest.raises(SpecError, match="text_encoder="):
         built.check_encoder(TinyTextEncoder(dim=5, seed=3), "text")
 
 

@@ -242,7 +242,7 @@ def test_the_lock_is_per_destination_and_reentrant_after_release(tmp_path):
 
 # --- checkpoints inside a shard ---------------------------------------------------------------
 def test_an_interrupted_small_build_keeps_its_pieces_and_resumes_exactly(tmp_path, monkeypatch):
-    import nofree.anchors.shards as shards_module
+    import nofree.anchors.build.shards as shards_module
 
     pairs = make_pairs(tmp_path / "data", n=7)
     reference = build(pairs, tmp_path / "ref", batch_size=2)  # one shard of 7 pairs, 4 pieces
@@ -267,7 +267,7 @@ def test_an_interrupted_small_build_keeps_its_pieces_and_resumes_exactly(tmp_pat
 
 
 def test_pieces_are_saved_by_time_before_a_crash(tmp_path, monkeypatch):
-    import nofree.anchors.shards as shards_module
+    import nofree.anchors.build.shards as shards_module
 
     pairs = make_pairs(tmp_path / "data", n=7)
     real, calls = shards_module._encode_piece, []
@@ -371,7 +371,7 @@ def test_extend_refuses_pairs_kept_inside_the_set_and_deletes_nothing(tmp_path):
 
 
 def test_a_failed_extend_leaves_no_partial_folder(tmp_path, monkeypatch):
-    import nofree.anchors.shards as shards_module
+    import nofree.anchors.build.shards as shards_module
 
     build(make_pairs(tmp_path / "data", n=2), tmp_path / "set")
     unreadable = make_pairs(tmp_path / "bad", n=2, corrupt=(0, 1))
@@ -424,7 +424,7 @@ def test_save_with_overwrite_replaces_only_an_anchor_set(tmp_path, monkeypatch):
 
 
 def test_the_interrupt_message_counts_the_saved_pairs(tmp_path, monkeypatch, caplog):
-    import nofree.anchors.shards as shards_module
+    import nofree.anchors.build.shards as shards_module
 
     pairs = make_pairs(tmp_path / "data", n=7)
     real, calls = shards_module._encode_piece, []
@@ -439,3 +439,40 @@ def test_the_interrupt_message_counts_the_saved_pairs(tmp_path, monkeypatch, cap
     with pytest.raises(KeyboardInterrupt):
         build(pairs, tmp_path / "set", batch_size=2, checkpoint_s=3600)
     assert "interrupted after 4 of 7 pairs" in caplog.text
+
+
+# --- errors name parameters; the command line writes them as flags ----------------------------
+def test_build_errors_name_parameters_and_the_cli_writes_flags(runner, tmp_path):
+    from nofree.core import OptionError
+
+    pairs = make_pairs(tmp_path / "data")
+    build(pairs, tmp_path / "set")
+    with pytest.raises(OptionError) as caught:
+        build(pairs, tmp_path / "set")
+    assert "pass overwrite=True to replace it, or choose another out" in str(caught.value)
+    line = one_line_error(cli_build(runner, pairs, tmp_path / "set"))
+    assert "pass --overwrite to replace it, or choose another --out" in line
+    with pytest.raises(OptionError, match="strict=True works with engine='local' only"):
+        build(pairs, tmp_path / "other", strict=True, engine="ray")
+    line = one_line_error(cli_build(runner, pairs, tmp_path / "other", "--strict", "--engine", "ray"))
+    assert "--strict works with --engine local only" in line
+
+
+# --- write-then-rename ------------------------------------------------------------------------
+def test_atomic_path_renames_a_complete_file_and_leaves_nothing_when_the_write_fails(tmp_path):
+    from nofree.artifacts import atomic_path, rename_aside
+
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer failed")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".file.bin.tmp-")
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # replaced only when the block ends
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+    assert rename_aside(target, ".corrupt") == tmp_path / "file.bin.corrupt"
+    assert not target.exists() and rename_aside(target, ".corrupt") is None  # gone already

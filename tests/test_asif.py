@@ -8,12 +8,14 @@ import torch
 from torch.nn.functional import normalize
 
 import nofree.anchors.relative as rel
-import nofree.anchors.topk as topk
 from nofree.anchors.asif import ASIF, default_k
-from nofree.anchors.int8_matmul import Int8Products
 from nofree.anchors.relative import relative_topk, sparse_similarity
-from nofree.anchors.topk import cosine_topk
+from nofree.anchors.search import exact as exact_search
+from nofree.anchors.search import precision as scan_precision
+from nofree.anchors.search.exact import cosine_topk
+from nofree.anchors.search.int8_gemm import Int8Products
 from nofree.core import DataError, NofreeError
+from nofree.kernels import bindings
 
 
 @pytest.fixture(autouse=True)
@@ -147,8 +149,8 @@ def test_error_bound_holds_for_low_precision_matmul():
     anchors, x = clustered(2000, 64, seed=7), clustered(50, 64, seed=8)
     exact = x.double() @ anchors.double().T
     for name in ("bf16", "int8"):
-        codec = topk._CODECS[name]
-        stats = topk.anchor_stats(anchors, name)
+        codec = scan_precision.CODECS[name]
+        stats = scan_precision.anchor_stats(anchors, name)
         q_low, qscale, err = codec.queries(x, stats)
         s = codec.scores(q_low, codec.quantize_anchors(anchors, stats.scale))
         approx = codec.values(s, qscale[:, None]).double()
@@ -159,13 +161,13 @@ def test_error_bound_holds_for_low_precision_matmul():
 
 def test_chunk_sizes_bound_the_score_blocks(monkeypatch, data):
     shapes = []
-    scores = topk._Fp32.scores
+    scores = scan_precision.Fp32Codec.scores
 
     def spy(q_low, a_low):
         shapes.append((q_low.shape[0], a_low.shape[0]))
         return scores(q_low, a_low)
 
-    monkeypatch.setattr(topk._Fp32, "scores", staticmethod(spy))
+    monkeypatch.setattr(scan_precision.Fp32Codec, "scores", staticmethod(spy))
     asif = ASIF(k=10, precision="bf16", anchor_chunk=32, query_chunk=6).fit((data["image"], data["text"]))
     asif.transform(data["qi"], modality="image")
     assert shapes and max(a for a, _ in shapes) <= 6 and max(b for _, b in shapes) <= 32
@@ -246,21 +248,21 @@ def test_sparse_similarity_methods_and_converters_agree(data, monkeypatch):
 
 
 def test_precision_rule(monkeypatch):
-    assert topk.resolve_precision("auto", 1000) == "fp32"
-    assert topk.resolve_precision("auto", topk.AUTO_BF16_MIN_ANCHORS) == "bf16"
-    assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
-    fused = Int8Products.available(topk.library_for(torch.device("cpu")))
-    mid = topk.AUTO_INT8_FUSED_MIN_ANCHORS
-    assert topk.resolve_precision("auto", mid) == ("int8" if fused else "bf16")
-    assert topk.resolve_precision("auto", mid - 1) == "bf16"
-    monkeypatch.setattr(topk, "library_for", lambda device: None)   # no native kernels: torch's int8
-    assert topk.resolve_precision("auto", mid) == "bf16"
-    assert topk.resolve_precision("auto", topk.AUTO_INT8_MIN_ANCHORS) == "int8"
-    assert topk.resolve_precision("auto", 10**7, "cuda") == "fp32"
+    assert scan_precision.resolve_precision("auto", 1000) == "fp32"
+    assert scan_precision.resolve_precision("auto", scan_precision.AUTO_BF16_MIN_ANCHORS) == "bf16"
+    assert scan_precision.resolve_precision("auto", scan_precision.AUTO_INT8_MIN_ANCHORS) == "int8"
+    fused = Int8Products.available()
+    mid = scan_precision.AUTO_INT8_FUSED_MIN_ANCHORS
+    assert scan_precision.resolve_precision("auto", mid) == ("int8" if fused else "bf16")
+    assert scan_precision.resolve_precision("auto", mid - 1) == "bf16"
+    monkeypatch.setattr(bindings, "available", lambda device="cpu": False)   # no native kernels: torch's int8
+    assert scan_precision.resolve_precision("auto", mid) == "bf16"
+    assert scan_precision.resolve_precision("auto", scan_precision.AUTO_INT8_MIN_ANCHORS) == "int8"
+    assert scan_precision.resolve_precision("auto", 10**7, "cuda") == "fp32"
     with pytest.raises(DataError, match="CPU scan"):
-        topk.resolve_precision("int8", 10, "cuda")
+        scan_precision.resolve_precision("int8", 10, "cuda")
     with pytest.raises(DataError, match="precision"):
-        topk.resolve_precision("half", 10)
+        scan_precision.resolve_precision("half", 10)
 
 
 def test_top_per_row_orders_signs_zeros_and_ties():
@@ -273,7 +275,7 @@ def test_top_per_row_orders_signs_zeros_and_ties():
     vals = torch.randint(-8, 3, (n,), generator=gen) / 8.0   # mostly negative, many exact ties
     vals[::7] = -0.0
     vals[rows == 0] = torch.tensor([-0.0, 0.0] + [1.0] * 6 + [-1.0] * 2)  # a tie -0.0 == 0.0 at k
-    got_v, got_i = topk._top_per_row(rows, cols, vals, nb, k)
+    got_v, got_i = exact_search._top_per_row(rows, cols, vals, nb, k)
     for r in range(nb):
         best = sorted((-float(v), int(c)) for v, c, rr in zip(vals, cols, rows) if rr == r)[:k]
         assert got_v[r].tolist() == [-v for v, _ in best] and got_i[r].tolist() == [c for _, c in best]
@@ -282,7 +284,7 @@ def test_top_per_row_orders_signs_zeros_and_ties():
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_default_anchor_chunk_follows_the_scan_precision(monkeypatch, precision):
     """anchor_chunk=None scans in the chunk measured best for the precision; an explicit one wins."""
-    codec = topk._CODECS[precision]
+    codec = scan_precision.CODECS[precision]
     widths, scores = [], codec.scores
 
     def spy(q_low, a_low):
@@ -300,12 +302,12 @@ def test_default_anchor_chunk_follows_the_scan_precision(monkeypatch, precision)
     gen = torch.Generator().manual_seed(0)
     anchors = torch.nn.functional.normalize(torch.randn(9000, 16, generator=gen), dim=1)
     query = anchors[:5] + 0.01
-    expected = topk.cosine_topk(query, anchors, 20, precision="fp32")[1]
-    got = topk.cosine_topk(query, anchors, 20, precision=precision)[1]
+    expected = exact_search.cosine_topk(query, anchors, 20, precision="fp32")[1]
+    got = exact_search.cosine_topk(query, anchors, 20, precision=precision)[1]
     assert torch.equal(got, expected)
-    assert max(widths) == topk.ANCHOR_CHUNK_BY_PRECISION[precision]
+    assert max(widths) == scan_precision.ANCHOR_CHUNK_BY_PRECISION[precision]
     widths.clear()
-    topk.cosine_topk(query, anchors, 20, precision=precision, anchor_chunk=1000)
+    exact_search.cosine_topk(query, anchors, 20, precision=precision, anchor_chunk=1000)
     assert max(widths) == 1000
 
 

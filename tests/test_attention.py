@@ -7,7 +7,7 @@ import torch
 
 import nofree.decoding.attention as attention
 from nofree.decoding.attention import Visibility, list_attention
-from nofree.native import library
+from nofree.kernels.bindings import available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +56,7 @@ def torch_twin(monkeypatch):
 @pytest.mark.parametrize("dim", [64, 24])  # 64: the AVX-512 path where the CPU has it; 24: the portable one
 @pytest.mark.parametrize("held", [0, 5])
 def test_native_and_torch_equal_the_direct_computation(dim, held, monkeypatch):
-    if library() is None:
+    if not available():
         pytest.skip("no C compiler: only the torch twin runs (checked below)")
     for seed in range(4):
         qkv, past, seen = random_case(seed, dim=dim, held=held)
@@ -80,7 +80,7 @@ def test_torch_twin_equals_the_direct_computation(monkeypatch):
 
 def test_scores_far_apart_keep_only_the_best_key():
     """Score gaps beyond float32's exp range: the others weigh exactly 0, as in a plain softmax."""
-    if library() is None:
+    if not available():
         pytest.skip("no C compiler")
     qkv, past, seen = random_case(7, dim=64, held=4, spread=30.0)
     torch.testing.assert_close(list_attention(qkv, past, seen), direct(qkv, past, seen), rtol=1e-4, atol=1e-4)
@@ -101,7 +101,7 @@ def test_visibility_lists_keys_as_the_kernel_numbers_them():
 def test_threads_split_the_rows_without_changing_a_bit(monkeypatch):
     """Above ~32k visible keys the kernel splits the query rows over threads: each row is computed
     the same way whatever thread runs it."""
-    if library() is None:
+    if not available():
         pytest.skip("no C compiler")
     qkv, past, seen = random_case(11, n_seq=16, held=40, longest=240)
     assert len(seen.cols) + len(qkv) > 2 * 32768

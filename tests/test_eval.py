@@ -120,7 +120,7 @@ def test_a_failing_method_is_reported_and_the_rest_run(setup, tmp_path, monkeypa
 def test_resume_keeps_finished_methods_and_refuses_silent_overwrite(setup, tmp_path, monkeypatch):
     out = tmp_path / "r"
     first = run_eval(_config(setup), ["asif", "retrieval"], out_dir=out, progress=False)
-    with pytest.raises(DataError, match="--resume"):
+    with pytest.raises(DataError, match="resume=True"):
         run_eval(_config(setup), ["asif"], out_dir=out, progress=False)
     calls = []
     original = report_module.RUNNERS["asif"]
@@ -146,7 +146,7 @@ def test_anchors_from_the_evaluation_split_are_refused(setup, tmp_path):
 
 def test_method_inputs_are_checked_before_anything_runs(setup, tmp_path):
     assert available_methods(EvalConfig(pairs=setup["pairs"])) == ["asif", "retrieval", "magic"]
-    with pytest.raises(DataError, match="--clipcap DIR"):
+    with pytest.raises(DataError, match="clipcap=DIR"):
         run_eval(EvalConfig(pairs=setup["pairs"]), ["clipcap"], out_dir=tmp_path / "r")
     with pytest.raises(DataError, match="unknown method"):
         run_eval(EvalConfig(pairs=setup["pairs"]), ["nope"], out_dir=tmp_path / "r")

@@ -10,7 +10,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from nofree.anchors.anchor_set import AnchorSet  # noqa: E402
-from nofree.anchors.import_embeddings import import_embeddings  # noqa: E402
+from nofree.anchors.build.import_embeddings import import_embeddings  # noqa: E402
 from nofree.cli import main  # noqa: E402
 from nofree.core import DataError  # noqa: E402
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.anchors.asif import ASIF
-from nofree.anchors.index import INDEX_FILES, add_index, index_topk, load_indexes, measure_recall
-from nofree.anchors.topk import cosine_topk
+from nofree.anchors.search.index import INDEX_FILES, add_index, index_topk, load_indexes, measure_recall
+from nofree.anchors.search.exact import cosine_topk
 from nofree.cli import main
 from nofree.core import DataError
 

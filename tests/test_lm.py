@@ -25,6 +25,25 @@ def test_protocol_fields(lm):
     assert 0 <= lm.eos_id < lm.vocab_size
 
 
+def test_optional_capabilities_are_declared_in_core(lm):
+    from nofree.core import CacheSizeLM, CandidateLM, HeadlessLM, LanguageModel, StackingLM, offers
+
+    capabilities = (HeadlessLM, CandidateLM, StackingLM, CacheSizeLM)
+    assert all(isinstance(lm, capability) and offers(lm, capability) for capability in capabilities)
+
+    class Minimal:  # the required members only
+        spec, hidden_size, vocab_size, eos_id, pad_id = "minimal", 4, 8, 0, 0
+        tokenize = decode = embed = step = select_cache = staticmethod(lambda *a, **kw: None)
+
+    assert isinstance(Minimal(), LanguageModel)
+    assert not any(isinstance(Minimal(), c) or offers(Minimal(), c) for c in capabilities)
+    lm.candidate_step = None  # an LM turns a capability off by setting a method of it to None
+    try:
+        assert not offers(lm, CandidateLM) and offers(lm, HeadlessLM)
+    finally:
+        del lm.candidate_step
+
+
 def test_frozen(lm):
     assert all(not p.requires_grad for p in lm.model.parameters())
     lm.model.train()

@@ -247,7 +247,7 @@ def test_bad_arguments_are_clear_errors(gpt2):
 
 
 def test_custom_generate_callable(gpt2):
-    from nofree.decoding.magic import magic_custom_generate
+    from nofree.decoding.hf_generate import magic_custom_generate
 
     lm = gpt2
     prompts = lm.tokenize(PROMPTS[:2])
@@ -296,7 +296,7 @@ def test_lm_without_candidate_logits_gives_the_same_tokens(lm):
 
 
 def test_magic_generate_captions_images(gpt2):
-    from nofree.decoding.magic import magic_generate
+    from nofree.decoding.hf_generate import magic_generate
     from nofree.decoding.scorers import CallableScorer
 
     lm = gpt2

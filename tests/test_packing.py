@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nofree.decoding.magic import greedy_search, magic_search
-from nofree import packing
-from nofree.packing import PackedLinear, PackedMatrix, can_pack, linear, pack, packed_copy
+from nofree.kernels import packing
+from nofree.kernels.packing import PackedLinear, PackedMatrix, can_pack, linear, pack, packed_copy
 from nofree.testing import tiny_lm
 
 pytestmark = [pytest.mark.skipif(not can_pack(torch.zeros(2, 2)),
@@ -161,7 +161,7 @@ def test_packed_lm_from_the_registry(tmp_path):
 def test_packed_clip_tower_gives_the_same_scores():
     import open_clip
 
-    from nofree.decoding.scorers import ClipScorer
+    from nofree.decoding.clip_scorer import ClipScorer
 
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1,

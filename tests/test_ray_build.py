@@ -15,7 +15,7 @@ pytest.importorskip("ray.data")
 
 from nofree.anchors.anchor_set import AnchorSet  # noqa: E402
 from nofree.anchors.build import build_anchor_set  # noqa: E402
-from nofree.anchors.ray_build import encode_pairs_ray  # noqa: E402
+from nofree.anchors.build.ray import encode_pairs_ray  # noqa: E402
 from nofree.core import NofreeError, SpecError  # noqa: E402
 from nofree.data.webdataset import scan_webdataset  # noqa: E402
 from nofree.testing import TinyImageEncoder, TinyTextEncoder, make_webdataset  # noqa: E402

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nofree.core import NofreeError
-from nofree.decoding.scorers import AsifScorer, CallableScorer, ClipScorer, Scorer, as_scorer
+from nofree.decoding.clip_scorer import ClipScorer
+from nofree.decoding.scorers import AsifScorer, CallableScorer, Scorer, as_scorer
 
 # candidate lists that exercise re-tokenisation: a candidate may extend the last word
 # ("dog" -> "dogs"), add punctuation, a new word, several words, or be shorter than the rest
@@ -64,6 +65,32 @@ def test_open_clip_shared_prefix_equals_encode_text(text_cfg, attention, monkeyp
     torch.testing.assert_close(no_prefix, expected, atol=1e-5, rtol=1e-5)
     # one image alone gives the same row (no cross-talk between packed images)
     torch.testing.assert_close(scorer.score(image_emb[1:2], TEXTS[1:2]), expected[1:2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_text_tower_with_plain_causal_attention_equals_encode_text(packed):
+    """The frozen-model layer's tower, run with ordinary causal attention by its caller (no
+    prefix tree, nothing of nofree.decoding), reproduces the model's own text features."""
+    from nofree.encoders.text_tower import text_pooling, text_tower
+
+    model, tokenizer = tiny_open_clip()
+    tower, pooling = text_tower(model, packed=packed), text_pooling(model, tokenizer)
+    ids = tokenizer(["a dog on the beach", "two cats", ""])
+    n, length = ids.shape
+    heads, dim = tower.heads, tower.positions.shape[1] // tower.heads
+
+    def attend(layer, qkv, rows):
+        q, k, v = qkv.view(n, length, 3, heads, dim).permute(2, 0, 3, 1, 4)          # (n, h, L, d)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(n * length, heads, dim)
+        return out if rows is None else out[rows]
+
+    x = tower.embed(ids.reshape(-1), torch.arange(length).repeat(n))
+    pooled, qkv = tower.run(x, attend, pick=torch.arange(n) * length + pooling.index(ids))
+    assert len(qkv) == len(tower.blocks) and qkv[0].shape == (n * length, 3, heads, dim)
+    with torch.no_grad():
+        expected = model.encode_text(ids)
+    torch.testing.assert_close(tower.features(pooled), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_open_clip_magic_style_continuations_match():
@@ -280,7 +307,7 @@ def test_prefix_memory_across_steps_changes_no_score(monkeypatch):
     """MAGIC's next step scores the same continuations plus one token: the scorer keeps the
     reference rows' keys/values and runs only the new tokens, with the same scores, also when
     a row drops out, a word re-tokenises or the memory overflows."""
-    import nofree.decoding.scorers as scorers
+    import nofree.decoding.clip_scorer as clip_scorer
 
     model, tokenizer = tiny_open_clip()
     scorer = ClipScorer(model, tokenizer)
@@ -295,8 +322,8 @@ def test_prefix_memory_across_steps_changes_no_score(monkeypatch):
     # "<sot> two cats on a sofa", and "sofas" (two tokens, re-tokenising "sofa") starts earlier
     expected = [(18, 0), (12, 4), (6, 5), (7, 6)]
     ran = []
-    layers = scorers._layers
-    monkeypatch.setattr(scorers, "_layers", lambda tower, x, seen, past, pick=None: ran.append(
+    layers = clip_scorer._layers
+    monkeypatch.setattr(clip_scorer, "_layers", lambda tower, x, seen, past, pick=None: ran.append(
         (x.shape[0], 0 if past is None else past.shape[4])) or layers(tower, x, seen, past, pick))
     for step, texts in enumerate(steps):
         image_emb = torch.randn(len(texts), 24)

@@ -19,18 +19,17 @@ What ClipCap and the Flamingo-style adapter share on top of :class:`Adapter` (ca
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from nofree.core import DataError, SpecError, resolve_device
+from nofree.artifacts import OVERWRITE, atomic_path, atomic_write_bytes, file_sha256
+from nofree.core import DataError, OptionError, SpecError, resolve_device
 from nofree.hub import resolve_dir
 
 FORMAT = "nofree-adapter"
@@ -56,31 +55,14 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
     """Atomically write a safetensors file of CPU copies of ``tensors``; returns its sha256."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata=metadata)
-    sha = file_sha256(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)
+        sha = file_sha256(tmp)  # of the bytes renamed into place
     return sha
 
 
@@ -348,8 +330,8 @@ class Adapter(nn.Module):
             return
         what = (f"a different {existing['kind']} adapter" if existing is not None
                 else "files that are not a nofree adapter")
-        raise DataError(f"{directory} already holds {what}; refusing to overwrite it. Choose "
-                        "another folder, or pass overwrite=True (--overwrite) to replace it")
+        raise OptionError(f"{directory} already holds {what}; refusing to overwrite it. Choose "
+                          "another folder, or pass ", OVERWRITE, " to replace it")
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``config.json`` + ``adapter.safetensors`` (adapter weights only) atomically."""

@@ -18,6 +18,7 @@ from torch import Tensor
 from nofree.adapters.base import Adapter
 from nofree.adapters.losses import IGNORE_INDEX, next_token_loss
 from nofree.core import DataError, SpecError, clean_caption, resolve_device
+from nofree.decoding.stopping import end_caption
 
 
 def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
@@ -106,7 +107,8 @@ class CaptioningAdapter(Adapter):
         return [row[: self.max_caption_tokens] for row in ids]
 
     def stop_ids(self, *, stop_at_period: bool = True) -> set[int]:
-        """eos, plus the single-token spellings of '.' when ``stop_at_period``."""
+        """The ids transformers' search ends a row at: eos, plus the single-token spellings of '.'
+        when ``stop_at_period``."""
         stops = {int(self.lm.eos_id)}
         if stop_at_period:
             for text in (".", " ."):
@@ -183,12 +185,15 @@ class CaptioningAdapter(Adapter):
     def generate(self, features: Tensor, *, prompts: Sequence[str] | None = None, beams: int = 1,
                  max_tokens: int = 30, stop_at_period: bool = True, no_repeat_ngram: int = 0,
                  repetition_penalty: float = 1.0) -> list[list[int]]:
-        """Token ids of one caption per feature row ``(B, ...)``, each ending at its first stop
-        token (kept; never one of the first two tokens) or after ``max_tokens``; ``prompts``: one
-        text per row for adapters that read one (see :meth:`generation_inputs`).
+        """Token ids of one caption per feature row ``(B, ...)``; ``prompts``: one text per row for
+        adapters that read one (see :meth:`generation_inputs`).
 
-        Decoding is transformers' ``generate`` on the frozen LM (greedy when ``beams == 1``,
-        else beam search ranked by mean token log-probability), with repetition controls:
+        A caption ends by the rule every decoder follows (:mod:`nofree.decoding.stopping`): at eos
+        (not part of the caption), at a period after a word (kept; when ``stop_at_period``) or
+        after ``max_tokens``. The search is transformers' ``generate`` on the frozen LM (greedy
+        when ``beams == 1``, else beam search ranked by mean token log-probability); it ends a
+        row at one of :meth:`stop_ids`, never as one of its first two tokens (a caption is never
+        empty), and the rule then reads the caption off the row. Repetition controls:
         ``no_repeat_ngram`` > 0 forbids any word n-gram from occurring twice in a caption
         (:class:`NoRepeatWordNGram`), ``repetition_penalty`` > 1 divides the scores of tokens
         already in the sequence, prompt included (CTRL's rule, transformers' processor).
@@ -221,18 +226,17 @@ class CaptioningAdapter(Adapter):
             self.train(was_training)
         if "input_ids" in inputs:  # decoder-only generate returns the prompt too
             out = out[:, inputs["input_ids"].shape[1]:]
-        captions = []
-        for row in out.tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            captions.append(row[:end])
+        captions, ends = [], set(stops)
+        for row in out.tolist():  # the search's row ends at its first stop id; padding follows
+            end = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+            caption, _ = end_caption(lm, row[:end], stop_at_period=stop_at_period, max_tokens=max_tokens)
+            captions.append(caption)
         return captions
 
     def caption_features(self, features: Tensor, **kw: Any) -> list[str]:
         """Captions of precomputed image features (whitespace runs, newlines included, become one
         space); keyword arguments as in :meth:`generate`."""
-        eos = int(self.lm.eos_id)
-        ids = self.generate(features, **kw)
-        texts = self.lm.decode([[t for t in row if t != eos] for row in ids])
+        texts = self.lm.decode(self.generate(features, **kw))
         return [" ".join(text.split()) for text in texts]
 
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from nofree.adapters.base import Adapter, atomic_write_bytes, save_tensors
-from nofree.artifacts import ADAPTER, check_replaceable, check_writable, writing
-from nofree.core import DataError
+from nofree.artifacts import ADAPTER, OVERWRITE, check_replaceable, check_writable, writing
+from nofree.core import DataError, Option, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,11 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool,
     if overwrite:
         check_replaceable(out_dir, kind=ADAPTER, inputs=inputs)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir} is not empty and holds no run to resume; pass overwrite=True "
-                        "(--overwrite) to start over there, or choose another folder" if resume else
-                        f"{out_dir} is not empty; pass resume=True (--resume) to continue the run "
-                        "saved there, overwrite=True (--overwrite) to start over, or choose another folder")
+        if resume:
+            raise OptionError(f"{out_dir} is not empty and holds no run to resume; pass ", OVERWRITE,
+                              " to start over there, or choose another folder")
+        raise OptionError(f"{out_dir} is not empty; pass ", Option("resume", True), " to continue the run "
+                          "saved there, ", OVERWRITE, " to start over, or choose another folder")
     if resume:
         log.info("nothing to resume in %s; starting a new run", out_dir)
 
@@ -131,11 +132,11 @@ def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path} is not readable JSON ({err}); start over with overwrite=True") from err
+        raise OptionError(f"{path} is not readable JSON ({err}); start over with ", OVERWRITE) from err
     missing = [k for k in ("epoch", "step", "settings", "history", "step_losses", "optimizer",
                            "adapter_sha256", "optimizer_sha256") if k not in state]
     if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}; start over with overwrite=True")
+        raise OptionError(f"{path} lacks {', '.join(missing)}; start over with ", OVERWRITE)
     return state
 
 

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from nofree.adapters.captioning import AdapterCaptioner
 from nofree.adapters.flamingo import Flamingo
-from nofree.adapters.recipes import RECIPES
-from nofree.core import DataError, SpecError, clean_caption
+from nofree.adapters.recipes import RECIPES, recipe_epochs
+from nofree.core import DataError, Option, OptionError, SpecError, clean_caption
 
 ANCHORS_DIR = "anchors"
 POOL_FILE = "pool.txt"
@@ -130,8 +130,8 @@ def example_captions(retrieval: Any, image_emb: Tensor, m: int,
     leaving out any equal (case, spacing and final period aside) to that image's ``exclude``
     captions (its own references)."""
     if len(retrieval.pool) < m:
-        raise DataError(f"the caption pool holds {len(retrieval.pool)} captions but {m} examples per "
-                        "photo were asked for; give --pool a larger file")
+        raise OptionError(f"the caption pool holds {len(retrieval.pool)} captions but {m} examples per "
+                          "photo were asked for; give ", Option("pool"), " a larger file")
     extra = max((len(e) for e in exclude), default=0) if exclude else 0
     ranked = retrieval.ranked(image_emb, m + extra)
     out = []
@@ -158,8 +158,8 @@ def leave_out_prompts(adapter: SmallCap, retrieval_of: Any, image_paths: Sequenc
     for fold in range(min(folds, n)):
         rows = [i for i, g in enumerate(anchor_groups) if g != fold]
         if not rows:
-            raise DataError("too few anchors to leave each training fold out; give --anchors a set "
-                            "built from more photos")
+            raise OptionError("too few anchors to leave each training fold out; give ", Option("anchors"),
+                              " a set built from more photos")
         members = [i for i in range(n) if i % folds == fold]
         retrieval = retrieval_of(rows)
         found = example_captions(retrieval, image_emb[members], adapter.hparams["examples"],
@@ -237,8 +237,8 @@ class SmallCapCaptioner(AdapterCaptioner):
 
         directory = resolve_dir(directory, what="adapter")
         if not isinstance(adapter, SmallCap):
-            raise DataError(f"{directory} holds a {adapter.kind} adapter, not smallcap: use "
-                            f"--method {adapter.kind}")
+            raise OptionError(f"{directory} holds a {adapter.kind} adapter, not smallcap: use ",
+                              Option("method", adapter.kind))
         if not (directory / ANCHORS_DIR).is_dir():
             raise DataError(f"{directory} lacks its anchor set ({ANCHORS_DIR}/); copy the whole adapter "
                             "folder, or retrain it")
@@ -277,7 +277,7 @@ def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:
 def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str | None = None,
                    text_encoder: str | None = None, lm: str | None = None, anchors: str | Path | None = None,
                    pool: str | Path | None = None, clean_pool: bool = True, examples: int = 4,
-                   epochs: int = RECIPES["smallcap"]["epochs"],
+                   epochs: int | None = None,
                    batch_size: int = RECIPES["smallcap"]["batch_size"], lr: float = RECIPES["smallcap"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
                    precision: str = "bf16", augment: str = str(RECIPES["smallcap"]["augment"]),
@@ -306,6 +306,7 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
 
     check_out_dir(out, resume=resume, overwrite=overwrite,
                   inputs=[p for p in (pairs_path, anchors, pool) if p is not None])
+    epochs, train_kw["min_steps"] = recipe_epochs("smallcap", epochs)
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
     train_pairs, val_pairs = load_splits(pairs_path, train_split, val_split)
     cache = EmbeddingCache(cache_dir)
@@ -313,8 +314,9 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     if anchors is not None:
         anchor_set = AnchorSet.load(anchors)
         if image_encoder is not None and anchor_set.image_spec != image.spec:
-            raise SpecError(f"{anchors} was built with image encoder {anchor_set.image_spec!r}, not "
-                            f"{image.spec!r}; pass --image-encoder {anchor_set.image_spec} or other anchors")
+            raise OptionError(f"{anchors} was built with image encoder {anchor_set.image_spec!r}, not "
+                              f"{image.spec!r}; pass ", Option("image_encoder", anchor_set.image_spec),
+                              " or other anchors")
         image = image if anchor_set.image_spec == image.spec else \
             _load_backbone("image_encoder", anchor_set.image_spec, device)
         text = load_encoder(anchor_set.text_spec, modality="text", device=device)

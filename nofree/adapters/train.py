@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from nofree.adapters.base import Adapter, load_tensors
-from nofree.adapters.recipes import RECIPES
+from nofree.adapters.recipes import RECIPES, recipe_epochs
 from nofree.adapters.checkpoint import (CURVE_FILE, OPTIMIZER_FILE, STATE_DIR, STATE_FILE, _read_state,
                                         _restore_optimizer, _restore_rng, _save_checkpoint, check_out_dir,
                                         save_loss_curve)
@@ -256,7 +256,7 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
                   seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
                   weight_decay: float = 0.0, warmup_steps: int = 20, grad_clip: float | None = 1.0,
                   schedule: str = "cosine", precision: str = "fp32", augment: str = "none",
-                  cache: Any = None) -> TrainResult:
+                  min_steps: int = 0, cache: Any = None) -> TrainResult:
     """Train ``adapter`` on ``train_pairs`` (pairs or prepared :class:`Examples`), checkpointing
     to ``out_dir`` after every epoch; see the module docstring.
 
@@ -271,11 +271,14 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     the loss stay float32; the frozen backbone is untouched): about 2–3× faster through a frozen
     LM on CPUs with bf16 matrix units. Inference is float32 either way. ``augment``: extra views
     of each training photo (:mod:`nofree.adapters.augment`), drawn at random per row and step.
+    ``min_steps``: when ``epochs`` passes over this training set give fewer optimiser steps, train
+    for as many epochs as reach ``min_steps`` (the recipes' rule for small sets,
+    :mod:`nofree.adapters.recipes`); 0 trains exactly ``epochs``.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {precision!r}")
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
     if not isinstance(epochs, int) or not isinstance(batch_size, int):
         raise ValueError("epochs and batch_size must be whole numbers")
@@ -295,6 +298,12 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     if len(train) == 0:
         raise DataError("the training split is empty (no readable image with a caption); check the "
                         "pairs file and its 'split' field")
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    if min_steps and epochs * steps_per_epoch < min_steps:
+        raised = math.ceil(min_steps / steps_per_epoch)
+        log.info("%d training captions give %d steps an epoch: %d epochs instead of %d, for at least %d steps",
+                 len(train), steps_per_epoch, raised, epochs, min_steps)
+        epochs = raised
     val = (prepare_examples(adapter, val_pairs, cache=cache, what="validation", progress=progress)
            if val_pairs is not None else None)
     if val is not None and len(val) == 0:
@@ -330,7 +339,6 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
     from tqdm.auto import tqdm
 
     curve = out_dir / CURVE_FILE if (out_dir / CURVE_FILE).exists() else None
-    steps_per_epoch = math.ceil(len(train) / batch_size)
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
         adapter.train()
@@ -380,7 +388,8 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
                        step_losses=step_losses, loss_curve=curve)
 
 
-PRECISIONS = ("fp32", "bf16")
+#: Training precisions: autocast of the forward/backward (not the anchor scan's or an LM's dtype).
+TRAIN_PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -485,18 +494,20 @@ def train_lit(pairs_path: str | Path, *, out: str | Path, image_encoder: str = D
 
 
 def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-                  lm: str = DEFAULT_LM, epochs: int = RECIPES["clipcap"]["epochs"],
+                  lm: str = DEFAULT_LM, epochs: int | None = None,
                   batch_size: int = RECIPES["clipcap"]["batch_size"], lr: float = RECIPES["clipcap"]["lr"],
                   mapper: str = "mlp", prefix_length: int = 10, precision: str = "bf16",
                   augment: str = str(RECIPES["clipcap"]["augment"]), **kw: Any) -> TrainResult:
     """Train a ClipCap mapper into a frozen LM on ``pairs_path``; keywords as in :func:`train_lit`.
 
-    Defaults (:data:`nofree.adapters.recipes.RECIPES`) suit ~1k captions on a CPU: the rate is
+    Defaults (:data:`nofree.adapters.recipes.RECIPES`) suit ~1k captions on a CPU (``epochs=None``:
+    the recipe's, raised on smaller sets to its ``min_steps``): the rate is
     far above the paper's 2e-5 because a small set gives only tens of steps per epoch (coco-mini:
     44), warmed up then decayed to 0 on a cosine; longer training overfits such a set. Each epoch
     runs the 135M-parameter LM forward and backward over every caption (minutes on two CPU
     cores), under bf16 autocast by default (``precision="fp32"`` to turn it off).
     """
+    epochs, kw["min_steps"] = recipe_epochs("clipcap", epochs)
     return train_from_pairs("clipcap", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"mapper": mapper, "prefix_length": prefix_length},
                             out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision,
@@ -504,7 +515,7 @@ def train_clipcap(pairs_path: str | Path, *, out: str | Path, image_encoder: str
 
 
 def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: str = DEFAULT_IMAGE_ENCODER,
-                   lm: str = DEFAULT_LM, epochs: int = RECIPES["flamingo"]["epochs"],
+                   lm: str = DEFAULT_LM, epochs: int | None = None,
                    batch_size: int = RECIPES["flamingo"]["batch_size"], lr: float = RECIPES["flamingo"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
                    gate_init: float = 0.5, scale_to_residual: bool = True, precision: str = "bf16",
@@ -515,6 +526,7 @@ def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     the paper's initialisation (``gate_init=0``, ``scale_to_residual=False``) a few hundred
     captions teach the adapter the caption style but never to use the image (RESULTS.md,
     "Trained fusion"); the warning at the end of training says so when it happens."""
+    epochs, kw["min_steps"] = recipe_epochs("flamingo", epochs)
     return train_from_pairs("flamingo", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"num_latents": num_latents, "xattn_every": xattn_every,
                                      "gate_lr_scale": gate_lr_scale, "gate_init": gate_init,

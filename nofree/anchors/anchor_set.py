@@ -11,7 +11,7 @@ directory::
     embeddings.safetensors  "image" (N, Di) float32 and "text" (N, Dt) float32, L2-normalised
     captions.jsonl          one {"caption": ..., "image": ...} per anchor, in anchor order
     index-image.faiss       optional search index of each side, described by the manifest's
-    index-text.faiss        "index" entry (see :mod:`nofree.anchors.index`); readers that do
+    index-text.faiss        "index" entry (see :mod:`nofree.anchors.search.index`); readers that do
                             not use it ignore it. ``save`` writes a set without an index.
 
 No file of a v2 set holds an absolute path, so a set can be moved, copied or shared (``nofree
@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.artifacts import (ANCHOR_SET, apply_umask, check_replaceable, file_record, replace_dir,
-                              temp_dir_beside, verify_files, writing)
-from nofree.core import DataError, SpecError
+from nofree.artifacts import (ANCHOR_SET, OVERWRITE, apply_umask, check_replaceable, file_record,
+                              replace_dir, temp_dir_beside, verify_files, writing)
+from nofree.core import DataError, OptionError, SpecError
 from nofree.hub import resolve_dir
 
 FORMAT_NAME = "nofree-anchor-set"
@@ -109,7 +109,7 @@ class AnchorSet:
             raise SpecError(
                 f"this anchor set's {modality} side was built with {expected!r}, but the {modality} "
                 f"encoder given is {spec!r}: embeddings from different encoders are not comparable. "
-                f"Use --{modality}-encoder {expected} or rebuild the anchors with {spec}")
+                f"Use {modality}_encoder={expected!r} or rebuild the anchors with {spec}")
 
     def subset(self, index: Tensor | list[int]) -> "AnchorSet":
         """The anchors at ``index`` (in that order), e.g. for quality-vs-size curves."""
@@ -142,8 +142,7 @@ class AnchorSet:
 
         path = Path(path)
         if path.exists() and not overwrite:
-            raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) or choose "
-                            "another --out")
+            raise OptionError(f"{path} already exists; pass ", OVERWRITE, " or choose another folder")
         if path.exists():
             check_replaceable(path, kind=ANCHOR_SET)
         tmp = None
@@ -244,7 +243,7 @@ def read_manifest(path: Path) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise DataError(f"{file}: field {key!r} is missing or not a {kind.__name__}; rebuild the set")
     if manifest.get("index") is not None:
-        from nofree.anchors.index import check_index_entry
+        from nofree.anchors.search.index import check_index_entry
 
         check_index_entry(manifest["index"], file)
     return manifest

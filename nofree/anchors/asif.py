@@ -32,8 +32,9 @@ from torch import Tensor
 
 from nofree.anchors.relative import (SparseRelative, power_normalize, prepare_anchors, relative_topk,
                                      sparse_similarity)
-from nofree.anchors.topk import (DEFAULT_ANCHOR_CHUNK, DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats,
-                                 anchor_stats, resolve_precision)
+from nofree.anchors.search.exact import DEFAULT_QUERY_CHUNK
+from nofree.anchors.search.precision import (DEFAULT_ANCHOR_CHUNK, SCAN_PRECISIONS, AnchorStats, anchor_stats,
+                                             resolve_precision)
 from nofree.core import MODALITIES, DataError, NofreeError, l2_normalize, resolve_device
 
 #: The paper's number of kept anchors per row (it used 1.6M anchors).
@@ -76,11 +77,12 @@ class ASIF:
         csls: CSLS hubness correction, the number of neighbours averaged in :meth:`hubness`
             (0: off, the plain ASIF similarity).
         precision: scan precision for the top-k search, ``"auto"`` | ``"fp32"`` | ``"bf16"`` |
-            ``"int8"``; every choice returns the exact float32 top-k (see ``topk.py``).
+            ``"int8"``; every choice returns the exact float32 top-k (see
+            :mod:`nofree.anchors.search.exact`).
         anchor_chunk, query_chunk: chunk sizes bounding the memory of the scan (``anchor_chunk=None``:
             the measured best for the scan precision).
         search: ``"exact"`` (default) or ``"index"``: take top-k candidates from the anchor
-            set's faiss index (:mod:`nofree.anchors.index`; pass ``indexes=`` to :meth:`fit`),
+            set's faiss index (:mod:`nofree.anchors.search.index`; pass ``indexes=`` to :meth:`fit`),
             re-scored exactly; approximate top-k sets, for sets too large to scan.
         device: where anchors live and the math runs (``None`` = CPU).
 
@@ -133,8 +135,8 @@ class ASIF:
         if isinstance(self.csls, bool) or not isinstance(self.csls, int) or self.csls < 0:
             raise DataError(f"ASIF csls must be a whole number of neighbours >= 0 (0 turns CSLS off), "
                             f"got {self.csls!r}")
-        if self.precision not in PRECISIONS:
-            raise DataError(f"ASIF precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in SCAN_PRECISIONS:
+            raise DataError(f"ASIF precision must be one of {SCAN_PRECISIONS}, got {self.precision!r}")
         if self.search not in ("exact", "index"):
             raise DataError(f"ASIF search must be 'exact' or 'index', got {self.search!r}")
         for name in ("anchor_chunk", "query_chunk"):
@@ -168,7 +170,7 @@ class ASIF:
         """Learn from N anchor pairs: an AnchorSet or ``(image (N, Di), text (N, Dt))``.
 
         ``indexes`` (``search="index"`` only): ``{modality: AnchorIndex}`` from
-        :func:`nofree.anchors.index.load_indexes`; a side without one is searched exactly.
+        :func:`nofree.anchors.search.index.load_indexes`; a side without one is searched exactly.
         """
         self._check_params()
         image, text = _anchor_pair(anchors)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.anchors.asif import ASIF, ASIF_DEFAULTS
-from nofree.core import DataError, Encoder
+from nofree.core import DataError, Encoder, Option, OptionError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 #: Prompt ensemble for ``average_templates`` (a short subset in the spirit of CLIP's 80).
@@ -84,7 +84,7 @@ class AsifPipeline:
         text_encoder = text_encoder or load_encoder(anchors.text_spec, modality="text", device=device)
         indexes = None
         if asif_params.get("search") == "index":  # the set's optional faiss index (anchors index)
-            from nofree.anchors.index import load_indexes
+            from nofree.anchors.search.index import load_indexes
 
             indexes = load_indexes(anchor_dir)
             index_center = anchors.meta.get("index", {}).get("center", ASIF_DEFAULTS["center"])
@@ -211,7 +211,7 @@ def _encode_paths(pipeline: Any, paths: list[str]) -> Tensor:
 def class_prompts(labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
     """The ``C·P`` prompts of ``labels`` (each label's ``P`` templates together, in order)."""
     if not labels:
-        raise DataError("no class labels given: pass --labels FILE or --label NAME (repeatable)")
+        raise OptionError("no class labels given: pass at least one in ", Option("labels"))
     for template in templates:
         if "{}" not in template:
             raise DataError(f"prompt template {template!r} has no '{{}}' where the label goes")

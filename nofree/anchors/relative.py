@@ -18,7 +18,7 @@ sides. Choices made here:
   correlated one; we never do that. The power is taken in float32 on values first divided by the
   row's largest magnitude (a positive rescaling the final normalisation undoes), so p = 8 does not
   underflow.
-* **Exact top-k at any N.** The k largest cosines come from :func:`nofree.anchors.topk.cosine_topk`
+* **Exact top-k at any N.** The k largest cosines come from :func:`nofree.anchors.search.exact.cosine_topk`
   (a chunked scan, optionally with low-precision candidates on CPU, always returning the exact
   float32 top-k; see that module).
 * Output rows list their anchors by decreasing cosine (ties: increasing anchor id).
@@ -35,9 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nofree.anchors.topk import (  # noqa: F401  (the top-k names are re-exported from here)
+from nofree.anchors.search.exact import (  # noqa: F401  (the top-k names are re-exported from here)
+    DEFAULT_QUERY_CHUNK, cosine_topk)
+from nofree.anchors.search.precision import (  # noqa: F401
     AUTO_BF16_MIN_ANCHORS, AUTO_INT8_FUSED_MIN_ANCHORS, AUTO_INT8_MIN_ANCHORS, DEFAULT_ANCHOR_CHUNK,
-    DEFAULT_QUERY_CHUNK, PRECISIONS, AnchorStats, anchor_stats, cosine_topk, resolve_precision)
+    SCAN_PRECISIONS, AnchorStats, anchor_stats, resolve_precision)
 from nofree.core import DataError, l2_normalize
 
 _DENSE_FLOATS = 1 << 24  # largest dense block sparse_similarity builds

@@ -69,7 +69,7 @@ class MagicCaptioner:
     pseudo-references). ``drafts=1, with_retrieved=False`` is one plain caption.
 
     ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
-    with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.packing`; float32
+    with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.kernels.packing`; float32
     outputs equal to ~1e-6, 1.2–2× faster steps), shared with every captioner of that LM.
     """
 

@@ -4,7 +4,7 @@
 packed into one sequence per image: a token sees its image's held keys/values (the continuation
 so far) and its own ancestors in the tree, ~10-30 keys of the hundred-odd positions. A dense
 masked attention scores every pair and runs at a small fraction of the CPU's speed at these sizes
-(head width 64); nofree's C kernel (``nofree/native/attention.c``) visits only the visible keys.
+(head width 64); nofree's C kernel (``nofree/kernels/attention.c``) visits only the visible keys.
 Tokens are kept flat, without the padding a per-image batch needs, so the matmuls around the
 attention skip the padding too. The torch twin scatters them into padded sequences and calls
 ``scaled_dot_product_attention`` with the boolean mask; it runs when the kernel is unavailable
@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nofree.kernels import bindings
+
 __all__ = ["Visibility", "list_attention"]
 
 
@@ -30,7 +32,7 @@ class Visibility:
     twin's; padding slots see padding only, so that no softmax row is empty); img, slot: ``(N,)``
     the sequence and slot of each token (tokens ordered by sequence, then slot); offsets ``(N + 1,)``
     int64 and cols ``(nnz,)`` int32: the visible keys of token n are cols[offsets[n]:offsets[n+1]],
-    numbered as ``nofree/native/attention.c`` reads them (held position p of sequence b is b·P + p,
+    numbered as ``nofree/kernels/attention.c`` reads them (held position p of sequence b is b·P + p,
     token m is B·P + m).
     """
 
@@ -54,13 +56,11 @@ class Visibility:
         return cls(mask, img, slot, offsets, col.to(torch.int32))
 
 
-def _native(qkv: Tensor, past: tuple[Tensor, Tensor] | None) -> object | None:
-    """nofree's C kernels when they can take these tensors (float32 on the CPU), else None."""
+def _native(qkv: Tensor, past: tuple[Tensor, Tensor] | None) -> bool:
+    """Whether nofree's C kernel can take these tensors (float32 on the CPU, kernels built)."""
     if qkv.dtype != torch.float32 or (past is not None and past[0].dtype != torch.float32):
-        return None
-    from nofree.native import library_for
-
-    return library_for(qkv.device)
+        return False
+    return bindings.available(qkv.device)
 
 
 def list_attention(qkv: Tensor, past: tuple[Tensor, Tensor] | None, seen: Visibility,
@@ -70,20 +70,15 @@ def list_attention(qkv: Tensor, past: tuple[Tensor, Tensor] | None, seen: Visibi
     qkv: ``(N, 3, H, D)`` each token's query | key | value; past: held keys and values, each
     ``(B, H, P, D)``, or None (P = 0); seen: who sees whom. Scale 1/√D.
     """
-    n, _, heads, dim = qkv.shape
-    lib = _native(qkv, past)
-    if lib is not None:
-        qkv = qkv.contiguous()
-        held = past[1].shape[2] if past is not None else 0
-        keys, values = (past[0].contiguous(), past[1].contiguous()) if past is not None else (qkv, qkv)
+    if _native(qkv, past):
+        held = (past[0].contiguous(), past[1].contiguous()) if past is not None else None
         picked = rows.to(torch.long).contiguous() if rows is not None else None
-        out = qkv.new_empty(len(picked) if picked is not None else n, heads, dim)
-        status = lib.nofree_list_attention(
-            qkv.data_ptr(), keys.data_ptr(), values.data_ptr(), seen.mask.shape[0], held, heads, dim,
-            seen.offsets.data_ptr(), seen.cols.data_ptr(), picked.data_ptr() if picked is not None else None,
-            len(out), dim ** -0.5, out.data_ptr(), torch.get_num_threads())
-        if status == 0:
-            return out
+        try:
+            return bindings.list_attention(qkv.contiguous(), held, seen.offsets, seen.cols, picked,
+                                           seen.mask.shape[0])
+        except MemoryError:  # no scratch memory for the kernel's threads: the torch twin below
+            pass
+    heads, dim = qkv.shape[2:]
     n_seq, width = seen.mask.shape[:2]
     padded = qkv.new_zeros(n_seq, width, 3, heads, dim)
     padded[seen.img, seen.slot] = qkv

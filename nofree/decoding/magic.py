@@ -10,46 +10,48 @@ LM proposes its top-k next tokens V(k); each candidate v gets
 
 where p_LM is the full-vocabulary softmax, h are last-layer hidden states (h_j over every
 earlier position, prompt included, padding excluded), x_gen is the continuation generated so far
-(the prompt is not scored) and s is a scorer's image–text logit (see
-:mod:`nofree.decoding.scorers`: CLIP cosine × its logit scale, or ASIF similarity × a
+(the prompt is not scored) and s is a scorer's image–text logit (:mod:`nofree.decoding.scorers`:
+CLIP cosine × its logit scale, :mod:`nofree.decoding.clip_scorer`, or ASIF similarity × a
 temperature). The highest score wins; with α = β = 0 this is exactly greedy decoding.
 
 :func:`magic_search` is the whole method in one loop, read top to bottom. One batched LM forward
-per step covers all B×k candidates. With an LM that offers ``candidate_step`` (every
-transformers LM with a dynamic cache) the k candidates of a row sit side by side after its cache,
-each attending to the cache and to itself only (tree attention): the cache is read once per
-row, never copied k times, and the chosen candidate's keys/values and hidden state carry on, so
-no second forward is needed. Other LMs get the cache expanded to k rows per image, one candidate
-per row; when that expanded cache would pass ``cache_budget`` bytes (long prompts, large batches)
-the candidates run in row chunks and the chosen tokens once more on the unexpanded cache.
+per step covers all B×k candidates. The LM is any :class:`nofree.core.LanguageModel`; the
+optional capabilities declared beside it make the loop cheaper, never different. With a
+:class:`~nofree.core.CandidateLM` (every transformers LM with a dynamic cache) the k candidates
+of a row sit side by side after its cache, each attending to the cache and to itself only (tree
+attention): the cache is read once per row, never copied k times, and the chosen candidate's
+keys/values and hidden state carry on, so no second forward is needed. Other LMs get the cache
+expanded to k rows per image, one candidate per row; when that expanded cache would pass
+``cache_budget`` bytes (long prompts, large batches) the candidates run in row chunks and the
+chosen tokens once more on the unexpanded cache.
 With α = 0 the candidates' hidden states are not needed (only the penalty uses them): no
-candidate forward runs, and the chosen tokens step like greedy decoding. Finished rows drop out
-of the batch (their output never changes again).
+candidate forward runs, and the chosen tokens step like greedy decoding. A row's caption ends by
+the rule of :mod:`nofree.decoding.stopping` (eos, dropped; a period after a word, kept; the length
+limit), and finished rows drop out of the batch (their output never changes again).
 
 Why this is not a transformers ``LogitsProcessor``: a processor sees only the next-token scores
 ``(B, V)`` and the ids so far. The degeneration penalty needs the last-layer hidden state each
 candidate *would* produce, i.e. a forward of every candidate, which a processor never sees; it
 could carry only the image term (β·softmax over the top-k), which without the penalty is a
-different method. :func:`magic_custom_generate` instead plugs the whole loop into
-``model.generate(custom_generate=...)``.
+different method. :func:`nofree.decoding.hf_generate.magic_custom_generate` instead plugs the
+whole loop into ``model.generate(custom_generate=...)``.
 """
 from __future__ import annotations
 
 import numbers
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from nofree.core import DataError, LMStep, l2_normalize
+from nofree.core import (CacheSizeLM, CandidateLM, DataError, HeadlessLM, LMStep, StackingLM, l2_normalize,
+                         left_pad, offers)
+from nofree.decoding.stopping import add_token
 
-__all__ = ["Generation", "StepTrace", "magic_search", "greedy_search", "magic_custom_generate",
-           "magic_generate"]
+__all__ = ["Generation", "StepTrace", "magic_search", "greedy_search", "prefill", "length_groups"]
 
-_WORD = re.compile(r"\w")
 #: Most bytes of k-expanded KV cache magic_search holds at once (see its ``cache_budget``).
 CANDIDATE_CACHE_BUDGET = 1 << 30
 #: Fewest leading tokens, common to every prompt of a batch, that :func:`prefill` runs once.
@@ -107,31 +109,14 @@ def _check_prompts(lm: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens:
         raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def _stop_reason(lm: Any, generated: list[int], token: int, stop_at_period: bool,
-                 max_new_tokens: int) -> str | None:
-    """Why a row stops after choosing ``token`` (``generated`` already holds it unless eos)."""
-    if token == lm.eos_id:
-        return "eos"
-    if stop_at_period:
-        piece = lm.decode([[token]])[0]
-        if "." in piece:
-            text = lm.decode([generated])[0]
-            if _WORD.search(text[:text.rfind(".")]):
-                return "period"
-    if len(generated) >= max_new_tokens:
-        return "length"
-    return None
-
-
 def _append_tokens(lm: Any, rows: Tensor, tokens: list[int], generated: list[list[int]],
                    stop: list[str], stop_at_period: bool, max_new_tokens: int) -> list[int]:
-    """Append each live row's chosen token (eos is not kept), record why rows stop, and return
-    the positions (into ``rows``) of the rows that go on."""
+    """Append each live row's chosen token by the stop rule (:func:`nofree.decoding.stopping.add_token`:
+    eos is not kept), record why rows stop, and return the positions (into ``rows``) of the rows
+    that go on."""
     keep = []
     for i, (r, token) in enumerate(zip(rows.tolist(), tokens)):
-        if token != lm.eos_id:
-            generated[r].append(token)
-        reason = _stop_reason(lm, generated[r], token, stop_at_period, max_new_tokens)
+        reason = add_token(lm, generated[r], token, stop_at_period=stop_at_period, max_tokens=max_new_tokens)
         if reason is None:
             keep.append(i)
         else:
@@ -152,12 +137,11 @@ def prefill(lm: Any, prompt_ids: Sequence[Sequence[int]]) -> tuple[Any, Tensor]:
       short prompts are not padded to the longest one; the groups' caches are then stacked, with
       masked gaps between the shared prefix and each row's own tokens: ``[shared][pad][own]``.
 
-    LMs without ``select_cache`` / ``stack_caches`` get the prompts simply left-padded.
+    LMs that cannot stack caches (not a :class:`~nofree.core.StackingLM`) get the prompts simply
+    left-padded.
     """
-    from nofree.lm.hf import left_pad
-
     n = len(prompt_ids)
-    if n == 1 or not (hasattr(lm, "select_cache") and hasattr(lm, "stack_caches")):
+    if n == 1 or not offers(lm, StackingLM):
         ids, mask = left_pad(prompt_ids, lm.pad_id)
         return lm.step(ids, attention_mask=mask), mask
     shortest, first, shared = min(len(p) for p in prompt_ids), prompt_ids[0], 0
@@ -229,13 +213,13 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
     prompt_ids: B token-id lists (ragged, left-padded here). k: candidates per step (≤ V);
     alpha: degeneration-penalty weight; beta: image weight. Rows stop on eos (not kept), on a
     token containing '.' after at least one word (kept; when ``stop_at_period``) or after
-    ``max_new_tokens``. ``trace=False`` skips the per-step diagnostics. An LM that offers
-    ``head_logits(hidden (b, H)) -> (b, V)`` and ``step(..., logits=False)`` is asked for the
-    candidates' hidden states only, and its output head runs on the b chosen rows; one that
-    also offers ``candidate_step`` / ``keep_candidates`` (see
-    :meth:`nofree.lm.hf.HFLanguageModel.candidate_step`) runs them with tree attention.
+    ``max_new_tokens`` (:mod:`nofree.decoding.stopping`). ``trace=False`` skips the per-step
+    diagnostics. A :class:`~nofree.core.HeadlessLM` (``head_logits(hidden (b, H)) -> (b, V)``,
+    ``step(..., logits=False)``) is asked for the candidates' hidden states only, and its output
+    head runs on the b chosen rows; one that is also a :class:`~nofree.core.CandidateLM`
+    (``candidate_step`` / ``keep_candidates``) runs them with tree attention.
     cache_budget (LMs without tree attention): most bytes of k-expanded cache held at once (for
-    an LM with ``cache_nbytes(cache)``). Beyond it the candidates run in chunks of rows, their caches are
+    a :class:`~nofree.core.CacheSizeLM`). Beyond it the candidates run in chunks of rows, their caches are
     dropped, and the b chosen tokens run once more on the b-row cache: the same tokens, memory
     bounded by the budget rather than by b·k·(prompt length).
     prune: run the candidate forward only for candidates that can still win. The penalty term
@@ -267,9 +251,10 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
     past = l2_normalize(out.hidden)                              # (b, T, H)
     past_real = mask.to(past.device).bool()                      # (b, T)
     rows = torch.arange(n_rows)                                  # batch index of each live row
-    # an LM offering ``head_logits(hidden (b, H)) -> (b, V)`` and ``step(..., logits=False)``
-    # skips its output head for the b·k candidates and applies it to the b chosen ones only
-    head = getattr(lm, "head_logits", None)
+    # a headless LM skips its output head for the b·k candidates and applies it to the b chosen
+    # ones only; one with tree attention runs the candidates side by side after each row's cache
+    head = lm.head_logits if offers(lm, HeadlessLM) else None
+    tree_step = lm.candidate_step if offers(lm, CandidateLM) else None
     generated: list[list[int]] = [[] for _ in range(n_rows)]
     stop: list[str] = ["length"] * n_rows
     steps: list[StepTrace] = []
@@ -305,7 +290,6 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         # 5. those b·k' candidates in one forward: side by side after each row's cache (tree
         #    attention), or for LMs without it one row per candidate on the k'-expanded cache
         #    (row chunks under the budget). Only the penalty needs them: none when α = 0.
-        tree_step = getattr(lm, "candidate_step", None)
         tree = tree_step(sub_cands, cache=cache, attention_mask=mask) \
             if tree_step and head and alpha != 0 else None
         cand_hidden = None
@@ -314,7 +298,7 @@ def magic_search(lm: Any, scorer: Any, image_emb: Tensor | None, *,
         elif alpha != 0:
             expand = torch.arange(b).repeat_interleave(width)                # (b·k',)
             cand_mask = torch.cat([mask[expand], mask.new_ones(b * width, 1)], 1)
-            per_row = lm.cache_nbytes(cache) // b if hasattr(lm, "cache_nbytes") else 0
+            per_row = lm.cache_nbytes(cache) // b if offers(lm, CacheSizeLM) else 0
             chunk = b * width if per_row * b * width <= cache_budget else \
                 max(1, cache_budget // max(per_row, 1))
             hidden = []
@@ -400,58 +384,3 @@ def greedy_search(lm: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_token
         logits, cache = out.logits, out.cache
     _tick(seconds, "steps", start)
     return Generation(ids=generated, texts=lm.decode(generated), stop=stop, seconds=seconds)
-
-
-# --- transformers-facing adapters -------------------------------------------------------------
-
-def magic_custom_generate(tokenizer: Any, scorer: Any, image_emb: Tensor | None,
-                          **magic_kw: Any) -> Callable[..., Tensor]:
-    """A callable for ``model.generate(input_ids, custom_generate=...)`` that runs MAGIC.
-
-    ``magic_kw`` are :func:`magic_search` options (k, alpha, beta, stop_at_period). The callable
-    returns ``(B, T + n)`` long: the (left-padded) input ids followed by each row's generated
-    ids, right-padded with the pad id. transformers' logits processors and stopping criteria
-    are not applied (MAGIC scores candidates itself); ``max_new_tokens`` comes from the
-    generation config.
-    """
-
-    def generate(model: Any, input_ids: Tensor, logits_processor: Any = None,
-                 stopping_criteria: Any = None, generation_config: Any = None,
-                 **model_kwargs: Any) -> Tensor:
-        from nofree.lm.hf import HFLanguageModel
-
-        attention_mask = model_kwargs.get("attention_mask")
-        lm = HFLanguageModel(model, tokenizer, spec=f"hf-lm:{model.config.name_or_path}",
-                             device=model.device)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
-        new = getattr(generation_config, "max_new_tokens", None) or max(
-            1, int(generation_config.max_length) - input_ids.shape[1])
-        result = magic_search(lm, scorer, image_emb, prompt_ids=prompts, max_new_tokens=new,
-                              trace=False, **magic_kw)
-        width = max(len(ids) for ids in result.ids)
-        tail = torch.full((len(prompts), width), lm.pad_id, dtype=torch.long)
-        for row, ids in enumerate(result.ids):
-            tail[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return torch.cat([input_ids.cpu(), tail], 1).to(input_ids.device)
-
-    return generate
-
-
-def magic_generate(model: Any, tokenizer: Any, images: Sequence[Any], scorer: Any, *,
-                   prompt: str = "A picture of", **magic_kw: Any) -> list[str]:
-    """Caption ``images`` with a transformers causal LM and a scorer: one text per image.
-
-    ``magic_kw`` are :func:`magic_search` options. The model is frozen in place (as every LM in
-    nofree) and stays on its device.
-    """
-    from nofree.lm.hf import HFLanguageModel
-
-    lm = HFLanguageModel(model, tokenizer, spec=f"hf-lm:{model.config.name_or_path}",
-                         device=model.device)
-    from nofree.decoding.scorers import as_scorer
-
-    scorer = as_scorer(scorer)
-    image_emb = scorer.embed_images(list(images))
-    prompts = lm.tokenize([prompt] * len(images))
-    return magic_search(lm, scorer, image_emb, prompt_ids=prompts, trace=False, **magic_kw).texts

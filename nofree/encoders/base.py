@@ -204,11 +204,11 @@ class FrozenEncoder:
 
     def packed(self) -> "FrozenEncoder":
         """An inference-only twin whose linear layers are packed for the CPU's matrix kernels
-        (:func:`nofree.packing.packed_copy`: parameters shared, GELUs fused); made once and kept.
+        (:func:`nofree.kernels.packing.packed_copy`: parameters shared, GELUs fused); made once and kept.
         ``self`` when nothing is worth packing. Adapters keep training through ``self``."""
         twin = self.__dict__.get("_packed_twin")
         if twin is None:
-            from nofree.packing import packed_copy
+            from nofree.kernels.packing import packed_copy
 
             twin = self
             if self.module is not None:

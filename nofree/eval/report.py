@@ -3,7 +3,7 @@
 The training-free methods (ASIF scoring, caption retrieval, MAGIC with the ASIF or LiT scorer, or
 with a CLIP-like ``scorer`` spec that ranks the pool itself) and the trained ones (LiT, ClipCap,
 Flamingo-style) run on the same evaluation images with the same frozen backbones and go through
-the same metric code (DESIGN.md §8), so the table compares like with like. The report folder holds
+the same metric code, so the table compares like with like. The report folder holds
 
 - ``results.json``: every metric with its n, the split, all specs and hyperparameters, the
   nofree version, seconds per method (model loading counted apart) and each caption;
@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Pair
+from nofree.core import (DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Option,
+                         OptionError, Pair)
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ class _Context:
         self.pairs = [p for p in load_pairs(config.pairs, split=config.split, limit=config.limit)
                       if p.captions]
         if not self.pairs:
-            raise DataError(f"no pairs with captions in {config.pairs}"
-                            + (f" for split={config.split!r}" if config.split else "")
-                            + "; check --split (the pairs' 'split' field)")
+            raise OptionError(f"no pairs with captions in {config.pairs}"
+                              + (f" for split={config.split!r}" if config.split else "")
+                              + "; check ", Option("split"), " (the pairs' 'split' field)")
         self.paths = [p.image for p in self.pairs]
         self.references = [list(p.captions) for p in self.pairs]
         self.load_seconds, self._loading = 0.0, False
@@ -140,7 +141,7 @@ class _Context:
         if not (built / "manifest.json").exists():
             from nofree.anchors.build import build_anchor_set
 
-            log.info("no --anchors given: building them from split %r of %s into %s",
+            log.info("no anchor set given: building one from split %r of %s into %s",
                      self.config.anchor_split, self.config.pairs, built)
             self._load(("built-anchors",), lambda: build_anchor_set(
                 self.config.pairs, split=self.config.anchor_split, out=built,
@@ -180,7 +181,8 @@ class _Context:
         from nofree.adapters.base import ROLE_MODALITY, load_adapter, read_config
 
         if kind not in self.config.adapters:
-            raise DataError(f"method needs a {kind} adapter: pass --{kind} DIR (from `nofree train {kind}`)")
+            raise OptionError(f"method needs a {kind} adapter: pass ", Option(kind, placeholder="DIR"),
+                              f" (from `nofree train {kind}`)")
         from nofree.hub import resolve_dir
 
         directory = resolve_dir(self.config.adapters[kind], what=f"{kind} adapter")
@@ -207,14 +209,15 @@ class _Context:
 
 
 def check_no_leak(anchors: Any, pairs: Any, split: str | None) -> None:
-    """Refuse anchors built from the evaluation split of the same pairs file (DESIGN.md §7)."""
+    """Refuse anchors built from the evaluation split of the same pairs file: an evaluation
+    caption must never be an anchor."""
     target = os.path.realpath(str(pairs))
     for source in anchors.meta.get("sources", []):
         same_file = os.path.realpath(str(source.get("pairs", ""))) == target
         if same_file and (source.get("split") is None or split is None or source.get("split") == split):
             raise DataError(f"the anchor set was built from split {source.get('split')!r} of {pairs}, "
                             f"which overlaps the evaluation split {split!r}: build anchors from "
-                            "another split (e.g. --split train) so evaluation captions never leak")
+                            "another split (e.g. train) so evaluation captions never leak")
 
 
 # --- one function per task ---------------------------------------------------------------------
@@ -403,13 +406,18 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
         raise DataError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     scorer = _scorer_spec(config)
     if scorer != "asif" and "magic" not in methods:
-        raise DataError(f"--scorer steers the magic row, which is not among the methods run "
-                        f"({', '.join(methods)}): add --method magic, or drop --scorer")
+        raise OptionError(Option("scorer"), f" steers the magic row, which is not among the methods run "
+                          f"({', '.join(methods)}): add ", Option("method", "magic"), ", or drop ",
+                          Option("scorer"))
     missing = {m: [n for n in METHODS[m].needs if n != "anchors" and n not in config.adapters] for m in methods}
     missing = {m: n for m, n in missing.items() if n}
     if missing:
-        raise DataError("; ".join(f"method {m} needs " + ", ".join(f"--{n} DIR" for n in needs)
-                                  for m, needs in missing.items()) + " (adapters come from `nofree train`)")
+        parts: list[str | Option] = []
+        for m, needs in missing.items():
+            parts += ["; "] * bool(parts) + [f"method {m} needs "]
+            for i, need in enumerate(needs):
+                parts += [", "] * bool(i) + [Option(need, placeholder="DIR")]
+        raise OptionError(*parts, " (adapters come from `nofree train`)")
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
     if overwrite:  # only an earlier report, never an input or a folder holding one
@@ -417,7 +425,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
 
         inputs = [config.pairs, config.anchors, config.pool, *config.adapters.values()]
         check_replaceable(out_dir, kind=REPORT, inputs=[i for i in inputs if isinstance(i, (str, os.PathLike))],
-                          option="--report")
+                          option=Option("out_dir"))
     previous = _previous_results(results_path, overwrite=overwrite, resume=resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _Context(config, out_dir, progress)
@@ -493,17 +501,19 @@ def _previous_results(path: Path, *, overwrite: bool, resume: bool) -> dict[str,
     if not path.exists():
         return {}
     if not (overwrite or resume):
-        raise DataError(f"{path} already exists: pass --resume to keep its finished methods, "
-                        "--overwrite to replace it, or choose another --report")
+        raise OptionError(f"{path} already exists: pass ", Option("resume", True), " to keep its finished "
+                          "methods, ", Option("overwrite", True), " to replace it, or choose another ",
+                          Option("out_dir"))
     if overwrite:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot resume from {path} ({err}); pass --overwrite to start afresh") from err
+        raise OptionError(f"cannot resume from {path} ({err}); pass ", Option("overwrite", True),
+                          " to start afresh") from err
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from nofree.artifacts import atomic_write_json
+
+    atomic_write_json(path, data, indent=1, ensure_ascii=False, default=str)

@@ -4,8 +4,11 @@
 embedded SmolLM2, ...) behind :class:`nofree.core.LanguageModel`: ``step`` feeds new token ids
 or input embeddings, reuses a KV cache, and returns next-token logits ``(B, V)`` plus the
 last-layer hidden states ``(B, T, H)`` of the fed positions. Left padding is supported through
-``attention_mask`` (1 = real, 0 = pad); position ids are derived from it so padded rows decode
-exactly like unpadded ones.
+``attention_mask`` (1 = real, 0 = pad; :func:`nofree.core.left_pad` builds it, also importable
+from here); position ids are derived from it so padded rows decode exactly like unpadded ones.
+It also offers every optional capability of :mod:`nofree.core` that decoders use: a headless
+step with ``head_logits`` (``HeadlessLM``), tree attention over k candidates (``CandidateLM``),
+stacking caches (``StackingLM``) and their size (``CacheSizeLM``).
 """
 from __future__ import annotations
 
@@ -19,9 +22,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from nofree.core import LMStep, MissingDependencyError, SpecError, bound_text, resolve_device
+from nofree.core import LMStep, MissingDependencyError, SpecError, bound_text, left_pad, resolve_device
 from nofree.encoders.base import freeze
-from nofree.packing import PackedLinear, packed_copy
+from nofree.kernels.packing import PackedLinear, packed_copy
+
+__all__ = ["HFLanguageModel", "left_pad", "load_hf_lm", "load_embedded_smollm2", "smollm2_folder",
+           "SMOLLM2_GGUF", "cache_argument", "cache_of"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,7 +95,7 @@ class HFLanguageModel:
 
     def packed(self) -> "HFLanguageModel":
         """An inference-only copy whose linear layers keep their weights packed for the CPU's
-        matrix kernels (:mod:`nofree.packing`): same outputs (float32 to ~1e-6), 1.2–2× faster
+        matrix kernels (:mod:`nofree.kernels.packing`): same outputs (float32 to ~1e-6), 1.2–2× faster
         steps at decoding sizes. Every tensor is shared with ``self`` except the packed matrices
         (one more copy of each linear weight), made once and kept. No gradient flows through it:
         adapters train through ``self``. ``self`` when nothing can be packed here (e.g. a GPU
@@ -282,20 +288,6 @@ class HFLanguageModel:
         """Bytes held by the keys and values of a cache (for memory reports)."""
         return sum(layer.keys.numel() * layer.keys.element_size() * 2
                    for layer in cache.layers if layer.is_initialized)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad ragged id lists to ``ids (B, T)`` long and ``mask (B, T)`` long (1 = real)."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("left_pad() needs at least one non-empty sequence per row "
-                         "(an empty prompt has nothing to condition on; give the LM a start text)")
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, length - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, length - len(seq):] = 1
-    return ids, mask
 
 
 def load_hf_lm(name_or_path: str | Path, *, device: str | torch.device | None = None,

@@ -1,23 +1,28 @@
-"""nofree's native kernels (the C files in this folder), compiled on first use, through ctypes.
+"""Compiling nofree's C kernels (the C files in this folder) on first use, and loading them.
 
-* ``scan.c``: the low-precision anchor scan of :mod:`nofree.anchors.topk` spends about as long
-  *selecting* the candidates from each score tile as the int8 matmul takes to make it; in torch
-  that selection is a chain of whole-tile operations (group maxima, compare, nonzero, gather,
-  histogram). The C helpers do it in one pass over the tile, and also re-quantise anchor chunks
-  in one pass. On CPUs with AVX-512 VNNI they also carry the int8 matmul itself, with the
-  selection fused in (:mod:`nofree.anchors.int8_matmul`).
+The sources are compiled together into one shared library:
+
+* ``select.c``: the low-precision anchor scan of :mod:`nofree.anchors.search.exact` spends about
+  as long *selecting* the candidates from each score tile as the int8 matmul takes to make it; in
+  torch that selection is a chain of whole-tile operations (group maxima, compare, nonzero,
+  gather, histogram). The C helpers do it in one pass over the tile, and also re-quantise anchor
+  chunks, prune the candidates and rank each row's best.
+* ``int8_gemm.c``: on CPUs with AVX-512 VNNI, the int8 scan's matmul itself, with the selection
+  fused in (:mod:`nofree.anchors.search.int8_gemm`).
 * ``attention.c``: attention over a list of visible keys per query, for the CLIP scorer's prefix
   tree of candidate texts (:mod:`nofree.decoding.attention`).
 
-They are optional: every kernel has a torch twin (``topk.py``; the fused matmul: ``torch._int_mm``
+They are optional: every kernel has a torch twin (``exact.py``; the fused matmul: ``torch._int_mm``
 and the tile-wise selection; ``attention.py``: masked ``scaled_dot_product_attention``) with the
 same results (bit-identical for the scan), used when no C compiler is found, when compiling
-fails, or when ``NOFREE_NATIVE=0``.
+fails, or when ``NOFREE_NATIVE=0``. Nothing but :mod:`nofree.kernels.bindings` calls into the
+library: it declares the C prototypes and checks the tensors it hands over.
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``) from every source
 here into ``$NOFREE_CACHE/native/<key>/`` (default ``~/.cache/nofree``), keyed by the sources,
-the compiler command and this CPU, written to a temporary name and renamed, so concurrent first
-uses and interrupted builds never leave a half-written library behind.
+the compiler command and this CPU, written to a temporary name and renamed
+(:func:`nofree.artifacts.atomic_path`), so concurrent first uses and interrupted builds never
+leave a half-written library behind.
 
 Loading a shared library runs its code, so a library is loaded only when it is the one nofree
 built: each build writes ``nofree_kernels.so.sha256.json`` beside it (the build key and the
@@ -32,22 +37,23 @@ import functools
 import hashlib
 import json
 import logging
-import stat
 import os
 import platform
 import shlex
+import stat
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+from nofree.artifacts import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
 #: compiled together into one library; the headers they include are part of its key
-SOURCES = (FOLDER / "scan.c", FOLDER / "attention.c")
-HEADERS = (FOLDER / "jobs.h",)
+SOURCES = (FOLDER / "select.c", FOLDER / "int8_gemm.c", FOLDER / "attention.c")
+HEADERS = (FOLDER / "candidates.h", FOLDER / "jobs.h")
 LIBRARY = "nofree_kernels.so"
 #: written beside the library by the build: {"key": build key, "sha256": the library's sha256}
 RECORD = LIBRARY + ".sha256.json"
@@ -55,23 +61,9 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
 #: tried first; dropped when the compiler rejects it (the key includes the CPU either way)
 ARCH_FLAGS = ("-march=native",)
 
-_P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
-    "nofree_take_i32": (_I64, [_P, _I64, _I64, _I64, _P, ctypes.c_int32, _P, _P, _I64, ctypes.c_float,
-                               ctypes.c_float, _P, _P, _P, _I64]),
-    "nofree_kth_bins": (None, [_P, _I64, _I64, _I64, _I64, _P]),
-    "nofree_quantize_i8": (None, [_P, _I64, ctypes.c_float, _P]),
-    "nofree_prune": (_I64, [_P, _P, _P, _I64, _P, _I64]),
-    "nofree_top_per_row": (_I64, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _I64]),
-    "nofree_i8_layout": (_I64, []),
-    "nofree_i8_pack_anchors": (None, [_P, _I64, _I64, ctypes.c_float, _P, _I64]),
-    "nofree_i8_scores": (None, [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64]),
-    "nofree_i8_take": (_I64, [_P, _P, _I64, _I64, _P, _I64, _P, ctypes.c_int32, _P, _P, _I64, ctypes.c_float,
-                              ctypes.c_float, _P, _P, _P, _I64, _P, _I64, _I64]),
-    "nofree_list_attention": (_I64, [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_float,
-                                     _P, _I64]),
-}
-_SIGNATURES["nofree_take_i16"] = _SIGNATURES["nofree_take_i32"]
+
+class _CompileError(Exception):
+    """The compiler's complaint about a build."""
 
 
 def enabled() -> bool:
@@ -115,7 +107,7 @@ def _verified(target: Path, key: str) -> bool:
 
 
 def _warn_if_shared(folders: list[Path]) -> None:
-    """One warning for each existing folder of the native cache that group or others may write."""
+    """One warning for each existing folder of the kernel cache that group or others may write."""
     for folder in folders:
         try:
             mode = folder.stat().st_mode
@@ -132,39 +124,28 @@ def _compile(compiler: list[str], flags: tuple[str, ...], target: Path, key: str
     compiler's complaint on failure."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
-        os.close(fd)
+        with tempfile.TemporaryFile(dir=target.parent):  # can files be created there at all?
+            pass
     except OSError as exc:
         return f"cannot write the library under {target.parent}: {exc}"
     try:
-        done = subprocess.run([*compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            return (done.stderr or done.stdout).strip()[-600:] or f"exit status {done.returncode}"
-        record = json.dumps({"key": key, "sha256": _sha256(Path(tmp)), "library": LIBRARY})
-        record_tmp = f"{tmp}.record"
-        with open(record_tmp, "w", encoding="utf-8") as handle:
-            handle.write(record)
-        os.replace(record_tmp, target.parent / RECORD)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            done = subprocess.run([*compiler, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                complaint = (done.stderr or done.stdout).strip()[-600:]
+                raise _CompileError(complaint or f"exit status {done.returncode}")
+            # the record first: a reader that sees it with the previous library rebuilds, never loads
+            atomic_write_json(target.parent / RECORD, {"key": key, "sha256": _sha256(tmp), "library": LIBRARY})
         return None
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (_CompileError, OSError, subprocess.SubprocessError) as exc:
         return str(exc)
-    finally:
-        for leftover in (tmp, f"{tmp}.record"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-
-
-def library_for(device: Any) -> ctypes.CDLL | None:
-    """The kernels for tensors on ``device`` (a torch device): the loaded library on the CPU,
-    None elsewhere (they are CPU code)."""
-    return library() if device.type == "cpu" else None
 
 
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
-    """The loaded helpers, built first if needed; None (torch fallback) when unavailable."""
+    """The loaded kernels, built first if needed; None (torch fallback) when unavailable. Its
+    functions are declared and called by :mod:`nofree.kernels.bindings` only."""
     if not enabled():
         return None
     compiler = shlex.split(os.environ.get("CC") or "cc")
@@ -194,14 +175,9 @@ def library() -> ctypes.CDLL | None:
                 continue
             log.info("built nofree's native kernels in %.1f s: %s", time.perf_counter() - start, target)
         try:
-            lib = ctypes.CDLL(str(target))
+            return ctypes.CDLL(str(target))
         except OSError as exc:
             errors.append(f"loading {target}: {exc}")
-            continue
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        return lib
     log.warning("nofree's native kernels are unavailable (%s); the anchor scan and the CLIP scorer "
                 "use their torch versions, which are slower. Install a C compiler (or set CC) to "
                 "build them, or set NOFREE_NATIVE=0 to silence this.", "; ".join(errors) or "no compiler")

@@ -5,7 +5,7 @@ shards, one row each (shard index + its pairs), through ``map_batches`` on an ac
 ``workers`` actors. Each actor builds its own encoders from spec strings (or zero-argument
 factories) once, on its GPU when Ray gave it one (GPU actors whenever the cluster has GPUs),
 else on CPU, then for each shard reads the images (files or webdataset members), encodes them
-with the same :func:`~nofree.anchors.shards.encode_shard` as the local engine and writes
+with the same :func:`~nofree.anchors.build.shards.encode_shard` as the local engine and writes
 ``shard-NNNNN.safetensors`` atomically (temporary name, then rename) into ``OUT.partial``. The
 driver then assembles the shards in shard order into a normal
 :class:`~nofree.anchors.anchor_set.AnchorSet`, so the result equals the single-process build
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from nofree.anchors.anchor_set import AnchorSet
-from nofree.anchors.shards import (DEFAULT_SHARD_SIZE, assemble_shards, encode_shard, read_shard,
-                                   resolve_encoder, shard_path, start_work_dir, write_shard)
+from nofree.anchors.build.shards import (DEFAULT_SHARD_SIZE, assemble_shards, encode_shard, read_shard,
+                                         resolve_encoder, shard_path, start_work_dir, write_shard)
 from nofree.core import Encoder, MissingDependencyError, NofreeError, Pair, SpecError
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def encode_pairs_ray(pairs: Sequence[Pair], image_encoder: str | Callable[[], En
                      batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
                      ray_address: str | None = None, max_retries: int = 3, progress: bool = True,
                      ) -> tuple[AnchorSet, list[str]]:
-    """Like :func:`nofree.anchors.build.encode_pairs_resumably`, on Ray actors.
+    """Like :func:`nofree.anchors.build.local.encode_pairs_resumably`, on Ray actors.
 
     ``workers`` actors (default: one per GPU, else one per CPU of the cluster); ``max_retries``
     restarts of a dead actor and retries of its shard before the build stops (finished shards

@@ -1,14 +1,15 @@
 """Optional faiss indices over an anchor set, for the ASIF top-k at tens of millions of anchors.
 
-ASIF keeps, for every query, its k nearest anchors. Exact search (:mod:`nofree.anchors.topk`)
-scans every anchor; at 10^7–10^8 anchors an inverted-file / product-quantisation index (Jégou et
-al., 2011; faiss, Douze et al., 2024) visits a few lists of compressed codes instead. Here the
-index only proposes *candidates* (``refine`` x k of them): their cosines are recomputed exactly
-from the anchors and the best k kept, so values are exact and only the recall of the top-k set
-is approximate — measured when the index is built (recall@k against exact search on sampled
-anchors used as queries; a query finds itself, which adds at most 1/k) and reported by
-``nofree anchors info``. Re-scoring reads ``refine * k`` anchor rows per query, so the anchors
-themselves must be at hand (in memory, or memory-mapped from ``embeddings.safetensors``).
+ASIF keeps, for every query, its k nearest anchors. Exact search
+(:mod:`nofree.anchors.search.exact`) scans every anchor; at 10^7–10^8 anchors an inverted-file /
+product-quantisation index (Jégou et al., 2011; faiss, Douze et al., 2024) visits a few lists of
+compressed codes instead. Here the index only proposes *candidates* (``refine`` x k of them):
+their cosines are recomputed exactly from the anchors and the best k kept, so values are exact
+and only the recall of the top-k set is approximate — measured when the index is built (recall@k
+against exact search on sampled anchors used as queries; a query finds itself, which adds at
+most 1/k) and reported by ``nofree anchors info``. Re-scoring reads ``refine * k`` anchor rows
+per query, so the anchors themselves must be at hand (in memory, or memory-mapped from
+``embeddings.safetensors``).
 
 On disk, inside the anchor-set directory (an optional part of format v1; older readers ignore
 it): ``index-image.faiss`` and ``index-text.faiss`` (faiss's own binary format: read without
@@ -23,10 +24,8 @@ guidance); a smaller set keeps exact search and says so instead of failing insid
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from nofree.anchors.anchor_set import MANIFEST, AnchorSet, read_manifest
+from nofree.artifacts import atomic_path, atomic_write_json
 from nofree.core import MODALITIES, DataError
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def train_index(vectors: Tensor, factory: str, *, nprobe: int | None = None,
 def measure_recall(index: AnchorIndex, anchors: Tensor, k: int, *,
                    n_queries: int = DEFAULT_RECALL_QUERIES, seed: int = 0) -> float:
     """Mean recall@k of :func:`index_topk` against exact top-k, on sampled anchors as queries."""
-    from nofree.anchors.topk import cosine_topk
+    from nofree.anchors.search.exact import cosine_topk
 
     n = anchors.shape[0]
     pick = torch.from_numpy(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
@@ -172,12 +172,12 @@ def measure_recall(index: AnchorIndex, anchors: Tensor, k: int, *,
 def index_topk(query: Tensor, anchors: Tensor, index: AnchorIndex, k: int) -> tuple[Tensor, Tensor]:
     """Top-k cosines ``(Q, k)`` and anchor ids ``(Q, k)`` via the index's candidates.
 
-    Same contract as :func:`nofree.anchors.topk.cosine_topk` (decreasing, ties by id): the
+    Same contract as :func:`nofree.anchors.search.exact.cosine_topk` (decreasing, ties by id): the
     index proposes ``index.refine * k`` candidates, whose cosines are computed exactly (float32)
     and the best k kept; rows for which the index finds fewer than k candidates (few IVF lists
     visited) are answered by exact search.
     """
-    from nofree.anchors.topk import _canonical, cosine_topk
+    from nofree.anchors.search.exact import _canonical, cosine_topk
 
     query = query.float()
     ids = index.search(query, min(anchors.shape[0], max(k, index.refine * k)))
@@ -235,9 +235,7 @@ def _write_manifest_entry(path: Path, entry: dict | None) -> None:
         manifest.pop("index", None)
     else:
         manifest["index"] = entry
-    tmp = path / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path / MANIFEST)
+    atomic_write_json(path / MANIFEST, manifest, indent=2)
 
 
 def add_index(anchor_dir: str | Path, factory: str, *, nprobe: int | None = None, center: bool | None = None,
@@ -248,8 +246,9 @@ def add_index(anchor_dir: str | Path, factory: str, *, nprobe: int | None = None
     ``center`` defaults to ASIF's (:data:`~nofree.anchors.asif.ASIF_DEFAULTS`); ``recall_k`` to
     ASIF's default k (min(800, N)), which also sets the default ``nprobe`` of IVF indices
     (:func:`default_nprobe`; ignored by others); ``refine`` candidates per kept anchor are
-    re-scored exactly (more: higher recall, slower). Returns the manifest entry written (with the measured recall per side, or
-    ``"search": "exact"`` and the reason when the set is too small to train the index).
+    re-scored exactly (more: higher recall, slower). Returns the manifest entry written (with the
+    measured recall per side, or ``"search": "exact"`` and the reason when the set is too small to
+    train the index).
     """
     from nofree.anchors.asif import ASIF_DEFAULTS, default_k
 
@@ -284,9 +283,8 @@ def add_index(anchor_dir: str | Path, factory: str, *, nprobe: int | None = None
         if modality not in built:
             (path / file).unlink(missing_ok=True)
             continue
-        tmp = path / f".{file}.tmp-{os.getpid()}"
-        faiss.write_index(built[modality], str(tmp))
-        os.replace(tmp, path / file)
+        with atomic_path(path / file) as tmp:
+            faiss.write_index(built[modality], str(tmp))
         entry["sides"][modality]["bytes"] = (path / file).stat().st_size
     _write_manifest_entry(path, entry)
     return entry

@@ -1,6 +1,6 @@
 """The shard format of anchor-set builds: pairs encoded into shards, written atomically, resumed.
 
-A build (:mod:`nofree.anchors.build`, locally; :mod:`nofree.anchors.ray_build`, on Ray actors)
+A build (:mod:`nofree.anchors.build.local`, locally; :mod:`nofree.anchors.build.ray`, on Ray actors)
 splits its pairs into shards of ``shard_size`` pairs and writes each one, once encoded, as
 ``shard-NNNNN.safetensors`` in its work folder (``OUT.partial``): tensors ``image`` ``(n, Di)``
 and ``text`` ``(n, Dt)`` (one row per readable image and caption), and JSON metadata lists
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nofree.anchors.anchor_set import AnchorSet
-from nofree.artifacts import temp_path, writing
+from nofree.artifacts import atomic_path, atomic_write_json, writing
 from nofree.core import DataError, Encoder, Option, OptionError, Pair
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def encode_shard(pairs: Sequence[Pair], image_encoder: Encoder, text_encoder: En
                     time.monotonic() - last_save >= checkpoint_s:
                 save()
                 saved_done, last_save = done, time.monotonic()
-    except (KeyboardInterrupt, DataError):  # Ctrl-C, or --strict stopping at an unreadable image
+    except (KeyboardInterrupt, DataError):  # Ctrl-C, or ``strict`` stopping at an unreadable image
         if checkpoint is not None and saved_done < done < len(pairs):
             save()
         raise
@@ -165,13 +164,8 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """Write a shard (or an unfinished shard's pieces) atomically: temporary name, then rename."""
     from safetensors.torch import save_file
 
-    tmp = temp_path(path)
-    try:
-        with writing(path):
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path), atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -224,9 +218,7 @@ def start_work_dir(work_dir: Path, pairs: Sequence[Pair], image_spec: str, text_
     else:
         with writing(work_dir):
             work_dir.mkdir(parents=True, exist_ok=True)
-            tmp = temp_path(plan_file)
-            tmp.write_text(json.dumps(plan, indent=2))
-            os.replace(tmp, plan_file)
+            atomic_write_json(plan_file, plan, indent=2)
     return (len(pairs) + shard_size - 1) // shard_size
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nofree.anchors.anchor_set import AnchorSet
-from nofree.core import DataError, MissingDependencyError, l2_normalize
+from nofree.core import DataError, MissingDependencyError, OptionError, l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +167,15 @@ def import_embeddings(source: str | Path, *, image_spec: str, text_spec: str, ou
                       overwrite: bool = False, index: str | None = None) -> AnchorSet:
     """Save the embeddings at ``source`` as an anchor set at ``out``, recording the encoder specs.
 
-    ``index``: optionally add a faiss index (see :func:`nofree.anchors.index.add_index`).
+    ``index``: optionally add a faiss index (see :func:`nofree.anchors.search.index.add_index`).
     ``overwrite`` replaces an existing anchor set at ``out``, never anything else (see
     :func:`nofree.artifacts.check_replaceable`).
     """
-    from nofree.artifacts import ANCHOR_SET, check_replaceable, exclusive
+    from nofree.artifacts import ANCHOR_SET, OUT, OVERWRITE, check_replaceable, exclusive
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        raise OptionError(f"{out} already exists; pass ", OVERWRITE, " to replace it, or choose another ", OUT)
     if overwrite:
         check_replaceable(out, kind=ANCHOR_SET, inputs=[source])
     with exclusive(out):
@@ -204,7 +204,7 @@ def _import(source: str | Path, *, image_spec: str, text_spec: str, out: Path, o
         log.warning("skipped %d row(s) without a caption or with non-finite embeddings (listed in "
                     "%s/manifest.json)", len(skipped), out)
     if index:
-        from nofree.anchors.index import add_index
+        from nofree.anchors.search.index import add_index
 
         meta["index"] = add_index(out, index, anchors=anchors)
     return anchors

@@ -12,13 +12,13 @@ piece boundaries, hence encoder batches, depend only on the pairs and the settin
 
 One build writes a destination at a time (a lock file beside ``OUT``; a second build there stops
 with a message). A build that fails before encoding anything, or whose images could all not be
-read, removes its ``OUT.partial``; ``--overwrite`` replaces only an existing anchor set that is
+read, removes its ``OUT.partial``; ``overwrite`` replaces only an existing anchor set that is
 not the build's input (:func:`nofree.artifacts.check_replaceable`).
 
-Two engines share the shard format, the plan and the assembly (:mod:`nofree.anchors.shards`):
+Two engines share the shard format, the plan and the assembly (:mod:`nofree.anchors.build.shards`):
 ``engine="local"`` encodes the shards one after the other in this process
 (:func:`encode_pairs_resumably`); ``engine="ray"`` hands them to a pool of encoder actors on Ray
-(:mod:`nofree.anchors.ray_build`). For the same pairs and settings both give the same shards, so
+(:mod:`nofree.anchors.build.ray`). For the same pairs and settings both give the same shards, so
 either can finish a build the other started.
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nofree.anchors.anchor_set import AnchorSet
-from nofree.anchors.ray_build import encode_pairs_ray
-from nofree.anchors.shards import (DEFAULT_CHECKPOINT_S, DEFAULT_SHARD_SIZE, assemble_shards, checkpoint_path,
-                                   encode_shard, pairs_digest, read_shard, resolve_encoder, shard_path,
-                                   start_work_dir, write_shard)
-from nofree.artifacts import ANCHOR_SET, check_replaceable, exclusive
-from nofree.core import DataError, Encoder, Pair
+from nofree.anchors.build.ray import encode_pairs_ray
+from nofree.anchors.build.shards import (DEFAULT_CHECKPOINT_S, DEFAULT_SHARD_SIZE, assemble_shards,
+                                         checkpoint_path, encode_shard, pairs_digest, read_shard,
+                                         resolve_encoder, shard_path, start_work_dir, write_shard)
+from nofree.artifacts import ANCHOR_SET, OUT, OVERWRITE, check_replaceable, exclusive
+from nofree.core import DataError, Encoder, Option, OptionError, Pair
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,19 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
     spec strings or zero-argument factories, which each actor calls to build its own encoder
     (``device`` is then chosen per actor: its GPU if Ray gave it one, else CPU). ``index``, a
     faiss ``index_factory`` string such as ``"IVF4096,PQ32"``, adds a search index to the set
-    (:func:`nofree.anchors.index.add_index`). Unreadable images are skipped, listed in the
+    (:func:`nofree.anchors.search.index.add_index`). Unreadable images are skipped, listed in the
     manifest and reported once at the end; ``strict`` (local engine) stops at the first one with
     its ``DataError`` instead. Returns the saved set.
     """
     if engine not in ("local", "ray"):
         raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
     if strict and engine == "ray":
-        raise DataError("--strict works with --engine local only; drop one of them")
+        raise OptionError(Option("strict", True), " works with ", Option("engine", "local"),
+                          " only; drop one of them")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; use `nofree anchors extend` to add pairs, pass "
-                        "--overwrite to replace it, or choose another --out")
+        raise OptionError(f"{out} already exists; use `nofree anchors extend` to add pairs, pass ",
+                          OVERWRITE, " to replace it, or choose another ", OUT)
     loaded, unread = _load_pairs(pairs, split, limit)
     if not loaded:
         raise DataError(f"no pairs to build from in {pairs}" + (f" with split={split!r}" if split else ""))
@@ -172,8 +173,8 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
     with exclusive(out):
         if out.exists():
             if not overwrite:  # another build finished there while this one was starting
-                raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose "
-                                "another --out")
+                raise OptionError(f"{out} already exists; pass ", OVERWRITE, " to replace it, or "
+                                  "choose another ", OUT)
             check_replaceable(out, kind=ANCHOR_SET, inputs=_inputs(pairs, loaded))
         try:
             if engine == "ray":
@@ -205,14 +206,14 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
                         "%s/manifest.json; --strict stops at the first one instead)", len(skipped),
                         ", ".join(skipped[:5]), more, out)
         if index:
-            from nofree.anchors.index import add_index
+            from nofree.anchors.search.index import add_index
 
             meta["index"] = add_index(out, index, anchors=anchors)
     return anchors
 
 
 def _inputs(pairs: str | Path | Sequence[Pair], loaded: Sequence[Pair]) -> list[str]:
-    """What a build reads, for the --overwrite check: the pairs source and its images' folders."""
+    """What a build reads, for the ``overwrite`` check: the pairs source and its images' folders."""
     folders = sorted({os.path.dirname(pair.image) for pair in loaded})
     return ([str(pairs)] if isinstance(pairs, (str, Path)) else []) + folders
 
@@ -274,11 +275,12 @@ def _extend(path: Path, pairs: str | Path | Sequence[Pair], *, split: str | None
             raise DataError(f"{item} lies inside the anchor set {path}, which extend rewrites as a "
                             f"whole (deleting anything else in it); move the pairs and their images "
                             f"out of {path} and run the command again")
-    check_replaceable(path, kind=ANCHOR_SET, option="anchor set", flag="")
+    check_replaceable(path, kind=ANCHOR_SET, option="anchor set", flag=None)
     loaded = dedupe_pairs(loaded, pairs if isinstance(pairs, (str, Path)) else "pairs", dedupe=dedupe,
                           existing=set(zip(base.images, base.captions)))
     if not loaded:
-        raise DataError(f"every pair in {pairs} is already in {path} (--dedupe); nothing to add")
+        raise OptionError(f"every pair in {pairs} is already in {path} (", Option("dedupe", True),
+                          "); nothing to add")
     image_encoder = resolve_encoder(image_encoder or base.image_spec, "image", device)
     text_encoder = resolve_encoder(text_encoder or base.text_spec, "text", device)
     base.check_encoder(image_encoder, "image")

@@ -8,53 +8,38 @@ anchors and their anchor ids. Choices made here:
 * **Exact top-k at any N.** Anchors are scanned in chunks with a running per-row threshold, so no
   (Q, N) matrix is ever held. On CPU the scan can use a low-precision matmul (``"int8"`` or
   ``"bf16"``) to find *candidates*, with a rigorous per-row bound e on the error of the
-  approximate score. With m the k-th largest approximate score seen so far, an anchor whose
-  approximate score y satisfies ``y < m - 2e - (rounding of m)`` has exact cosine below the exact
-  k-th largest, so it is dropped; the survivors are re-scored in float32 (faiss's indexed inner
-  products, visited in anchor order) and the top k taken. The result is the exact float32 top-k
+  approximate score (each precision's codec and bound: :mod:`nofree.anchors.search.precision`).
+  With m the k-th largest approximate score seen so far, an anchor whose approximate score y
+  satisfies ``y < m - 2e - (rounding of m)`` has exact cosine below the exact k-th largest, so it
+  is dropped; the survivors are re-scored in float32 (faiss's indexed inner products, visited in
+  anchor order) and the top k taken. The result is the exact float32 top-k
   (ties at the float32 rounding level excepted), never an approximation: the margin adapts to how
   crowded each row is near its k-th value. Off CPU the scan is float32 throughout (leave TF32
   matmuls off for float32-exact cosines on NVIDIA GPUs).
 * Output rows list their anchors by decreasing cosine (ties: increasing anchor id).
 * The bookkeeping between matmuls — taking each score tile's candidates, pruning them, the
   final per-row ranking, re-quantising anchor chunks — runs in small C helpers
-  (:mod:`nofree.native`, built on first use) when a C compiler is available, and in
-  torch otherwise, with bit-identical results either way.
+  (:mod:`nofree.kernels.bindings`, built on first use) when a C compiler is available, and in
+  torch otherwise, with bit-identical results either way; on CPUs with AVX-512 VNNI the int8
+  matmul too, with the selection fused in (:mod:`nofree.anchors.search.int8_gemm`).
 
 Shapes: Q queries, N anchors, D embedding width, k kept entries per row.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nofree.anchors.int8_matmul import Int8Products
-from nofree.core import DataError, resolve_device
-from nofree.native import library_for
+from nofree.anchors.search.int8_gemm import Int8Products
+from nofree.anchors.search.precision import (ANCHOR_CHUNK_BY_PRECISION, CODECS, AnchorStats, Int8Codec,
+                                             anchor_stats, resolve_precision)
+from nofree.core import DataError
+from nofree.kernels import bindings
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-DEFAULT_ANCHOR_CHUNK = 8192
 DEFAULT_QUERY_CHUNK = 2048
-#: anchor rows per scan chunk when none is given, by scan precision: a low-precision chunk is
-#: quantised (and, with the int8 kernel, fetched into the cache while the previous chunk is
-#: scanned), so smaller chunks that stay in the cache suit it (benchmarks/asif_scale.py; int8
-#: against 1,024 and 4,096 rows in benchmarks/RESULTS.md, "ASIF at scale")
-ANCHOR_CHUNK_BY_PRECISION = {"fp32": DEFAULT_ANCHOR_CHUNK, "bf16": 4096, "int8": 2048}
-#: ``precision="auto"`` on CPU: float32 below AUTO_BF16_MIN_ANCHORS, bfloat16 candidates up to
-#: AUTO_INT8_MIN_ANCHORS, int8 candidates above: int8's matmul is faster, but its wider error
-#: band lets more candidates through to the float32 re-scoring, so it wins only where the matmul
-#: dominates, at many anchors (crossovers from benchmarks/asif_scale.py). With nofree's own int8
-#: kernel (AVX-512 VNNI, selection fused in) int8 wins from AUTO_INT8_FUSED_MIN_ANCHORS on
-#: (benchmarks/RESULTS.md, "ASIF at scale": 100k and 200k anchors). Other devices always scan in
-#: float32.
-AUTO_BF16_MIN_ANCHORS = 65536
-AUTO_INT8_MIN_ANCHORS = 500_000
-AUTO_INT8_FUSED_MIN_ANCHORS = 150_000
 
 # Histogram of approximate scores per query row, used to track the k-th largest score cheaply.
 _BIN_W = 2.0 ** -10
@@ -62,210 +47,6 @@ _BIN_LO = -1.5
 _N_BINS = 3072  # covers [-1.5, 1.5); values outside are clamped into the end bins
 _GROUP = 16  # column group for the max-prefilter in _select
 _REFRESH = 1.25  # the discard level is recomputed whenever the anchors seen grow by this factor
-#: anchor rows per pass of anchor_stats: several passes per chunk, so that one pass's rows
-#: (3 MB of float32 at 768-d) stay in the cache between its steps
-_STATS_ROWS = 1024
-
-
-def resolve_precision(precision: str, n_anchors: int, device: Any = None) -> str:
-    """The scan precision ``"auto"`` stands for at this size and device."""
-    if precision not in PRECISIONS:
-        raise DataError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    cpu = resolve_device(device).type == "cpu"
-    if precision in ("bf16", "int8") and not cpu:
-        raise DataError(f"precision={precision!r} is a CPU scan (its error bound assumes CPU kernels); "
-                        f"use precision='fp32' or 'auto' on {resolve_device(device)}")
-    if precision != "auto":
-        return precision
-    if not cpu or n_anchors < AUTO_BF16_MIN_ANCHORS:
-        return "fp32"
-    if n_anchors >= AUTO_INT8_MIN_ANCHORS:
-        return "int8"
-    fused = n_anchors >= AUTO_INT8_FUSED_MIN_ANCHORS and Int8Products.available(library_for(torch.device("cpu")))
-    return "int8" if fused else "bf16"
-
-
-@dataclass(frozen=True)
-class AnchorStats:
-    """What the low-precision scan needs to know about the anchors (one pass, no copy kept).
-
-    a_norm: max ||a_j||; res: max ||a_j - â_j|| (â the low-precision anchor); ah_norm: max ||â_j||;
-    scale: int8 quantisation step shared by all anchors (1.0 for other precisions).
-    """
-
-    precision: str
-    a_norm: float
-    res: float
-    ah_norm: float
-    scale: float = 1.0
-
-
-def anchor_stats(anchors: Tensor, precision: str, *, chunk: int = DEFAULT_ANCHOR_CHUNK) -> AnchorStats:
-    """Error-bound statistics of ``anchors (N, D)`` for ``precision`` ("fp32", "bf16", "int8")."""
-    if precision not in _CODECS:
-        raise DataError(f"precision must be one of {tuple(_CODECS)}, got {precision!r}")
-    codec = _CODECS[precision]
-    chunk = min(chunk, _STATS_ROWS)  # the passes below then re-read the chunk from cache, not memory
-    scale = 1.0
-    if precision == "int8":
-        top = max(float(anchors[i:i + chunk].abs().amax()) for i in range(0, anchors.shape[0], chunk))
-        scale = float(torch.tensor(max(top, 1e-30) / 127.0, dtype=torch.float32))
-    a_norm = res = ah_norm = 0.0
-    for i in range(0, anchors.shape[0], chunk):
-        a = anchors[i:i + chunk].float()
-        ah = codec.dequantize(codec.quantize_anchors(a, scale), scale)
-        a_norm = max(a_norm, float(a.norm(dim=1).max()))
-        res = max(res, float((a - ah).norm(dim=1).max()))
-        ah_norm = max(ah_norm, float(ah.norm(dim=1).max()))
-    return AnchorStats(precision, a_norm, res, ah_norm, scale)
-
-
-class _Fp32:
-    """The scan values are the float32 cosines themselves: no error, no re-scoring."""
-
-    name, exact, out_rel = "fp32", True, 0.0
-
-    @staticmethod
-    def quantize_anchors(a: Tensor, scale: float) -> Tensor:
-        return a
-
-    @staticmethod
-    def dequantize(a: Tensor, scale: float) -> Tensor:
-        return a
-
-    @staticmethod
-    def queries(q: Tensor, stats: AnchorStats) -> tuple[Tensor, Tensor, Tensor]:
-        ones = torch.ones(q.shape[0], dtype=torch.float64, device=q.device)
-        return q, ones, torch.zeros_like(ones)
-
-    @staticmethod
-    def scores(q_low: Tensor, a_low: Tensor) -> Tensor:
-        return q_low @ a_low.T
-
-    @staticmethod
-    def values(s: Tensor, qscale: Tensor) -> Tensor:
-        return s.float()
-
-    @staticmethod
-    def threshold(tau: Tensor, qscale: Tensor) -> Tensor:
-        return tau.float()
-
-    @staticmethod
-    def level(tau: Tensor) -> Tensor:
-        return tau.float()
-
-    @staticmethod
-    def comparable(s: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
-        return s, thr
-
-
-class _Bf16(_Fp32):
-    """bfloat16 inputs, float32 accumulation, bfloat16 output (what torch's CPU matmul does).
-
-    Bound: |q·a - y| <= ||q - q̂||·max||a|| + ||q̂||·max||a - â|| + γ_D·||q̂||·max||â||, with y the
-    float32 accumulator; the stored score rounds y to bfloat16 (relative error <= 2^-8).
-    """
-
-    name, exact, out_rel = "bf16", False, 2.0 ** -8 / (1 - 2.0 ** -8)
-
-    @staticmethod
-    def quantize_anchors(a: Tensor, scale: float) -> Tensor:
-        return a.to(torch.bfloat16)
-
-    @staticmethod
-    def dequantize(a: Tensor, scale: float) -> Tensor:
-        return a.float()
-
-    @staticmethod
-    def queries(q: Tensor, stats: AnchorStats) -> tuple[Tensor, Tensor, Tensor]:
-        qh = q.to(torch.bfloat16)
-        qf = qh.float()
-        rq = (q - qf).norm(dim=1).double()
-        qn = qf.norm(dim=1).double()
-        d = q.shape[1]
-        gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
-        err = rq * stats.a_norm + qn * stats.res + gamma * qn * stats.ah_norm
-        return qh, torch.ones_like(err), err * (1 + 1e-6) + 1e-6
-
-    @staticmethod
-    def threshold(tau: Tensor, qscale: Tensor) -> Tensor:
-        # the largest bfloat16 value <= tau: then s < thr (bf16) implies y < thr <= tau
-        t = tau.float().to(torch.bfloat16)
-        down = torch.nextafter(t, torch.full_like(t, -math.inf))
-        return torch.where(t.double() > tau, down, t)
-
-    @classmethod
-    def level(cls, tau: Tensor) -> Tensor:
-        return cls.threshold(tau, tau).float()
-
-    @staticmethod
-    def comparable(s: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
-        # positive bfloat16 values order like their int16 bit patterns, and negative ones (sign
-        # bit set) fall below every positive pattern; integer compares/maxima are much faster
-        if bool((thr > 0).all()):
-            return s.view(torch.int16), thr.view(torch.int16)
-        return s, thr
-
-    @staticmethod
-    def values(s: Tensor, qscale: Tensor) -> Tensor:
-        return (s.view(torch.bfloat16) if s.dtype == torch.int16 else s).float()
-
-
-class _Int8(_Fp32):
-    """int8 inputs, exact int32 dot products (``torch._int_mm``); y = dot · s_q · s_a exactly.
-
-    Queries use one scale per row, anchors one scale for the whole set (so a row threshold is a
-    single integer). Bound: |q·a - y| <= ||q - q̂||·max||a|| + ||q̂||·max||a - â||.
-    """
-
-    name, exact, out_rel = "int8", False, 2.0 ** -21
-
-    @staticmethod
-    def quantize_anchors(a: Tensor, scale: float) -> Tensor:
-        # a multiply and in-place rounding: ~2.7x faster than round(a / scale) per chunk (one
-        # pass in C when the native helpers are built, same values); the error bound uses these
-        # same quantised anchors (anchor_stats calls this function too)
-        lib = library_for(a.device)
-        if lib is not None and a.dtype == torch.float32 and a.is_contiguous():
-            out = torch.empty(a.shape, dtype=torch.int8)
-            lib.nofree_quantize_i8(a.data_ptr(), a.numel(), 1.0 / scale, out.data_ptr())
-            return out
-        return (a * (1.0 / scale)).round_().clamp_(-127, 127).to(torch.int8)
-
-    @staticmethod
-    def dequantize(a: Tensor, scale: float) -> Tensor:
-        return a.float() * scale
-
-    @staticmethod
-    def queries(q: Tensor, stats: AnchorStats) -> tuple[Tensor, Tensor, Tensor]:
-        sq = (q.abs().amax(dim=1) / 127.0).clamp_min(1e-30)
-        q8 = torch.round(q / sq[:, None]).clamp_(-127, 127).to(torch.int8)
-        qh = q8.float() * sq[:, None]
-        rq = (q - qh).norm(dim=1).double()
-        qn = qh.norm(dim=1).double()
-        err = rq * stats.a_norm + qn * stats.res
-        return q8, sq.double() * stats.scale, err * (1 + 1e-6) + 1e-6
-
-    @staticmethod
-    def scores(q_low: Tensor, a_low: Tensor) -> Tensor:
-        return torch._int_mm(q_low, a_low.T)
-
-    @staticmethod
-    def values(s: Tensor, qscale: Tensor) -> Tensor:
-        return s.float() * qscale.float()
-
-    @staticmethod
-    def threshold(tau: Tensor, qscale: Tensor) -> Tensor:
-        # s < floor(tau/scale) - 1 implies y = s·scale < tau - scale (float64 is exact enough here)
-        t = torch.floor(tau / qscale) - 1
-        return t.clamp(-2.0 ** 31, 2.0 ** 31 - 1).nan_to_num(nan=-2.0 ** 31).to(torch.int32)
-
-    @staticmethod
-    def level(tau: Tensor) -> Tensor:
-        return (tau - tau.abs() * 2.0 ** -20 - 1e-30).float()
-
-
-_CODECS = {"fp32": _Fp32, "bf16": _Bf16, "int8": _Int8}
 
 
 def _select(s: Tensor, thr: Tensor, grouped: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,11 +111,8 @@ class _Candidates:
 
     def prune(self, level: Tensor) -> None:
         """Keep the triples whose value is ``>= level[row]`` (float32 ``level``; order kept)."""
-        lib = library_for(self.rows.device)
-        if lib is not None:
-            level = level.float().contiguous()
-            self.size = lib.nofree_prune(self.rows.data_ptr(), self.cols.data_ptr(), self.vals.data_ptr(),
-                                         self.size, level.data_ptr(), torch.get_num_threads())
+        if bindings.available(self.rows.device):
+            self.size = bindings.prune(self.triples(), self.size, level.float().contiguous())
             return
         keep = (self.vals[:self.size] >= level[self.rows[:self.size].long()]).nonzero().squeeze(1)
         n = keep.numel()
@@ -345,6 +123,10 @@ class _Candidates:
 
     def arrays(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.rows[:self.size], self.cols[:self.size], self.vals[:self.size]
+
+    def triples(self) -> bindings.Triples:
+        """The whole buffers, for the C kernels to append to (after :meth:`reserve`)."""
+        return bindings.Triples(self.rows, self.cols, self.vals)
 
 
 class _Taker:
@@ -360,15 +142,18 @@ class _Taker:
     def __init__(self, codec: Any, qscale: Tensor, hist: Tensor, store: _Candidates) -> None:
         self.codec, self.hist, self.store = codec, hist, store
         self.qscale32 = qscale.float().contiguous()
-        self.lib = library_for(hist.device)
+        self.bins = bindings.Histogram(hist, _BIN_LO, _BIN_W)  # as the C kernels count them
+        self.native = bindings.available(hist.device)
         self.rate = 1.0  # fraction of the last tile's entries taken (picks the torch strategy)
 
     def __call__(self, s: Tensor, thr: Tensor, qscale: Tensor, col0: int) -> None:
         before = self.store.size
         s, thr = self.codec.comparable(s, thr)
-        kernel = {torch.int32: "nofree_take_i32", torch.int16: "nofree_take_i16"}.get(s.dtype)
-        if self.lib is not None and kernel is not None and s.stride(1) == 1:
-            self._native(getattr(self.lib, kernel), s, thr.to(s.dtype).contiguous(), col0)
+        if self.native and s.dtype in (torch.int32, torch.int16) and s.stride(1) == 1:
+            store = self.store
+            store.reserve(s.numel() + bindings.GROUP)  # room for the whole tile: the kernel never runs out
+            store.size = bindings.take_tile(s, thr.to(s.dtype).contiguous(), self.qscale32, col0, self.bins,
+                                            store.triples(), store.size)
         else:
             r, c, sv = _select(s, thr, grouped=self.rate < 0.004)
             v = self.codec.values(sv, qscale[r])
@@ -377,23 +162,12 @@ class _Taker:
             self.store.append(r, c + col0, v)
         self.rate = (self.store.size - before) / max(1, s.numel())
 
-    def _native(self, fn: Any, s: Tensor, thr: Tensor, col0: int) -> None:
-        n_rows, n_cols = s.shape
-        store = self.store
-        store.reserve(n_rows * n_cols + _GROUP)  # room for the whole tile: the kernel never runs out
-        store.size = fn(s.data_ptr(), n_rows, n_cols, s.stride(0), thr.data_ptr(), col0,
-                        self.qscale32.data_ptr(), self.hist.data_ptr(), _N_BINS, _BIN_LO, 1.0 / _BIN_W,
-                        store.rows.data_ptr(), store.cols.data_ptr(), store.vals.data_ptr(), store.size)
-
 
 def _kth_bins(hist: Tensor, k: int, lo: int) -> Tensor:
     """Per row of ``hist (R, bins)``, the highest bin ``b >= lo`` where the count from the top
     reaches k, or -1 when bins ``lo..`` hold fewer than k entries -> ``(R,)`` int64."""
-    lib = library_for(hist.device) if hist.is_contiguous() else None
-    if lib is not None:
-        out = torch.empty(hist.shape[0], dtype=torch.int64)
-        lib.nofree_kth_bins(hist.data_ptr(), hist.shape[0], hist.shape[1], k, lo, out.data_ptr())
-        return out
+    if hist.is_contiguous() and bindings.available(hist.device):
+        return bindings.kth_bins(hist, k, lo)
     window = hist[:, lo:]
     cum = window.flip(1).cumsum(dim=1)
     reached = cum >= k
@@ -488,7 +262,7 @@ def cosine_topk(query: Tensor, anchors: Tensor, k: int, *, precision: str = "aut
     if not bool(torch.isfinite(query).all()):
         raise DataError("query embeddings contain NaN or inf; check the encoder output")
     n, nq = anchors.shape[0], query.shape[0]
-    codec = _CODECS[precision]
+    codec = CODECS[precision]
     if nq == 0:
         return (torch.zeros(0, k, device=anchors.device),
                 torch.zeros(0, k, dtype=torch.int64, device=anchors.device))
@@ -527,7 +301,7 @@ def _scan(query: Tensor, anchors: Tensor, k: int, codec: Any, stats: AnchorStats
         b = min(a + query_chunk, nq)
         rows, cols, vals = _scan_block(q_low[a:b], qscale[a:b], err[a:b], anchors, k, codec, stats,
                                        anchor_chunk, order)
-        if library_for(device) is None:  # anchor order: cache-friendly re-scoring; _top_per_row's ties by id
+        if not bindings.available(device):  # anchor order: cache-friendly re-scoring; _top_per_row's ties by id
             cols, o = cols.sort(stable=True)
             rows, vals = rows[o], vals[o]
         if not codec.exact:  # exact float32 scores
@@ -547,7 +321,7 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
     pruned_at = seen = refreshed_at = 0  # store size after the last pruning; anchors seen
     take = _Taker(codec, qscale, hist, store)
     # int8 on a CPU with AVX-512 VNNI: the products in C, the selection fused into them
-    fused = Int8Products.create(library_for(device), q_low) if codec is _Int8 else None
+    fused = Int8Products.create(q_low) if codec is Int8Codec else None
     for step, ci in enumerate(order):
         c0 = ci * anchor_chunk
         chunk = anchors[c0:c0 + anchor_chunk]
@@ -561,14 +335,14 @@ def _scan_block(q_low: Tensor, qscale: Tensor, err: Tensor, anchors: Tensor, k: 
             kth = codec.values(s.topk(k, dim=1, sorted=False).values.amin(dim=1), qscale).double()
             tau = torch.maximum(tau, kth - codec.out_rel * kth.abs() - 2 * err)
             thr = codec.threshold(tau, qscale)
-        room = nb * chunk.shape[0] + _GROUP if s is not None else fused.room(chunk.shape[0])
+        room = nb * chunk.shape[0] + bindings.GROUP if s is not None else fused.room(chunk.shape[0])
         if store.size + room > store.capacity and store.size > pruned_at:
             store.prune(codec.level(tau))  # drop what the current level rules out before growing
             pruned_at = store.size
             store.reserve(store.size)      # still over half full: double, or it prunes again soon
         if s is None:  # (the next chunk's anchors are fetched into the cache meanwhile)
             ahead = order[step + 1] * anchor_chunk if step + 1 < len(order) else None
-            fused.take(packed, thr, c0, take.qscale32, hist, _N_BINS, _BIN_LO, _BIN_W, store,
+            fused.take(packed, thr, c0, take.qscale32, take.bins, store,
                        prefetch=None if ahead is None else anchors[ahead:ahead + anchor_chunk])
         else:
             take(s, thr, qscale, c0)
@@ -591,19 +365,12 @@ def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, nb: int, k: int) -> t
     row. Ties keep the input order (callers pass candidates sorted by anchor id). With the native
     helpers: per-row buckets, each sorted by (value desc, id asc), in C; same result.
     """
-    lib = library_for(vals.device)
-    if lib is not None:  # per-row buckets and a sort of each (value desc, col asc) in C
-        rows, cols = rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous()
-        vals = vals.float().contiguous()
-        out_v = torch.empty(nb, k, dtype=torch.float32)
-        out_i = torch.empty(nb, k, dtype=torch.int64)
-        status = lib.nofree_top_per_row(rows.data_ptr(), cols.data_ptr(), vals.data_ptr(), rows.numel(),
-                                        nb, k, out_v.data_ptr(), out_i.data_ptr(), torch.get_num_threads())
-        if status == -2:
-            raise MemoryError(f"no memory to rank {rows.numel()} candidates")
-        if status != -1:
-            raise RuntimeError("internal error: fewer than k candidates kept for a row")
-        return out_v, out_i
+    if bindings.available(vals.device):  # per-row buckets and a sort of each (value desc, col asc) in C
+        try:
+            return bindings.top_per_row(rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous(),
+                                        vals.float().contiguous(), nb, k)
+        except ValueError:
+            raise RuntimeError("internal error: fewer than k candidates kept for a row") from None
     rows, cols = rows.long(), cols.long()
     bits = (vals.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the value

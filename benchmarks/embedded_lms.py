@@ -1,0 +1,222 @@
+"""Embedded language models compared as MAGIC's writer: SmolLM2-135M-Instruct against Gemma 3 270M.
+
+Everything else is nofree's default training-free captioner (``nofree caption --method magic``:
+EfficientNet-Lite0 + all-MiniLM-L6-v2 composed by ASIF, the bundled 24k-caption pool, the
+:data:`~nofree.captioning.MAGIC_DEFAULTS`); only ``lm=`` changes. Per LM:
+
+- **cross-validation on ``train``** with the folds of benchmarks/magic_quality.py
+  (:func:`benchmarks.magic_quality.cv_folds`: anchors from the pairs of the other folds, captions
+  for the held-out photos, all scored together against their own references);
+- **``val`` once** (anchors from all 700 ``train`` pairs; 40 photos);
+- three settings from one decoding pass: the default (8 greedy drafts + the retrieval caption,
+  CIDEr-D consensus against the top 20 retrieved captions), the drafts only (no retrieval
+  caption), and the single draft with the first window of 4 pool examples (the LM's writing
+  alone, no choice);
+- **new captions**: the share of kept captions that are not a pool caption verbatim (case,
+  spaces and the final period aside), since a draft may copy one of its in-context examples;
+- **seconds per photo** of the default at batch 8 (8 photos × 8 drafts decoded together), one
+  torch thread, the LMs' weights packed as the captioner does.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.embedded_lms [--lm SPEC ...] [--folds 5] [--per-fold N]
+                                                        [--json PATH] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_LMS = ("embedded:smollm2-135m", "embedded:gemma3-270m")
+#: a plain prompt whose greedy continuation shows that the dequantised weights write fluent text
+SANITY_PROMPT = "The most common animals in a city park are"
+SETTINGS = ("default: 8 drafts + the retrieval caption, CIDEr-D consensus (top 20)",
+            "8 drafts only, CIDEr-D consensus (top 20)",
+            "one draft, 4 pool examples, greedy")
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .")
+
+
+def caption_all(captioner, image_emb, batch_size: int) -> tuple[dict[str, list[str]], float]:
+    """The captions of every setting in :data:`SETTINGS` (one decoding pass) and the seconds
+    the default took (its candidates and its choice)."""
+    out: dict[str, list[str]] = {name: [] for name in SETTINGS}
+    seconds = 0.0
+    cider = captioner.pool.cider
+    for i in range(0, len(image_emb), batch_size):
+        emb = image_emb[i:i + batch_size]
+        start = time.perf_counter()
+        rows = captioner.candidates(emb)                       # 8 drafts, then the retrieval caption
+        refs = captioner.pool.top(emb, captioner.consensus)
+        out[SETTINGS[0]] += [row[cider.choose(row, r)] for row, r in zip(rows, refs)]
+        seconds += time.perf_counter() - start
+        out[SETTINGS[1]] += [row[:-1][cider.choose(row[:-1], r)] for row, r in zip(rows, refs)]
+        out[SETTINGS[2]] += [row[0] for row in rows]
+    return out, seconds
+
+
+def time_lms(specs, fold, image_emb, batch_size: int, tokens: dict) -> dict[str, dict]:
+    """Seconds per photo of the default captioner of each LM in ``specs``, timed in turns on the
+    same batches (one warm-up batch each, then every batch of ``image_emb`` by each LM in turn),
+    so that both see the same machine load: the median and the range over the batches."""
+    from nofree.captioning import MagicCaptioner
+    from nofree.registry import load_lm
+
+    _, pipeline, examples = fold
+    captioners = {spec: MagicCaptioner.from_pipeline(pipeline, lm=load_lm(spec), pool=examples, **tokens)
+                  for spec in specs}
+    batches = [image_emb[i:i + batch_size] for i in range(0, len(image_emb), batch_size)]
+    rounds: dict[str, list[float]] = {spec: [] for spec in specs}
+    for captioner in captioners.values():
+        captioner.caption_embeddings(batches[0])
+    for batch in batches:
+        for spec, captioner in captioners.items():
+            start = time.perf_counter()
+            captioner.caption_embeddings(batch)
+            rounds[spec].append((time.perf_counter() - start) / len(batch))
+    return {spec: {"median": statistics.median(v), "min": min(v), "max": max(v), "batches": len(v)}
+            for spec, v in rounds.items()}
+
+
+def score(captions: list[str], references: list[list[str]], pool_set: set[str], seconds: float) -> dict:
+    from benchmarks.magic_quality import _score
+
+    result = _score(captions, references, seconds)
+    result["new_share"] = sum(_normal(c) not in pool_set for c in captions) / len(captions)
+    return result
+
+
+def main(argv=None) -> dict:
+    from benchmarks.asif_quality import anchors_of, encode_split
+    from benchmarks.magic_quality import cv_folds, examples_pool
+    from nofree.anchors.pipeline import AsifPipeline
+    from nofree.cache import EmbeddingCache
+    from nofree.captioning import MagicCaptioner, default_pool_path
+    from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from nofree.data.pairs import load_text_lines
+    from nofree.decoding.magic import greedy_search
+    from nofree.registry import list_lms, load_encoder, load_lm
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lm", action="append", dest="lms", help=f"LM spec (repeatable; default: "
+                        f"{', '.join(DEFAULT_LMS)})")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--per-fold", type=int, help="caption only this many held-out photos per fold")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="2 folds of 2 photos, 3 val photos, 4 tokens, "
+                        "a 2,000-caption pool")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    lms = args.lms or list(DEFAULT_LMS)
+
+    cache = EmbeddingCache()
+    image_encoder = load_encoder(DEFAULT_IMAGE_ENCODER, modality="image")
+    text_encoder = load_encoder(DEFAULT_TEXT_ENCODER, modality="text")
+    train, val = (encode_split(s, image_encoder, text_encoder, cache) for s in ("train", "val"))
+    if args.smoke:
+        val.image_emb, val.pairs = val.image_emb[:3], val.pairs[:3]
+    pool = load_text_lines(default_pool_path())[: 2000 if args.smoke else None]
+    pool_set = {_normal(c) for c in pool}
+    tokens = {"max_new_tokens": 4} if args.smoke else {}
+
+    def pipeline_of(anchors):
+        return AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache)
+
+    folds = cv_folds(train, pipeline_of, pool, args.folds, smoke=args.smoke, per_fold=args.per_fold)
+    cv_refs = [list(train.pairs[i].captions) for held, _, _ in folds for i in held.tolist()]
+    val_pipeline = pipeline_of(anchors_of(train))
+    val_folds = [(None, val_pipeline, examples_pool(val_pipeline, pool))]
+    val_refs = [list(p.captions) for p in val.pairs]
+
+    installed = {row.spec: row for row in list_lms() if row.kind == "embedded"}
+    results: dict[str, dict] = {}
+    for spec in lms:
+        if spec in installed and not installed[spec].installed:  # an optional install: skipped, said so
+            print(f"{spec}: not installed (pip install {installed[spec].package}); skipped", flush=True)
+            results[spec] = {"skipped": f"not installed: pip install {installed[spec].package}"}
+            continue
+        start = time.perf_counter()
+        lm = load_lm(spec)
+        load_seconds = time.perf_counter() - start
+        prompt = lm.tokenizer.encode(lm.chat_prompt(SANITY_PROMPT), add_special_tokens=False)
+        sanity = greedy_search(lm, [prompt], max_new_tokens=24, stop_at_period=False).texts[0]
+        row = {"load_seconds": load_seconds, "params": sum(p.numel() for p in lm.model.parameters()),
+               "vocab": lm.vocab_size, "sanity": sanity, "cv": {}, "val": {}}
+        for where, runs, refs, emb_of in (
+                ("cv", folds, cv_refs, lambda held: train.image_emb[held]),
+                ("val", val_folds, val_refs, lambda held: val.image_emb)):
+            captions: dict[str, list[str]] = {name: [] for name in SETTINGS}
+            seconds = 0.0
+            for held, pipeline, examples in runs:
+                captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, **tokens)
+                out, s = caption_all(captioner, emb_of(held), args.batch_size)
+                seconds += s
+                for name in SETTINGS:
+                    captions[name] += out[name]
+            row[where] = {name: score(captions[name], refs, pool_set, seconds) for name in SETTINGS}
+            for name in SETTINGS:
+                r = row[where][name]
+                print(f"{spec} {where} {name[:40]:40s} CIDEr {100 * r['metrics']['CIDEr']:5.1f} "
+                      f"new {r['new_share']:.2f} {r['seconds_per_image']:.2f} s/photo", flush=True)
+        results[spec] = row
+    timed = [spec for spec in lms if "skipped" not in results[spec]]
+    for spec, seconds in time_lms(timed, val_folds[0], val.image_emb, args.batch_size, tokens).items():
+        results[spec]["timing"] = seconds
+    out = {"lms": results, "folds": 2 if args.smoke else args.folds, "per_fold": args.per_fold,
+           "n_cv_images": len(cv_refs), "n_val_images": len(val_refs), "threads": args.threads,
+           "batch_size": args.batch_size, "pool": len(pool), "sanity_prompt": SANITY_PROMPT}
+    print(markdown(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def markdown(out: dict) -> str:
+    lines = ["| LM | setting | CV CIDEr | CV BLEU-4 | CV new captions | val CIDEr | val BLEU-4 | "
+             "val new captions |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for spec, row in out["lms"].items():
+        if "skipped" in row:
+            lines.append(f"| `{spec}` | {row['skipped']} | | | | | | |")
+            continue
+        for name in SETTINGS:
+            cv, val = row["cv"][name], row["val"][name]
+            lines.append(f"| `{spec}` | {name} | {100 * cv['metrics']['CIDEr']:.1f} | "
+                         f"{100 * cv['metrics']['BLEU-4']:.1f} | {100 * cv['new_share']:.0f}% | "
+                         f"{100 * val['metrics']['CIDEr']:.1f} | {100 * val['metrics']['BLEU-4']:.1f} | "
+                         f"{100 * val['new_share']:.0f}% |")
+    subset = f", the first {out['per_fold']} held-out photos of each" if out.get("per_fold") else ""
+    lines += ["", f"CV: {out['folds']} folds over the `train` photos{subset} ({out['n_cv_images']} captioned; "
+              f"anchors from the other folds' pairs); val: {out['n_val_images']} photos, anchors from all 700 "
+              f"train pairs; {out['pool']:,}-caption pool. New captions: kept captions that are not a pool "
+              "caption verbatim.", "",
+              f"| LM | parameters | vocabulary | load (s) | s/photo, default, batch {out['batch_size']}, "
+              f"{out['threads']} thread: median (range) | greedy continuation of \"{out['sanity_prompt']}\" |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for spec, row in out["lms"].items():
+        if "skipped" in row:
+            continue
+        t = row["timing"]
+        sanity = " ".join(row["sanity"].split()).replace("|", "/")
+        lines.append(f"| `{spec}` | {row['params'] / 1e6:.0f}M | {row['vocab']:,} | {row['load_seconds']:.0f} | "
+                     f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f}) | {sanity} |")
+    lines += ["", f"s/photo: `caption_embeddings` of the {out['n_val_images']} `val` photos in batches of "
+              f"{out['batch_size']}, the LMs in turns on each batch (after one warm-up batch each), so both "
+              "see the same load; load (s): `load_lm` in the benchmark's process."]
+    return "\n".join(lines)
+
+
+NOTES = """Not measured yet."""
+
+
+if __name__ == "__main__":
+    main()
