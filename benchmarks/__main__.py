@@ -46,10 +46,12 @@ class Section:
 
 SECTIONS = (
     Section("asif_quality", "ASIF on coco-mini (embedded encoders only)"),
-    Section("embedded_encoders", "Embedded image encoders"),
+    Section("embedded_encoders", "Embedded encoders",
+            previous_titles=("Embedded image encoders",)),
     Section("fusion", "Frozen vs trained fusion on coco-mini val",
             previous_titles=("Trained adapters on the same frozen backbones (first measurements)",)),
     Section("learning_curve", "Captioning quality against training pairs on coco-mini val"),
+    Section("recipe_cv", "Cross-validation of the ClipCap recipe on coco-mini train"),
     Section("magic_quality", "Training-free captioning quality on coco-mini val",
             previous_titles=("Training-free captioning quality on coco-mini val (partial)",)),
     Section("embedded_lms", "Embedded language models for MAGIC captioning (SmolLM2 vs Gemma 3)"),

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nofree.artifacts import ADAPTER, ANCHOR_SET, artifact_kind
-from nofree.core import DataError, SpecError
+from nofree.core import DataError, Option, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def _repo_id(value: str) -> str:
     text = value if value.startswith(HUB_PREFIX) else HUB_PREFIX + value
     repo_id, revision = parse_hub_ref(text)
     if revision is not None or "/" not in repo_id:
-        raise SpecError(f"{value!r}: give the repository as ORG/NAME (your user name or an organisation, "
-                        "then a name), and a branch with --revision")
+        raise OptionError(f"{value!r}: give the repository as ORG/NAME (your user name or an organisation, "
+                          "then a name), and a branch with ", Option("revision"))
     return repo_id
 
 
@@ -308,8 +308,8 @@ def push_artifact(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
     from nofree.hub import _truthy
 
     if _truthy(os.environ.get("HF_HUB_OFFLINE")):
-        raise DataError("pushing needs the network, but HF_HUB_OFFLINE=1 is set: unset it (or use --dry-run "
-                        "to see what would be uploaded)")
+        raise OptionError("pushing needs the network, but HF_HUB_OFFLINE=1 is set: unset it (or use ",
+                          Option("dry_run", True), " to see what would be uploaded)")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 

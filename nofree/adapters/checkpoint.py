@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from nofree.adapters.base import Adapter, atomic_write_bytes, save_tensors
-from nofree.artifacts import ADAPTER, OVERWRITE, check_replaceable, check_writable, writing
+from nofree.artifacts import ADAPTER, OVERWRITE, atomic_path, check_replaceable, check_writable, writing
 from nofree.core import DataError, Option, OptionError
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,8 @@ def save_loss_curve(path: Path, step_losses: list[float], history: list[dict[str
     ax.set_title(title)
     ax.legend(loc="upper left" if metric != "val_loss" else "best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(str(tmp), format="png")
 
 
 def check_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool,
