@@ -122,6 +122,7 @@ def run_cell(method: str, size: int, fold: int, *, pairs: Path, setup: dict, scr
         raise RuntimeError(entry.get("error"))
     last = (train.get("history") or [{}])[-1]
     return {"method": method, "size": size, "fold": fold, "seed": fold, "setup": setup,
+            "recipe": RECIPES.get(method),
             "train_photos": [Path(p).name for p in _train_images(pairs)],
             "n_val": report["n_images"], "metrics": entry["metrics"],
             "validation": {k: last[k] for k in KEPT_HISTORY if k in last},
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
     backbones, pool, epochs = frozen_setup(work, args.smoke)
     # what a finished cell must share with this run to be kept
     setup = {"smoke": args.smoke, "backbones": backbones, "pool": str(pool) if pool else None, "epochs": epochs,
-             "val_photos": n_val, "recipes": RECIPES}
+             "val_photos": n_val}
     source = sample_dir() / "pairs.jsonl"
     train, val = load_pairs(source, split="train"), load_pairs(source, split="val", limit=n_val)
     check_sizes(sizes, len(train))
@@ -171,13 +172,16 @@ def main(argv=None) -> dict:
         name = f"{method}-{size}-f{fold}"
         path = work / "cells" / f"{name}.json"
         where = f"cell {i}/{len(grid)} {method}, {size} pairs, fold {fold}"
+        recipe = RECIPES.get(method)
         if path.exists():
             cell = json.loads(path.read_text())
             if cell["setup"] != setup:
                 raise SystemExit(f"{path} was made with other settings ({cell['setup']}); use another --work")
-            _say(start, f"{where}: done earlier, CIDEr {100 * cell['metrics']['CIDEr']:.1f}")
-            cells.append(cell)
-            continue
+            if cell.get("recipe") == recipe:
+                _say(start, f"{where}: done earlier, CIDEr {100 * cell['metrics']['CIDEr']:.1f}")
+                cells.append(cell)
+                continue
+            _say(start, f"{where}: made with another recipe ({cell.get('recipe')}), run again")
         data = work / "data" / f"{size}-f{fold}"
         data.mkdir(parents=True, exist_ok=True)
         pairs = data / "pairs.jsonl"

@@ -70,7 +70,8 @@ class NoRepeatWordNGram:
         return scores
 
 
-#: How AdapterCaptioner decodes unless told otherwise (see benchmarks/RESULTS.md, "Trained fusion").
+#: How AdapterCaptioner decodes unless told otherwise; an adapter class may set its own
+#: ``decoding`` (see benchmarks/RESULTS.md, "Trained fusion").
 DECODING = {"beams": 1, "no_repeat_ngram": 3}
 
 
@@ -83,6 +84,10 @@ class CaptioningAdapter(Adapter):
     ``media(features, copies=...)`` (a context active during the whole decode, e.g. the image
     latents cross-attention reads).
     """
+
+    #: The captioner's default decoding (:class:`AdapterCaptioner`), chosen per method by
+    #: cross-validation on ``train``.
+    decoding: dict[str, int] = DECODING
 
     backbone_roles = ("image_encoder", "lm")
     bucket_by_length = True
@@ -244,12 +249,13 @@ class AdapterCaptioner:
     """:class:`nofree.core.Captioner` of a trained ClipCap or Flamingo-style adapter.
 
     ``image_encoder`` defaults to the adapter's own and must carry the spec it was trained with.
+    ``beams`` and ``no_repeat_ngram`` default to the adapter class's ``decoding``.
     ``caption(images)`` takes PIL images or image paths and returns one string per image, tidied
     by :func:`nofree.core.clean_caption` (first line, no leading bullet or quotes, capitalised).
     """
 
     def __init__(self, adapter: CaptioningAdapter, image_encoder: Any = None, *,
-                 beams: int = DECODING["beams"], no_repeat_ngram: int = DECODING["no_repeat_ngram"],
+                 beams: int | None = None, no_repeat_ngram: int | None = None,
                  max_tokens: int = 30, batch_size: int = 16, stop_at_period: bool = True) -> None:
         if not isinstance(adapter, CaptioningAdapter):
             raise TypeError(f"AdapterCaptioner needs a captioning adapter (ClipCap, Flamingo), "
@@ -259,6 +265,8 @@ class AdapterCaptioner:
                             f"but image_encoder is {image_encoder.spec!r}")
         self.adapter = adapter
         self.image_encoder = image_encoder or adapter.image_encoder
+        beams = adapter.decoding["beams"] if beams is None else beams
+        no_repeat_ngram = adapter.decoding["no_repeat_ngram"] if no_repeat_ngram is None else no_repeat_ngram
         self.options = {"beams": beams, "no_repeat_ngram": no_repeat_ngram, "max_tokens": max_tokens,
                         "stop_at_period": stop_at_period}
         self.batch_size = batch_size
