@@ -885,8 +885,8 @@ def test_no_repeat_ngram_forbids_repeated_token_ngrams(kind, lm, image_encoder):
 
     canon = adapter.word_ids()
 
-    def repeats(row, n):
-        words = canon[torch.tensor(row, dtype=torch.long)].tolist()
+    def repeats(row, n):  # tokens that are not words (-1) do not count
+        words = [w for w in canon[torch.tensor(row, dtype=torch.long)].tolist() if w >= 0]
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         return len(grams) != len(set(grams))
 
@@ -911,5 +911,9 @@ def test_no_repeat_word_ngram_compares_words_and_skips_the_prompt(gpt2):
     banned = NoRepeatWordNGram(3, 0, canon)(torch.tensor([ids]), scores.clone())
     bus = gpt2.tokenize([" bus"])[0][0]
     assert banned[0, bus] == float("-inf") and torch.isfinite(banned[0, :bus]).all()
+    # punctuation is not a word: "red-bus" after "a red bus on a red" repeats the 3-gram too
+    hyphen = gpt2.tokenize([" a red bus on a red-"])[0]
+    assert canon[gpt2.tokenize(["-"])[0][0]] == -1
+    assert NoRepeatWordNGram(3, 0, canon)(torch.tensor([hyphen]), scores.clone())[0, bus] == float("-inf")
     # the same tokens as a prompt (before ``start``) ban nothing
     assert torch.equal(NoRepeatWordNGram(3, len(ids), canon)(torch.tensor([ids]), scores.clone()), scores)

@@ -8,6 +8,8 @@ decoding through transformers' ``generate`` (greedy or beam search, with repetit
 """
 from __future__ import annotations
 
+import re
+
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,15 +32,20 @@ def lm_device(lm: Any, device: str | torch.device | None) -> torch.device:
     return lm_dev
 
 
+_ALNUM = re.compile(r"[^\W_]")  # a letter or digit
+
+
 def word_ids(tokenizer: Any, size: int) -> Tensor:
     """``(size,)`` long: for each token id, an id of its text lower-cased without surrounding spaces,
-    so that ``"A"`` and ``" a"`` (or ``" Plate"`` and ``" plate"``) count as the same word; ids
-    beyond the tokenizer's vocabulary keep their own."""
+    so that ``"A"`` and ``" a"`` (or ``" Plate"`` and ``" plate"``) count as the same word; -1 for
+    a token without a letter or digit (``"-"``, ``","``), which is not a word, so that
+    "black-and-white" repeats "black and white" as :mod:`nofree.eval.degeneration` counts words;
+    ids beyond the tokenizer's vocabulary keep their own."""
     texts = tokenizer.batch_decode([[i] for i in range(min(size, len(tokenizer)))])
     first: dict[str, int] = {}
     canon = torch.arange(size)
     for i, text in enumerate(texts):
-        canon[i] = first.setdefault(text.strip().lower() or text, i)
+        canon[i] = first.setdefault(text.strip().lower(), i) if _ALNUM.search(text) else -1
     return canon
 
 
@@ -48,8 +55,8 @@ class NoRepeatWordNGram:
     transformers' ``no_repeat_ngram_size`` compares raw token ids over the whole sequence, prompt
     included, so it lets "A plate of food with a plate of fries" through ("A" and " a" are other
     ids) and would forbid a SmallCap caption from reusing a phrase of its retrieved examples. Here
-    tokens compare through :func:`word_ids` and only positions from ``start`` (the prompt's
-    length) on count.
+    tokens compare through :func:`word_ids`, tokens that are not words are skipped, and only
+    positions from ``start`` (the prompt's length) on count.
     """
 
     def __init__(self, n: int, start: int, canon: Tensor) -> None:
@@ -60,7 +67,8 @@ class NoRepeatWordNGram:
         if words.shape[1] < self.n - 1:
             return scores
         canon = self.canon.to(scores.device)
-        for row, seq in enumerate(words.tolist()):
+        for row, tokens in enumerate(words.tolist()):
+            seq = [word for word in tokens if word >= 0]
             prefix = seq[len(seq) - (self.n - 1):] if self.n > 1 else []
             banned = {seq[i + self.n - 1] for i in range(len(seq) - self.n + 1)
                       if seq[i:i + self.n - 1] == prefix}
