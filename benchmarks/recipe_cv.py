@@ -8,7 +8,9 @@ How the trained captioners' defaults are chosen without looking at ``val``: the 
 photos are shuffled once (seed 0) and cut into ``--folds`` folds of whole photos; for each fold an
 adapter is trained with ``nofree.adapters.train.train_adapter`` on the other folds' captions and
 writes one caption per held-out photo with each ``--decodings`` entry (``bBnN``: B beams, no word
-N-gram twice), scored against the photos' 5 captions with the CIDEr of ``nofree eval``. Frozen
+N-gram twice), scored against the photos' 5 captions with the CIDEr of ``nofree eval``. The
+epochs are exact (the recipes' ``min_steps`` raise is not applied), so every fold trains
+``epochs × ceil(captions / batch)`` steps. Frozen
 features (and the mirrored views) come from nofree's embedding cache, so the photos are encoded
 once for every fold and every run. The captions of each fold are kept in the JSON, to read.
 
