@@ -1,6 +1,6 @@
 """Attention of each query over an explicit set of visible keys (the CLIP scorer's prefix tree).
 
-:func:`nofree.decoding.scorers.encode_shared_prefix` runs MAGIC's candidate texts as a prefix tree
+:func:`nofree.decoding.clip_scorer.encode_shared_prefix` runs MAGIC's candidate texts as a prefix tree
 packed into one sequence per image: a token sees its image's held keys/values (the continuation
 so far) and its own ancestors in the tree, ~10-30 keys of the hundred-odd positions. A dense
 masked attention scores every pair and runs at a small fraction of the CPU's speed at these sizes
