@@ -121,12 +121,12 @@ def temp_dir_beside(path: Path) -> Path:
 
 
 def apply_umask(folder: Path) -> None:
-    """Give a temp folder (created 0700) and its files the permissions the user's umask asks for."""
+    """Give a temp folder (created 0700), its subfolders and files the permissions the user's
+    umask asks for."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for file in folder.iterdir():
-        os.chmod(file, 0o666 & ~umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -48,7 +48,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from nofree.artifacts import atomic_write_json, replace_dir, temp_dir_beside, verify_files, writing
+from nofree.artifacts import apply_umask, atomic_write_json, replace_dir, temp_dir_beside, verify_files, writing
 from nofree.core import DataError, MissingDependencyError, resolve_device
 from nofree.encoders.base import FrozenEncoder, center_crop_tensor, require
 
@@ -276,14 +276,6 @@ def _extract(archive: zipfile.ZipFile, members: Mapping[str, str], folder: Path,
     return records
 
 
-def _umask_permissions(folder: Path) -> None:
-    """Give a temp folder (created 0700), its subfolders and files the user's umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def unpack_split_zip(parts: Sequence[Path], dest: Path, *, sha256: str, members: Mapping[str, str],
                      what: str, fix: str) -> Path:
     """Unpack ``members`` of the zip archive stored as ``parts`` (consecutive pieces) into ``dest``
@@ -329,7 +321,7 @@ def unpack_split_zip(parts: Sequence[Path], dest: Path, *, sha256: str, members:
                     atomic_write_json(tmp / UNPACKED_MARKER, {
                         "format": UNPACKED_FORMAT, "version": 1, "source_sha256": sha256,
                         "files": records}, indent=1)
-                    _umask_permissions(tmp)
+                    apply_umask(tmp)
                     replace_dir(tmp, dest)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
