@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks import write_json
 from nofree import sample_dir
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.captioning import default_pool_path
@@ -228,10 +229,7 @@ def main(argv=None) -> dict:
            "n_val_texts": len(val.owner), "pool": len(pool), "seconds": time.perf_counter() - start}
     print(markdown(out))
     if args.json:
-        from pathlib import Path
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
     return out
 
 

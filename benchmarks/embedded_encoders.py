@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
 DEFAULT_SPECS = ("embedded:effnet-lite0", "embedded:effnet-lite2")
 DEFAULT_TEXT_SPECS = ("embedded:minilm-l6", "embedded:mpnet-base")
 
@@ -189,8 +189,7 @@ def main(argv=None) -> dict:
            "results": results}
     print(markdown(out))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
     return out
 
 

@@ -28,14 +28,13 @@ is listed as skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
 DEFAULT_LMS = ("embedded:smollm2-135m", "embedded:gemma3-270m")
 #: a plain prompt whose greedy continuation shows that the dequantised weights write fluent text
 SANITY_PROMPT = "The most common animals in a city park are"
@@ -181,8 +180,7 @@ def main(argv=None) -> dict:
            "batch_size": args.batch_size, "pool": len(pool), "sanity_prompt": SANITY_PROMPT}
     print(markdown(out))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
@@ -38,10 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_json
 from benchmarks.fusion import (adapter_trainers, build_train_anchors, eval_config, frozen_setup, training_record,
                                write_pairs)
 from nofree import sample_dir
 from nofree.adapters.recipes import RECIPES
+from nofree.artifacts import atomic_path
 
 TRAINING_FREE = ("retrieval", "magic")
 ADAPTERS = ("clipcap", "flamingo", "smallcap")
@@ -57,14 +58,6 @@ def _say(start: float, message: str) -> None:
     """One progress line on stderr, with the time since the run began."""
     seconds = int(time.perf_counter() - start)
     print(f"[{seconds // 60:3d}m{seconds % 60:02d}s] {message}", file=sys.stderr, flush=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (a finished cell is whole or absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_sizes(sizes: list[int], n_photos: int) -> None:
@@ -89,7 +82,7 @@ def _anchors(data: Path, pairs: Path, backbones: dict) -> tuple[Path, float]:
     if not (record.exists() and (anchors / "manifest.json").exists()):
         start = time.perf_counter()
         build_train_anchors(pairs, backbones, anchors)
-        _write_json(record, {"seconds": round(time.perf_counter() - start, 1)})
+        write_json(record, {"seconds": round(time.perf_counter() - start, 1)}, indent=1)
     return anchors, json.loads(record.read_text())["seconds"]
 
 
@@ -186,8 +179,8 @@ def main(argv=None) -> dict:
         data.mkdir(parents=True, exist_ok=True)
         pairs = data / "pairs.jsonl"
         if not pairs.exists():
-            tmp = write_pairs(data / ".pairs.jsonl.tmp", [*subset(train, size, fold), *val])
-            os.replace(tmp, pairs)
+            with atomic_path(pairs) as tmp:
+                write_pairs(tmp, [*subset(train, size, fold), *val])
         _say(start, f"{where} ...")
         began = time.perf_counter()
         try:
@@ -198,7 +191,7 @@ def main(argv=None) -> dict:
             _say(start, f"{where}: FAILED ({type(err).__name__}: {err})")
             continue
         cell["cell_s"] = round(time.perf_counter() - began, 1)
-        _write_json(path, cell)
+        write_json(path, cell, indent=1)
         shutil.rmtree(work / "scratch" / name, ignore_errors=True)
         if not any((work / "scratch").iterdir()):
             (work / "scratch").rmdir()
@@ -218,7 +211,7 @@ def main(argv=None) -> dict:
         out["plot"] = target.with_suffix(".png").name
     except Exception as err:  # noqa: BLE001 - a plot must never cost the numbers
         _say(start, f"plot failed: {type(err).__name__}: {err}")
-    _write_json(target, out)
+    write_json(target, out, indent=1)
     print(markdown(out))
     _say(start, f"wrote {target}" + (f"; {len(failed)} cells failed (rerun to retry them)" if failed else ""))
     if failed:

@@ -26,12 +26,11 @@ selection settings are scored from them).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
 from nofree.captioning import (CONSENSUS_RERANK, MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner,
                                RetrievalCaptioner, default_pool_path, example_windows)
 from nofree.core import DEFAULT_LM
@@ -175,8 +174,7 @@ def main(argv=None) -> dict:
            "folds": 2 if args.smoke else args.folds, "cv": cv, "chosen": chosen, "results": results}
     print(markdown(out))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
     return out
 
 

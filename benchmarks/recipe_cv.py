@@ -19,7 +19,6 @@ once for every fold and every run. The captions of each fold are kept in the JSO
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
 from benchmarks.fusion import frozen_setup
 from nofree import sample_dir
 from nofree.adapters.recipes import RECIPES
@@ -145,8 +145,7 @@ def main(argv=None) -> dict:
     out = {"settings": settings, "backbones": backbones, "n_photos": len(every.image_features),
            "summary": summary, "cells": cells, "threads": torch.get_num_threads()}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out, indent=1)
     print(markdown(out))
     return out
 
