@@ -211,7 +211,9 @@ features computed once by nofree's encoders:
   the 140 `train` photos shuffled once and cut into 5 folds of 28; per fold an adapter trained on
   the other 112 photos (560 captions), one caption per held-out photo, CIDEr against its 5
   captions; mean ± sd over the folds. Used for ClipCap's epochs, mapper, prefix length and
-  decoding (table below).
+  decoding (table below). The table's numbers come from a script making the same calls on the
+  same folds and frozen features; the module itself has been run in its smoke mode only, and
+  `python -m benchmarks --only recipe_cv` reruns the default recipe's row.
 - **One train-internal holdout** (the last 28 `train` photos, trained on the other 112), single
   seeds, used before the cross-validation existed for the Flamingo-style and SmallCap-style
   block and for the first ClipCap recipe (second table). On 28 photos differences of a few CIDEr
