@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import write_json
+from benchmarks.folds import photo_folds
 from nofree import sample_dir
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.captioning import default_pool_path
@@ -116,12 +117,10 @@ def t2i_r1(sim_fn, image_emb, text_emb, owner) -> float:
 
 
 def cross_validate(train: Split, variant, folds: int = 5, seed: int = 0) -> float:
-    """Mean text→image R@1 over ``folds`` splits of the train photos (anchors vs queries)."""
-    order = torch.randperm(len(train.pairs), generator=torch.Generator().manual_seed(seed))
+    """Mean text→image R@1 over ``folds`` splits of the train photos (anchors vs queries; the
+    round-robin folds of :func:`benchmarks.folds.photo_folds`)."""
     scores = []
-    for fold in range(folds):
-        held = order[fold::folds]
-        kept = order[torch.isin(order, held, invert=True)]
+    for held, kept in photo_folds(len(train.pairs), folds, seed):
         sim_fn = variant(anchors_of(train, kept))
         mask = torch.isin(train.owner, held)
         remap = torch.full((len(train.pairs),), -1, dtype=torch.long)

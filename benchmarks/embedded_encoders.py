@@ -7,7 +7,8 @@ and a text encoder (default: ``embedded:minilm-l6`` and, when its optional wheel
 as ``nofree eval`` uses it):
 
 - **5-fold cross-validation on ``train``** (140 photos: anchors from the pairs of 4/5 of them,
-  the other 28 as queries, same folds as benchmarks/asif_quality.py): text→image R@1/R@5 and
+  the other 28 as queries; the round-robin folds of :func:`benchmarks.folds.photo_folds`, as in
+  benchmarks/asif_quality.py): text→image R@1/R@5 and
   image→text R@1 among the held-out photos (mean over folds), and caption-retrieval CIDEr (the
   default :class:`~nofree.captioning.RetrievalCaptioner`: ASIF + CSLS, CIDEr-D consensus over the
   bundled pool) of the 140 held-out photos together;
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
+from benchmarks.folds import photo_folds
 DEFAULT_SPECS = ("embedded:effnet-lite0", "embedded:effnet-lite2")
 DEFAULT_TEXT_SPECS = ("embedded:minilm-l6", "embedded:mpnet-base")
 
@@ -68,12 +70,9 @@ def measure(image_encoder, text_encoder, cache, pool, folds: int = 5, seed: int 
         captions = RetrievalCaptioner(pipeline, pool).caption_embeddings(image_emb)
         return report, captions
 
-    order = torch.randperm(len(train.pairs), generator=torch.Generator().manual_seed(seed))
     cv = {"t2i R@1": [], "t2i R@5": [], "i2t R@1": []}
     captions, references = [], []
-    for fold in range(folds):
-        held = order[fold::folds]
-        kept = order[torch.isin(order, held, invert=True)]
+    for held, kept in photo_folds(len(train.pairs), folds, seed):
         mask = torch.isin(train.owner, held)
         remap = torch.full((len(train.pairs),), -1, dtype=torch.long)
         remap[held] = torch.arange(len(held))

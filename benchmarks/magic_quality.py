@@ -31,6 +31,7 @@ import time
 import torch
 
 from benchmarks import write_json
+from benchmarks.folds import photo_folds
 from nofree.captioning import (CONSENSUS_RERANK, MAGIC_DEFAULTS, PLAIN_PROMPT, MagicCaptioner,
                                RetrievalCaptioner, default_pool_path, example_windows)
 from nofree.core import DEFAULT_LM
@@ -185,18 +186,15 @@ def examples_pool(pipeline, pool):
 
 def cv_folds(train, pipeline_of, pool, n_folds: int = 5, *, smoke: bool = False, per_fold: int | None = None):
     """The cross-validation folds on ``train``: ``(held-out photo indices, pipeline over the other
-    folds' pairs, its example pool)`` per fold. Photos are shuffled with seed 0 and dealt to the
-    folds in turn; ``per_fold`` captions only the first photos of each held-out fold (the anchors
-    still exclude the whole fold); ``smoke``: 2 folds of 2 photos."""
+    folds' pairs, its example pool)`` per fold, from the round-robin folds of
+    :func:`benchmarks.folds.photo_folds` (seed 0); ``per_fold`` captions only the first photos of
+    each held-out fold (the anchors still exclude the whole fold); ``smoke``: 2 folds of 2 photos
+    (the first 4 of the shuffle), anchors from all the other photos."""
     from benchmarks.asif_quality import anchors_of
 
-    order = torch.randperm(len(train.pairs), generator=torch.Generator().manual_seed(0))
-    n_held = 4 if smoke else len(order)
-    step = 2 if smoke else n_folds
+    smoke_settings = {"folds": 2, "dealt": 4} if smoke else {"folds": n_folds}
     folds = []
-    for fold in range(step):
-        held = order[:n_held][fold::step]
-        kept = order[torch.isin(order, held, invert=True)]
+    for held, kept in photo_folds(len(train.pairs), seed=0, **smoke_settings):
         pipeline = pipeline_of(anchors_of(train, kept))
         folds.append((held[:per_fold], pipeline, examples_pool(pipeline, pool)))
     return folds

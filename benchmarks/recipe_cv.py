@@ -5,8 +5,9 @@
                                    [--decodings b1n3 b3n3] [--json PATH] [--smoke]
 
 How the trained captioners' defaults are chosen without looking at ``val``: the 140 ``train``
-photos are shuffled once (seed 0) and cut into ``--folds`` folds of whole photos; for each fold an
-adapter is trained with ``nofree.adapters.train.train_adapter`` on the other folds' captions and
+photos are shuffled once (seed 0) and cut into ``--folds`` folds of whole photos (the contiguous
+folds of :func:`benchmarks.folds.photo_folds`); for each fold an adapter is trained with
+``nofree.adapters.train.train_adapter`` on the other folds' captions and
 writes one caption per held-out photo with each ``--decodings`` entry (``bBnN``: B beams, no word
 N-gram twice), scored against the photos' 5 captions with the CIDEr of ``nofree eval``. The
 epochs are exact (the recipes' ``min_steps`` raise is not applied), so every fold trains
@@ -28,18 +29,12 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
+from benchmarks.folds import photo_folds
 from benchmarks.fusion import frozen_setup
 from nofree import sample_dir
 from nofree.adapters.recipes import RECIPES
 
 DECODING = re.compile(r"^b(\d+)n(\d+)$")
-
-
-def held_out_folds(n_photos: int, folds: int, seed: int = 0) -> list[list[int]]:
-    """``folds`` disjoint lists of photo rows covering ``range(n_photos)`` (one seeded shuffle)."""
-    order = torch.randperm(n_photos, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = [round(i * n_photos / folds) for i in range(folds + 1)]
-    return [order[cut[i]:cut[i + 1]] for i in range(folds)]
 
 
 def photo_subset(examples, rows: list[int]):
@@ -111,10 +106,10 @@ def main(argv=None) -> dict:
     references: dict[int, list[str]] = {}
     for text, row in zip(every.texts, every.image_index.tolist()):
         references.setdefault(row, []).append(text)
-    folds = held_out_folds(len(every.image_features), settings["folds"])
+    folds = photo_folds(len(every.image_features), settings["folds"], deal="contiguous")
     cells = []
-    for fold, held in enumerate(folds):
-        fit = [row for other in folds if other is not held for row in other]
+    for fold, (held, fit) in enumerate(folds):
+        held, fit = held.tolist(), fit.tolist()
         adapter = fresh()
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
