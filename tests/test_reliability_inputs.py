@@ -338,7 +338,7 @@ def test_duplicate_pairs_are_reported_and_skipped_on_request(caplog):
              Pair("/a.jpg", ("a cat", "a kitten")), Pair("/a.jpg", ("a cat",), "val")]
     assert dedupe_pairs(pairs, "p.jsonl", dedupe=False) == pairs
     assert "1 pair(s) list an image listed before and 2 caption(s) repeat" in caplog.text
-    assert "pass --dedupe" in caplog.text
+    assert "dedupe=True, --dedupe, skips them" in caplog.text
     kept = dedupe_pairs(pairs, "p.jsonl", dedupe=True)
     assert kept == [Pair("/a.jpg", ("a cat", "cat", "a kitten")), Pair("/b.jpg", ("a dog",)),
                     Pair("/a.jpg", ("a cat",), "val")]  # another split is another pair

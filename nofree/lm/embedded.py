@@ -26,17 +26,15 @@ Loading:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from nofree.artifacts import file_sha256, temp_path, writing
-from nofree.core import DataError, MissingDependencyError
+from nofree.artifacts import assemble_parts
+from nofree.core import MissingDependencyError
 
 __all__ = ["GEMMA3_SPEC", "GEMMA3_PIP", "GEMMA3_MODULES", "GEMMA3_DESCRIPTION", "GEMMA3_SHA256",
            "BASE_TEMPLATE", "assemble_chunks", "gemma3_chunks", "gemma3_gguf", "gemma3_licence",
@@ -58,7 +56,6 @@ GEMMA3_DESCRIPTION = ("Gemma 3 270M base (GGUF Q4_K_M dequantised to float32; op
 #: ``chat_prompt`` for a base model: ``<bos>`` (which Gemma needs first), then the messages as
 #: one plain document for the model to continue
 BASE_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
-_BLOCK = 1 << 20
 
 
 def _package_file(module: str, relative: str) -> Path:
@@ -84,61 +81,12 @@ def gemma3_licence() -> Path:
     return _package_file(*_LICENCE)
 
 
-def _remove_leftovers(target: Path) -> None:
-    """Delete temporary files beside ``target`` left by assemblies whose process has died."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]+$")
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
-        match = pattern.match(leftover.name)
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            leftover.unlink(missing_ok=True)
-        except OSError:  # alive (another user's process): leave it
-            pass
-
-
 def assemble_chunks(chunks: Sequence[Path], target: Path, sha256: str, *, fix: str = "") -> Path:
-    """``target``: the concatenation of ``chunks``, whose SHA-256 must be ``sha256`` (hex).
-
-    A ``target`` that exists with that hash is returned as it is; otherwise the chunks are
-    copied into a hidden temporary file beside it, hashed on the way, flushed to disk and renamed
-    over ``target`` only when the hash matches. A crash, a full disk or a damaged chunk leaves
-    ``target`` as it was (absent, or the old file) and no file under its name that would load;
-    a mismatch is a :class:`DataError` ending with ``fix``. Concurrent callers each write their
-    own temporary file and the last rename wins (the files are identical).
-    """
-    target = Path(os.path.abspath(target))
-    if target.is_file() and file_sha256(target) == sha256:
-        return target
-    missing = [str(chunk) for chunk in chunks if not Path(chunk).exists()]
-    if missing or not chunks:
-        raise DataError(f"cannot assemble {target.name}: chunk {', '.join(missing) or '(none given)'} "
-                        "is missing" + (f"; {fix}" if fix else ""))
-    with writing(target, "NOFREE_CACHE"):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(target)
-        tmp = temp_path(target)
-        try:
-            digest = hashlib.sha256()
-            with open(tmp, "wb") as out:
-                for chunk in chunks:
-                    with open(chunk, "rb") as f:
-                        for block in iter(lambda: f.read(_BLOCK), b""):
-                            digest.update(block)
-                            out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            if digest.hexdigest() != sha256:
-                raise DataError(f"the chunks {', '.join(str(c) for c in chunks)} do not join into the "
-                                f"expected file (sha256 {digest.hexdigest()[:12]}... instead of "
-                                f"{sha256[:12]}...): a chunk is damaged or from another release"
-                                + (f"; {fix}" if fix else ""))
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return target
+    """``target``: the concatenation of ``chunks``, whose SHA-256 must be ``sha256`` (hex), joined
+    once by :func:`nofree.artifacts.assemble_parts` (a hidden temporary file renamed into place
+    only when the hash matches; a mismatch is a :class:`DataError` ending with ``fix``); a failed
+    write names ``NOFREE_CACHE``."""
+    return assemble_parts(chunks, target, sha256, fix=fix, option="NOFREE_CACHE")
 
 
 def gemma3_gguf(cache_root: str | os.PathLike | None = None) -> Path:

@@ -202,9 +202,9 @@ def build_anchor_set(pairs: str | Path | Sequence[Pair], *, image_encoder: str |
         shutil.rmtree(work_dir, ignore_errors=True)
         if skipped:
             more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-            log.warning("skipped %d unreadable image(s) or sample(s): %s%s (all listed in "
-                        "%s/manifest.json; --strict stops at the first one instead)", len(skipped),
-                        ", ".join(skipped[:5]), more, out)
+            log.warning("skipped %d unreadable image(s) or sample(s): %s%s, all listed in "
+                        "%s/manifest.json; strict=True (--strict) stops at the first one instead",
+                        len(skipped), ", ".join(skipped[:5]), more, out)
         if index:
             from nofree.anchors.search.index import add_index
 
