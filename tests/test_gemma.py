@@ -112,7 +112,7 @@ def test_a_bad_checksum_leaves_no_file_that_loads(tmp_path):
     with pytest.raises(DataError, match=r"do not join into the expected file.*reinstall"):
         assemble_chunks(chunks, target, sha, fix="reinstall")
     assert not target.exists() and not _leftovers(target.parent)
-    with pytest.raises(DataError, match=r"chunk .*part09 is missing"):
+    with pytest.raises(DataError, match=r"part .*part09 is missing"):
         assemble_chunks([*chunks, tmp_path / "pkg" / "model.gguf.part09"], target, sha)
 
 
@@ -185,10 +185,12 @@ def test_base_template_puts_bos_first(tmp_path):
     assert ids[0] == lm.tokenizer.bos_token_id and ids.count(lm.tokenizer.bos_token_id) == 1
 
 
-# --- MAGIC on Gemma 3's caches (tiny random model, sliding window shorter than the prompts) -----
+# --- MAGIC on Gemma 3's caches (tiny random model; a sliding window shorter than the prompts, one
+# that fills while the caption is written, and one longer than prompt and caption: the stacked
+# and tree-attention paths run while the window is open) ------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
+@pytest.fixture(scope="module", params=[6, 30, 64], ids=["window-full", "window-fills", "window-open"])
+def tiny_gemma(request):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from nofree.lm.hf import HFLanguageModel
@@ -199,7 +201,7 @@ def tiny_gemma(tmp_path_factory):
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                               num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                              head_dim=16, sliding_window=6, max_position_embeddings=128,
+                              head_dim=16, sliding_window=request.param, max_position_embeddings=128,
                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                               bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     model = Gemma3ForCausalLM(config).eval()
@@ -216,6 +218,23 @@ def test_gemma_batches_decode_like_single_rows(tiny_gemma):
     together = greedy_search(tiny_gemma, prompts, max_new_tokens=10, stop_at_period=False).ids
     alone = [greedy_search(tiny_gemma, [p], max_new_tokens=10, stop_at_period=False).ids[0] for p in prompts]
     assert together == alone
+
+
+def test_open_sliding_windows_are_stacked_and_take_candidates_side_by_side(tiny_gemma):
+    from nofree.lm.hf import holds_every_position
+
+    window = tiny_gemma.model.config.sliding_window
+    short, long_ = (tiny_gemma.step(torch.tensor([ids])).cache for ids in tiny_gemma.tokenize(["two cats", PROMPTS[2]]))
+    stacked = tiny_gemma.stack_caches([short, long_], insert_at=0)
+    tree = tiny_gemma.candidate_step(torch.tensor([[5, 6, 7]]), cache=long_,
+                                     attention_mask=torch.ones(1, long_.get_seq_length()))
+    if long_.get_seq_length() + 3 < window:
+        assert holds_every_position(long_, room=3)
+        assert stacked is not None and tree is not None
+        assert stacked.get_seq_length() == long_.get_seq_length()
+        assert all(layer.keys.shape[2] == long_.get_seq_length() for layer in stacked.layers)
+    else:
+        assert stacked is None and tree is None
 
 
 def test_magic_on_gemma_caches(tiny_gemma):

@@ -211,12 +211,13 @@ class HFLanguageModel:
         to itself only, never to the other candidates. The cache is read once per row instead of
         being copied k times, so memory stays B·(past + k) positions. Returns last-layer hidden
         states ``(B, k, H)`` float32 (``logits`` None) and a cache of past + k positions for
-        :meth:`keep_candidates`; ``None`` when the cache is not a plain dynamic one (sliding
-        windows, static caches) or the attention kernel takes no custom mask (only "sdpa" and
-        "eager" do), so that the caller falls back to one row per candidate.
+        :meth:`keep_candidates`; ``None`` when the cache would not hold every position with the
+        k candidates added (:func:`holds_every_position`: static caches, a sliding window that
+        is full) or the attention kernel takes no custom mask (only "sdpa" and "eager" do), so
+        that the caller falls back to one row per candidate.
         """
         if getattr(self.model.config, "_attn_implementation", None) not in ("sdpa", "eager") or \
-                any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+                not holds_every_position(cache, room=candidates.shape[1]):
             return None
         mask = attention_mask.to(self.device).bool()                        # (B, past)
         (batch, k), past = candidates.shape, mask.shape[1]
@@ -246,6 +247,8 @@ class HFLanguageModel:
             at = past + chosen
             layer.keys = torch.cat([keys[rows, :, :past], keys[rows, :, at][:, :, None]], 2)
             layer.values = torch.cat([values[rows, :, :past], values[rows, :, at][:, :, None]], 2)
+            if getattr(layer, "is_sliding", False):
+                layer.cumulative_length = past + 1
         return new
 
     def select_cache(self, cache: Any, index: Tensor | None) -> Any:
@@ -267,11 +270,12 @@ class HFLanguageModel:
     def stack_caches(self, caches: Sequence[Any], *, insert_at: int) -> Any | None:
         """One cache with the rows of every cache in ``caches``, in order. Shorter ones get
         empty (zero) positions inserted at ``insert_at`` up to the longest, which the caller
-        masks out. ``None`` when a cache is not a plain dynamic one."""
-        if any(type(layer).__name__ != "DynamicLayer" or not layer.is_initialized
-               for cache in caches for layer in cache.layers):
-            return None
+        masks out. ``None`` when a cache does not hold every position of the longest
+        (:func:`holds_every_position`)."""
         longest = max(cache.get_seq_length() for cache in caches)
+        if not all(holds_every_position(cache, room=longest - cache.get_seq_length()) and
+                   all(layer.is_initialized for layer in cache.layers) for cache in caches):
+            return None
         new = self.select_cache(caches[0], None)
 
         def padded(t: Tensor) -> Tensor:  # (b, h, T, d) -> (b, h, longest, d)
@@ -281,6 +285,8 @@ class HFLanguageModel:
         for i, layer in enumerate(new.layers):
             layer.keys = torch.cat([padded(c.layers[i].keys) for c in caches])
             layer.values = torch.cat([padded(c.layers[i].values) for c in caches])
+            if getattr(layer, "is_sliding", False):
+                layer.cumulative_length = longest
         return new
 
     @staticmethod
@@ -288,6 +294,22 @@ class HFLanguageModel:
         """Bytes held by the keys and values of a cache (for memory reports)."""
         return sum(layer.keys.numel() * layer.keys.element_size() * 2
                    for layer in cache.layers if layer.is_initialized)
+
+
+def holds_every_position(cache: Any, *, room: int = 0) -> bool:
+    """Whether every layer of ``cache`` keeps all its positions, and still will with ``room``
+    more: transformers' ``DynamicLayer``, or a ``DynamicSlidingWindowLayer`` (Gemma 3's local
+    layers) whose window has not filled (it keeps the last ``sliding_window - 1`` positions).
+    Only such caches can have rows stacked, padded or picked position by position."""
+    for layer in cache.layers:
+        kind = type(layer).__name__
+        if kind == "DynamicSlidingWindowLayer":
+            stored = layer.keys.shape[2] if layer.is_initialized else 0
+            if stored != layer.cumulative_length or layer.cumulative_length + room >= layer.sliding_window:
+                return False
+        elif kind != "DynamicLayer":
+            return False
+    return True
 
 
 def load_hf_lm(name_or_path: str | Path, *, device: str | torch.device | None = None,
