@@ -1,26 +1,43 @@
 """K-fold cross-validation of a captioning adapter's training recipe on coco-mini ``train``.
 
-    python -m benchmarks.recipe_cv [--kind clipcap] [--folds 5] [--epochs 3] [--lr 1e-3]
-                                   [--mapper mlp] [--prefix-length 10] [--augment hflip]
-                                   [--decodings b1n3 b3n3] [--json PATH] [--smoke]
+    python -m benchmarks.recipe_cv [--kind clipcap|flamingo|smallcap] [--folds 5] [--epochs 3]
+                                   [--lr 1e-3] [--mapper mlp] [--prefix-length 10] [--augment hflip]
+                                   [--decodings b1n3 b3n3 b1n3d3r] [--json PATH] [--work DIR] [--smoke]
 
 How the trained captioners' defaults are chosen without looking at ``val``: the 140 ``train``
 photos are shuffled once (seed 0) and cut into ``--folds`` folds of whole photos (the contiguous
-folds of :func:`benchmarks.folds.photo_folds`); for each fold an adapter is trained with
-``nofree.adapters.train.train_adapter`` on the other folds' captions and
-writes one caption per held-out photo with each ``--decodings`` entry (``bBnN``: B beams, no word
-N-gram twice), scored against the photos' 5 captions with the CIDEr of ``nofree eval``. The
-epochs are exact (the recipes' ``min_steps`` raise is not applied), so every fold trains
-``epochs × ceil(captions / batch)`` steps. Frozen
-features (and the mirrored views) come from nofree's embedding cache, so the photos are encoded
-once for every fold and every run. The captions of each fold are kept in the JSON, to read.
+folds of :func:`benchmarks.folds.photo_folds`); for each fold an adapter is trained on the other
+folds' captions and writes one caption per held-out photo with each ``--decodings`` entry
+(``bBnN``: B beams, no word N-gram twice), scored against the photos' 5 captions with the CIDEr
+of ``nofree eval``. The epochs are exact (the recipes' ``min_steps`` raise is not applied), so
+every fold trains ``epochs × ceil(captions / batch)`` steps. Frozen features (and the mirrored
+views) come from nofree's embedding cache, so the photos are encoded once for every fold and
+every run. The captions of each fold are kept in the JSON, to read.
 
-``--smoke`` runs the same path on tiny config-built backbones, 20 photos, 2 folds and 1 epoch.
+ClipCap and Flamingo-style folds train with ``nofree.adapters.train.train_adapter`` on the
+cached features. A SmallCap-style fold (``--kind smallcap``) writes its training photos as the
+``train`` split of a pairs file under ``WORK/scratch`` and trains with
+``nofree.adapters.smallcap.train_smallcap``, as ``nofree train smallcap`` does: its anchor set is
+built from those photos only (the held-out photos and their captions never reach the anchors,
+the prompts or the training; there is no ``val`` split), and its examples are retrieved from the
+bundled caption pool, cleaned. Its held-out photos are captioned by ``SmallCapCaptioner`` over
+that anchor set and pool; a decoding may add ``dD`` (D drafts, one per window of retrieved
+examples) and ``r`` (the retrieved caption joins the candidates), the candidates then chosen by
+the captioner's CIDEr-D consensus, e.g. ``b1n3d3r``. The baseline of every SmallCap fold is caption
+retrieval (``RetrievalCaptioner``, as ``nofree caption --method retrieval`` ranks: same anchor set,
+pool and cleaning, CIDEr-D consensus re-ranking, no training) on the same held-out photos; the
+JSON and the table give it per fold, mean ± sd, and SmallCap's per-fold difference to it for each
+decoding, with the share of distinct captions and of captions copied verbatim from the pool.
+
+``--smoke`` runs the same path on tiny config-built backbones, 20 photos, 2 folds and 1 epoch
+(``python -m benchmarks --smoke`` runs it for ClipCap;
+``python -m benchmarks.recipe_cv --smoke --kind smallcap`` for the SmallCap path and its baseline).
 """
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -30,11 +47,13 @@ import torch
 
 from benchmarks import write_json
 from benchmarks.folds import photo_folds
-from benchmarks.fusion import frozen_setup
+from benchmarks.fusion import frozen_setup, write_pairs
 from nofree import sample_dir
 from nofree.adapters.recipes import RECIPES
 
-DECODING = re.compile(r"^b(\d+)n(\d+)$")
+#: ``bBnN`` with, for SmallCap only, ``dD`` (drafts) and ``r`` (the retrieved caption a candidate).
+DECODING = re.compile(r"^b(\d+)n(\d+)(?:d(\d+))?(r?)$")
+BASELINE = "retrieval (training-free, same folds)"
 
 
 def photo_subset(examples, rows: list[int]):
@@ -50,11 +69,84 @@ def photo_subset(examples, rows: list[int]):
                     image_paths=[examples.image_paths[r] for r in rows])
 
 
-def _parse_decoding(text: str) -> dict[str, int]:
+def _parse_decoding(text: str, kind: str) -> dict:
+    """The options of a ``--decodings`` entry: ``beams``, ``no_repeat_ngram`` and, for SmallCap,
+    ``drafts`` and ``with_retrieved``."""
     match = DECODING.match(text)
     if not match:
-        raise SystemExit(f"--decodings: {text!r} is not bBnN (B beams, no word N-gram twice), e.g. b1n3")
-    return {"beams": int(match[1]), "no_repeat_ngram": int(match[2])}
+        raise SystemExit(f"--decodings: {text!r} is not bBnN[dD][r] (B beams, no word N-gram twice; "
+                         "SmallCap only: D drafts, r the retrieved caption among the candidates), e.g. b1n3")
+    options: dict = {"beams": int(match[1]), "no_repeat_ngram": int(match[2])}
+    if match[3] is not None or match[4]:
+        if kind != "smallcap":
+            raise SystemExit(f"--decodings: {text!r}: the suffixes dD (drafts) and r (retrieved caption) "
+                             f"apply to --kind smallcap only, not {kind}; use bBnN")
+        if match[3] is not None and int(match[3]) < 1:
+            raise SystemExit(f"--decodings: {text!r}: D (drafts) must be at least 1")
+        options.update(drafts=int(match[3] or 1), with_retrieved=bool(match[4]))
+    return options
+
+
+def _normal(text: str) -> str:
+    """Lower case, one space between words, no final period: how copies of the pool are found."""
+    return " ".join(text.lower().split()).rstrip(" .")
+
+
+def scored(captions: list[str], references: list[list[str]], pool: set[str] | None = None) -> dict:
+    """CIDEr and BLEU-4 (``nofree eval``'s code), degeneration measures, the captions and, given the
+    ``pool`` (normalised captions), the share of captions copied verbatim from it."""
+    from nofree.eval.captioning import caption_metrics
+    from nofree.eval.degeneration import degeneration
+
+    metrics = caption_metrics(captions, references, meteor=False)
+    copied = {} if pool is None else {"copied": statistics.fmean(_normal(c) in pool for c in captions)}
+    return {"cider": metrics["CIDEr"], "bleu4": metrics["BLEU-4"], **degeneration(captions), **copied,
+            "captions": captions}
+
+
+def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, settings: dict, backbones: dict,
+                  pool: Path | None, text_encoder, cache, decodings: dict, references: dict,
+                  scratch: Path) -> dict:
+    """Train SmallCap on the photos at rows ``fit`` of ``every`` (a pairs file under ``scratch``),
+    caption the ``held`` rows with each decoding and with caption retrieval; the fold's record."""
+    from nofree.adapters.smallcap import SmallCapCaptioner, retrieval_for, train_smallcap
+    from nofree.captioning.retrieval import default_pool_path
+    from nofree.data.pairs import load_text_lines
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    # the fold's training photos only, split "train"; train_smallcap builds its anchors from them
+    data = write_pairs(scratch / "pairs.jsonl", [pairs_of[every.image_paths[row]] for row in fit])
+    start = time.perf_counter()
+    result = train_smallcap(data, out=scratch / "adapter", image_encoder=backbones["image"],
+                            text_encoder=backbones["text"], lm=backbones["lm"], pool=pool,
+                            epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+                            augment=settings["augment"], seed=settings["seed"], val_split=None,
+                            precision="bf16", overwrite=True, progress=False)
+    cell = {"held_photos": len(held), "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
+            "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+    adapter = result.adapter
+    # the retrieval SmallCapCaptioner reads, as from_pretrained builds it: the fold's anchors, the pool
+    retrieval = retrieval_for(adapter.anchors, adapter.image_encoder, text_encoder,
+                              load_text_lines(pool or default_pool_path()), cache=cache)
+    in_pool = {_normal(c) for c in retrieval.pool}
+    paths = [every.image_paths[row] for row in held]
+    features = every.image_features[held]   # the cached frozen features training read
+    refs = [references[row] for row in held]
+    cell["retrieval"] = scored(retrieval.caption(paths), refs, in_pool)
+    for name, options in decodings.items():
+        options = dict(options)
+        captioner = SmallCapCaptioner(adapter, retrieval, drafts=options.pop("drafts", 1),
+                                      with_retrieved=options.pop("with_retrieved", False), max_tokens=30,
+                                      **options)
+        captions: list[str] = []
+        with torch.no_grad():  # as captioner.caption, chunk by chunk, on the cached features
+            for at in range(0, len(paths), captioner.batch_size):
+                captions += captioner.caption_chunk(paths[at:at + captioner.batch_size],
+                                                    features[at:at + captioner.batch_size], captioner.options)
+        cell["decodings"][name] = scored(captions, refs, in_pool)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return cell
 
 
 def main(argv=None) -> dict:
@@ -63,11 +155,9 @@ def main(argv=None) -> dict:
     from nofree.cache import EmbeddingCache
     from nofree.core import clean_caption
     from nofree.data.pairs import load_pairs
-    from nofree.eval.captioning import caption_metrics
-    from nofree.eval.degeneration import degeneration
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=("clipcap", "flamingo"), default="clipcap")
+    parser.add_argument("--kind", choices=("clipcap", "flamingo", "smallcap"), default="clipcap")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
@@ -75,13 +165,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--augment", choices=("none", "hflip"), default=None, help="default: the recipe's")
     parser.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp", help="ClipCap only")
     parser.add_argument("--prefix-length", type=int, default=10, help="ClipCap only")
-    parser.add_argument("--decodings", nargs="+", default=["b1n3", "b3n3"])
+    parser.add_argument("--decodings", nargs="+", default=["b1n3", "b3n3"],
+                        help="bBnN; SmallCap also bBnNdD[r] (D drafts, r: the retrieved caption a candidate)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the folds use seed 0)")
     parser.add_argument("--json")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench/recipe_cv"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/recipe_cv"),
+                        help="tiny backbones (--smoke) and SmallCap's per-fold pairs and adapter (scratch)")
     args = parser.parse_args(argv)
-    decodings = {name: _parse_decoding(name) for name in args.decodings}
+    decodings = {name: _parse_decoding(name, args.kind) for name in args.decodings}
     recipe = RECIPES[args.kind]
     settings = {"kind": args.kind, "folds": args.folds, "epochs": args.epochs or recipe["epochs"],
                 "lr": args.lr or recipe["lr"], "batch_size": args.batch_size or recipe["batch_size"],
@@ -89,9 +181,11 @@ def main(argv=None) -> dict:
     hparams = ({"mapper": args.mapper, "prefix_length": args.prefix_length} if args.kind == "clipcap" else {})
     settings["hparams"] = hparams
     args.work.mkdir(parents=True, exist_ok=True)
-    backbones, _, epochs = frozen_setup(args.work, args.smoke)
+    backbones, pool, epochs = frozen_setup(args.work, args.smoke)
     if args.smoke:
         settings["epochs"], settings["folds"] = epochs["epochs"], 2
+    if args.kind == "smallcap":
+        settings["pool"] = str(pool) if pool else "bundled"
     pairs = load_pairs(sample_dir() / "pairs.jsonl", split="train", limit=20 if args.smoke else None)
     image_encoder = _load_backbone("image_encoder", backbones["image"], None)
     lm = _load_backbone("lm", backbones["lm"], None)
@@ -106,55 +200,99 @@ def main(argv=None) -> dict:
     references: dict[int, list[str]] = {}
     for text, row in zip(every.texts, every.image_index.tolist()):
         references.setdefault(row, []).append(text)
+    text_encoder = (_load_backbone("text_encoder", backbones["text"], None) if args.kind == "smallcap" else None)
     folds = photo_folds(len(every.image_features), settings["folds"], deal="contiguous")
     cells = []
     for fold, (held, fit) in enumerate(folds):
         held, fit = held.tolist(), fit.tolist()
-        adapter = fresh()
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as scratch:
-            result = train_adapter(adapter, photo_subset(every, fit), epochs=settings["epochs"],
-                                   batch_size=settings["batch_size"], lr=settings["lr"], seed=args.seed,
-                                   out_dir=Path(scratch) / "adapter", progress=False,
-                                   precision="bf16", augment=settings["augment"])
-        cell = {"fold": fold, "held_photos": len(held), "steps": result.steps,
-                "train_s": round(time.perf_counter() - start, 1),
-                "train_loss": result.history[-1]["train_loss"], "decodings": {}}
-        for name, options in decodings.items():
-            with torch.no_grad():
-                captions = [clean_caption(c) for c in
-                            adapter.caption_features(every.image_features[held], max_tokens=30, **options)]
-            metrics = caption_metrics(captions, [references[row] for row in held], meteor=False)
-            cell["decodings"][name] = {"cider": metrics["CIDEr"], "bleu4": metrics["BLEU-4"],
-                                       **degeneration(captions), "captions": captions}
-            print(f"fold {fold} {name}: CIDEr {100 * metrics['CIDEr']:.1f} "
+        if args.kind == "smallcap":
+            cell = {"fold": fold, **smallcap_fold(
+                fit, held, every=every, pairs_of={str(p.image): p for p in pairs}, settings=settings,
+                backbones=backbones, pool=pool, text_encoder=text_encoder, cache=cache, decodings=decodings,
+                references=references, scratch=args.work / "scratch" / f"smallcap-fold{fold}")}
+            print(f"fold {fold} retrieval: CIDEr {100 * cell['retrieval']['cider']:.1f}", flush=True)
+        else:
+            adapter = fresh()
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as scratch:
+                result = train_adapter(adapter, photo_subset(every, fit), epochs=settings["epochs"],
+                                       batch_size=settings["batch_size"], lr=settings["lr"], seed=args.seed,
+                                       out_dir=Path(scratch) / "adapter", progress=False,
+                                       precision="bf16", augment=settings["augment"])
+            cell = {"fold": fold, "held_photos": len(held), "steps": result.steps,
+                    "train_s": round(time.perf_counter() - start, 1),
+                    "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+            for name, options in decodings.items():
+                with torch.no_grad():
+                    captions = [clean_caption(c) for c in
+                                adapter.caption_features(every.image_features[held], max_tokens=30, **options)]
+                cell["decodings"][name] = scored(captions, [references[row] for row in held])
+        for name in decodings:
+            print(f"fold {fold} {name}: CIDEr {100 * cell['decodings'][name]['cider']:.1f} "
                   f"({cell['train_s']:.0f} s training)", flush=True)
         cells.append(cell)
-    summary = {}
-    for name in decodings:
-        values = [100 * cell["decodings"][name]["cider"] for cell in cells]
-        summary[name] = {"cider_mean": statistics.fmean(values),
-                         "cider_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                         "cider_folds": values,
-                         "distinct": statistics.fmean(c["decodings"][name]["distinct"] for c in cells)}
+    if (args.work / "scratch").is_dir() and not any((args.work / "scratch").iterdir()):
+        (args.work / "scratch").rmdir()
     out = {"settings": settings, "backbones": backbones, "n_photos": len(every.image_features),
-           "summary": summary, "cells": cells, "threads": torch.get_num_threads()}
+           **summarize(cells, decodings), "cells": cells, "threads": torch.get_num_threads()}
     if args.json:
         write_json(args.json, out, indent=1)
     print(markdown(out))
     return out
 
 
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "folds": values}
+
+
+def _row(entries: list[dict]) -> dict:
+    """Mean ± sd of CIDEr ×100 over folds, mean distinct (and copied) share."""
+    cider = _spread([100 * e["cider"] for e in entries])
+    row = {"cider_mean": cider["mean"], "cider_sd": cider["sd"], "cider_folds": cider["folds"],
+           "distinct": statistics.fmean(e["distinct"] for e in entries)}
+    if all("copied" in e for e in entries):
+        row["copied"] = statistics.fmean(e["copied"] for e in entries)
+    return row
+
+
+def summarize(cells: list[dict], decodings: dict) -> dict:
+    """``{"summary": {decoding: row}}``, with SmallCap's ``"retrieval"`` row and each decoding's
+    per-fold CIDEr difference to it (``vs_retrieval``: mean, sd, folds, wins)."""
+    out = {"summary": {name: _row([c["decodings"][name] for c in cells]) for name in decodings}}
+    if cells and all("retrieval" in c for c in cells):
+        out["retrieval"] = _row([c["retrieval"] for c in cells])
+        for name, row in out["summary"].items():
+            diff = _spread([100 * (c["decodings"][name]["cider"] - c["retrieval"]["cider"]) for c in cells])
+            row["vs_retrieval"] = {**diff, "wins": sum(d > 0 for d in diff["folds"])}
+    return out
+
+
 def markdown(out: dict) -> str:
     s = out["settings"]
+    baseline = out.get("retrieval")
+    extra = (f", examples retrieved from the {s.get('pool', 'bundled')} caption pool (cleaned)"
+             if s["kind"] == "smallcap" else "")
     lines = [f"{s['folds']}-fold cross-validation on the {out['n_photos']} `train` photos: {s['kind']} "
              f"{s['hparams']}, {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}, "
-             f"augment {s['augment']}. Held-out CIDEr ×100, mean ± sd over folds.", "",
-             "| decoding | CIDEr | per fold | distinct % |", "| --- | --- | --- | --- |"]
-    for name, row in out["summary"].items():
+             f"augment {s['augment']}{extra}. Held-out CIDEr ×100, mean ± sd over folds."
+             + (" Last column: SmallCap − retrieval CIDEr per fold, mean ± sd (folds where SmallCap is "
+                "ahead)." if baseline else ""), ""]
+    if baseline:
+        lines += ["| decoding | CIDEr | per fold | distinct % | copied % | − retrieval |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+    else:
+        lines += ["| decoding | CIDEr | per fold | distinct % |", "| --- | --- | --- | --- |"]
+    rows = [*out["summary"].items(), *([(BASELINE, baseline)] if baseline else [])]
+    for name, row in rows:
         folds = " / ".join(f"{v:.1f}" for v in row["cider_folds"])
-        lines.append(f"| {name} | {row['cider_mean']:.1f} ± {row['cider_sd']:.1f} | {folds} | "
-                     f"{100 * row['distinct']:.0f} |")
+        line = f"| {name} | {row['cider_mean']:.1f} ± {row['cider_sd']:.1f} | {folds} | {100 * row['distinct']:.0f} |"
+        if baseline:
+            diff = row.get("vs_retrieval")
+            shown = (f"{diff['mean']:+.1f} ± {diff['sd']:.1f} ({' / '.join(f'{v:+.1f}' for v in diff['folds'])}; "
+                     f"{diff['wins']} of {len(diff['folds'])})" if diff else "–")
+            line += f" {100 * row['copied']:.0f} | {shown} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
