@@ -75,36 +75,18 @@ def tiny_clip(**kw):
     return ClipScorer(model, open_clip.get_tokenizer("ViT-B-32"), **kw)
 
 
-class StandInAsif:
-    """DESIGN §6 ASIF (cosines to anchors, top-k, power p, L2) for when nofree.anchors.asif is absent."""
-
-    def __init__(self, image_anchors, text_anchors, k=800, p=8.0):
-        self.anchors = {"image": image_anchors, "text": text_anchors}
-        self.k, self.p = min(k, image_anchors.shape[0]), p
-
-    def transform(self, emb, *, modality):
-        sim = torch.nn.functional.normalize(emb.float(), dim=-1) @ self.anchors[modality].T
-        top = sim.topk(self.k, dim=-1)
-        rel = torch.zeros_like(sim).scatter(1, top.indices, top.values.clamp_min(0) ** self.p)
-        return torch.nn.functional.normalize(rel, dim=-1)
-
-
 def asif_scorer(text_encoder, n_anchors, image_dim, temperature=None):
     """An AsifScorer over synthetic anchors (real text encoder, random unit vectors)."""
+    from nofree.anchors.anchor_set import AnchorSet
+    from nofree.anchors.asif import ASIF
     from nofree.decoding.scorers import DEFAULT_ASIF_TEMPERATURE, AsifScorer
 
     gen = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(n_anchors, image_dim, generator=gen), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(n_anchors, text_encoder.embed_dim, generator=gen), dim=-1)
-    try:
-        from nofree.anchors.anchor_set import AnchorSet
-        from nofree.anchors.asif import ASIF
-
-        anchors = AnchorSet(image=image, text=text, captions=tuple(f"anchor {i}" for i in range(n_anchors)),
-                            image_spec="bench:random-image", text_spec=text_encoder.spec)
-        asif, kind = ASIF.paper(k=min(800, n_anchors)).fit(anchors), "nofree ASIF"
-    except ImportError:
-        asif, kind = StandInAsif(image, text), "stand-in ASIF (nofree.anchors.asif absent)"
+    anchors = AnchorSet(image=image, text=text, captions=tuple(f"anchor {i}" for i in range(n_anchors)),
+                        image_spec="bench:random-image", text_spec=text_encoder.spec)
+    asif, kind = ASIF.paper(k=min(800, n_anchors)).fit(anchors), "nofree ASIF"
     return AsifScorer(asif, text_encoder, temperature=temperature or DEFAULT_ASIF_TEMPERATURE), kind
 
 

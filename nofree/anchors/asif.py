@@ -25,6 +25,7 @@ paper's own settings, :data:`ASIF_PAPER` (k = 800 clipped to N, p = 8, no centri
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -193,7 +194,9 @@ class ASIF:
         self.device_ = device
         self._stats: dict[tuple[str, str], AnchorStats] = {}
         self._reference: dict[str, SparseRelative] = {}
-        self._hubness: dict[int, tuple[SparseRelative, Tensor]] = {}
+        # CSLS r(q) of relative representations given again and again (a caption pool's), for as
+        # long as the caller holds them
+        self._hubness: weakref.WeakKeyDictionary[SparseRelative, Tensor] = weakref.WeakKeyDictionary()
         self.indexes_ = self._check_indexes(indexes or {}, n)
         return self
 
@@ -292,9 +295,9 @@ class ASIF:
 
     def _hubness_of(self, rho: SparseRelative, modality: str, *, keep: bool) -> Tensor:
         """r(q) of relative representations; ``keep``: remember it for this very object (a caption
-        pool's, given again and again), keeping it alive so its ``id`` stays its own."""
-        if id(rho) in self._hubness:
-            return self._hubness[id(rho)][1]
+        pool's, given again and again) while it lives."""
+        if rho in self._hubness:
+            return self._hubness[rho]
         other = "text" if modality == "image" else "image"
         if other not in self._reference:
             side = _anchor_pair(self.anchors_)[0 if other == "image" else 1]
@@ -309,7 +312,7 @@ class ASIF:
             sim = sparse_similarity(ref.values, ref.indices, rho.values, rho.indices, self.n_anchors_).T
         r = sim.topk(min(self.csls, sim.shape[1]), dim=1).values.mean(1)               # (n,)
         if keep:
-            self._hubness[id(rho)] = (rho, r)
+            self._hubness[rho] = r
         return r
 
     def predict(self, image_emb: Any, class_text_emb: Any) -> Tensor:

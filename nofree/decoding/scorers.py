@@ -8,7 +8,8 @@ k candidates on top). Any callable ``(image_emb, texts) -> (B, k)`` plugs in thr
 
 - :class:`AsifScorer` -- ASIF (Norelli et al., 2022, "ASIF: Coupled Data Turns Unimodal Models
   to Multimodal Without Training"): the similarity of the image's and the text's relative
-  representations over a set of anchor pairs, × a temperature.
+  representations over a set of anchor pairs (the fitted ASIF's own, CSLS included), × a
+  temperature.
 - the CLIP scorer, cosine × a CLIP model's logit scale with its candidates run as a prefix
   tree, is :class:`nofree.decoding.clip_scorer.ClipScorer` (also ``nofree.decoding.ClipScorer``).
 """
@@ -26,14 +27,12 @@ from nofree.core import DataError
 __all__ = ["Scorer", "CallableScorer", "AsifScorer", "as_scorer", "check_texts",
            "DEFAULT_ASIF_TEMPERATURE"]
 
-#: ASIF similarities lie in [0, 1] and the k continuations of one caption differ little. Measured
-#: with SmolLM2 + EfficientNet-Lite0/MiniLM anchors (700 coco-mini train pairs, p=8) over 8 val
-#: images × 10 steps: the spread across the 45 candidates is bimodal (std median 0.003, q90 0.06).
-#: At 100 the candidates that differ in content get a decisive softmax (top mass q75 0.69) while
-#: near-identical ones (punctuation, word pieces) stay near uniform (median 0.06); 300 lets the
-#: image term pick among near-identical candidates too (median 0.29, q75 0.96), 50 weakens the
-#: decisive steps (q75 0.36). Stand-in ASIF per the design notes (k = all 700 anchors).
-DEFAULT_ASIF_TEMPERATURE = 100.0
+#: The softmax temperature of MAGIC's image term on the ASIF similarity. The pipeline's similarity
+#: is CSLS-corrected, 2·s − r(image) − r(text), with twice the spread of the plain similarity s
+#: between one step's candidates; 50 on it is 100 on s, the scale at which candidates that differ
+#: in content get a decisive softmax while near-identical ones (punctuation, word pieces) stay
+#: near uniform. benchmarks/RESULTS.md ("MAGIC's ASIF image term") has the measurements.
+DEFAULT_ASIF_TEMPERATURE = 50.0
 
 
 @runtime_checkable
@@ -94,44 +93,20 @@ def as_scorer(obj: Any) -> Any:
 
 # --- ASIF --------------------------------------------------------------------------------------
 
-def _dense(rel: Any) -> Tensor:
-    """A float32 dense torch tensor from any relative-representation container: a torch tensor
-    (dense or sparse), an object with ``to_dense()`` or ``toarray()`` (scipy), or an array."""
-    if isinstance(rel, Tensor):
-        return (rel.to_dense() if rel.layout != torch.strided else rel).float()
-    if hasattr(rel, "to_dense"):
-        return torch.as_tensor(rel.to_dense()).float()
-    if hasattr(rel, "toarray"):
-        rel = rel.toarray()
-    return torch.as_tensor(rel).float()
-
-
-def _relative_dot(text_rel: Any, image_rel: Tensor) -> Tensor:
-    """``(U, B)`` inner products of text relative representations with dense image ones ``(B, N)``.
-
-    Row-sparse containers (``values``/``indices`` ``(U, k)``, as ASIF keeps its top-k entries)
-    gather k anchors per text instead of densifying; torch sparse tensors use a sparse matmul.
-    """
-    values, indices = getattr(text_rel, "values", None), getattr(text_rel, "indices", None)
-    if isinstance(values, Tensor) and isinstance(indices, Tensor):
-        picked = image_rel.T[indices.to(image_rel.device)]                 # (U, k, B)
-        return (picked * values.to(image_rel.device).float()[..., None]).sum(1)
-    if isinstance(text_rel, Tensor) and text_rel.layout != torch.strided:
-        return torch.sparse.mm(text_rel.float(), image_rel.T.contiguous())
-    return _dense(text_rel) @ image_rel.T
-
-
 class AsifScorer:
-    """ASIF similarity ⟨ρ_img, ρ_txt⟩ between an image and candidate texts, × ``temperature``.
+    """ASIF similarity between an image and candidate texts, × ``temperature``.
 
-    asif: a fitted :class:`nofree.anchors.asif.ASIF` (``transform(emb, modality=)`` gives the
-    relative representations ``(N, n_anchors)``); text_encoder / image_encoder: the encoders its
-    anchors were built with (``image_encoder`` is needed only for :meth:`embed_images`).
-    ``image_emb`` passed to :meth:`score` are the image encoder's embeddings ``(B, Di)``; their
-    relative representations are computed once per distinct image and kept (``cache_images``).
-    Repeated candidate strings within a call are embedded once. ``packed=True`` (default)
-    encodes the candidates with the text encoder's packed twin (``text_encoder.packed()``, when
-    it has one: same embeddings to ~1e-6, faster matrix kernels on CPUs).
+    asif: a fitted :class:`nofree.anchors.asif.ASIF`; the similarity is its own
+    :meth:`~nofree.anchors.asif.ASIF.similarity`, the one caption retrieval ranks with, CSLS
+    included when the ASIF has ``csls`` > 0 (then ``2·s − r(image) − r(text)``: r(image) is the
+    same for all of one image's candidates and cancels in MAGIC's softmax, r(text) lowers texts
+    that are close to every image). text_encoder / image_encoder: the encoders its anchors were
+    built with (``image_encoder`` is needed only for :meth:`embed_images`). ``image_emb`` passed
+    to :meth:`score` are the image encoder's embeddings ``(B, Di)``; their relative
+    representations are computed once per distinct image and kept (``cache_images``). Repeated
+    candidate strings within a call are embedded once. ``packed=True`` (default) encodes the
+    candidates with the text encoder's packed twin (``text_encoder.packed()``, when it has one:
+    same embeddings to ~1e-6, faster matrix kernels on CPUs).
     """
 
     def __init__(self, asif: Any, text_encoder: Any, image_encoder: Any = None, *,
@@ -143,7 +118,7 @@ class AsifScorer:
             text_encoder = text_encoder.packed()
         self.asif, self.text_encoder, self.image_encoder = asif, text_encoder, image_encoder
         self.temperature, self.cache_images = float(temperature), cache_images
-        self._image_rel: OrderedDict[bytes, Tensor] = OrderedDict()
+        self._image_rel: OrderedDict[bytes, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
         self.seconds = {"text_encoder": 0.0, "relative": 0.0}
 
     def embed_images(self, images: Sequence[Any]) -> Tensor:
@@ -153,33 +128,34 @@ class AsifScorer:
                             "the anchors were built with, or give magic_search its embeddings")
         return self.image_encoder.encode(list(images)).float()
 
-    def image_relative(self, image_emb: Tensor) -> Tensor:
-        """``(B, n_anchors)`` dense relative representations, cached per image."""
+    def image_relative(self, image_emb: Tensor) -> Any:
+        """The images' relative representations (a ``SparseRelative`` of B rows), cached per image."""
+        from nofree.anchors.relative import SparseRelative
+
         image_emb = image_emb.detach().float().cpu()
         keys = [row.numpy().tobytes() for row in image_emb]
         todo = [i for i, key in enumerate(keys) if key not in self._image_rel]
         if todo:
-            rel = _dense(self.asif.transform(image_emb[todo], modality="image"))
-            for i, row in zip(todo, rel):
-                self._image_rel[keys[i]] = row
+            rho = self.asif.transform(image_emb[todo], modality="image")
+            for row, i in enumerate(todo):
+                self._image_rel[keys[i]] = (rho.values[row], rho.indices[row], rho.cosines[row])
             while len(self._image_rel) > self.cache_images:
                 self._image_rel.popitem(last=False)
-        return torch.stack([self._image_rel[key] for key in keys])
+        values, indices, cosines = (torch.stack(part) for part in zip(*(self._image_rel[key] for key in keys)))
+        return SparseRelative(values, indices, cosines, self.asif.n_anchors_)
 
     def score(self, image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor:
-        """``(B, k)`` float32: temperature · ⟨ρ_img(b), ρ_txt(text b,i)⟩."""
+        """``(B, k)`` float32: temperature · ASIF similarity (image b, text b,i)."""
         k = check_texts(image_emb, texts)
-        image_rel = self.image_relative(image_emb)                        # (B, n)
+        image_rel = self.image_relative(image_emb)                        # B rows
         flat = [t for row in texts for t in row]
         unique = list(dict.fromkeys(flat))
         start = time.perf_counter()
         text_emb = self.text_encoder.encode(unique)                       # (U, Dt)
         mid = time.perf_counter()
-        text_rel = self.asif.transform(text_emb, modality="text")         # (U, n), maybe sparse
-        sim = _relative_dot(text_rel, image_rel.to(text_emb.device))      # (U, B)
+        sim = self.asif.similarity(image_rel, text_emb).cpu()             # (B, U)
         where = {t: i for i, t in enumerate(unique)}
         index = torch.tensor([where[t] for t in flat]).view(len(texts), k)
-        out = sim.cpu()
         self.seconds["text_encoder"] += mid - start
         self.seconds["relative"] += time.perf_counter() - mid
-        return self.temperature * out[index, torch.arange(len(texts))[:, None]].float()
+        return self.temperature * sim.gather(1, index).float()
