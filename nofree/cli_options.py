@@ -1,5 +1,5 @@
 """Option pieces of nofree's commands: the pairs-source type, the output format, the
-caption-pool cleaning switch, and MAGIC's ``--scorer`` and ``--windows``."""
+caption-pool cleaning switch, the ``--strict`` switch, and MAGIC's ``--scorer`` and ``--windows``."""
 from __future__ import annotations
 
 import os
@@ -104,6 +104,13 @@ def clean_pool_option(f):
                              "an image', task text, placeholders, links), lines under 2 or over 60 "
                              "words and repeats first, with one warning giving the counts; --raw-pool "
                              "uses every line as it is.")(f)
+
+
+def strict_option(f):
+    """``--strict`` (parameter ``strict``) of every command reading images: stop at the first
+    unreadable one instead of skipping it."""
+    return click.option("--strict", is_flag=True, help="Stop at the first unreadable image with an "
+                        "error naming it (default: skip it, report it at the end, go on).")(f)
 
 
 def _parse_scorer(ctx, param, value):

@@ -23,8 +23,8 @@ LAYERS = [
     ("composition", ["nofree.anchors", "nofree.decoding", "nofree.scoring", "nofree.adapters"]),
     ("captioning", ["nofree.captioning", "nofree.captioners"]),
     ("applications", ["nofree.eval.report", "nofree.demo", "nofree.sharing"]),
-    ("front ends", ["nofree.cli", "nofree.cli_options", "nofree.cli_output", "nofree.cli_cache",
-                    "nofree.cli_hub", "nofree.cli_train", "nofree.testing"]),
+    ("front ends", ["nofree.cli", "nofree.cli_options", "nofree.cli_output", "nofree.cli_anchors",
+                    "nofree.cli_cache", "nofree.cli_hub", "nofree.cli_train", "nofree.testing"]),
 ]
 
 #: Imports that point up a layer, each with the reason it is tolerated.

@@ -95,7 +95,7 @@ def test_build_from_a_shard_pattern(runner, tmp_path, specs):
 
 def test_build_shard_size(runner, tmp_path, specs):
     from nofree.anchors import build
-    from nofree.cli import DEFAULT_SHARD_SIZE
+    from nofree.cli_anchors import DEFAULT_SHARD_SIZE
 
     assert DEFAULT_SHARD_SIZE == build.DEFAULT_SHARD_SIZE
     pairs = make_pairs(tmp_path / "data", n=5)
