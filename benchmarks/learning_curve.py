@@ -19,7 +19,8 @@ Training time is the wall time of the ``train_*`` call (frozen features and ever
 per-epoch validation); for the training-free methods it is the anchor set's encoding.
 
 Resumable: each finished cell is written at once, atomically, to ``WORK/cells/`` and a rerun skips
-it; frozen features go through nofree's embedding cache, so photos are encoded once. A cell's
+it, unless the adapter's recipe or its captioner's default decoding has changed since
+(:func:`method_recipe`); frozen features go through nofree's embedding cache, so photos are encoded once. A cell's
 adapter and report are scratch, deleted once its JSON is written. ``--json`` gets mean ± sd per
 (method, size) and every cell, with a plot (CIDEr against training pairs) beside it.
 ``--smoke`` runs the same path on tiny config-built backbones, 10 and 20 pairs, 2 folds, 4 val
@@ -86,6 +87,16 @@ def _anchors(data: Path, pairs: Path, backbones: dict) -> tuple[Path, float]:
     return anchors, json.loads(record.read_text())["seconds"]
 
 
+def method_recipe(method: str) -> dict | None:
+    """What makes a cell of ``method`` current: an adapter's training recipe and its captioner's
+    default decoding (``None`` for the training-free methods, which follow their anchors)."""
+    if method not in RECIPES:
+        return None
+    from nofree.adapters.base import adapter_class
+
+    return {**RECIPES[method], "decoding": dict(adapter_class(method).decoding)}
+
+
 def run_cell(method: str, size: int, fold: int, *, pairs: Path, setup: dict, scratch: Path,
              echo) -> dict:
     """Train (adapters) or build anchors (training-free), evaluate on ``val``; the cell's record."""
@@ -115,7 +126,7 @@ def run_cell(method: str, size: int, fold: int, *, pairs: Path, setup: dict, scr
         raise RuntimeError(entry.get("error"))
     last = (train.get("history") or [{}])[-1]
     return {"method": method, "size": size, "fold": fold, "seed": fold, "setup": setup,
-            "recipe": RECIPES.get(method),
+            "recipe": method_recipe(method),
             "train_photos": [Path(p).name for p in _train_images(pairs)],
             "n_val": report["n_images"], "metrics": entry["metrics"],
             "validation": {k: last[k] for k in KEPT_HISTORY if k in last},
@@ -165,7 +176,7 @@ def main(argv=None) -> dict:
         name = f"{method}-{size}-f{fold}"
         path = work / "cells" / f"{name}.json"
         where = f"cell {i}/{len(grid)} {method}, {size} pairs, fold {fold}"
-        recipe = RECIPES.get(method)
+        recipe = method_recipe(method)
         if path.exists():
             cell = json.loads(path.read_text())
             if cell["setup"] != setup:
@@ -174,7 +185,7 @@ def main(argv=None) -> dict:
                 _say(start, f"{where}: done earlier, CIDEr {100 * cell['metrics']['CIDEr']:.1f}")
                 cells.append(cell)
                 continue
-            _say(start, f"{where}: made with another recipe ({cell.get('recipe')}), run again")
+            _say(start, f"{where}: made with another recipe or decoding ({cell.get('recipe')}), run again")
         data = work / "data" / f"{size}-f{fold}"
         data.mkdir(parents=True, exist_ok=True)
         pairs = data / "pairs.jsonl"
