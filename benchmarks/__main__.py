@@ -9,7 +9,8 @@
 Each section is one module of this package with ``main(argv) -> dict`` (writing ``--json``),
 ``markdown(result) -> str`` and optionally ``NOTES`` (commentary shown under its table). Every
 section runs in its own process, so one crash or out-of-memory does not stop the others and
-peak-memory figures are per section; a failed section is reported as failed. The machine
+peak-memory figures are per section; a failed section is reported as failed, and its earlier
+results, if any, stay (the failed run's record goes beside them, ``<section>.failed.json``). The machine
 (CPU, cores, memory, torch, load average before and after) is recorded with each result.
 
 Full runs write ``benchmarks/results/<section>.json`` and ``benchmarks/RESULTS.md``; a section
@@ -31,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from benchmarks import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,25 +100,33 @@ def machine() -> dict:
 
 def run_section(section: Section, *, smoke: bool, json_path: Path, extra: Sequence[str] = ()) -> dict:
     """Run one section in its own process; returns its record (also written to ``json_path``).
-    ``extra``: further arguments for the section's own command line."""
+    ``extra``: further arguments for the section's own command line.
+
+    A failed run never replaces an earlier good record: its record then goes to
+    ``NAME.failed.json`` beside it."""
+    # the section writes its bare result here; the record replaces json_path only when it is good
+    running = json_path.with_name(f".{json_path.stem}.running.json")
     argv = [sys.executable, "-m", f"benchmarks.{section.name}",
-            *(section.smoke if smoke else section.full), *extra, "--json", str(json_path)]
+            *(section.smoke if smoke else section.full), *extra, "--json", str(running)]
     command = "python -m benchmarks." + section.name + "".join(f" {a}" for a in argv[3:-2])
     print(f"\n=== {section.name}: {command}", flush=True)
     info = machine()
     start = time.perf_counter()
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.unlink(missing_ok=True)
+    running.unlink(missing_ok=True)
     proc = subprocess.run(argv, cwd=HERE.parent, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                        "TRANSFORMERS_OFFLINE": "1"})
     info.update(load_after=os.getloadavg()[0], seconds=round(time.perf_counter() - start, 1),
                 date=time.strftime("%Y-%m-%d"))
-    if proc.returncode != 0 or not json_path.exists():
+    if proc.returncode != 0 or not running.exists():
         record = {"status": "failed", "returncode": proc.returncode, "command": command, "machine": info}
+        if json_path.exists():
+            json_path = json_path.with_name(f"{json_path.stem}.failed.json")
+            print(f"{section.name} failed; its earlier results stay, this run's record: {json_path}")
     else:
-        record = {"status": "ok", "command": command, "machine": info,
-                  "result": json.loads(json_path.read_text())}
-    json_path.write_text(json.dumps(record, indent=1, default=str))
+        record = {"status": "ok", "command": command, "machine": info, "result": json.loads(running.read_text())}
+    running.unlink(missing_ok=True)
+    write_json(json_path, record, indent=1)
     return record
 
 
