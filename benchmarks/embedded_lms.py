@@ -250,22 +250,18 @@ NOTES = """What it says (Gemma 3 270M base, an optional install, against the def
   retrieval caption to the consensus, moves only from 52.8 to 53.9 in cross-validation and from
   53.0 to 52.4 on `val`: both gaps are within the noise of 140 and 40 photos. On `val` every
   setting of both LMs lies between 50.4 and 53.0.
-- **It costs 2.2× the time per photo** (2.45 against 1.10 s at batch 8, one thread, timed in
-  turns) and twice the load time (58 against 28 s: transformers converts the GGUF tokenizer and
-  dequantises 268M parameters, 168M of them the 262,144-token embedding). Much of the gap is one
-  limitation of nofree, not the model: `HFLanguageModel.stack_caches` (and `candidate_step`) accept only
-  plain `DynamicLayer` caches, and Gemma's sliding-window layers (`DynamicSlidingWindowLayer`,
-  window 512) are refused, so MAGIC's prefill runs the shared prefix and the length groups and
-  then the whole batch once more, left-padded to the longest prompt. Stacking the sliding-window
-  layers while no prompt has reached the window (their keys then hold every position; the
-  stacked layer's `cumulative_length` set to the longest) gave the same drafts 2.6× faster in a
-  one-off measurement outside this table (8 `val` photos: 2.2–2.3 against 5.9–6.2 s per photo
-  for the candidates, the machine shared with other jobs); if that ratio held here, Gemma would
-  take about as long per photo as SmolLM2.
+- **It costs 1.2× the time per photo** (1.75 against 1.49 s at batch 8, one thread, timed in
+  turns with other jobs on the machine) and about twice the load time (transformers converts the
+  GGUF tokenizer and dequantises 268M parameters, 168M of them the 262,144-token embedding).
+  Gemma's local layers keep a sliding window of 512 positions (`DynamicSlidingWindowLayer`);
+  while no prompt has filled it, `HFLanguageModel` stacks them and feeds MAGIC's candidates side
+  by side as it does SmolLM2's plain layers (`lm.hf.holds_every_position`). Without that (the
+  "caches not stacked" column: one left-padded prefill and one row per candidate) Gemma takes
+  2.55 s per photo, 1.61× longer; the captions are the same either way.
 - **So the default LM stays SmolLM2**: Gemma's better writing does not reach the default
   captioner's score on this sample, and it needs a ~250 MB optional install under the Gemma
   Terms of Use. It is the better choice where the captions should be the LM's own words
-  (`--drafts 1`, or drafts without the retrieval caption) and a second per photo is affordable.
+  (`--drafts 1`, or drafts without the retrieval caption).
 - Prompt: Gemma 3 270M is a base model, so `chat_prompt` gives it `<bos>` + the instruction and
   examples as a plain document, which it continues with the next list item. A first full run
   of this table with a new line appended after the examples gave the same cross-validated
@@ -273,9 +269,9 @@ NOTES = """What it says (Gemma 3 270M base, an optional install, against the def
   a plain prompt (the sanity row) then made the model start over and repeat it, not because of
   those scores. Without `<bos>` its greedy continuations repeat one word.
 - Steered MAGIC (α = 0.1, β = 2, `nofree caption --alpha 0.1 --beta 2 --drafts 1`) runs with Gemma
-  too: the degeneration penalty's candidate forward takes the one-row-per-candidate path on the
-  sliding-window caches (tested on a tiny random Gemma 3 whose window is shorter than its
-  prompts); it is not in this table."""
+  too: the degeneration penalty's candidates go side by side while the window has room and one
+  row each once it is full (both tested on tiny random Gemma 3 models whose window is full from
+  the start, fills during decoding, or stays open); it is not in this table."""
 
 
 if __name__ == "__main__":
