@@ -102,30 +102,32 @@ def run_section(section: Section, *, smoke: bool, json_path: Path, extra: Sequen
     """Run one section in its own process; returns its record (also written to ``json_path``).
     ``extra``: further arguments for the section's own command line.
 
-    A failed run never replaces an earlier good record: its record then goes to
-    ``NAME.failed.json`` beside it."""
-    # the section writes its bare result here; the record replaces json_path only when it is good
-    running = json_path.with_name(f".{json_path.stem}.running.json")
+    A failed run never replaces an earlier good record: it is set aside while the section runs
+    (files the section writes beside its JSON, such as plots, keep their names) and put back if
+    the run fails, whose record then goes to ``NAME.failed.json``."""
     argv = [sys.executable, "-m", f"benchmarks.{section.name}",
-            *(section.smoke if smoke else section.full), *extra, "--json", str(running)]
+            *(section.smoke if smoke else section.full), *extra, "--json", str(json_path)]
     command = "python -m benchmarks." + section.name + "".join(f" {a}" for a in argv[3:-2])
     print(f"\n=== {section.name}: {command}", flush=True)
     info = machine()
     start = time.perf_counter()
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    running.unlink(missing_ok=True)
+    earlier = json_path.with_name(f".{json_path.stem}.earlier.json")
+    if json_path.exists():
+        os.replace(json_path, earlier)
     proc = subprocess.run(argv, cwd=HERE.parent, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                        "TRANSFORMERS_OFFLINE": "1"})
     info.update(load_after=os.getloadavg()[0], seconds=round(time.perf_counter() - start, 1),
                 date=time.strftime("%Y-%m-%d"))
-    if proc.returncode != 0 or not running.exists():
+    if proc.returncode != 0 or not json_path.exists():
         record = {"status": "failed", "returncode": proc.returncode, "command": command, "machine": info}
-        if json_path.exists():
+        if earlier.exists():
+            os.replace(earlier, json_path)
             json_path = json_path.with_name(f"{json_path.stem}.failed.json")
             print(f"{section.name} failed; its earlier results stay, this run's record: {json_path}")
     else:
-        record = {"status": "ok", "command": command, "machine": info, "result": json.loads(running.read_text())}
-    running.unlink(missing_ok=True)
+        record = {"status": "ok", "command": command, "machine": info, "result": json.loads(json_path.read_text())}
+        earlier.unlink(missing_ok=True)
     write_json(json_path, record, indent=1)
     return record
 

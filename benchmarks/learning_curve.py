@@ -322,23 +322,28 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-NOTES = """Run so far: one fold (seed 0) at 50, 200 and 700 pairs (10, 40 and 140 photos), every
-method; the other sizes and folds are not measured yet, so there is no ± sd. Each cell was run
-as the grid reached it (the command above only gathered the finished cells, hence its few
-seconds, and the torch threads it reports); every cell ran with one torch thread while other
-jobs shared the two cores, so train and eval seconds are per cell and pessimistic.
+NOTES = """Run so far: folds 0 and 1 at 50, 200 and 700 pairs (10, 40 and 140 photos), every
+method; fold 2 and the sizes 100 and 400 are not measured yet, so each ± sd is over two folds.
+Each cell was run as the grid reached it (the command above only gathered the finished cells,
+hence its few seconds, and the torch threads it reports); every cell ran with one torch thread
+while other jobs shared the two cores, so train and eval seconds are per cell and pessimistic.
+Each adapter decodes with its captioner's default: ClipCap and SmallCap-style with 3 beams, the
+Flamingo-style adapter greedily. ClipCap's fold-0 cells ran before its word 3-gram block
+stopped counting punctuation tokens as words.
 
-What it shows, on this one fold:
-- **Below a few hundred pairs the training-free methods are far ahead.** At 200 pairs (40
-  photos) retrieval and MAGIC reach CIDEr 35.5 and 32.6 while the adapters stay at 11.7–14.5;
-  at 50 pairs every method is poor (7–15).
-- **The adapters need the data**: from 200 to 700 pairs ClipCap goes 11.7 → 39.2,
-  Flamingo-style 14.1 → 42.5 and SmallCap-style 14.5 → 44.5, while retrieval gains 35.5 → 48.7.
-  At 700 pairs they approach retrieval and stay below MAGIC (53.0); the curves are still rising
-  steeply there, so the sample is too small to say where they would cross.
-- **SmallCap-style at 200 pairs is far below the retrieval it reads** (14.5 vs 35.5): with 40
-  photos its cross-attention and prompt reading are trained on too few examples and it rewrites
-  good retrieved captions into worse ones; it only pays off near the whole split.
+What it shows:
+- **Below a few hundred pairs the training-free methods lead.** At 200 pairs (40 photos)
+  retrieval and MAGIC reach CIDEr 31.5 ± 5.6 and 30.0 ± 3.6; the adapters 13.8–21.6, the
+  retrieval-augmented SmallCap-style highest. At 50 pairs every method is poor (7–22), and which
+  10 photos are the anchors matters most for retrieval (15.4 and 28.5 on the two folds).
+- **At 700 pairs SmallCap-style ties retrieval** (49.1 ± 0.2 against 48.7) and MAGIC leads
+  (53.0); ClipCap (43.5 ± 6.1) and the Flamingo-style adapter (39.4 ± 4.4) stay below, and depend
+  on the training seed (at 700 pairs the folds differ only by it: ClipCap 39.2 and 47.7). The
+  adapters' curves are still steep there, so the sample is too small to say where they would
+  cross the training-free ones.
+- **With 50 pairs SmallCap-style partly collapses** (42% distinct captions) and the
+  Flamingo-style adapter too (54%): the recipes' extra epochs reach the step count, not the
+  variety of captions.
 - The recipes' `min_steps` matter at the low end: with 3 epochs of 50 pairs (12 steps, the
   learning rate still warming up) ClipCap wrote unrelated text (CIDEr 0.2) and Flamingo-style
   gave 47.5% distinct captions (5.2); with at least the whole split's number of steps they reach
