@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import statistics
 import time
 
 import torch
 
 from benchmarks import write_json
+from nofree.data.pool import duplicate_key
 DEFAULT_LMS = ("embedded:smollm2-135m", "embedded:gemma3-270m")
 #: a plain prompt whose greedy continuation shows that the dequantised weights write fluent text
 SANITY_PROMPT = "The most common animals in a city park are"
@@ -45,10 +45,6 @@ UNSTACKED = " (caches not stacked)"
 SETTINGS = ("default: 8 drafts + the retrieval caption, CIDEr-D consensus (top 20)",
             "8 drafts only, CIDEr-D consensus (top 20)",
             "one draft, 4 pool examples, greedy")
-
-
-def _normal(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .")
 
 
 def caption_all(captioner, image_emb, batch_size: int) -> tuple[dict[str, list[str]], float]:
@@ -106,7 +102,7 @@ def score(captions: list[str], references: list[list[str]], pool_set: set[str], 
     from benchmarks.magic_quality import _score
 
     result = _score(captions, references, seconds)
-    result["new_share"] = sum(_normal(c) not in pool_set for c in captions) / len(captions)
+    result["new_share"] = sum(duplicate_key(c) not in pool_set for c in captions) / len(captions)
     return result
 
 
@@ -143,7 +139,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         val.image_emb, val.pairs = val.image_emb[:3], val.pairs[:3]
     pool = load_text_lines(default_pool_path())[: 2000 if args.smoke else None]
-    pool_set = {_normal(c) for c in pool}
+    pool_set = {duplicate_key(c) for c in pool}
     tokens = {"max_new_tokens": 4} if args.smoke else {}
 
     def pipeline_of(anchors):

@@ -50,6 +50,7 @@ from benchmarks.folds import photo_folds
 from benchmarks.fusion import frozen_setup, write_pairs
 from nofree import sample_dir
 from nofree.adapters.recipes import RECIPES
+from nofree.data.pool import duplicate_key
 
 #: ``bBnN`` with, for SmallCap only, ``dD`` (drafts) and ``r`` (the retrieved caption a candidate).
 DECODING = re.compile(r"^b(\d+)n(\d+)(?:d(\d+))?(r?)$")
@@ -87,11 +88,6 @@ def _parse_decoding(text: str, kind: str) -> dict:
     return options
 
 
-def _normal(text: str) -> str:
-    """Lower case, one space between words, no final period: how copies of the pool are found."""
-    return " ".join(text.lower().split()).rstrip(" .")
-
-
 def scored(captions: list[str], references: list[list[str]], pool: set[str] | None = None) -> dict:
     """CIDEr and BLEU-4 (``nofree eval``'s code), degeneration measures, the captions and, given the
     ``pool`` (normalised captions), the share of captions copied verbatim from it."""
@@ -99,7 +95,7 @@ def scored(captions: list[str], references: list[list[str]], pool: set[str] | No
     from nofree.eval.degeneration import degeneration
 
     metrics = caption_metrics(captions, references, meteor=False)
-    copied = {} if pool is None else {"copied": statistics.fmean(_normal(c) in pool for c in captions)}
+    copied = {} if pool is None else {"copied": statistics.fmean(duplicate_key(c) in pool for c in captions)}
     return {"cider": metrics["CIDEr"], "bleu4": metrics["BLEU-4"], **degeneration(captions), **copied,
             "captions": captions}
 
@@ -129,7 +125,7 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     # the retrieval SmallCapCaptioner reads, as from_pretrained builds it: the fold's anchors, the pool
     retrieval = retrieval_for(adapter.anchors, adapter.image_encoder, text_encoder,
                               load_text_lines(pool or default_pool_path()), cache=cache)
-    in_pool = {_normal(c) for c in retrieval.pool}
+    in_pool = {duplicate_key(c) for c in retrieval.pool}
     paths = [every.image_paths[row] for row in held]
     features = every.image_features[held]   # the cached frozen features training read
     refs = [references[row] for row in held]

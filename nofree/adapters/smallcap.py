@@ -25,7 +25,6 @@ retrieves with (``anchors/``) and, when training used a pool other than the bund
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,16 +35,12 @@ from nofree.adapters.captioning import DECODING, AdapterCaptioner
 from nofree.adapters.flamingo import Flamingo
 from nofree.adapters.recipes import RECIPES, recipe_epochs
 from nofree.core import DataError, Option, OptionError, SpecError, clean_caption
+from nofree.data.pool import duplicate_key
 
 ANCHORS_DIR = "anchors"
 POOL_FILE = "pool.txt"
 #: SmallCap's prompt, with a colon after each part (the frozen LM is an instruction-tuned one).
 TEMPLATE = "Similar images show: {examples} This image shows:"
-
-
-def _normal(caption: str) -> str:
-    """Lower case, one space between words, no final period: how captions are compared."""
-    return re.sub(r"\s+", " ", caption.strip().lower()).rstrip(" .")
 
 
 class SmallCap(Flamingo):
@@ -94,7 +89,7 @@ class SmallCap(Flamingo):
 
     def prompt_text(self, examples: Sequence[str]) -> str:
         """The prompt for one photo's retrieved captions."""
-        joined = " ".join(text[:1].upper() + text[1:] + "." for text in map(_normal, examples))
+        joined = " ".join(text[:1].upper() + text[1:] + "." for text in map(duplicate_key, examples))
         return self.hparams["template"].format(examples=joined)
 
     def caption_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -139,8 +134,8 @@ def example_captions(retrieval: Any, image_emb: Tensor, m: int,
     ranked = retrieval.ranked(image_emb, m + extra)
     out = []
     for row, candidates in enumerate(ranked):
-        own = {_normal(c) for c in exclude[row]} if exclude else set()
-        out.append([c for c in candidates if _normal(c) not in own][:m])
+        own = {duplicate_key(c) for c in exclude[row]} if exclude else set()
+        out.append([c for c in candidates if duplicate_key(c) not in own][:m])
     return out
 
 
