@@ -312,7 +312,7 @@ seconds are not a speed measurement.
 
 The Flamingo-style adapter's decoding, the same folds, with its default recipe (3 epochs, lr
 5e-4, batch 16, mirrored views): `OMP_NUM_THREADS=1 python -m benchmarks.recipe_cv --kind flamingo
---decodings b1n3 b3n3` (2026-12-06, about 18 minutes on the 2 cores, shared with the test suite).
+--decodings b1n3 b3n3` (2026-12-06, about 16 minutes on the 2 cores, shared with the test suite).
 
 | decoding | CIDEr | per fold | distinct % |
 | --- | --- | --- | --- |
