@@ -59,6 +59,7 @@ SECTIONS = (
     Section("magic_quality", "Training-free captioning quality on coco-mini val",
             previous_titles=("Training-free captioning quality on coco-mini val (partial)",)),
     Section("embedded_lms", "Embedded language models for MAGIC captioning (SmolLM2 vs Gemma 3)"),
+    Section("model_grid", "Embedded models: every encoder pair × LM"),
     Section("magic_speed", "MAGIC decoding speed"),
     Section("asif_scale", "ASIF at scale (synthetic)"),
     Section("ray_scale", "Ray scale-out (synthetic webdataset)",

@@ -110,18 +110,24 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def package_bytes(names) -> int:
+    """Bytes of every file the installed pip distributions ``names`` hold, as their RECORDs list them."""
+    total = 0
+    for name in names:
+        dist = importlib.metadata.distribution(name)
+        for file in dist.files or ():
+            path = Path(dist.locate_file(file))
+            total += file.size if file.size is not None else (path.stat().st_size if path.is_file() else 0)
+    return total
+
+
 def install_bytes(spec: str) -> dict[str, int]:
     """Bytes on disk of an embedded spec: ``packages`` (every file its pip packages installed, as
     their RECORDs list them) and ``cache`` (a folder it unpacks into nofree's cache, if any)."""
     from nofree.encoders.embedded import EMBEDDED_ENCODERS
 
     entry = EMBEDDED_ENCODERS[spec.split(":", 1)[1]]
-    total = 0
-    for name in (token.split("==")[0] for token in entry.pip.split() if "==" in token):
-        dist = importlib.metadata.distribution(name)
-        for file in dist.files or ():
-            path = Path(dist.locate_file(file))
-            total += file.size if file.size is not None else (path.stat().st_size if path.is_file() else 0)
+    total = package_bytes(token.split("==")[0] for token in entry.pip.split() if "==" in token)
     cache = 0
     if spec == "embedded:mpnet-base":
         from nofree.encoders.embedded import mpnet_folder

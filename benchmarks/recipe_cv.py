@@ -2,7 +2,8 @@
 
     python -m benchmarks.recipe_cv [--kind clipcap|flamingo|smallcap] [--folds 5] [--epochs 3]
                                    [--lr 1e-3] [--mapper mlp] [--prefix-length 10] [--augment hflip]
-                                   [--decodings b1n3 b3n3 b1n3d3r] [--json PATH] [--work DIR] [--smoke]
+                                   [--examples 4] [--decodings b1n3 b3n3 b1n3d3r] [--keep-adapters]
+                                   [--json PATH] [--work DIR] [--smoke]
 
 How the trained captioners' defaults are chosen without looking at ``val``: the 140 ``train``
 photos are shuffled once (seed 0) and cut into ``--folds`` folds of whole photos (the contiguous
@@ -22,8 +23,10 @@ built from those photos only (the held-out photos and their captions never reach
 the prompts or the training; there is no ``val`` split), and its examples are retrieved from the
 bundled caption pool, cleaned. Its held-out photos are captioned by ``SmallCapCaptioner`` over
 that anchor set and pool; a decoding may add ``dD`` (D drafts, one per window of retrieved
-examples) and ``r`` (the retrieved caption joins the candidates), the candidates then chosen by
-the captioner's CIDEr-D consensus, e.g. ``b1n3d3r``. The baseline of every SmallCap fold is caption
+examples, MAGIC's windows), ``kK`` (each beam search's K best captions) and ``r`` (the retrieved
+caption joins the candidates), the candidates then chosen by the captioner's CIDEr-D consensus,
+e.g. ``b3n3k3`` or ``b1n3d3r``. ``--keep-adapters`` keeps each fold's adapter under ``WORK/scratch``,
+and a rerun with the same settings decodes with it instead of training again. The baseline of every SmallCap fold is caption
 retrieval (``RetrievalCaptioner``, as ``nofree caption --method retrieval`` ranks: same anchor set,
 pool and cleaning, CIDEr-D consensus re-ranking, no training) on the same held-out photos; the
 JSON and the table give it per fold, mean ± sd, and SmallCap's per-fold difference to it for each
@@ -36,6 +39,7 @@ decoding, with the share of distinct captions and of captions copied verbatim fr
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import statistics
@@ -52,8 +56,9 @@ from nofree import sample_dir
 from nofree.adapters.recipes import RECIPES
 from nofree.data.pool import duplicate_key
 
-#: ``bBnN`` with, for SmallCap only, ``dD`` (drafts) and ``r`` (the retrieved caption a candidate).
-DECODING = re.compile(r"^b(\d+)n(\d+)(?:d(\d+))?(r?)$")
+#: ``bBnN`` with, for SmallCap only, ``dD`` (drafts), ``kK`` (each beam search's K best) and ``r``
+#: (the retrieved caption a candidate).
+DECODING = re.compile(r"^b(\d+)n(\d+)(?:d(\d+))?(?:k(\d+))?(r?)$")
 BASELINE = "retrieval (training-free, same folds)"
 
 
@@ -75,16 +80,19 @@ def _parse_decoding(text: str, kind: str) -> dict:
     ``drafts`` and ``with_retrieved``."""
     match = DECODING.match(text)
     if not match:
-        raise SystemExit(f"--decodings: {text!r} is not bBnN[dD][r] (B beams, no word N-gram twice; "
-                         "SmallCap only: D drafts, r the retrieved caption among the candidates), e.g. b1n3")
+        raise SystemExit(f"--decodings: {text!r} is not bBnN[dD][kK][r] (B beams, no word N-gram twice; "
+                         "SmallCap only: D drafts, K best of each beam search, r the retrieved caption among "
+                         "the candidates), e.g. b1n3")
     options: dict = {"beams": int(match[1]), "no_repeat_ngram": int(match[2])}
-    if match[3] is not None or match[4]:
+    if match[3] is not None or match[4] is not None or match[5]:
         if kind != "smallcap":
-            raise SystemExit(f"--decodings: {text!r}: the suffixes dD (drafts) and r (retrieved caption) "
-                             f"apply to --kind smallcap only, not {kind}; use bBnN")
-        if match[3] is not None and int(match[3]) < 1:
-            raise SystemExit(f"--decodings: {text!r}: D (drafts) must be at least 1")
-        options.update(drafts=int(match[3] or 1), with_retrieved=bool(match[4]))
+            raise SystemExit(f"--decodings: {text!r}: the suffixes dD (drafts), kK (n-best) and r (retrieved "
+                             f"caption) apply to --kind smallcap only, not {kind}; use bBnN")
+        drafts, nbest = int(match[3] or 1), int(match[4] or 1)
+        if drafts < 1 or not 1 <= nbest <= options["beams"]:
+            raise SystemExit(f"--decodings: {text!r}: D (drafts) must be at least 1 and K (n-best) between 1 "
+                             "and B (beams)")
+        options.update(drafts=drafts, nbest=nbest, with_retrieved=bool(match[5]))
     return options
 
 
@@ -102,26 +110,42 @@ def scored(captions: list[str], references: list[list[str]], pool: set[str] | No
 
 def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, settings: dict, backbones: dict,
                   pool: Path | None, text_encoder, cache, decodings: dict, references: dict,
-                  scratch: Path) -> dict:
+                  scratch: Path, keep: bool = False) -> dict:
     """Train SmallCap on the photos at rows ``fit`` of ``every`` (a pairs file under ``scratch``),
-    caption the ``held`` rows with each decoding and with caption retrieval; the fold's record."""
+    caption the ``held`` rows with each decoding and with caption retrieval; the fold's record.
+    With ``keep`` the trained adapter stays in ``scratch`` and a later run with the same settings
+    and photos reuses it (for other decodings) instead of training again."""
+    from nofree.adapters.base import load_adapter
     from nofree.adapters.smallcap import SmallCapCaptioner, retrieval_for, train_smallcap
     from nofree.captioning.retrieval import default_pool_path
     from nofree.data.pairs import load_text_lines
 
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    # the fold's training photos only, split "train"; train_smallcap builds its anchors from them
-    data = write_pairs(scratch / "pairs.jsonl", [pairs_of[every.image_paths[row]] for row in fit])
-    start = time.perf_counter()
-    result = train_smallcap(data, out=scratch / "adapter", image_encoder=backbones["image"],
-                            text_encoder=backbones["text"], lm=backbones["lm"], pool=pool,
-                            epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-                            augment=settings["augment"], seed=settings["seed"], val_split=None,
-                            precision="bf16", overwrite=True, progress=False)
-    cell = {"held_photos": len(held), "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
-            "train_loss": result.history[-1]["train_loss"], "decodings": {}}
-    adapter = result.adapter
+    fitted = sorted(every.image_paths[row] for row in fit)
+    record = scratch / "fold.json"
+    kept = json.loads(record.read_text()) if keep and record.is_file() else None
+    if kept and kept["settings"] == settings and kept["photos"] == fitted:
+        cell = {**kept["cell"], "decodings": {}, "reused": True}
+        adapter = load_adapter(scratch / "adapter")
+        SmallCapCaptioner.for_adapter(adapter, scratch / "adapter", pool=load_text_lines(pool) if pool else None)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        # the fold's training photos only, split "train"; train_smallcap builds its anchors from them
+        data = write_pairs(scratch / "pairs.jsonl", [pairs_of[every.image_paths[row]] for row in fit])
+        start = time.perf_counter()
+        result = train_smallcap(data, out=scratch / "adapter", image_encoder=backbones["image"],
+                                text_encoder=backbones["text"], lm=backbones["lm"], pool=pool,
+                                examples=settings.get("examples", 4), epochs=settings["epochs"],
+                                batch_size=settings["batch_size"], lr=settings["lr"],
+                                augment=settings["augment"], seed=settings["seed"], val_split=None,
+                                precision="bf16", overwrite=True, progress=False)
+        cell = {"held_photos": len(held), "steps": result.steps,
+                "train_s": round(time.perf_counter() - start, 1),
+                "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+        adapter = result.adapter
+        if keep:
+            write_json(record, {"settings": settings, "photos": fitted,
+                                "cell": {k: v for k, v in cell.items() if k != "decodings"}})
     # the retrieval SmallCapCaptioner reads, as from_pretrained builds it: the fold's anchors, the pool
     retrieval = retrieval_for(adapter.anchors, adapter.image_encoder, text_encoder,
                               load_text_lines(pool or default_pool_path()), cache=cache)
@@ -133,6 +157,7 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     for name, options in decodings.items():
         options = dict(options)
         captioner = SmallCapCaptioner(adapter, retrieval, drafts=options.pop("drafts", 1),
+                                      nbest=options.pop("nbest", 1),
                                       with_retrieved=options.pop("with_retrieved", False), max_tokens=30,
                                       **options)
         captions: list[str] = []
@@ -141,7 +166,8 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
                 captions += captioner.caption_chunk(paths[at:at + captioner.batch_size],
                                                     features[at:at + captioner.batch_size], captioner.options)
         cell["decodings"][name] = scored(captions, refs, in_pool)
-    shutil.rmtree(scratch, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(scratch, ignore_errors=True)
     return cell
 
 
@@ -161,6 +187,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--augment", choices=("none", "hflip"), default=None, help="default: the recipe's")
     parser.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp", help="ClipCap only")
     parser.add_argument("--prefix-length", type=int, default=10, help="ClipCap only")
+    parser.add_argument("--examples", type=int, default=4, help="SmallCap only: retrieved captions per prompt")
+    parser.add_argument("--keep-adapters", action="store_true",
+                        help="SmallCap only: keep each fold's adapter under --work and reuse it on a rerun with "
+                             "the same settings (e.g. to try other --decodings)")
     parser.add_argument("--decodings", nargs="+", default=["b1n3", "b3n3"],
                         help="bBnN; SmallCap also bBnNdD[r] (D drafts, r: the retrieved caption a candidate)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the folds use seed 0)")
@@ -182,6 +212,8 @@ def main(argv=None) -> dict:
         settings["epochs"], settings["folds"] = epochs["epochs"], 2
     if args.kind == "smallcap":
         settings["pool"] = str(pool) if pool else "bundled"
+        if args.examples != 4:  # left out at the default, so earlier records keep their settings
+            settings["examples"] = args.examples
     pairs = load_pairs(sample_dir() / "pairs.jsonl", split="train", limit=20 if args.smoke else None)
     image_encoder = _load_backbone("image_encoder", backbones["image"], None)
     lm = _load_backbone("lm", backbones["lm"], None)
@@ -205,7 +237,8 @@ def main(argv=None) -> dict:
             cell = {"fold": fold, **smallcap_fold(
                 fit, held, every=every, pairs_of={str(p.image): p for p in pairs}, settings=settings,
                 backbones=backbones, pool=pool, text_encoder=text_encoder, cache=cache, decodings=decodings,
-                references=references, scratch=args.work / "scratch" / f"smallcap-fold{fold}")}
+                references=references, scratch=args.work / "scratch" / f"smallcap-fold{fold}",
+                keep=args.keep_adapters)}
             print(f"fold {fold} retrieval: CIDEr {100 * cell['retrieval']['cider']:.1f}", flush=True)
         else:
             adapter = fresh()
@@ -267,14 +300,16 @@ def summarize(cells: list[dict], decodings: dict) -> dict:
 def markdown(out: dict) -> str:
     s = out["settings"]
     baseline = out.get("retrieval")
-    extra = (f", examples retrieved from the {s.get('pool', 'bundled')} caption pool (cleaned)"
+    extra = (f", {s.get('examples', 4)} examples retrieved from the {s.get('pool', 'bundled')} caption pool "
+             "(cleaned)"
              if s["kind"] == "smallcap" else "")
     hparams = f" {s['hparams']}" if s["hparams"] else ""
     lines = [f"{s['folds']}-fold cross-validation on the {out['n_photos']} `train` photos: {s['kind']}"
              f"{hparams}, {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}, "
              f"augment {s['augment']}{extra}. Held-out CIDEr ×100, mean ± sd over folds. Decodings: "
-             "`bBnN` B beams, no word N-gram twice; `dD` D drafts (windows of retrieved examples) and `r` "
-             "the retrieved caption among the candidates, one kept by CIDEr-D consensus."
+             "`bBnN` B beams, no word N-gram twice; `dD` D drafts (windows of retrieved examples), `kK` "
+             "each beam search's K best and `r` the retrieved caption among the candidates, one kept by "
+             "CIDEr-D consensus."
              + (" Last column: SmallCap − retrieval CIDEr per fold, mean ± sd (folds where SmallCap is "
                 "ahead)." if baseline else ""), ""]
     if baseline:

@@ -325,14 +325,19 @@ def _target_texts(target: Path) -> list[str]:
               help="MAGIC: take the examples from the caption pool (retrieval + consensus; the default) "
                    "or from the anchor captions nearest by ASIF.")
 @click.option("--drafts", type=click.IntRange(min=1), default=None,
-              help="MAGIC: captions written per photo, each with another window of pool examples; the "
-                   "one agreeing most with the retrieved captions is kept (default 8; 1: a single draft).")
+              help="MAGIC and smallcap: captions written per photo, each with another window of pool "
+                   "examples; the one agreeing most with the retrieved captions is kept (default: MAGIC 8, "
+                   "smallcap 1; 1: a single draft).")
+@click.option("--nbest", type=click.IntRange(min=1), default=None,
+              help="smallcap: keep each beam search's N best captions as candidates for the consensus "
+                   "choice (at most --beams; default 1).")
 @windows_option
 @click.option("--consensus", type=click.IntRange(min=1), default=None,
-              help="MAGIC: retrieved captions used as pseudo-references to choose among candidates "
-                   "(CIDEr-D; default 20).")
+              help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "
+                   "candidates (CIDEr-D; default 20).")
 @click.option("--with-retrieved/--no-retrieved", default=None,
-              help="MAGIC: also offer the retrieval caption as a candidate (default: yes).")
+              help="MAGIC and smallcap: also offer the retrieval caption as a candidate (default: MAGIC "
+                   "yes, smallcap no).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
                    "and can change a few words).")
@@ -343,7 +348,7 @@ def _target_texts(target: Path) -> list[str]:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, lit_dir, adapter_dir, pool, lm, scorer, top_k, alpha, beta, max_tokens, beams,
             no_repeat_ngram, prompt, examples,
-            examples_from, drafts, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
+            examples_from, drafts, nbest, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
             strict, images, clean_pool):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioning.factory import iter_caption_paths, load_captioner
@@ -352,7 +357,8 @@ def caption(method, anchor_dir, lit_dir, adapter_dir, pool, lm, scorer, top_k, a
     options = {"k": top_k, "alpha": alpha, "beta": beta, "max_new_tokens": max_tokens, "beams": beams,
                "no_repeat_ngram": no_repeat_ngram,
                "prompt": prompt, "examples": examples, "examples_from": examples_from,
-               "drafts": drafts, "windows": windows, "consensus": consensus, "with_retrieved": with_retrieved,
+               "drafts": drafts, "nbest": nbest, "windows": windows, "consensus": consensus,
+               "with_retrieved": with_retrieved,
                "precision": precision}
     options = {k: v for k, v in options.items() if v is not None}
     if lit_dir is not None:

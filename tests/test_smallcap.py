@@ -110,6 +110,10 @@ def test_caption_and_swap_the_pool_without_retraining(trained, tmp_path):
 
 
 def test_drafts_and_the_retrieved_caption_go_through_consensus(trained):
+    from nofree.captioning.drafts import example_windows
+    from nofree.core import clean_caption
+    from nofree.data.images import load_image
+
     directory = trained["root"] / "adapter"
     images = sorted(str(p) for p in (trained["root"] / "data").glob("*.png"))[:3]
     plain = SmallCapCaptioner.from_pretrained(directory, max_tokens=4)
@@ -117,21 +121,63 @@ def test_drafts_and_the_retrieved_caption_go_through_consensus(trained):
                                                 consensus=3)
     emb = drafted.retrieval.pipeline.encode_images(images)
     m = drafted.adapter.hparams["examples"]
-    windows = example_captions(drafted.retrieval, emb, 2 * m)
-    second = [drafted.adapter.prompt_text(found[m:]) for found in windows]
-    from nofree.core import clean_caption
-    from nofree.data.images import load_image
-
+    (first, count), = example_windows(m, 2)[1:]  # the second draft reads MAGIC's second window
+    assert (first, count) != (0, m)
+    ranked = example_captions(drafted.retrieval, emb, 2 * m)
+    second = [drafted.adapter.prompt_text(found[first:first + count]) for found in ranked]
     features = drafted.image_encoder.encode_tokens([load_image(p) for p in images])
-
     second_drafts = [clean_caption(t) for t in drafted.adapter.caption_features(
         features, prompts=second, **drafted.options)]
     references = drafted.retrieval.top(emb, 3)
     for row, got in enumerate(drafted.caption(images)):
-        candidates = [plain.caption([images[row]])[0], second_drafts[row], windows[row][0].strip()]
+        candidates = [plain.caption([images[row]])[0], second_drafts[row], ranked[row][0].strip()]
         assert got == candidates[drafted.retrieval.cider.choose(candidates, references[row])]
     with pytest.raises(ValueError, match="drafts"):
         SmallCapCaptioner(drafted.adapter, drafted.retrieval, drafts=0)
+
+
+def test_nbest_keeps_the_consensus_choice_among_the_beams(trained):
+    from nofree.core import clean_caption
+    from nofree.data.images import load_image
+
+    directory = trained["root"] / "adapter"
+    images = sorted(str(p) for p in (trained["root"] / "data").glob("*.png"))[:3]
+    nbest = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, beams=3, nbest=3, consensus=3)
+    adapter = nbest.adapter
+    features = nbest.image_encoder.encode_tokens([load_image(p) for p in images])
+    prompts = nbest.prompts(images)
+    returned = adapter.caption_features(features, prompts=prompts, returns=3, **nbest.options)
+    best = adapter.caption_features(features, prompts=prompts, **nbest.options)
+    assert len(returned) == 3 * len(images)
+    assert returned[::3] == best  # each image's returns come best first, the plain beam search's caption
+    emb = nbest.retrieval.pipeline.encode_images(images)
+    references = nbest.retrieval.top(emb, 3)
+    for row, got in enumerate(nbest.caption(images)):
+        candidates = [clean_caption(t) for t in returned[3 * row:3 * row + 3]]
+        assert got == candidates[nbest.retrieval.cider.choose(candidates, references[row])]
+    with pytest.raises(ValueError, match="beam width"):
+        SmallCapCaptioner(adapter, nbest.retrieval, beams=2, nbest=3)
+    with pytest.raises(ValueError, match="returns"):
+        adapter.generate(features, beams=2, returns=3)
+
+
+def test_cli_offers_smallcap_its_candidates_and_no_one_else(trained):
+    directory = trained["root"] / "adapter"
+    images = sorted(str(p) for p in (trained["root"] / "data").glob("*.png"))[:2]
+    runner = CliRunner()
+    args = ["--max-tokens", "4", "--beams", "2", "--drafts", "2", "--nbest", "2", "--consensus", "3",
+            "--with-retrieved", "--format", "jsonl", *images]
+    result = runner.invoke(main, ["caption", "--method", "smallcap", "--adapter", str(directory), *args])
+    assert result.exit_code == 0, result.output
+    library = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, beams=2, drafts=2, nbest=2, consensus=3,
+                                                with_retrieved=True)
+    assert [json.loads(line)["caption"] for line in result.stdout.splitlines()] == library.caption(images)
+    too_many = runner.invoke(main, ["caption", "--method", "smallcap", "--adapter", str(directory), "--beams", "2",
+                                    "--nbest", "3", images[0]])
+    assert too_many.exit_code == 2 and "--nbest 3 cannot exceed the beam width, --beams 2" in too_many.output
+    magic = runner.invoke(main, ["caption", "--method", "magic", "--anchors", str(directory / "anchors"),
+                                 "--nbest", "2", images[0]])
+    assert magic.exit_code != 0 and "takes no --nbest" in magic.output and "Traceback" not in magic.output
 
 
 def test_bad_input_is_one_line(trained, backbones, tmp_path):

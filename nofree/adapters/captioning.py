@@ -197,9 +197,10 @@ class CaptioningAdapter(Adapter):
     @torch.no_grad()
     def generate(self, features: Tensor, *, prompts: Sequence[str] | None = None, beams: int = 1,
                  max_tokens: int = 30, stop_at_period: bool = True, no_repeat_ngram: int = 0,
-                 repetition_penalty: float = 1.0) -> list[list[int]]:
-        """Token ids of one caption per feature row ``(B, ...)``; ``prompts``: one text per row for
-        adapters that read one (see :meth:`generation_inputs`).
+                 repetition_penalty: float = 1.0, returns: int = 1) -> list[list[int]]:
+        """Token ids of ``returns`` captions per feature row ``(B, ...)``, row-major (image 0's
+        captions first, best first; ``returns`` <= ``beams``: the beam search's n best); ``prompts``:
+        one text per row for adapters that read one (see :meth:`generation_inputs`).
 
         A caption ends by the rule every decoder follows (:mod:`nofree.decoding.stopping`): at eos
         (not part of the caption), at a period after a word (kept; when ``stop_at_period``) or
@@ -214,6 +215,8 @@ class CaptioningAdapter(Adapter):
         if beams < 1 or max_tokens < 1 or no_repeat_ngram < 0 or not repetition_penalty > 0:
             raise ValueError("beams and max_tokens must be >= 1, no_repeat_ngram >= 0 and "
                              "repetition_penalty > 0")
+        if not 1 <= returns <= beams:
+            raise ValueError(f"returns must be between 1 and beams ({beams}), got {returns}")
         was_training = self.training
         self.eval()
         features = features.to(self.device, torch.float32)
@@ -222,8 +225,8 @@ class CaptioningAdapter(Adapter):
         try:
             with self.media(features, copies=beams):
                 inputs = self.generation_inputs(features, prompts)
-                beam_options = {"num_beams": beams, "length_penalty": 1.0, "early_stopping": True} \
-                    if beams > 1 else {}
+                beam_options = {"num_beams": beams, "length_penalty": 1.0, "early_stopping": True,
+                                "num_return_sequences": returns} if beams > 1 else {}
                 processors = []
                 if no_repeat_ngram:
                     from transformers import LogitsProcessorList
@@ -237,7 +240,7 @@ class CaptioningAdapter(Adapter):
                     eos_token_id=stops, pad_token_id=lm.pad_id, use_cache=True)
         finally:
             self.train(was_training)
-        if "input_ids" in inputs:  # decoder-only generate returns the prompt too
+        if "input_ids" in inputs:  # decoder-only generate returns the prompt too (the same for each return)
             out = out[:, inputs["input_ids"].shape[1]:]
         captions, ends = [], set(stops)
         for row in out.tolist():  # the search's row ends at its first stop id; padding follows

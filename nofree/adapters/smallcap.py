@@ -172,38 +172,48 @@ class SmallCapCaptioner(AdapterCaptioner):
     (``retrieval``: a :class:`RetrievalCaptioner` whose image encoder is the adapter's), builds its
     prompt and decodes as :class:`AdapterCaptioner` does.
 
-    ``drafts`` > 1 writes one caption per window of examples (the best ``examples`` pool
-    captions, the next ones, ...); with ``with_retrieved`` the retrieved caption joins them; of
-    these candidates the one agreeing most (CIDEr-D) with the image's ``consensus`` best pool
-    captions is kept, the selection nofree's MAGIC defaults use
-    (:mod:`nofree.captioning.consensus`). ``drafts=1`` without it is SmallCap's own decoding.
+    Several candidates, one kept: ``drafts`` > 1 writes one caption per window of retrieved
+    examples (the windows MAGIC's drafts read, :func:`nofree.captioning.drafts.example_windows`:
+    the ``examples`` best pool captions, fewer, more, shifted); ``nbest`` > 1 keeps each beam
+    search's ``nbest`` best captions (at most the beam width); with ``with_retrieved`` the
+    retrieved caption joins them. Of the candidates, the one agreeing most (CIDEr-D) with the
+    image's ``consensus`` best pool captions is kept, the selection nofree's MAGIC defaults use
+    (:mod:`nofree.captioning.consensus`). ``drafts=1, nbest=1`` without it is SmallCap's own
+    decoding.
     """
 
-    def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int = 1, with_retrieved: bool = False,
-                 consensus: int = 20, **kw: Any) -> None:
+    def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int = 1, nbest: int = 1,
+                 with_retrieved: bool = False, consensus: int = 20, **kw: Any) -> None:
         super().__init__(adapter, **kw)
         if retrieval.pipeline.image_encoder.spec != adapter.image_encoder.spec:
             raise SpecError(f"the retrieval's image encoder {retrieval.pipeline.image_encoder.spec!r} "
                             f"is not the adapter's {adapter.image_encoder.spec!r}")
-        if drafts < 1 or consensus < 1:
-            raise ValueError(f"drafts and consensus must be >= 1, got {drafts} and {consensus}")
+        if drafts < 1 or nbest < 1 or consensus < 1:
+            raise ValueError(f"drafts, nbest and consensus must be >= 1, got {drafts}, {nbest} and {consensus}")
+        if nbest > self.options["beams"]:
+            raise OptionError(Option("nbest", nbest), " cannot exceed the beam width, ",
+                              Option("beams", self.options["beams"]), ": lower the first or raise the second")
         self.retrieval = retrieval
-        self.drafts, self.with_retrieved, self.consensus = int(drafts), bool(with_retrieved), int(consensus)
+        self.drafts, self.nbest, self.with_retrieved = int(drafts), int(nbest), bool(with_retrieved)
+        self.consensus = int(consensus)
 
     def caption_chunk(self, images: Sequence[Any], features: Tensor, options: dict[str, Any]) -> list[str]:
         """One caption per image of the chunk: SmallCap's own, or the consensus choice among the
-        drafts (and the retrieved caption); see the class docstring."""
-        if self.drafts == 1 and not self.with_retrieved:
+        candidates; see the class docstring."""
+        from nofree.captioning.drafts import example_windows
+
+        if self.drafts == 1 and self.nbest == 1 and not self.with_retrieved:
             return super().caption_chunk(images, features, options)
-        m = self.adapter.hparams["examples"]
+        windows = example_windows(self.adapter.hparams["examples"], self.drafts)
         image_emb = self.retrieval.pipeline.encode_images(images)
-        ranked = example_captions(self.retrieval, image_emb, m * self.drafts)
+        ranked = example_captions(self.retrieval, image_emb, max(first + count for first, count in windows))
+        returns = min(self.nbest, options["beams"])
         candidates: list[list[str]] = [[] for _ in images]
-        for window in range(self.drafts):
-            prompts = [self.adapter.prompt_text(found[window * m:(window + 1) * m]) for found in ranked]
-            drafts = self.adapter.caption_features(features, prompts=prompts, **options)
-            for row, text in zip(candidates, drafts):
-                row.append(clean_caption(text))
+        for first, count in windows:
+            prompts = [self.adapter.prompt_text(found[first:first + count]) for found in ranked]
+            drafts = self.adapter.caption_features(features, prompts=prompts, returns=returns, **options)
+            for i, text in enumerate(drafts):
+                candidates[i // returns].append(clean_caption(text))
         if self.with_retrieved:
             for row, found in zip(candidates, ranked):
                 row.append(found[0].strip())

@@ -18,6 +18,9 @@ from nofree.core import DataError, Option, OptionError, option_list
 _CLIP_LIKE = "open_clip:ARCH@TAG, hf-clip:NAME, local:DIR, lit:DIR"
 #: The decoding options of a trained adapter's captioner, and its parameter for each.
 _ADAPTER_DECODING = {"max_new_tokens": "max_tokens", "beams": "beams", "no_repeat_ngram": "no_repeat_ngram"}
+#: A SmallCap captioner's further options: several candidates, one kept by consensus.
+_SMALLCAP_CANDIDATES = {"drafts": "drafts", "nbest": "nbest", "consensus": "consensus",
+                        "with_retrieved": "with_retrieved"}
 
 
 def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
@@ -31,7 +34,8 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
     with the anchor set), or a CLIP-like model or trained LiT, which ranks the pool itself
     (no anchor set) and steers with the paper's α, β unless ``options`` say otherwise.
     ``options``: the captioner's keyword arguments (MAGIC's, or a trained adapter's decoding:
-    ``max_new_tokens``, ``beams``, ``no_repeat_ngram``).
+    ``max_new_tokens``, ``beams``, ``no_repeat_ngram``; SmallCap's also ``drafts``, ``nbest``,
+    ``consensus`` and ``with_retrieved``).
     """
     options = dict(options or {})
     if scorer is not None:
@@ -79,10 +83,11 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
         if adapter_dir is None:
             raise OptionError(Option("method", method), " needs ", Option("adapter_dir", placeholder="DIR"),
                               f" (an adapter from `nofree train {method}`)")
-        unused = sorted(k for k in options if k not in _ADAPTER_DECODING)
+        known = {**_ADAPTER_DECODING, **(_SMALLCAP_CANDIDATES if method == "smallcap" else {})}
+        unused = sorted(k for k in options if k not in known)
         if unused:
             raise OptionError(Option("method", method), " takes no ", *option_list(unused))
-        decode = {_ADAPTER_DECODING[k]: v for k, v in options.items()}
+        decode = {known[k]: v for k, v in options.items()}
         if method == "smallcap":
             from nofree.adapters.smallcap import SmallCapCaptioner
             from nofree.cache import EmbeddingCache
@@ -104,7 +109,7 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
 
 def _magic_options(options: dict, pool: Any) -> dict:
     """``options`` checked for ``method="magic"`` and with the ``pool`` file's captions added."""
-    adapter_only = sorted(k for k in ("beams", "no_repeat_ngram") if k in options)
+    adapter_only = sorted(k for k in ("beams", "no_repeat_ngram", "nbest") if k in options)
     if adapter_only:
         raise OptionError(Option("method", "magic"), " takes no ", *option_list(adapter_only),
                           " (they set a trained adapter's decoding)")
