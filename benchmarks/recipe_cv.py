@@ -154,18 +154,24 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     features = every.image_features[held]   # the cached frozen features training read
     refs = [references[row] for row in held]
     cell["retrieval"] = scored(retrieval.caption(paths), refs, in_pool)
+    # decodings that differ only in `r` share their drafts: each group's candidates are written
+    # once, with the retrieved caption last, and `r`-less decodings choose without it
+    groups: dict[tuple, list[str]] = {}
     for name, options in decodings.items():
-        options = dict(options)
+        groups.setdefault(tuple(sorted((k, v) for k, v in options.items() if k != "with_retrieved")), []).append(name)
+    for key, names in groups.items():
+        options = dict(key)
         captioner = SmallCapCaptioner(adapter, retrieval, drafts=options.pop("drafts", 1),
-                                      nbest=options.pop("nbest", 1),
-                                      with_retrieved=options.pop("with_retrieved", False), max_tokens=30,
-                                      **options)
-        captions: list[str] = []
+                                      nbest=options.pop("nbest", 1), with_retrieved=True, max_tokens=30, **options)
+        candidates: list[list[str]] = []
+        image_emb = captioner.retrieval.pipeline.encode_images(paths)
         with torch.no_grad():  # as captioner.caption, chunk by chunk, on the cached features
             for at in range(0, len(paths), captioner.batch_size):
-                captions += captioner.caption_chunk(paths[at:at + captioner.batch_size],
-                                                    features[at:at + captioner.batch_size], captioner.options)
-        cell["decodings"][name] = scored(captions, refs, in_pool)
+                candidates += captioner.candidates(image_emb[at:at + captioner.batch_size],
+                                                   features[at:at + captioner.batch_size], captioner.options)
+        for name in names:
+            rows = candidates if decodings[name].get("with_retrieved") else [row[:-1] for row in candidates]
+            cell["decodings"][name] = scored(captioner.choose(rows, image_emb), refs, in_pool)
     if not keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return cell

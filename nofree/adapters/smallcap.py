@@ -167,6 +167,10 @@ def leave_out_prompts(adapter: SmallCap, retrieval_of: Any, image_paths: Sequenc
     return prompts  # type: ignore[return-value]
 
 
+#: SmallCapCaptioner's candidate options where neither the caller nor the adapter's ``decoding`` sets them.
+CANDIDATES = {"drafts": 1, "nbest": 1, "with_retrieved": False, "consensus": 20}
+
+
 class SmallCapCaptioner(AdapterCaptioner):
     """:class:`nofree.core.Captioner` of a SmallCap adapter: retrieves each image's examples
     (``retrieval``: a :class:`RetrievalCaptioner` whose image encoder is the adapter's), builds its
@@ -179,12 +183,17 @@ class SmallCapCaptioner(AdapterCaptioner):
     retrieved caption joins them. Of the candidates, the one agreeing most (CIDEr-D) with the
     image's ``consensus`` best pool captions is kept, the selection nofree's MAGIC defaults use
     (:mod:`nofree.captioning.consensus`). ``drafts=1, nbest=1`` without it is SmallCap's own
-    decoding.
+    decoding. Options left out take the adapter class's ``decoding`` (:attr:`SmallCap.decoding`),
+    then :data:`CANDIDATES`.
     """
 
-    def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int = 1, nbest: int = 1,
-                 with_retrieved: bool = False, consensus: int = 20, **kw: Any) -> None:
+    def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int | None = None, nbest: int | None = None,
+                 with_retrieved: bool | None = None, consensus: int | None = None, **kw: Any) -> None:
         super().__init__(adapter, **kw)
+        given = {"drafts": drafts, "nbest": nbest, "with_retrieved": with_retrieved, "consensus": consensus}
+        chosen = {**CANDIDATES, **{k: v for k, v in adapter.decoding.items() if k in CANDIDATES},
+                  **{k: v for k, v in given.items() if v is not None}}
+        drafts, nbest, with_retrieved, consensus = (chosen[k] for k in given)
         if retrieval.pipeline.image_encoder.spec != adapter.image_encoder.spec:
             raise SpecError(f"the retrieval's image encoder {retrieval.pipeline.image_encoder.spec!r} "
                             f"is not the adapter's {adapter.image_encoder.spec!r}")
@@ -200,15 +209,22 @@ class SmallCapCaptioner(AdapterCaptioner):
     def caption_chunk(self, images: Sequence[Any], features: Tensor, options: dict[str, Any]) -> list[str]:
         """One caption per image of the chunk: SmallCap's own, or the consensus choice among the
         candidates; see the class docstring."""
-        from nofree.captioning.drafts import example_windows
-
         if self.drafts == 1 and self.nbest == 1 and not self.with_retrieved:
             return super().caption_chunk(images, features, options)
-        windows = example_windows(self.adapter.hparams["examples"], self.drafts)
         image_emb = self.retrieval.pipeline.encode_images(images)
+        return self.choose(self.candidates(image_emb, features, options), image_emb)
+
+    def candidates(self, image_emb: Tensor, features: Tensor, options: dict[str, Any]) -> list[list[str]]:
+        """Each image's candidate captions: per example window, the beam search's ``nbest`` best
+        (tidied), then the retrieved caption when ``with_retrieved``. ``image_emb`` ``(B, Di)``:
+        the images by the retrieval's image encoder; ``features``: the adapter's; ``options``:
+        keywords of :meth:`~nofree.adapters.captioning.CaptioningAdapter.generate`."""
+        from nofree.captioning.drafts import example_windows
+
+        windows = example_windows(self.adapter.hparams["examples"], self.drafts)
         ranked = example_captions(self.retrieval, image_emb, max(first + count for first, count in windows))
         returns = min(self.nbest, options["beams"])
-        candidates: list[list[str]] = [[] for _ in images]
+        candidates: list[list[str]] = [[] for _ in range(len(image_emb))]
         for first, count in windows:
             prompts = [self.adapter.prompt_text(found[first:first + count]) for found in ranked]
             drafts = self.adapter.caption_features(features, prompts=prompts, returns=returns, **options)
@@ -217,6 +233,11 @@ class SmallCapCaptioner(AdapterCaptioner):
         if self.with_retrieved:
             for row, found in zip(candidates, ranked):
                 row.append(found[0].strip())
+        return candidates
+
+    def choose(self, candidates: Sequence[Sequence[str]], image_emb: Tensor) -> list[str]:
+        """Per image, the candidate with the highest CIDEr-D against its ``consensus`` best pool
+        captions by similarity (:meth:`RetrievalCaptioner.top`)."""
         references = self.retrieval.top(image_emb, self.consensus)
         return [row[self.retrieval.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
 
