@@ -327,17 +327,16 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--drafts", type=click.IntRange(min=1), default=None,
               help="MAGIC and smallcap: captions written per photo, each with another window of pool "
                    "examples; the one agreeing most with the retrieved captions is kept (default: MAGIC 8, "
-                   "smallcap 1; 1: a single draft).")
+                   "smallcap 2; 1: a single draft).")
 @click.option("--nbest", type=click.IntRange(min=1), default=None,
               help="smallcap: keep each beam search's N best captions as candidates for the consensus "
-                   "choice (at most --beams; default 1).")
+                   "choice (at most --beams; default 3).")
 @windows_option
 @click.option("--consensus", type=click.IntRange(min=1), default=None,
               help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "
                    "candidates (CIDEr-D; default 20).")
 @click.option("--with-retrieved/--no-retrieved", default=None,
-              help="MAGIC and smallcap: also offer the retrieval caption as a candidate (default: MAGIC "
-                   "yes, smallcap no).")
+              help="MAGIC and smallcap: also offer the retrieval caption as a candidate (default: yes).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
                    "and can change a few words).")

@@ -813,7 +813,7 @@ def test_adapter_captioner(gpt2, image_encoder, tmp_path):
     # each adapter class's own decoding defaults; explicit settings win
     assert captioner.options["beams"] == 3 and AdapterCaptioner(flamingo).options["beams"] == 1
     from nofree.adapters.smallcap import SmallCap
-    assert SmallCap.decoding == {**flamingo.decoding, "beams": 3}
+    assert SmallCap.decoding == {**flamingo.decoding, "beams": 3, "drafts": 2, "nbest": 3, "with_retrieved": True}
     assert AdapterCaptioner(adapter, beams=1, no_repeat_ngram=0).options["beams"] == 1
     assert AdapterCaptioner(adapter, no_repeat_ngram=0).options["no_repeat_ngram"] == 0
 

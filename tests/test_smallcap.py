@@ -110,14 +110,14 @@ def test_caption_and_swap_the_pool_without_retraining(trained, tmp_path):
 
 
 def test_drafts_and_the_retrieved_caption_go_through_consensus(trained):
-    from nofree.captioning.drafts import example_windows
+    from nofree.data.pool import example_windows
     from nofree.core import clean_caption
     from nofree.data.images import load_image
 
     directory = trained["root"] / "adapter"
     images = sorted(str(p) for p in (trained["root"] / "data").glob("*.png"))[:3]
-    plain = SmallCapCaptioner.from_pretrained(directory, max_tokens=4)
-    drafted = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, drafts=2, with_retrieved=True,
+    plain = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, drafts=1, nbest=1, with_retrieved=False)
+    drafted = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, drafts=2, nbest=1, with_retrieved=True,
                                                 consensus=3)
     emb = drafted.retrieval.pipeline.encode_images(images)
     m = drafted.adapter.hparams["examples"]
@@ -142,7 +142,8 @@ def test_nbest_keeps_the_consensus_choice_among_the_beams(trained):
 
     directory = trained["root"] / "adapter"
     images = sorted(str(p) for p in (trained["root"] / "data").glob("*.png"))[:3]
-    nbest = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, beams=3, nbest=3, consensus=3)
+    nbest = SmallCapCaptioner.from_pretrained(directory, max_tokens=4, beams=3, drafts=1, nbest=3,
+                                              with_retrieved=False, consensus=3)
     adapter = nbest.adapter
     features = nbest.image_encoder.encode_tokens([load_image(p) for p in images])
     prompts = nbest.prompts(images)
@@ -157,6 +158,11 @@ def test_nbest_keeps_the_consensus_choice_among_the_beams(trained):
         assert got == candidates[nbest.retrieval.cider.choose(candidates, references[row])]
     with pytest.raises(ValueError, match="beam width"):
         SmallCapCaptioner(adapter, nbest.retrieval, beams=2, nbest=3)
+    # left out, the candidate options are the adapter class's cross-validated decoding
+    default = SmallCapCaptioner(adapter, nbest.retrieval)
+    assert (default.options["beams"], default.drafts, default.nbest, default.with_retrieved, default.consensus) \
+        == (3, 2, 3, True, 20) == tuple(SmallCap.decoding.get(k, 20) for k in
+                                          ("beams", "drafts", "nbest", "with_retrieved", "consensus"))
     with pytest.raises(ValueError, match="returns"):
         adapter.generate(features, beams=2, returns=3)
 

@@ -15,15 +15,7 @@ from torch import Tensor
 
 from nofree.captioning.retrieval import RetrievalCaptioner, default_pool_path
 from nofree.core import DEFAULT_LM, DataError, Option, OptionError, clean_caption
-
-
-def example_windows(examples: int, drafts: int) -> list[tuple[int, int]]:
-    """The in-context example windows ``(first, count)`` of MAGIC's drafts, over the image's
-    ranked pool captions: the ``examples`` best, then fewer, more, and shifted windows
-    (``examples=4``: 0:4, 0:2, 0:3, 0:5, 1:4, 2:4, 4:4, 0:8), the first ``drafts`` of them."""
-    m = int(examples)
-    schedule = [(0, m), (0, max(1, m // 2)), (0, max(1, m - 1)), (0, m + 1), (1, m), (2, m), (m, m), (0, 2 * m)]
-    return list(dict.fromkeys(schedule))[:max(1, int(drafts))] if m else [(0, 0)]
+from nofree.data.pool import example_windows  # noqa: F401  (re-exported: MAGIC's draft windows)
 
 
 #: MAGIC defaults for the embedded instruct LM, chosen by 5-fold cross-validation on coco-mini

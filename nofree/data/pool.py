@@ -29,6 +29,10 @@ word "no" stay ("A sign that says no parking.", "An image of a cat on a couch.",
 questions with visual content stay too ("I love the way the sun is creeping behind those
 buildings", "Why would the cow be grazing in front of those homes?"). Kept lines are returned
 unchanged, in pool order.
+
+Also here, as the pool's other shared rules: :func:`duplicate_key` (when two captions are the
+same) and :func:`example_windows` (which of an image's ranked pool captions each of several
+drafts reads as examples, for MAGIC and SmallCap-style alike).
 """
 from __future__ import annotations
 
@@ -145,3 +149,12 @@ def filter_pool(lines: Iterable[str], *, min_words: int = MIN_WORDS,
         else:
             dropped[reason].append(line)
     return FilteredPool(captions, dropped)
+
+
+def example_windows(examples: int, drafts: int) -> list[tuple[int, int]]:
+    """The in-context example windows ``(first, count)`` of several drafts over an image's ranked
+    pool captions (MAGIC's and SmallCap's): the ``examples`` best, then fewer, more, and shifted
+    windows (``examples=4``: 0:4, 0:2, 0:3, 0:5, 1:4, 2:4, 4:4, 0:8), the first ``drafts`` of them."""
+    m = int(examples)
+    schedule = [(0, m), (0, max(1, m // 2)), (0, max(1, m - 1)), (0, m + 1), (1, m), (2, m), (m, m), (0, 2 * m)]
+    return list(dict.fromkeys(schedule))[:max(1, int(drafts))] if m else [(0, 0)]
