@@ -330,7 +330,7 @@ def _target_texts(target: Path) -> list[str]:
                    "smallcap 2; 1: a single draft).")
 @click.option("--nbest", type=click.IntRange(min=1), default=None,
               help="smallcap: keep each beam search's N best captions as candidates for the consensus "
-                   "choice (at most --beams; default 3).")
+                   "choice (at most --beams; default 3, or --beams when that is smaller).")
 @windows_option
 @click.option("--consensus", type=click.IntRange(min=1), default=None,
               help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "

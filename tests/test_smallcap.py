@@ -158,6 +158,8 @@ def test_nbest_keeps_the_consensus_choice_among_the_beams(trained):
         assert got == candidates[nbest.retrieval.cider.choose(candidates, references[row])]
     with pytest.raises(ValueError, match="beam width"):
         SmallCapCaptioner(adapter, nbest.retrieval, beams=2, nbest=3)
+    # a narrower beam given alone narrows the default n-best instead of failing (eval --beams 1)
+    assert SmallCapCaptioner(adapter, nbest.retrieval, beams=1).nbest == 1
     # left out, the candidate options are the adapter class's cross-validated decoding
     default = SmallCapCaptioner(adapter, nbest.retrieval)
     assert (default.options["beams"], default.drafts, default.nbest, default.with_retrieved, default.consensus) \

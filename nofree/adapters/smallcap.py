@@ -186,7 +186,7 @@ class SmallCapCaptioner(AdapterCaptioner):
     image's ``consensus`` best pool captions is kept, the selection nofree's MAGIC defaults use
     (:mod:`nofree.captioning.consensus`). ``drafts=1, nbest=1`` without it is SmallCap's own
     decoding. Options left out take the adapter class's ``decoding`` (:attr:`SmallCap.decoding`),
-    then :data:`CANDIDATES`.
+    then :data:`CANDIDATES`; a default ``nbest`` is cut to a narrower ``beams``.
     """
 
     def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int | None = None, nbest: int | None = None,
@@ -196,6 +196,8 @@ class SmallCapCaptioner(AdapterCaptioner):
         chosen = {**CANDIDATES, **{k: v for k, v in adapter.decoding.items() if k in CANDIDATES},
                   **{k: v for k, v in given.items() if v is not None}}
         drafts, nbest, with_retrieved, consensus = (chosen[k] for k in given)
+        if given["nbest"] is None:  # a default n-best follows a narrower beam given by the caller
+            nbest = min(nbest, self.options["beams"])
         if retrieval.pipeline.image_encoder.spec != adapter.image_encoder.spec:
             raise SpecError(f"the retrieval's image encoder {retrieval.pipeline.image_encoder.spec!r} "
                             f"is not the adapter's {adapter.image_encoder.spec!r}")
