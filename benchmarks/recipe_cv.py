@@ -25,12 +25,13 @@ bundled caption pool, cleaned. Its held-out photos are captioned by ``SmallCapCa
 that anchor set and pool; a decoding may add ``dD`` (D drafts, one per window of retrieved
 examples, MAGIC's windows), ``kK`` (each beam search's K best captions) and ``r`` (the retrieved
 caption joins the candidates), the candidates then chosen by the captioner's CIDEr-D consensus,
-e.g. ``b3n3k3`` or ``b1n3d3r``. ``--keep-adapters`` keeps each fold's adapter under ``WORK/scratch``,
-and a rerun with the same settings decodes with it instead of training again. The baseline of every SmallCap fold is caption
-retrieval (``RetrievalCaptioner``, as ``nofree caption --method retrieval`` ranks: same anchor set,
-pool and cleaning, CIDEr-D consensus re-ranking, no training) on the same held-out photos; the
-JSON and the table give it per fold, mean ± sd, and SmallCap's per-fold difference to it for each
-decoding, with the share of distinct captions and of captions copied verbatim from the pool.
+e.g. ``b3n3k3`` or ``b1n3d3r``. ``--keep-adapters`` keeps each fold's adapter under
+``WORK/scratch``, and a rerun with the same settings decodes with it instead of training again.
+The baseline of every SmallCap fold is caption retrieval (``RetrievalCaptioner``, as ``nofree
+caption --method retrieval`` ranks: same anchor set, pool and cleaning, CIDEr-D consensus
+re-ranking, no training) on the same held-out photos; the JSON and the table give it per fold,
+mean ± sd, and SmallCap's per-fold difference to it for each decoding, with the share of
+distinct captions and of captions copied verbatim from the pool.
 
 ``--smoke`` runs the same path on tiny config-built backbones, 20 photos, 2 folds and 1 epoch
 (``python -m benchmarks --smoke`` runs it for ClipCap;
