@@ -4,7 +4,8 @@ The cache lives in ``$NOFREE_CACHE`` (default ``~/.cache/nofree``; see :mod:`nof
 ``embeddings/<spec folder>/`` per encoder spec (``spec.json`` + safetensors shards) and
 ``native/`` (compiled kernels, rebuilt in about a second when missing). ``info`` only reads
 shard headers; ``clear`` deletes spec folders that nofree wrote (they hold ``spec.json``) under
-``embeddings/`` and nothing else.
+``embeddings/`` and nothing else (``--stale``: only those of ``local:`` models whose folder is
+gone).
 """
 from __future__ import annotations
 
@@ -108,25 +109,40 @@ def _matching(spec: str, known: list[tuple[str, Path]]) -> list[tuple[str, Path]
     return [(s, folder) for s, folder in known if s in names]
 
 
+def stale_local(spec: str) -> bool:
+    """Whether ``spec`` names a ``local:`` model folder (a ``#view`` suffix aside) that no longer
+    exists, so its cached embeddings can never be read again."""
+    if not spec.startswith("local:"):
+        return False
+    return not Path(spec.removeprefix("local:").split("#", 1)[0]).is_dir()
+
+
 @cache.command("clear")
 @click.option("--spec", help="Delete only this encoder's entries (as `nofree cache info` lists it); "
               "default: every spec's.")
+@click.option("--stale", is_flag=True, help="Delete only the entries of local:DIR models whose folder "
+              "no longer exists (e.g. models built in temporary folders).")
 @click.option("--yes", is_flag=True, help="Delete without asking. Without it nofree asks on a "
               "terminal and refuses (deleting nothing) when stdin is not one, e.g. in a script.")
-def cache_clear(spec: str | None, yes: bool) -> None:
+def cache_clear(spec: str | None, stale: bool, yes: bool) -> None:
     """Delete cached embeddings. Only spec folders nofree wrote (holding spec.json) under the
     cache's embeddings/ folder are removed; compiled kernels and anything else stay."""
     from nofree.cache import default_cache_root
 
+    if spec and stale:
+        raise click.UsageError("--spec and --stale exclude each other: give one")
     root = default_cache_root()
     known = spec_folders(root)
     targets = _matching(spec, known) if spec else known
+    if stale:
+        targets = [(s, folder) for s, folder in targets if stale_local(s)]
     if spec and not targets:
         listed = ", ".join(s for s, _ in known) or "none"
         raise click.ClickException(f"--spec {spec!r}: no cached entries for it in {root} (cached specs: "
                                    f"{listed})")
     if not targets:
-        click.echo(f"nothing to delete: no cached embeddings in {root}")
+        click.echo(f"nothing to delete: no cached embeddings of a local: model whose folder is gone in {root}"
+                   if stale else f"nothing to delete: no cached embeddings in {root}")
         return
     base = (root / "embeddings").resolve()
     for _, folder in targets:  # spec folders are made by nofree; refuse anything that points out

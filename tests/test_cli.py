@@ -198,6 +198,19 @@ def test_cache_info_and_clear(runner, tmp_path):
     assert one.exit_code == 0 and "deleted 1 spec folder" in one.output
     left = json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)["specs"]
     assert [row["spec"] for row in left] == [TinyImageEncoder().spec]
+    # --stale: only local: models whose folder is gone (a #view suffix aside)
+    kept_dir, gone_dir = tmp_path / "model-kept", tmp_path / "model-gone"
+    kept_dir.mkdir()
+    for spec in (f"local:{kept_dir}", f"local:{gone_dir}#hflip"):
+        encoder = TinyTextEncoder()
+        encoder.spec = spec
+        cache.encode(encoder, ["a cat"])
+    stale = runner.invoke(main, ["cache", "clear", "--stale", "--yes"])
+    assert stale.exit_code == 0 and "deleted 1 spec folder" in stale.output, stale.output
+    left = {row["spec"] for row in json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)["specs"]}
+    assert left == {TinyImageEncoder().spec, f"local:{kept_dir}"}
+    both = runner.invoke(main, ["cache", "clear", "--stale", "--spec", f"local:{kept_dir}", "--yes"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
     assert runner.invoke(main, ["cache", "clear", "--yes"]).exit_code == 0
     assert not json.loads(runner.invoke(main, ["cache", "info", "--format", "json"]).output)["specs"]
     assert (foreign / "keep.txt").read_text() == "mine"  # not a folder nofree wrote
