@@ -117,7 +117,8 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     With ``keep`` the trained adapter stays in ``scratch`` and a later run with the same settings
     and photos reuses it (for other decodings) instead of training again."""
     from nofree.adapters.base import load_adapter
-    from nofree.adapters.smallcap import SmallCapCaptioner, retrieval_for, train_smallcap
+    from nofree.adapters.smallcap import ANCHORS_DIR, SmallCapCaptioner, retrieval_for, train_smallcap
+    from nofree.anchors.anchor_set import AnchorSet
     from nofree.captioning.retrieval import default_pool_path
     from nofree.data.pairs import load_text_lines
 
@@ -127,7 +128,7 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     if kept and kept["settings"] == settings and kept["photos"] == fitted:
         cell = {**kept["cell"], "decodings": {}, "reused": True}
         adapter = load_adapter(scratch / "adapter")
-        SmallCapCaptioner.for_adapter(adapter, scratch / "adapter", pool=load_text_lines(pool) if pool else None)
+        adapter.attach_retrieval(AnchorSet.load(scratch / "adapter" / ANCHORS_DIR))  # the retrieval is built below
     else:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
