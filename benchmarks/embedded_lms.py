@@ -65,6 +65,23 @@ def caption_all(captioner, image_emb, batch_size: int) -> tuple[dict[str, list[s
     return out, seconds
 
 
+def caption_runs(lm, runs, image_emb, batch_size: int, tokens: dict) -> tuple[dict[str, list[str]], float]:
+    """:func:`caption_all` with ``lm`` over ``runs`` (``(held rows, pipeline, example pool)``, as
+    :func:`benchmarks.magic_quality.cv_folds` gives them; ``held`` None: every row of ``image_emb``),
+    the captions of all runs concatenated per setting, and the default's seconds summed."""
+    from nofree.captioning import MagicCaptioner
+
+    captions: dict[str, list[str]] = {name: [] for name in SETTINGS}
+    seconds = 0.0
+    for held, pipeline, examples in runs:
+        captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, **tokens)
+        out, s = caption_all(captioner, image_emb if held is None else image_emb[held], batch_size)
+        seconds += s
+        for name in SETTINGS:
+            captions[name] += out[name]
+    return captions, seconds
+
+
 def time_lms(specs, fold, image_emb, batch_size: int, tokens: dict) -> dict[str, dict]:
     """Seconds per photo of the default captioner of each LM in ``specs``, timed in turns on the
     same batches (one warm-up batch each, then every batch of ``image_emb`` by each LM in turn),
@@ -111,7 +128,7 @@ def main(argv=None) -> dict:
     from benchmarks.magic_quality import cv_folds, examples_pool
     from nofree.anchors.pipeline import AsifPipeline
     from nofree.cache import EmbeddingCache
-    from nofree.captioning import MagicCaptioner, default_pool_path
+    from nofree.captioning import default_pool_path
     from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
     from nofree.data.pairs import load_text_lines
     from nofree.decoding.magic import greedy_search
@@ -165,17 +182,9 @@ def main(argv=None) -> dict:
         sanity = greedy_search(lm, [prompt], max_new_tokens=24, stop_at_period=False).texts[0]
         row = {"load_seconds": load_seconds, "params": sum(p.numel() for p in lm.model.parameters()),
                "vocab": lm.vocab_size, "sanity": sanity, "cv": {}, "val": {}}
-        for where, runs, refs, emb_of in (
-                ("cv", folds, cv_refs, lambda held: train.image_emb[held]),
-                ("val", val_folds, val_refs, lambda held: val.image_emb)):
-            captions: dict[str, list[str]] = {name: [] for name in SETTINGS}
-            seconds = 0.0
-            for held, pipeline, examples in runs:
-                captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, **tokens)
-                out, s = caption_all(captioner, emb_of(held), args.batch_size)
-                seconds += s
-                for name in SETTINGS:
-                    captions[name] += out[name]
+        for where, runs, refs, image_emb in (("cv", folds, cv_refs, train.image_emb),
+                                             ("val", val_folds, val_refs, val.image_emb)):
+            captions, seconds = caption_runs(lm, runs, image_emb, args.batch_size, tokens)
             row[where] = {name: score(captions[name], refs, pool_set, seconds) for name in SETTINGS}
             for name in SETTINGS:
                 r = row[where][name]

@@ -35,10 +35,10 @@ import torch
 
 from benchmarks import write_json
 from benchmarks.embedded_encoders import DEFAULT_SPECS, DEFAULT_TEXT_SPECS, install_bytes, measure, package_bytes
-from benchmarks.embedded_lms import DEFAULT_LMS, caption_all, score
+from benchmarks.embedded_lms import DEFAULT_LMS, SETTINGS, caption_runs, score
 
 #: the setting of :func:`benchmarks.embedded_lms.caption_all` that is nofree's MAGIC default
-DEFAULT_SETTING = "default: 8 drafts + the retrieval caption, CIDEr-D consensus (top 20)"
+DEFAULT_SETTING = SETTINGS[0]
 
 
 def lm_install_bytes(spec: str) -> dict[str, int]:
@@ -62,19 +62,11 @@ def lm_install_bytes(spec: str) -> dict[str, int]:
 
 def magic_rows(lm, pair: dict, batch_size: int, tokens: dict) -> dict:
     """MAGIC's default captions with ``lm`` over one encoder pair's folds and ``val`` run."""
-    from nofree.captioning import MagicCaptioner
-
     row = {}
     for where, runs, refs, image_emb in (("cv", pair["folds"], pair["cv_refs"], pair["train"].image_emb),
                                          ("val", pair["val_runs"], pair["val_refs"], pair["val"].image_emb)):
-        captions: list[str] = []
-        seconds = 0.0
-        for held, pipeline, examples in runs:
-            captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, **tokens)
-            out, s = caption_all(captioner, image_emb if held is None else image_emb[held], batch_size)
-            captions += out[DEFAULT_SETTING]
-            seconds += s
-        row[where] = score(captions, refs, pair["pool_set"], seconds)
+        captions, seconds = caption_runs(lm, runs, image_emb, batch_size, tokens)
+        row[where] = score(captions[DEFAULT_SETTING], refs, pair["pool_set"], seconds)
     return row
 
 
