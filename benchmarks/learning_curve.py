@@ -328,11 +328,11 @@ Each cell was run as the grid reached it (the command above only gathered the fi
 hence its few seconds, and the torch threads it reports); every cell ran with one torch thread
 while other jobs shared the two cores, so train and eval seconds are per cell and pessimistic.
 ClipCap decodes with 3 beams and the Flamingo-style adapter greedily, their captioners'
-defaults. The SmallCap-style cells decoded with 3 beams and one caption, the captioner's default
-when they ran; its default is now 4 drafts × 3 beams + the retrieved caption with a consensus
-choice (section "Cross-validation of the trained captioners' recipes"), so a rerun redoes those
-cells. ClipCap's fold-0 cells ran before its word 3-gram block stopped counting punctuation
-tokens as words.
+defaults. The SmallCap-style cells decoded with 3 beams and one caption, the captioner's
+default when they ran; its default is now 2 drafts × the 3 best of 3 beams + the retrieved
+caption, a consensus choice (section "Cross-validation of the trained captioners' recipes"), so
+a rerun redoes those cells. ClipCap's fold-0 cells ran before its word 3-gram block stopped
+counting punctuation tokens as words.
 
 What it shows:
 - **Below a few hundred pairs the training-free methods lead.** At 200 pairs (40 photos)
