@@ -1,6 +1,9 @@
 """Benchmarks: one module per section of RESULTS.md (see ``python -m benchmarks --help``)."""
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,3 +16,15 @@ def write_json(path: str | Path, data: Any, *, indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, data, indent=indent, ensure_ascii=False, default=str)
+
+
+@contextlib.contextmanager
+def work_folder(given: Path | None, *, smoke: bool, default: str, prefix: str) -> Iterator[Path]:
+    """The folder a section trains and evaluates in: ``given`` if set; else, at smoke size, a temporary
+    folder deleted when the section ends (a smoke run writes hundreds of MB of backbones and adapters,
+    which nothing reads afterwards); else ``default``, kept so that a rerun resumes."""
+    if given is not None or not smoke:
+        yield Path(given or default)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield Path(folder)

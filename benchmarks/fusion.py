@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import work_folder
 from nofree import sample_dir
 from nofree.captioning import default_pool_path
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
@@ -105,20 +105,23 @@ def eval_config(pairs: Path, *, anchors: Path | None, adapters: dict, backbones:
 
 
 def main(argv=None) -> dict:
-    from nofree.eval.report import run_eval
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny backbones, a few photos")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--work", type=Path, default=None, help="adapters, anchors and report go here")
+    parser.add_argument("--work", type=Path, default=None, help="adapters, anchors and report go here (default "
+                        "runs/bench/fusion; --smoke: a temporary folder, deleted at the end)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N val photos")
     parser.add_argument("--reuse-adapters", action="store_true",
                         help="keep the adapters already in --work (with the training record it holds) "
                              "and rerun only the evaluation")
     args = parser.parse_args(argv)
+    with work_folder(args.work, smoke=args.smoke, default="runs/bench/fusion", prefix="nofree-fusion-") as work:
+        return _run(args, work)
 
-    work = args.work or (Path(tempfile.mkdtemp(prefix="nofree-fusion-")) if args.smoke
-                         else Path("runs/bench/fusion"))
+
+def _run(args, work: Path) -> dict:
+    from nofree.eval.report import run_eval
+
     work.mkdir(parents=True, exist_ok=True)
     backbones, pool, epochs = frozen_setup(work, args.smoke)
     pairs = _small_pairs(work, 30, 8) if args.smoke else sample_dir() / "pairs.jsonl"
@@ -145,8 +148,9 @@ def main(argv=None) -> dict:
     config = eval_config(pairs, anchors=anchors, adapters={k: work / k for k in trainers},
                          backbones=backbones, pool=pool, smoke=args.smoke, limit=args.limit)
     report = run_eval(config, out_dir=work / "report", overwrite=True, echo=print)
-    out = {"smoke": args.smoke, "backbones": backbones, "training": training, "report": report,
-           "report_dir": str(work / "report")}
+    out = {"smoke": args.smoke, "backbones": backbones, "training": training, "report": report}
+    if args.work or not args.smoke:
+        out["report_dir"] = str(work / "report")
     if args.json:
         target = Path(args.json)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,10 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_json
+from benchmarks import work_folder, write_json
 from benchmarks.fusion import (adapter_trainers, build_train_anchors, eval_config, frozen_setup, training_record,
                                write_pairs)
 from nofree import sample_dir
@@ -141,23 +140,26 @@ def _train_images(pairs: Path) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    from nofree.data.pairs import load_pairs
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny backbones, 10/20 pairs, 2 folds, 4 val photos")
-    parser.add_argument("--json", help="write the summary and every cell here (the plot beside it)")
+    parser.add_argument("--json", help="write the summary and every cell here, the plot beside it (default "
+                        "WORK/learning_curve.json; --smoke: runs/bench-smoke/learning_curve.json)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="finished cells, subsets and anchors (default runs/bench/curve; --smoke: a new "
-                             "temporary folder)")
+                        help="finished cells, subsets and anchors (default runs/bench/curve; --smoke: a "
+                             "temporary folder, deleted at the end)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help=f"training pairs (default {SIZES})")
     parser.add_argument("--folds", nargs="+", type=int, default=None, help=f"fold indices (default {FOLDS})")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N val photos")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
+    with work_folder(args.work, smoke=args.smoke, default="runs/bench/curve", prefix="nofree-curve-") as work:
+        return _run(args, work.resolve())
 
-    work = args.work or (Path(tempfile.mkdtemp(prefix="nofree-curve-")) if args.smoke else Path("runs/bench/curve"))
-    work = work.resolve()
+
+def _run(args, work: Path) -> dict:
+    from nofree.data.pairs import load_pairs
+
+    start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     sizes = sorted(set(args.sizes or (SMOKE["sizes"] if args.smoke else SIZES)))
     folds = sorted(set(args.folds if args.folds is not None else (SMOKE["folds"] if args.smoke else FOLDS)))
@@ -212,10 +214,11 @@ def main(argv=None) -> dict:
 
     import torch
 
+    kept = args.work or not args.smoke
     out = {"smoke": args.smoke, "backbones": backbones, "methods": args.methods, "sizes": sizes, "folds": folds,
            "n_val": cells[0]["n_val"] if cells else None, "threads": torch.get_num_threads(),
-           "work": str(work), "summary": summarize(cells), "cells": cells, "failed": failed}
-    target = Path(args.json) if args.json else work / "learning_curve.json"
+           "work": str(work) if kept else None, "summary": summarize(cells), "cells": cells, "failed": failed}
+    target = Path(args.json or (work if kept else Path("runs/bench-smoke")) / "learning_curve.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         plot(target.with_suffix(".png"), out)

@@ -314,7 +314,9 @@ def main(argv=None):
     if args.smoke:
         from nofree.testing import tiny_lm
 
-        lm = tiny_lm(Path(tempfile.mkdtemp()) / "lm", family="gpt2")
+        # deleted when main returns (or at exit): nothing reads the tiny LM's files afterwards
+        scratch = tempfile.TemporaryDirectory(prefix="nofree-speed-")
+        lm = tiny_lm(Path(scratch.name) / "lm", family="gpt2")
         make_clip, setup = tiny_clip, "tiny GPT-2 + tiny CLIP"
     else:
         lm, make_clip, setup = gpt2_small(args.lm_tokenizer), clip_b32, "GPT-2 small + CLIP ViT-B/32"

@@ -1,9 +1,11 @@
-"""The benchmarks' cross-validation folds (benchmarks.folds.photo_folds): disjoint, covering, dealt as documented."""
+"""The benchmarks' cross-validation folds (benchmarks.folds.photo_folds): disjoint, covering, dealt as documented;
+and the folders the training sections work in."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from benchmarks import work_folder
 from benchmarks.folds import photo_folds
 
 
@@ -66,3 +68,17 @@ def test_rejects_bad_arguments():
         photo_folds(10, 0)
     with pytest.raises(ValueError, match="dealt"):
         photo_folds(10, 2, dealt=11)
+
+
+def test_a_smoke_sections_work_folder_is_deleted_and_a_full_runs_is_kept(tmp_path):
+    with work_folder(None, smoke=True, default="unused", prefix="nofree-test-") as work:
+        assert work.is_dir() and work.name.startswith("nofree-test-")
+        (work / "adapter.safetensors").write_bytes(b"x" * 1024)
+    assert not work.exists()  # a smoke run leaves no adapters behind
+    given = tmp_path / "given"
+    with work_folder(given, smoke=True, default="unused", prefix="nofree-test-") as work:
+        assert work == given
+        work.mkdir()
+    assert given.is_dir()  # --work is the user's: kept, smoke or not
+    with work_folder(None, smoke=False, default=str(tmp_path / "runs"), prefix="nofree-test-") as work:
+        assert work == tmp_path / "runs"
