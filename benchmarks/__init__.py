@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,19 @@ def write_json(path: str | Path, data: Any, *, indent: int = 2) -> None:
 @contextlib.contextmanager
 def work_folder(given: Path | None, *, smoke: bool, default: str, prefix: str) -> Iterator[Path]:
     """The folder a section trains and evaluates in: ``given`` if set; else, at smoke size, a temporary
-    folder deleted when the section ends (a smoke run writes hundreds of MB of backbones and adapters,
-    which nothing reads afterwards); else ``default``, kept so that a rerun resumes."""
+    folder deleted when the section ends (a smoke run writes hundreds of MB of tiny backbones and adapters,
+    which nothing reads afterwards), holding the embedding cache too while it lasts, so that the entries of
+    those backbones go with them; else ``default``, kept so that a rerun resumes."""
     if given is not None or not smoke:
         yield Path(given or default)
         return
+    previous = os.environ.get("NOFREE_CACHE")
     with tempfile.TemporaryDirectory(prefix=prefix) as folder:
-        yield Path(folder)
+        os.environ["NOFREE_CACHE"] = str(Path(folder) / "cache")
+        try:
+            yield Path(folder)
+        finally:
+            if previous is None:
+                os.environ.pop("NOFREE_CACHE", None)
+            else:
+                os.environ["NOFREE_CACHE"] = previous

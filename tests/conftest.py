@@ -19,6 +19,28 @@ def _quiet_transformers():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_embedding_cache(tmp_path_factory):
+    """The suite's embeddings go to a cache of its own, never into the user's: tests encode with tiny models
+    in temporary folders, whose entries would outlive them there. Compiled kernels and assembled model
+    weights (``native/``, ``models/``) are the same bytes whoever builds them, so the session's cache links
+    to the user's folders rather than building them again. Tests that set ``NOFREE_CACHE`` themselves
+    still get their own."""
+    from nofree.cache import default_cache_root
+
+    user, previous = default_cache_root(), os.environ.get("NOFREE_CACHE")
+    root = tmp_path_factory.mktemp("nofree-cache")
+    for shared in ("native", "models"):
+        (user / shared).mkdir(parents=True, exist_ok=True)
+        (root / shared).symlink_to(user / shared, target_is_directory=True)
+    os.environ["NOFREE_CACHE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("NOFREE_CACHE", None)
+    else:
+        os.environ["NOFREE_CACHE"] = previous
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: tiny ops are dominated by thread hand-off on a busy

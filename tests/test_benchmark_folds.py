@@ -70,11 +70,16 @@ def test_rejects_bad_arguments():
         photo_folds(10, 2, dealt=11)
 
 
-def test_a_smoke_sections_work_folder_is_deleted_and_a_full_runs_is_kept(tmp_path):
+def test_a_smoke_sections_work_folder_is_deleted_and_a_full_runs_is_kept(tmp_path, monkeypatch):
+    from nofree.cache import default_cache_root
+
+    monkeypatch.setenv("NOFREE_CACHE", str(tmp_path / "user-cache"))
     with work_folder(None, smoke=True, default="unused", prefix="nofree-test-") as work:
         assert work.is_dir() and work.name.startswith("nofree-test-")
+        assert default_cache_root() == work / "cache"  # the tiny backbones' embeddings go with them
         (work / "adapter.safetensors").write_bytes(b"x" * 1024)
     assert not work.exists()  # a smoke run leaves no adapters behind
+    assert default_cache_root() == tmp_path / "user-cache"
     given = tmp_path / "given"
     with work_folder(given, smoke=True, default="unused", prefix="nofree-test-") as work:
         assert work == given
