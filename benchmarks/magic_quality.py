@@ -344,6 +344,16 @@ What the numbers say.
   `val` (51.9 vs 48.7). With these models, then, the best training-free writer reaches the
   target (CIDEr ≥ 50, above retrieval) on `val`, by choosing among its own drafts and the
   retrieved caption rather than by steering each token.
+- **Sentence-level image guidance does not help either** (an exploratory run on the drafts of the
+  default setting, cached once per fold, not part of this benchmark): keeping the candidate with
+  the highest z(CIDEr-D consensus) + w·z(ASIF similarity of the whole caption to the photo), with z
+  standardising over one photo's candidates, gave cross-validated CIDEr 52.8 / 51.8 / 51.4 / 49.8
+  for w = 0 / 0.25 / 0.5 / 1 with the default candidates and 20 pseudo-references, and 44.7 for
+  the ASIF similarity alone (retrieval: 52.4). Over the other candidate sets tried (the retrieval
+  caption ranked by CIDEr-D consensus, its top 3 or top 5, 20 or 50 pseudo-references) the best
+  w > 0 was 53.9 (+1.5 ± 3.3 per fold over retrieval, 35% new captions), 0.4 above the same set
+  with w = 0 and within the noise. Whole-sentence ASIF similarity over two unimodal encoders
+  ranks a photo's candidates worse than their agreement with its retrieved captions does.
 
 ### MAGIC's ASIF image term: the pipeline's CSLS similarity
 
