@@ -811,9 +811,11 @@ def test_adapter_captioner(gpt2, image_encoder, tmp_path):
     flamingo = _build("flamingo", gpt2, image_encoder)
     assert len(AdapterCaptioner(flamingo, max_tokens=4, beams=2).caption(IMAGES[:2])) == 2
     # each adapter class's own decoding defaults; explicit settings win
-    assert captioner.options["beams"] == 3 and AdapterCaptioner(flamingo).options["beams"] == 1
+    from nofree.adapters.captioning import DECODING
     from nofree.adapters.smallcap import SmallCap
-    assert SmallCap.decoding == {**flamingo.decoding, "beams": 3, "drafts": 2, "nbest": 3, "with_retrieved": True}
+    assert captioner.options["beams"] == 3 and AdapterCaptioner(flamingo).options["beams"] == 3
+    assert AdapterCaptioner(flamingo, beams=1).options["beams"] == 1 and DECODING["beams"] == 1
+    assert SmallCap.decoding == {**DECODING, "beams": 3, "drafts": 2, "nbest": 3, "with_retrieved": True}
     assert AdapterCaptioner(adapter, beams=1, no_repeat_ngram=0).options["beams"] == 1
     assert AdapterCaptioner(adapter, no_repeat_ngram=0).options["no_repeat_ngram"] == 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 RECIPES: dict[str, dict[str, int | float | str]] = {
     "lit": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "augment": "none", "min_steps": 0},
     "clipcap": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "augment": "hflip", "min_steps": 264},
-    "flamingo": {"epochs": 3, "batch_size": 16, "lr": 5e-4, "augment": "hflip", "min_steps": 132},
+    "flamingo": {"epochs": 6, "batch_size": 16, "lr": 5e-4, "augment": "hflip", "min_steps": 264},
     "smallcap": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "augment": "hflip", "min_steps": 88},
 }
 
