@@ -330,8 +330,9 @@ method; fold 2 and the sizes 100 and 400 are not measured yet, so each ± sd is 
 Each cell was run as the grid reached it (the command above only gathered the finished cells,
 hence its few seconds, and the torch threads it reports); every cell ran with one torch thread
 while other jobs shared the two cores, so train and eval seconds are per cell and pessimistic.
-ClipCap decodes with 3 beams and the Flamingo-style adapter greedily, their captioners'
-defaults. The SmallCap-style cells decoded with 3 beams and one caption, the captioner's
+ClipCap decodes with 3 beams, its captioner's default. The Flamingo-style cells trained 3 epochs
+(at least 132 steps) and decoded greedily, its recipe when they ran; its recipe is now 6 epochs
+(at least 264 steps) decoded with 3 beams, so a rerun redoes those cells too. The SmallCap-style cells decoded with 3 beams and one caption, the captioner's
 default when they ran; its default is now 2 drafts × the 3 best of 3 beams + the retrieved
 caption, a consensus choice (section "Cross-validation of the trained captioners' recipes"), so
 a rerun redoes those cells. ClipCap's fold-0 cells ran before its word 3-gram block stopped
