@@ -330,27 +330,33 @@ method; fold 2 and the sizes 100 and 400 are not measured yet, so each ± sd is 
 Each cell was run as the grid reached it (the command above only gathered the finished cells,
 hence its few seconds, and the torch threads it reports); every cell ran with one torch thread
 while other jobs shared the two cores, so train and eval seconds are per cell and pessimistic.
-ClipCap decodes with 3 beams, its captioner's default. The Flamingo-style cells trained 3 epochs
-(at least 132 steps) and decoded greedily, its recipe when they ran; its recipe is now 6 epochs
-(at least 264 steps) decoded with 3 beams, so a rerun redoes those cells too. The SmallCap-style cells decoded with 3 beams and one caption, the captioner's
-default when they ran; its default is now 2 drafts × the 3 best of 3 beams + the retrieved
-caption, a consensus choice (section "Cross-validation of the trained captioners' recipes"), so
-a rerun redoes those cells. ClipCap's fold-0 cells ran before its word 3-gram block stopped
-counting punctuation tokens as words.
+Every adapter cell used its method's current recipe and captioner defaults: ClipCap 6 epochs, 3
+beams; Flamingo-style 6 epochs (at least 264 steps), 3 beams; SmallCap-style 2 epochs, 2 drafts ×
+the 3 best of 3 beams + the retrieved caption, a consensus choice (the Flamingo-style and
+SmallCap-style cells were rerun on 2026-12-07 after those defaults changed). ClipCap's fold-0
+cells ran before its word 3-gram block stopped counting punctuation tokens as words.
 
 What it shows:
-- **Below a few hundred pairs the training-free methods lead.** At 200 pairs (40 photos)
-  retrieval and MAGIC reach CIDEr 31.5 ± 5.6 and 30.0 ± 3.6; the adapters 13.8–21.6, the
-  retrieval-augmented SmallCap-style highest. At 50 pairs every method is poor (7–22), and which
-  10 photos are the anchors matters most for retrieval (15.4 and 28.5 on the two folds).
-- **At 700 pairs SmallCap-style ties retrieval** (49.1 ± 0.2 against 48.7) and MAGIC leads
-  (53.0); ClipCap (43.5 ± 6.1) and the Flamingo-style adapter (39.4 ± 4.4) stay below, and depend
-  on the training seed (at 700 pairs the folds differ only by it: ClipCap 39.2 and 47.7). The
-  adapters' curves are still steep there, so the sample is too small to say where they would
-  cross the training-free ones.
-- **With 50 pairs SmallCap-style partly collapses** (42% distinct captions) and the
-  Flamingo-style adapter too (54%): the recipes' extra epochs reach the step count, not the
-  variety of captions.
+- **Below a few hundred pairs the training-free methods and SmallCap-style lead.** At 200 pairs
+  (40 photos) retrieval, MAGIC and SmallCap-style reach CIDEr 31.5 ± 5.6, 30.0 ± 3.6 and 30.0 ±
+  2.2; ClipCap and the Flamingo-style adapter 14.5 and 17.5. At 50 pairs retrieval (21.9 ± 9.2)
+  and SmallCap-style (20.3 ± 4.2) are ahead of MAGIC (15.3) and far ahead of the other two
+  adapters (7–8); which 10 photos are the anchors matters most for retrieval (15.4 and 28.5 on
+  the two folds).
+- **SmallCap-style follows retrieval at every size without passing it** (20.3 / 30.0 / 48.0
+  against 21.9 / 31.5 / 48.7): its consensus keeps the retrieved caption where that agrees best
+  with the others, and its own sentences where they do. At 700 pairs MAGIC leads (53.0); ClipCap
+  (43.5 ± 6.1) and the Flamingo-style adapter (35.6 ± 0.8) stay below and depend on the training
+  seed (at 700 pairs the folds differ only by it: ClipCap 39.2 and 47.7). The adapters' curves
+  are still steep there, so the sample is too small to say where they would cross the
+  training-free ones.
+- **With 50 pairs the Flamingo-style adapter partly collapses** (40% distinct captions; 79% at
+  200): its recipe's extra epochs reach the step count, not the variety of captions. One of its
+  fold-0 captions there is a word salad ("A baseball baseball baseballA baseballA player baseball
+  …"): single words and fused tokens repeated, which the word 3-gram block lets through and the
+  3-gram repetition measures do not count (3-gram loops 0% in every cell).
+  SmallCap-style keeps 88% distinct there, helped by the retrieved captions it reads and picks
+  from.
 - The recipes' `min_steps` matter at the low end: with 3 epochs of 50 pairs (12 steps, the
   learning rate still warming up) ClipCap wrote unrelated text (CIDEr 0.2) and Flamingo-style
   gave 47.5% distinct captions (5.2); with at least the whole split's number of steps they reach
