@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 
 def write_json(path: str | Path, data: Any, *, indent: int = 2) -> None:
@@ -28,13 +29,6 @@ def work_folder(given: Path | None, *, smoke: bool, default: str, prefix: str) -
     if given is not None or not smoke:
         yield Path(given or default)
         return
-    previous = os.environ.get("NOFREE_CACHE")
-    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
-        os.environ["NOFREE_CACHE"] = str(Path(folder) / "cache")
-        try:
-            yield Path(folder)
-        finally:
-            if previous is None:
-                os.environ.pop("NOFREE_CACHE", None)
-            else:
-                os.environ["NOFREE_CACHE"] = previous
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder, \
+            mock.patch.dict(os.environ, {"NOFREE_CACHE": str(Path(folder) / "cache")}):
+        yield Path(folder)

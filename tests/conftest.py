@@ -28,7 +28,7 @@ def _session_embedding_cache(tmp_path_factory):
     still get their own."""
     from nofree.cache import default_cache_root
 
-    user, previous = default_cache_root(), os.environ.get("NOFREE_CACHE")
+    user = default_cache_root()
     root = tmp_path_factory.mktemp("nofree-cache")
     for shared in ("native", "models"):
         try:
@@ -36,12 +36,9 @@ def _session_embedding_cache(tmp_path_factory):
             (root / shared).symlink_to(user / shared, target_is_directory=True)
         except OSError:  # an unwritable home: the session's cache builds its own copy
             pass
-    os.environ["NOFREE_CACHE"] = str(root)
-    yield root
-    if previous is None:
-        os.environ.pop("NOFREE_CACHE", None)
-    else:
-        os.environ["NOFREE_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NOFREE_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="module")
