@@ -284,10 +284,13 @@ def _spread(values: list[float]) -> dict:
 
 
 def _row(entries: list[dict]) -> dict:
-    """Mean ± sd of CIDEr ×100 over folds, mean distinct (and copied) share."""
+    """Mean ± sd of CIDEr ×100 over folds, mean distinct, stuttering (and copied) share."""
+    from nofree.eval.degeneration import stutters
+
     cider = _spread([100 * e["cider"] for e in entries])
     row = {"cider_mean": cider["mean"], "cider_sd": cider["sd"], "cider_folds": cider["folds"],
-           "distinct": statistics.fmean(e["distinct"] for e in entries)}
+           "distinct": statistics.fmean(e["distinct"] for e in entries),
+           "stutter": statistics.fmean(stutters(c) for e in entries for c in e["captions"])}
     if all("copied" in e for e in entries):
         row["copied"] = statistics.fmean(e["copied"] for e in entries)
     return row
@@ -317,18 +320,20 @@ def markdown(out: dict) -> str:
              f"augment {s['augment']}{extra}. Held-out CIDEr ×100, mean ± sd over folds. Decodings: "
              "`bBnN` B beams, no word N-gram twice; `dD` D drafts (windows of retrieved examples), `kK` "
              "each beam search's K best and `r` the retrieved caption among the candidates, one kept by "
-             "CIDEr-D consensus."
+             "CIDEr-D consensus. stutters %: captions in which a word directly follows itself."
              + (" Last column: SmallCap − retrieval CIDEr per fold, mean ± sd (folds where SmallCap is "
                 "ahead)." if baseline else ""), ""]
     if baseline:
-        lines += ["| decoding | CIDEr | per fold | distinct % | copied % | − retrieval |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| decoding | CIDEr | per fold | distinct % | stutters % | copied % | − retrieval |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
     else:
-        lines += ["| decoding | CIDEr | per fold | distinct % |", "| --- | --- | --- | --- |"]
+        lines += ["| decoding | CIDEr | per fold | distinct % | stutters % |", "| --- | --- | --- | --- | --- |"]
     rows = [*out["summary"].items(), *([(BASELINE, baseline)] if baseline else [])]
     for name, row in rows:
         folds = " / ".join(f"{v:.1f}" for v in row["cider_folds"])
-        line = f"| {name} | {row['cider_mean']:.1f} ± {row['cider_sd']:.1f} | {folds} | {100 * row['distinct']:.0f} |"
+        stutter = "–" if row.get("stutter") is None else f"{100 * row['stutter']:.1f}"
+        line = (f"| {name} | {row['cider_mean']:.1f} ± {row['cider_sd']:.1f} | {folds} | "
+                f"{100 * row['distinct']:.0f} | {stutter} |")
         if baseline:
             diff = row.get("vs_retrieval")
             shown = (f"{diff['mean']:+.1f} ± {diff['sd']:.1f} ({' / '.join(f'{v:+.1f}' for v in diff['folds'])}; "

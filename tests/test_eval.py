@@ -82,6 +82,7 @@ def test_every_method_in_one_report(setup, tmp_path):
             assert metrics["n"] == 4 and 0 <= metrics["BLEU-1"] <= 1 and metrics["CIDEr"] >= 0
             assert metrics["n_captions"] == 4 and 0.25 <= metrics["distinct"] <= 1
             assert metrics["worst_repeat"] >= 0 and 0 <= metrics["repeat_3gram"] <= 1
+            assert 0 <= metrics["stutter"] <= 1
         else:
             curve = metrics["curve"]["t2i"]
             assert len(curve) == 10 and curve == sorted(curve) and curve[3] == 1.0  # 4 images: R@4 = 1
@@ -94,7 +95,7 @@ def test_every_method_in_one_report(setup, tmp_path):
     markdown = (out / "results.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in markdown
-    assert "| distinct % | 3-gram loops % | worst loop |" in markdown
+    assert "| distinct % | 3-gram loops % | worst loop | stutters % |" in markdown
     for png in results["plots"].values():
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert set(results["plots"].values()) == {"captioning.png", "samples.png", "scoring.png", "recall_at_k.png"}

@@ -148,8 +148,8 @@ class CaptioningAdapter(Adapter):
         - ``val_loss_shuffled`` and ``image_gap``: the same loss with every caption paired with
           another photo's features, and its excess over ``val_loss`` (an adapter that ignores the
           image has a gap of ~0; needs at least two photos);
-        - with ``captions``: ``val_distinct`` and ``val_repeat_3gram`` of one greedy caption per
-          photo, decoded as :class:`AdapterCaptioner` does by default (see
+        - with ``captions``: ``val_distinct``, ``val_repeat_3gram`` and ``val_stutter`` of one
+          greedy caption per photo, decoded as :class:`AdapterCaptioner` does by default (see
           :mod:`nofree.eval.degeneration`: 1/n distinct means one caption for all).
         """
         metrics = {"val_loss": self._mean_loss(examples, batch_size)}
@@ -165,7 +165,8 @@ class CaptioningAdapter(Adapter):
                 texts += self.caption_features(examples.image_features[start:start + batch_size],
                                                prompts=prompts, **DECODING)
             found = degeneration(texts)
-            metrics.update(val_distinct=found["distinct"], val_repeat_3gram=found["repeat_3gram"])
+            metrics.update(val_distinct=found["distinct"], val_repeat_3gram=found["repeat_3gram"],
+                           val_stutter=found["stutter"])
         return metrics
 
     def _mean_loss(self, examples: Any, batch_size: int) -> float:

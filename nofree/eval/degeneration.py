@@ -1,4 +1,5 @@
-"""Collapse and looping of a captioner, measured: distinct-caption rate and repeated word n-grams.
+"""Collapse and looping of a captioner, measured: distinct-caption rate, repeated word n-grams and
+stuttered words.
 
 A captioner can score a respectable BLEU while writing one sentence for every photo (it has
 learnt the caption style, not the image) or while looping ("a couple of people wearing shorts
@@ -9,7 +10,11 @@ COCO metrics:
   every photo got its own caption; 1/n: one caption for all);
 - ``repeat_3gram``: fraction of captions in which some word 3-gram occurs more than once;
 - ``worst_repeat``: the most times one word 3-gram occurs in a single caption (1 when none
-  repeats, 0 for empty captions).
+  repeats, 0 for empty captions);
+- ``stutter``: fraction of captions in which a word directly follows itself ("a sink, sink,
+  sink and a bathtub", "a baseball baseball player"). Word 3-grams miss these single-word
+  repeats and the word salads that contain them; a human caption stutters only by a typo
+  ("on on a table"), so the rate of human references is near 0.
 """
 from __future__ import annotations
 
@@ -32,15 +37,22 @@ def max_ngram_count(caption: str, n: int = 3) -> int:
     return max(grams.values(), default=0)
 
 
+def stutters(caption: str) -> bool:
+    """Whether some word of ``caption`` directly follows itself (punctuation between them ignored)."""
+    tokens = words(caption)
+    return any(a == b for a, b in zip(tokens, tokens[1:]))
+
+
 def degeneration(captions: Sequence[str | None], n: int = 3) -> dict[str, float | int]:
-    """``{"distinct", "repeat_3gram", "worst_repeat", "n_captions"}`` of a list of captions
+    """``{"distinct", "repeat_3gram", "worst_repeat", "stutter", "n_captions"}`` of a list of captions
     (``None`` entries, failed images, are left out). ``n`` sets the n-gram order of the
     repetition measures (the keys keep their names)."""
     kept = [c for c in captions if c is not None]
     if not kept:
-        return {"distinct": 0.0, "repeat_3gram": 0.0, "worst_repeat": 0, "n_captions": 0}
+        return {"distinct": 0.0, "repeat_3gram": 0.0, "worst_repeat": 0, "stutter": 0.0, "n_captions": 0}
     counts = [max_ngram_count(c, n) for c in kept]
     return {"distinct": len({" ".join(words(c)) for c in kept}) / len(kept),
             "repeat_3gram": sum(c > 1 for c in counts) / len(kept),
             "worst_repeat": max(counts),
+            "stutter": sum(map(stutters, kept)) / len(kept),
             "n_captions": len(kept)}

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-# distinct-caption rate (%), captions repeating a word 3-gram (%), most repeats of one 3-gram
-DEGENERATION_COLUMNS = ("distinct %", "3-gram loops %", "worst loop")
+# distinct-caption rate (%), captions repeating a word 3-gram (%), most repeats of one 3-gram,
+# captions in which a word directly follows itself (%)
+DEGENERATION_COLUMNS = ("distinct %", "3-gram loops %", "worst loop", "stutters %")
 SCORING_COLUMNS = ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
                    "zero-shot top-1", "zero-shot top-5")
 
@@ -35,7 +36,7 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
         columns = CAPTION_COLUMNS if task == "captioning" else SCORING_COLUMNS
         n = metrics.get("n", metrics.get("n_images"))
         extra = ([_cell(metrics.get("distinct")), _cell(metrics.get("repeat_3gram")),
-                  str(metrics.get("worst_repeat", "–"))] if task == "captioning" else [])
+                  str(metrics.get("worst_repeat", "–")), _cell(metrics.get("stutter"))] if task == "captioning" else [])
         rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
                            *(_cell(metrics.get(c)) for c in columns), *extra, str(n),
                            f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")])
@@ -54,7 +55,8 @@ def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str,
              f"nofree {results['nofree_version']}, {results['created']}, device {results['device']}. "
              "Scores ×100; seconds exclude model loading (shown apart as +load). distinct %: distinct captions per "
              "100 photos; 3-gram loops %: captions repeating a word 3-gram; worst loop: "
-             "the most times one 3-gram occurs in a caption.", ""]
+             "the most times one 3-gram occurs in a caption; stutters %: captions in which a word directly "
+             "follows itself.", ""]
     tables = method_tables(results, methods)
     if tables["captioning"]:
         lines += ["## Captioning", "", *tables["captioning"], ""]
