@@ -19,7 +19,7 @@ from nofree.adapters.clipcap import ClipCap
 from nofree.adapters.flamingo import Flamingo, find_decoder_layers
 from nofree.adapters.lit import LiT
 from nofree.adapters.losses import caption_batch, contrastive_loss, next_token_loss, sigmoid_loss
-from nofree.adapters.train import Examples, prepare_examples, train_adapter
+from nofree.adapters.train import Examples, prepare_examples, train_adapter, validation_warnings
 from nofree.core import DataError, Pair, SpecError, l2_normalize
 from nofree.testing import tiny_lm
 
@@ -631,6 +631,16 @@ def test_training_writes_checkpoint_curve_and_validation(gpt2, image_encoder, tm
     _assert_same_state(_state(adapter), loaded)
     with pytest.raises(DataError, match="not empty"):
         train_adapter(adapter, train, epochs=1, batch_size=2, lr=1e-2, out_dir=out, progress=False)
+
+
+def test_validation_warnings_name_each_failure_in_plain_words():
+    healthy = {"image_gap": 0.9, "val_distinct": 0.95, "val_stutter": 0.0}
+    assert validation_warnings("flamingo", healthy) == []
+    found = validation_warnings("flamingo", {"image_gap": 0.01, "val_distinct": 0.1, "val_stutter": 0.4})
+    assert len(found) == 3
+    assert "barely uses the image" in found[0] and "same caption for many photos (only 10%" in found[1]
+    assert "40% of validation captions repeat a word back to back" in found[2]
+    assert validation_warnings("lit", {"val_loss": 1.0}) == []   # LiT records hold none of these
 
 
 def test_min_steps_raises_the_epochs_of_a_small_set_and_explicit_epochs_stay(gpt2, image_encoder, tmp_path):

@@ -383,7 +383,7 @@ def train_adapter(adapter: Adapter, train_pairs: Sequence[Pair] | Examples, *,
         save_loss_curve(curve, step_losses, history, f"{adapter.kind}: {out_dir.name}")
     adapter.eval()
     if history:
-        warn_if_image_ignored(adapter.kind, history[-1])
+        validation_warnings(adapter.kind, history[-1])
     return TrainResult(adapter=adapter, out_dir=out_dir, history=history, steps=step,
                        step_losses=step_losses, loss_curve=curve)
 
@@ -404,12 +404,14 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def warn_if_image_ignored(kind: str, record: dict[str, Any]) -> list[str]:
-    """Plain-words warnings (logged and returned) when a captioning adapter's validation record
-    says it ignores the image: a val-loss gap under 0.05 nats between shuffled and true image
-    features, or fewer than half the photos getting a caption of their own."""
+def validation_warnings(kind: str, record: dict[str, Any]) -> list[str]:
+    """Plain-words warnings (logged and returned) when a captioning adapter's last validation
+    record says it ignores the image (a val-loss gap under 0.05 nats between shuffled and true
+    image features, or fewer than half the photos getting a caption of their own) or that its
+    captions degenerate (more than 10% of them with a word directly following itself, see
+    :mod:`nofree.eval.degeneration`)."""
     warnings = []
-    gap, distinct = record.get("image_gap"), record.get("val_distinct")
+    gap, distinct, stutter = record.get("image_gap"), record.get("val_distinct"), record.get("val_stutter")
     if gap is not None and gap < 0.05:
         warnings.append(f"the {kind} adapter barely uses the image: its validation loss rises only "
                         f"{gap:.3f} when each caption is paired with another photo; train longer or "
@@ -417,6 +419,9 @@ def warn_if_image_ignored(kind: str, record: dict[str, Any]) -> list[str]:
     if distinct is not None and distinct < 0.5:
         warnings.append(f"the {kind} adapter writes the same caption for many photos (only "
                         f"{100 * distinct:.0f}% of validation photos get a distinct caption)")
+    if stutter is not None and stutter > 0.1:
+        warnings.append(f"the {kind} adapter's captions stutter: {100 * stutter:.0f}% of validation captions "
+                        "repeat a word back to back (\"sink, sink\"); it needs more training pairs or steps")
     for text in warnings:
         log.warning(text)
     return warnings
