@@ -314,7 +314,7 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most new tokens per caption.")
 @click.option("--beams", type=click.IntRange(min=1), default=None,
               help="Beam width of a trained adapter's decoding (clipcap, flamingo, smallcap; default: its "
-                   "cross-validated one: 3 for clipcap and smallcap, greedy for flamingo).")
+                   "cross-validated one, 3 beams for each).")
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
               help="Trained adapters: no token n-gram of this size twice in a caption (0: off; "
                    "default: the tuned one).")
