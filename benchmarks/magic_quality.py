@@ -354,6 +354,20 @@ What the numbers say.
   w > 0 was 53.9 (+1.5 ± 3.3 per fold over retrieval, 35% new captions), 0.4 above the same set
   with w = 0 and within the noise. Whole-sentence ASIF similarity over two unimodal encoders
   ranks a photo's candidates worse than their agreement with its retrieved captions does.
+- **More diverse drafts do not help either** (exploratory, 2026-12-07, the same folds; the
+  default captioner's own candidates and pseudo-references, retrieval 52.4, the default 52.8):
+  adding 16 sampled drafts per photo (2 per example window, pure sampling at temperature 0.7)
+  to the consensus's candidates gives 51.4, at temperature 1.0 52.1, both temperatures (32
+  drafts) 51.4; the retrieved caption with the 16 samples at 0.7 49.8, the samples alone 47.3.
+  More candidates raise the share of new sentences the consensus keeps (55% → 66–69%) and lower
+  CIDEr: a sampled draft that agrees with the pseudo-references is not a better caption of the
+  photo.
+- **Nor does trusting the ASIF ranking of the pseudo-references more** (exploratory, the cached
+  drafts of the guidance run above): weighting the photo's i-th retrieved caption by exp(−i/τ)
+  in the CIDEr-D consensus, τ = 5, 10, 20, moves MAGIC's default choice between 52.2 and 53.3
+  (unweighted: 52.8 with 20 pseudo-references, 51.3 with 50) and lowers caption retrieval's own
+  consensus to 45.2–50.3 (unweighted, 50 references: 52.4). Below the first few, the ASIF order
+  of a photo's top 50 pool captions carries little beyond their agreement.
 
 ### MAGIC's ASIF image term: the pipeline's CSLS similarity
 
