@@ -641,6 +641,9 @@ def test_validation_warnings_name_each_failure_in_plain_words():
     assert "barely uses the image" in found[0] and "same caption for many photos (only 10%" in found[1]
     assert "40% of validation captions repeat a word back to back" in found[2]
     assert validation_warnings("lit", {"val_loss": 1.0}) == []   # LiT records hold none of these
+    # SmallCap's shuffle keeps the retrieved captions: a small gap means it follows them
+    smallcap, = validation_warnings("smallcap", {"image_gap": 0.03, "val_distinct": 0.9})
+    assert "beyond its retrieved captions" in smallcap and "--method retrieval" in smallcap
 
 
 def test_min_steps_raises_the_epochs_of_a_small_set_and_explicit_epochs_stay(gpt2, image_encoder, tmp_path):
