@@ -31,11 +31,14 @@ def test_a_word_following_itself_is_a_stutter_that_3grams_miss(caption):
 
 
 @pytest.mark.parametrize("caption", ["A train traveling down train tracks near a train station.",
-                                     "A man holding a tennis racket on a tennis court.",
-                                     "Two two-story buses.", ""])
+                                     "A man holding a tennis racket on a tennis court.", ""])
 def test_repeated_words_apart_from_each_other_are_not_stutters(caption):
-    # "two two-story" splits into "two two story": a hyphenated word counts as its parts
-    assert stutters(caption) == (caption == "Two two-story buses.")
+    assert not stutters(caption)
+
+
+def test_a_hyphenated_word_counts_as_its_parts():
+    # "two two-story" reads as "two two story": a rare false alarm the measure accepts
+    assert stutters("Two two-story buses.")
 
 
 def test_no_captions_gives_zeros():

@@ -36,7 +36,8 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
         columns = CAPTION_COLUMNS if task == "captioning" else SCORING_COLUMNS
         n = metrics.get("n", metrics.get("n_images"))
         extra = ([_cell(metrics.get("distinct")), _cell(metrics.get("repeat_3gram")),
-                  str(metrics.get("worst_repeat", "–")), _cell(metrics.get("stutter"))] if task == "captioning" else [])
+                  str(metrics.get("worst_repeat", "–")), _cell(metrics.get("stutter"))]
+                 if task == "captioning" else [])
         rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
                            *(_cell(metrics.get(c)) for c in columns), *extra, str(n),
                            f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")])
