@@ -331,39 +331,39 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-NOTES = """Run so far: folds 0 and 1 at 50, 200 and 700 pairs (10, 40 and 140 photos), every
-method; fold 2 and the sizes 100 and 400 are not measured yet, so each ± sd is over two folds.
-Each cell was run as the grid reached it (the command above only gathered the finished cells,
-hence its few seconds, and the torch threads it reports); every cell ran with one torch thread
-while other jobs shared the two cores, so train and eval seconds are per cell and pessimistic.
-Every adapter cell used its method's current recipe and captioner defaults: ClipCap 6 epochs, 3
-beams; Flamingo-style 6 epochs (at least 264 steps), 3 beams; SmallCap-style 2 epochs, 2 drafts ×
-the 3 best of 3 beams + the retrieved caption, a consensus choice (the Flamingo-style and
-SmallCap-style cells were rerun on 2026-12-07 after those defaults changed). ClipCap's fold-0
-cells ran before its word 3-gram block stopped counting punctuation tokens as words.
+NOTES = """Run so far: folds 0, 1 and 2 at 50, 200, 400 and 700 pairs (10, 40, 80 and 140 photos),
+every method; the size 100 is not measured. Each cell was run as the grid reached it (the command
+above only gathered the finished cells, hence its few seconds, and the torch threads it
+reports); every cell ran with one torch thread while other jobs shared the two cores, so train
+and eval seconds are per cell and pessimistic. Every adapter cell used its method's current
+recipe and captioner defaults: ClipCap 6 epochs, 3 beams; Flamingo-style 6 epochs (at least 264
+steps), 3 beams; SmallCap-style 2 epochs, 2 drafts × the 3 best of 3 beams + the retrieved
+caption, a consensus choice. ClipCap's fold-0 cells ran before its word 3-gram block stopped
+counting punctuation tokens as words. At 700 pairs (all 140 photos) the training-free methods
+are the same in every fold (sd 0) and the adapters' folds differ only by the training seed.
 
 What it shows:
-- **Below a few hundred pairs the training-free methods and SmallCap-style lead.** At 200 pairs
-  (40 photos) retrieval, MAGIC and SmallCap-style reach CIDEr 31.5 ± 5.6, 30.0 ± 3.6 and 30.0 ±
-  2.2; ClipCap and the Flamingo-style adapter 14.5 and 17.5. At 50 pairs retrieval (21.9 ± 9.2)
-  and SmallCap-style (20.3 ± 4.2) are ahead of MAGIC (15.3) and far ahead of the other two
-  adapters (7–8); which 10 photos are the anchors matters most for retrieval (15.4 and 28.5 on
-  the two folds).
-- **SmallCap-style follows retrieval at every size without passing it** (20.3 / 30.0 / 48.0
-  against 21.9 / 31.5 / 48.7): its consensus keeps the retrieved caption where that agrees best
-  with the others, and its own sentences where they do. At 700 pairs MAGIC leads (53.0); ClipCap
-  (43.5 ± 6.1) and the Flamingo-style adapter (35.6 ± 0.8) stay below and depend on the training
-  seed (at 700 pairs the folds differ only by it: ClipCap 39.2 and 47.7). The adapters' curves
-  are still steep there, so the sample is too small to say where they would cross the
-  training-free ones.
-- **With 50 pairs the Flamingo-style adapter partly collapses** (40% distinct captions; 79% at
-  200): its recipe's extra epochs reach the step count, not the variety of captions. One of its
-  fold-0 captions there is a word salad ("A baseball baseball baseballA baseballA player baseball
-  …"): single words and fused tokens repeated, which the word 3-gram block lets through and no
-  word 3-gram repeat counts. The stutters column counts it (a word directly following itself);
-  so does ClipCap's fold-1 caption at 50 pairs "Aisfile aisfile bar and eat". No cell above 50
-  pairs has a stutter. SmallCap-style keeps 88% distinct there, helped by the retrieved captions
-  it reads and picks from.
+- **Caption retrieval leads or ties up to 400 pairs; MAGIC passes it only with all 700.**
+  Retrieval reaches 21.3 / 30.9 / 39.3 / 48.7 CIDEr at 50 / 200 / 400 / 700 pairs, MAGIC 18.9 /
+  30.0 / 37.7 / 53.0: the LM's drafts need enough anchors for the pseudo-references their
+  consensus reads. Which 10 photos are the anchors matters most at 50 pairs (retrieval 15.4 to
+  28.5 over the folds).
+- **SmallCap-style follows retrieval at every size without passing it** (20.1 / 29.9 / 38.8 /
+  47.7): its consensus keeps the retrieved caption for 35–37 of the 40 photos at 50 pairs, 31–32
+  at 200, 24–26 at 400 and 12–18 at 700, so its own sentences take over as the training set
+  grows, and score about as well as the captions they replace.
+- **ClipCap closes in on retrieval; the Flamingo-style adapter does not.** Retrieval's lead over
+  ClipCap shrinks from 13.0 to 11.2, 8.3 and 6.2 CIDEr over the four sizes, and ClipCap depends
+  most on the photos and the seed (200 pairs: 11.7 to 30.1; 700: 39.2 to 47.7). The
+  Flamingo-style adapter stays 10.6 to 15.7 behind (10.7 / 18.5 / 23.6 / 33.7) and repeats its
+  captions at the low end (45% distinct captions at 50 pairs, 78% at 200, 90% at 400, 98% at
+  700).
+- **Degenerate captions only at 50 pairs.** Two fold-0 Flamingo-style captions there are word
+  salads ("A baseball baseball baseballA baseballA player baseball …"): single words and fused
+  tokens repeated, which the word 3-gram block lets through and no word 3-gram repeat counts. The
+  stutters column counts them (a word directly following itself), and two fold-1 ClipCap
+  captions ("Aisfile aisfile bar and eat"). No cell above 50 pairs has a stutter; three cells have one caption each
+  repeating a word 3-gram (MAGIC at 50, ClipCap at 200 and 700).
 - The recipes' `min_steps` matter at the low end: with 3 epochs of 50 pairs (12 steps, the
   learning rate still warming up) ClipCap wrote unrelated text (CIDEr 0.2) and Flamingo-style
   gave 47.5% distinct captions (5.2); with at least the whole split's number of steps they reach
