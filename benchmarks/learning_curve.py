@@ -345,8 +345,8 @@ are the same in every fold (sd 0) and the adapters' folds differ only by the tra
 What it shows:
 - **Caption retrieval leads or ties up to 400 pairs; MAGIC passes it only with all 700.**
   Retrieval reaches 21.3 / 30.9 / 39.3 / 48.7 CIDEr at 50 / 200 / 400 / 700 pairs, MAGIC 18.9 /
-  30.0 / 37.7 / 53.0: the LM's drafts need enough anchors for the pseudo-references their
-  consensus reads. Which 10 photos are the anchors matters most at 50 pairs (retrieval 15.4 to
+  30.0 / 37.7 / 53.0: its drafts add to the retrieved caption only with the whole anchor set.
+  Which 10 photos are the anchors matters most at 50 pairs (retrieval 15.4 to
   28.5 over the folds).
 - **SmallCap-style follows retrieval at every size without passing it** (20.1 / 29.9 / 38.8 /
   47.7): its consensus keeps the retrieved caption for 35–37 of the 40 photos at 50 pairs, 31–32
@@ -362,8 +362,8 @@ What it shows:
   salads ("A baseball baseball baseballA baseballA player baseball …"): single words and fused
   tokens repeated, which the word 3-gram block lets through and no word 3-gram repeat counts. The
   stutters column counts them (a word directly following itself), and two fold-1 ClipCap
-  captions ("Aisfile aisfile bar and eat"). No cell above 50 pairs has a stutter; three cells have one caption each
-  repeating a word 3-gram (MAGIC at 50, ClipCap at 200 and 700).
+  captions ("Aisfile aisfile bar and eat"). No cell above 50 pairs has a stutter; three cells
+  have one caption each repeating a word 3-gram (MAGIC at 50, ClipCap at 200 and 700).
 - The recipes' `min_steps` matter at the low end: with 3 epochs of 50 pairs (12 steps, the
   learning rate still warming up) ClipCap wrote unrelated text (CIDEr 0.2) and Flamingo-style
   gave 47.5% distinct captions (5.2); with at least the whole split's number of steps they reach
