@@ -331,8 +331,8 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-NOTES = """Run so far: folds 0, 1 and 2 at 50, 200, 400 and 700 pairs (10, 40, 80 and 140 photos),
-every method; the size 100 is not measured. Each cell was run as the grid reached it (the command
+NOTES = """The whole grid: folds 0, 1 and 2 at 50, 100, 200, 400 and 700 pairs (10, 20, 40, 80 and
+140 photos), every method. Each cell was run as the grid reached it (the command
 above only gathered the finished cells, hence its few seconds, and the torch threads it
 reports); every cell ran with one torch thread while other jobs shared the two cores, so train
 and eval seconds are per cell and pessimistic. Every adapter cell used its method's current
@@ -344,20 +344,21 @@ are the same in every fold (sd 0) and the adapters' folds differ only by the tra
 
 What it shows:
 - **Caption retrieval leads or ties up to 400 pairs; MAGIC passes it only with all 700.**
-  Retrieval reaches 21.3 / 30.9 / 39.3 / 48.7 CIDEr at 50 / 200 / 400 / 700 pairs, MAGIC 18.9 /
-  30.0 / 37.7 / 53.0: its drafts add to the retrieved caption only with the whole anchor set.
-  Which 10 photos are the anchors matters most at 50 pairs (retrieval 15.4 to
-  28.5 over the folds).
-- **SmallCap-style follows retrieval at every size without passing it** (20.1 / 29.9 / 38.8 /
-  47.7): its consensus keeps the retrieved caption for 35–37 of the 40 photos at 50 pairs, 31–32
-  at 200, 24–26 at 400 and 12–18 at 700, so its own sentences take over as the training set
-  grows, and score about as well as the captions they replace.
+  Retrieval reaches 21.3 / 28.7 / 30.9 / 39.3 / 48.7 CIDEr at 50 / 100 / 200 / 400 / 700 pairs,
+  MAGIC 18.9 / 28.7 / 30.0 / 37.7 / 53.0: its drafts add to the retrieved caption only with the
+  whole anchor set. Which photos are the anchors matters most below 200 pairs (retrieval 15.4 to
+  28.5 over the folds at 50 pairs, 21.4 to 38.8 at 100).
+- **SmallCap-style follows retrieval at every size without passing it** (20.1 / 29.7 / 29.9 /
+  38.8 / 47.7): its consensus keeps the retrieved caption for 35–37 of the 40 photos at 50 pairs,
+  33–36 at 100, 31–32 at 200, 24–26 at 400 and 12–18 at 700, so its own sentences take over as
+  the training set grows, and score about as well as the captions they replace.
 - **ClipCap closes in on retrieval; the Flamingo-style adapter does not.** Retrieval's lead over
-  ClipCap shrinks from 13.0 to 11.2, 8.3 and 6.2 CIDEr over the four sizes, and ClipCap depends
-  most on the photos and the seed (200 pairs: 11.7 to 30.1; 700: 39.2 to 47.7). The
-  Flamingo-style adapter stays 10.6 to 15.7 behind (10.7 / 18.5 / 23.6 / 33.7) and repeats its
-  captions at the low end (45% distinct captions at 50 pairs, 78% at 200, 90% at 400, 98% at
-  700).
+  ClipCap (8.3 / 12.7 / 19.7 / 31.0 / 42.5) is 13.0 and 16.0 CIDEr at 50 and 100 pairs, then
+  11.2, 8.3 and 6.2; ClipCap depends most on the photos and the seed (200 pairs: 11.7 to 30.1;
+  700: 39.2 to 47.7), and at 100 pairs it writes fluent captions of the wrong scene ("A woman's
+  dog is standing on top of a bus in a kitchen."). The Flamingo-style adapter stays 10.6 to 15.7
+  behind (10.7 / 17.6 / 18.5 / 23.6 / 33.7) and repeats its captions at the low end (45% distinct
+  captions at 50 pairs, 68% at 100, 78% at 200, 90% at 400, 98% at 700).
 - **Degenerate captions only at 50 pairs.** Two fold-0 Flamingo-style captions there are word
   salads ("A baseball baseball baseballA baseballA player baseball …"): single words and fused
   tokens repeated, which the word 3-gram block lets through and no word 3-gram repeat counts. The
@@ -370,7 +371,7 @@ What it shows:
   the numbers above.
 
 `python -m benchmarks --only learning_curve` runs the whole grid (5 sizes × 3 folds × 5
-methods; several hours on two cores); it is resumable (a rerun keeps the finished cells of its
+methods; about 6 hours of one core); it is resumable (a rerun keeps the finished cells of its
 `--work` folder), and `--methods`, `--sizes` and `--folds` restrict it."""
 
 
