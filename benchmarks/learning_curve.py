@@ -246,11 +246,12 @@ def summarize(cells: list[dict]) -> dict:
     for method in dict.fromkeys(c["method"] for c in cells):
         for size in sorted({c["size"] for c in cells if c["method"] == method}):
             rows = [c for c in cells if c["method"] == method and c["size"] == size]
+            measured = [degeneration(c["captions"]) for c in rows]   # old cells lack stutter in their metrics
             values = {"CIDEr": [c["metrics"]["CIDEr"] for c in rows],
                       "BLEU-4": [c["metrics"]["BLEU-4"] for c in rows],
                       "distinct": [c["metrics"]["distinct"] for c in rows],
-                      "repeat_3gram": [degeneration(c["captions"])["repeat_3gram"] for c in rows],
-                      "stutter": [degeneration(c["captions"])["stutter"] for c in rows],
+                      "repeat_3gram": [m["repeat_3gram"] for m in measured],
+                      "stutter": [m["stutter"] for m in measured],
                       "image_gap": [c["validation"]["image_gap"] for c in rows if "image_gap" in c["validation"]],
                       "train_s": [c["train"]["seconds"] for c in rows],
                       "eval_s": [c["eval_s"] for c in rows]}

@@ -96,6 +96,11 @@ class CaptioningAdapter(Adapter):
     #: The captioner's default decoding (:class:`AdapterCaptioner`), chosen per method by
     #: cross-validation on ``train``.
     decoding: dict[str, int] = DECODING
+    #: What ``nofree train`` says when the val loss barely rises with the image features shuffled
+    #: across captions (``{gap}``: that rise; :func:`nofree.adapters.train.validation_warnings`).
+    weak_image_warning = ("barely uses the image: its validation loss rises only {gap:.3f} when each "
+                          "caption is paired with another photo; train longer or with a higher learning "
+                          "rate, or check the image features")
 
     backbone_roles = ("image_encoder", "lm")
     bucket_by_length = True

@@ -412,17 +412,10 @@ def validation_warnings(kind: str, record: dict[str, Any]) -> list[str]:
     :mod:`nofree.eval.degeneration`)."""
     warnings = []
     gap, distinct, stutter = record.get("image_gap"), record.get("val_distinct"), record.get("val_stutter")
-    if gap is not None and gap < 0.05 and kind == "smallcap":
-        # the shuffle keeps each caption's retrieved examples: the gap is what the cross-attention
-        # adds to them
-        warnings.append(f"the {kind} adapter barely uses the image beyond its retrieved captions: its "
-                        f"validation loss rises only {gap:.3f} when each caption is paired with another "
-                        "photo's features, so its captions follow the retrieved examples; compare it with "
-                        "--method retrieval")
-    elif gap is not None and gap < 0.05:
-        warnings.append(f"the {kind} adapter barely uses the image: its validation loss rises only "
-                        f"{gap:.3f} when each caption is paired with another photo; train longer or "
-                        "with a higher learning rate, or check the image features")
+    if gap is not None and gap < 0.05:
+        from nofree.adapters.base import adapter_class
+
+        warnings.append(f"the {kind} adapter " + adapter_class(kind).weak_image_warning.format(gap=gap))
     if distinct is not None and distinct < 0.5:
         warnings.append(f"the {kind} adapter writes the same caption for many photos (only "
                         f"{100 * distinct:.0f}% of validation photos get a distinct caption)")
