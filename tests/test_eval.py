@@ -83,6 +83,10 @@ def test_every_method_in_one_report(setup, tmp_path):
             assert metrics["n_captions"] == 4 and 0.25 <= metrics["distinct"] <= 1
             assert metrics["worst_repeat"] >= 0 and 0 <= metrics["repeat_3gram"] <= 1
             assert 0 <= metrics["stutter"] <= 1
+            per_image = entry["per_image"]["CIDEr"]
+            assert len(per_image) == 4 and sum(per_image) / 4 == pytest.approx(metrics["CIDEr"])
+            low, high = metrics["CIDEr interval"]
+            assert min(per_image) <= low <= metrics["CIDEr"] <= high <= max(per_image)
         else:
             curve = metrics["curve"]["t2i"]
             assert len(curve) == 10 and curve == sorted(curve) and curve[3] == 1.0  # 4 images: R@4 = 1
@@ -95,7 +99,12 @@ def test_every_method_in_one_report(setup, tmp_path):
     markdown = (out / "results.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in markdown
-    assert "| distinct % | 3-gram loops % | worst loop | stutters % |" in markdown
+    assert "| CIDEr 95% CI | distinct % | 3-gram loops % | worst loop | stutters % |" in markdown
+    # every other captioning method is compared with caption retrieval on the same images
+    assert results["baseline"] == "retrieval" and "## CIDEr against retrieval" in markdown
+    comparison = markdown.split("## CIDEr against retrieval")[1].split("##")[0]
+    captioning = [m for m in METHODS if METHODS[m].task == "captioning" and m != "retrieval"]
+    assert all(f"| {name} |" in comparison for name in captioning) and "| retrieval |" not in comparison
     for png in results["plots"].values():
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert set(results["plots"].values()) == {"captioning.png", "samples.png", "scoring.png", "recall_at_k.png"}
@@ -143,6 +152,20 @@ def test_anchors_from_the_evaluation_split_are_refused(setup, tmp_path):
                        out_dir=tmp_path / "r", progress=False)
     assert results["methods"]["asif"]["status"] == "failed"
     assert "leak" in results["methods"]["asif"]["error"]
+
+
+def test_the_baseline_must_be_a_captioning_method_that_runs(setup, tmp_path):
+    result = CliRunner().invoke(main, ["eval", "--pairs", str(setup["pairs"]), "--anchors", str(setup["anchors"]),
+                                       "--method", "retrieval", "--baseline", "clipcap", "--pool", str(setup["pool"]),
+                                       "--no-meteor", "--report", str(tmp_path / "r")])
+    assert result.exit_code != 0 and not (tmp_path / "r").exists()
+    assert "--baseline clipcap is not among the captioning methods run (retrieval): add --method clipcap" \
+        in result.output
+    with pytest.raises(DataError, match="baseline='asif'"):
+        run_eval(_config(setup, baseline="asif"), ["asif", "retrieval"], out_dir=tmp_path / "r", progress=False)
+    # no baseline among the methods run: the report has no comparison, and says nothing about one
+    results = run_eval(_config(setup), ["magic"], out_dir=tmp_path / "m", progress=False)
+    assert results["baseline"] is None and "CIDEr against" not in (tmp_path / "m" / "results.md").read_text()
 
 
 def test_method_inputs_are_checked_before_anything_runs(setup, tmp_path):

@@ -80,6 +80,12 @@ def test_identical_captions_score_one():
     assert scores["ROUGE-L"] == pytest.approx(1.0)
     shuffled = caption_metrics(captions[::-1], [[c] for c in captions], meteor=False)
     assert shuffled["CIDEr"] < scores["CIDEr"] and shuffled["BLEU-4"] < 0.5
+    # per-image CIDEr, in input order, averages to the corpus figure
+    for result in (scores, shuffled):
+        assert len(result["CIDEr per image"]) == 2
+        assert sum(result["CIDEr per image"]) / 2 == pytest.approx(result["CIDEr"])
+    half = caption_metrics([captions[0], captions[0]], [[c] for c in captions], meteor=False)["CIDEr per image"]
+    assert half[0] > 0 and half[1] == pytest.approx(0.0)
 
 
 def test_tokenisation_case_punctuation_and_dict_inputs():

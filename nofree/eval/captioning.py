@@ -145,8 +145,9 @@ def caption_metrics(predictions: Mapping[Any, str] | Sequence[str],
     ``spice=True`` adds SPICE where it can run.
 
     Returns ``{"BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE": float | None,
-    "n": number of images, "notes": list of str}``; a metric that was skipped is ``None`` and
-    ``notes`` says why.
+    "n": number of images, "notes": list of str, "CIDEr per image": list of float}``; a metric
+    that was skipped is ``None`` and ``notes`` says why. "CIDEr per image" is each image's
+    CIDEr-D in input order (document frequencies from the whole set); their mean is "CIDEr".
     """
     hyps, refs = _align(predictions, references)
     package = _package_dir()
@@ -167,7 +168,8 @@ def caption_metrics(predictions: Mapping[Any, str] | Sequence[str],
     for order, value in enumerate(bleu, start=1):
         result[f"BLEU-{order}"] = float(value)
     result["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    result["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    result["CIDEr"] = float(cider)
     if meteor:
         result["METEOR"] = _meteor(gts, res)
     else:
@@ -188,6 +190,7 @@ def caption_metrics(predictions: Mapping[Any, str] | Sequence[str],
             log.warning("SPICE skipped: %s", reason)
     result["n"] = len(hyps)
     result["notes"] = notes
+    result["CIDEr per image"] = [float(v) for v in cider_per_image]
     return result
 
 

@@ -6,8 +6,11 @@ Flamingo-style) run on the same evaluation images with the same frozen backbones
 the same metric code, so the table compares like with like. The report folder holds
 
 - ``results.json``: every metric with its n, the split, all specs and hyperparameters, the
-  nofree version, seconds per method (model loading counted apart) and each caption;
-- ``results.md``: the tables;
+  nofree version, seconds per method (model loading counted apart), each caption and each
+  image's CIDEr;
+- ``results.md``: the tables, with a bootstrap interval of each captioning method's CIDEr and
+  each one's paired difference to a baseline (caption retrieval unless ``baseline`` names
+  another; :mod:`nofree.eval.significance`);
 - plots (see :mod:`nofree.eval.plots`): metric bars per method, retrieval R@K curves, and a grid
   of sample photos with each method's caption beside a reference.
 
@@ -29,8 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nofree.core import (DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Option,
-                         OptionError, Pair)
+from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Option, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class EvalConfig:
     batch_size: int = 8
     device: str = "cpu"
     meteor: bool = True
+    baseline: str | None = None                 # captioning method the others are compared to (None: retrieval if run)
 
 
 def available_methods(config: EvalConfig) -> list[str]:
@@ -418,6 +421,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
             for i, need in enumerate(needs):
                 parts += [", "] * bool(i) + [Option(need, placeholder="DIR")]
         raise OptionError(*parts, " (adapters come from `nofree train`)")
+    baseline = _baseline(config.baseline, methods)
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
     if overwrite:  # only an earlier report, never an input or a folder holding one
@@ -434,7 +438,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
         "pairs": str(config.pairs), "split": config.split, "limit": config.limit,
         "n_images": len(ctx.pairs), "n_references": sum(map(len, ctx.references)),
         "images": ctx.paths, "references": ctx.references, "device": config.device,
-        "methods": {},
+        "baseline": baseline, "methods": {},
     }
     for name in methods:
         old = previous.get("methods", {}).get(name)
@@ -462,6 +466,19 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     return results
 
 
+def _baseline(chosen: str | None, methods: Sequence[str]) -> str | None:
+    """The captioning method the report compares the others to: ``chosen`` (which must be run),
+    else caption retrieval when it is run, else none."""
+    if chosen is None:
+        return "retrieval" if "retrieval" in methods else None
+    captioning = [m for m in methods if METHODS[m].task == CAPTIONING]
+    if chosen not in captioning:
+        raise OptionError(Option("baseline", chosen), " is not among the captioning methods run ("
+                          + (", ".join(captioning) or "none") + "): add ", Option("method", chosen),
+                          " or choose one of them")
+    return chosen
+
+
 def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
     method = METHODS[name]
     loads_before, start = ctx.load_seconds, time.perf_counter()
@@ -473,9 +490,15 @@ def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
             from nofree.eval.captioning import caption_metrics
             from nofree.eval.degeneration import degeneration
 
+            from nofree.eval.significance import mean_interval
+
             scored = caption_metrics(list(captions), ctx.references, meteor=ctx.config.meteor)
+            per_image = scored.pop("CIDEr per image")
             metrics = {**metrics, **scored, **degeneration(captions)}
+            if len(per_image) > 1:
+                metrics["CIDEr interval"] = mean_interval(per_image)
             entry["captions"] = list(captions)
+            entry["per_image"] = {"CIDEr": per_image}
         entry["metrics"] = metrics
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -20,6 +20,14 @@ def _cell(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _interval(bounds: Any) -> str:
+    return "–" if not bounds else f"{100 * bounds[0]:.1f}–{100 * bounds[1]:.1f}"
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}".replace("-", "−")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -35,18 +43,39 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
         metrics, task = entry["metrics"], entry["task"]
         columns = CAPTION_COLUMNS if task == "captioning" else SCORING_COLUMNS
         n = metrics.get("n", metrics.get("n_images"))
-        extra = ([_cell(metrics.get("distinct")), _cell(metrics.get("repeat_3gram")),
+        extra = ([_interval(metrics.get("CIDEr interval")), _cell(metrics.get("distinct")), _cell(metrics.get("repeat_3gram")),
                   str(metrics.get("worst_repeat", "–")), _cell(metrics.get("stutter"))]
                  if task == "captioning" else [])
         rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
                            *(_cell(metrics.get(c)) for c in columns), *extra, str(n),
                            f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")])
     if rows["captioning"]:
-        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, *DEGENERATION_COLUMNS, "n images",
+        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, "CIDEr 95% CI", *DEGENERATION_COLUMNS, "n images",
                                     "seconds"], rows["captioning"])
     if rows["scoring"]:
         out["scoring"] = _table(["method", "what", *SCORING_COLUMNS, "n images", "seconds"], rows["scoring"])
     return out
+
+
+def comparison_table(results: Mapping[str, Any]) -> list[str]:
+    """Markdown lines comparing each captioning method's CIDEr with the report's baseline (paired
+    bootstrap over the images; empty when there is no baseline or nothing to compare)."""
+    from nofree.eval.significance import LEVEL, RESAMPLES, compare_to
+
+    baseline = results.get("baseline")
+    per_image = {name: entry["per_image"]["CIDEr"] for name, entry in results["methods"].items()
+                 if entry.get("status") == "ok" and len(entry.get("per_image", {}).get("CIDEr", ())) > 1}
+    if baseline not in per_image or len(per_image) < 2:
+        return []
+    rows = [[name, _signed(c["delta"]), f"{_signed(c['interval'][0])} to {_signed(c['interval'][1])}",
+             f"{100 * c['ahead']:.0f}%"] for name, c in compare_to(per_image, baseline).items()]
+    return [f"## CIDEr against {baseline}", "",
+            f"Each method's CIDEr minus {baseline}'s on the same images, with its {100 * LEVEL:.0f}% interval "
+            f"from a paired bootstrap ({RESAMPLES:,} draws of the images with replacement, both methods scored "
+            "on each draw). An interval that contains 0 means these images cannot tell the two apart; "
+            "\"ahead\": the share of draws in which the method scores higher. The intervals cover the "
+            "choice of images only, not a trained adapter's seed or training data.", "",
+            *_table(["method", "Δ CIDEr", f"{100 * LEVEL:.0f}% interval", "ahead"], rows), ""]
 
 
 def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str, Any]) -> None:
@@ -57,10 +86,11 @@ def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str,
              "Scores ×100; seconds exclude model loading (shown apart as +load). distinct %: distinct captions per "
              "100 photos; 3-gram loops %: captions repeating a word 3-gram; worst loop: "
              "the most times one 3-gram occurs in a caption; stutters %: captions in which a word directly "
-             "follows itself.", ""]
+             "follows itself. CIDEr 95% CI: a bootstrap interval over the images.", ""]
     tables = method_tables(results, methods)
     if tables["captioning"]:
         lines += ["## Captioning", "", *tables["captioning"], ""]
+        lines += comparison_table(results)
     if tables["scoring"]:
         lines += ["## Retrieval among the evaluation pairs and zero-shot classification", "",
                   *tables["scoring"], "",

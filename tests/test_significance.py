@@ -1,0 +1,56 @@
+"""Bootstrap intervals of `nofree eval`: coverage, pairing, and the exact degenerate cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nofree.eval.significance import compare_to, mean_interval, paired_difference
+
+
+def test_the_interval_covers_the_true_mean_about_as_often_as_it_claims():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(300):
+        scores = rng.gamma(2.0, 0.25, size=40)  # skewed like per-image CIDEr; true mean 0.5
+        low, high = mean_interval(scores, seed=trial)
+        covered += low <= 0.5 <= high
+    assert 0.88 <= covered / 300 <= 0.99
+
+
+def test_more_images_give_a_narrower_interval_around_the_mean():
+    rng = np.random.default_rng(1)
+    few, many = rng.gamma(2.0, 0.25, size=20), rng.gamma(2.0, 0.25, size=2000)
+    (a, b), (c, d) = mean_interval(few), mean_interval(many)
+    assert a < few.mean() < b and c < many.mean() < d
+    assert (d - c) < (b - a) / 5
+
+
+def test_pairing_cancels_what_the_images_share():
+    rng = np.random.default_rng(2)
+    difficulty = rng.gamma(2.0, 0.25, size=40)          # how easy each photo is, for both methods
+    better = difficulty + 0.05 + rng.normal(0, 0.02, size=40)
+    result = paired_difference(better, difficulty)
+    low, high = result["interval"]
+    assert result["delta"] == pytest.approx((better - difficulty).mean())
+    assert 0 < low < result["delta"] < high and result["ahead"] == 1.0 and result["n"] == 40
+    unpaired = mean_interval(better)
+    assert high - low < (unpaired[1] - unpaired[0]) / 5
+
+
+def test_degenerate_differences_are_exact_and_draws_are_reproducible():
+    scores = [0.1, 0.7, 0.3, 0.9]
+    same = paired_difference(scores, scores)
+    assert same == {"delta": 0.0, "interval": [0.0, 0.0], "ahead": 0.0, "n": 4}
+    shifted = paired_difference([s + 0.2 for s in scores], scores)
+    assert shifted["interval"] == pytest.approx([0.2, 0.2]) and shifted["ahead"] == 1.0
+    assert mean_interval(scores, seed=3) == mean_interval(scores, seed=3)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference([0.1, 0.2, 0.3], [0.1, 0.2])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mean_interval([0.5])
+    with pytest.raises(KeyError, match="baseline 'retrieval'"):
+        compare_to({"magic": [0.1, 0.2]}, "retrieval")
+    assert set(compare_to({"retrieval": [0.1, 0.2], "magic": [0.3, 0.1]}, "retrieval")) == {"magic"}
