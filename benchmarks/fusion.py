@@ -194,7 +194,7 @@ def markdown(out: dict) -> str:
                      f"{last.get('epoch', '–')} | {t['steps']} | {t['seconds']:.0f} s{' (earlier run)' if t.get('reused') else ''} | "
                      f"{shown} |")
     for name, file in (out.get("plots") or {}).items():
-        if name in ("captioning metrics", "sample captions"):
+        if name in ("captioning metrics", "sample captions") or name.startswith("CIDEr against"):
             lines += ["", f"![{name}](results/{file})"]
     return "\n".join(lines)
 

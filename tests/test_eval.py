@@ -107,7 +107,13 @@ def test_every_method_in_one_report(setup, tmp_path):
     assert all(f"| {name} |" in comparison for name in captioning) and "| retrieval |" not in comparison
     for png in results["plots"].values():
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert set(results["plots"].values()) == {"captioning.png", "samples.png", "scoring.png", "recall_at_k.png"}
+    assert set(results["plots"].values()) == {"captioning.png", "samples.png", "scoring.png", "recall_at_k.png",
+                                              "comparison.png"}
+    compared = results["comparison"]["methods"]
+    assert results["comparison"]["baseline"] == "retrieval" and set(compared) == set(captioning)
+    for name, c in compared.items():
+        delta = results["methods"][name]["metrics"]["CIDEr"] - results["methods"]["retrieval"]["metrics"]["CIDEr"]
+        assert c["delta"] == pytest.approx(delta) and c["interval"][0] <= c["delta"] <= c["interval"][1]
     assert "| magic |" in result.stdout  # the table goes to stdout
 
 
@@ -165,7 +171,9 @@ def test_the_baseline_must_be_a_captioning_method_that_runs(setup, tmp_path):
         run_eval(_config(setup, baseline="asif"), ["asif", "retrieval"], out_dir=tmp_path / "r", progress=False)
     # no baseline among the methods run: the report has no comparison, and says nothing about one
     results = run_eval(_config(setup), ["magic"], out_dir=tmp_path / "m", progress=False)
-    assert results["baseline"] is None and "CIDEr against" not in (tmp_path / "m" / "results.md").read_text()
+    assert results["baseline"] is None and results["comparison"] is None
+    assert "CIDEr against" not in (tmp_path / "m" / "results.md").read_text()
+    assert "comparison.png" not in results["plots"].values()
 
 
 def test_method_inputs_are_checked_before_anything_runs(setup, tmp_path):

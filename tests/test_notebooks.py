@@ -104,5 +104,10 @@ def test_frozen_vs_trained_notebook(tmp_path, shared_cache, monkeypatch):
     trained = {"ClipCap", "Flamingo-style", "SmallCap-style"}
     assert set(r["captioning"]) == {"retrieval", "MAGIC", *trained}
     assert set(r["captioning_all"]) == {"retrieval", *trained}
+    versus = r["cider_vs_retrieval"]
+    assert set(versus) == {"MAGIC", *trained}
+    for name, c in versus.items():
+        assert c["interval"][0] <= c["delta"] <= c["interval"][1]
+        assert c["delta"] == pytest.approx(r["captioning"][name]["CIDEr"] - r["captioning"]["retrieval"]["CIDEr"])
     assert r["cost"]["retrieval"]["trainable"] == 0 and r["cost"]["MAGIC"]["trainable"] == 0
     assert all(r["cost"][name]["trainable"] > 0 for name in trained)

@@ -1,4 +1,5 @@
-"""Plots of an evaluation report: metric bars, retrieval R@K curves, a grid of sample captions.
+"""Plots of an evaluation report: metric bars, CIDEr differences to a baseline, retrieval R@K
+curves, a grid of sample captions.
 
 Each function takes the content of ``results.json`` and writes one PNG; matplotlib runs on the
 non-interactive Agg backend so reports can be made on headless machines.
@@ -27,19 +28,30 @@ def _ok(results: Mapping[str, Any], task: str) -> dict[str, Any]:
 
 
 def metric_bars(path: Path, rows: Mapping[str, Any], metrics: tuple[str, ...], title: str) -> None:
-    """Grouped bars: one group per metric, one bar per method (scores ×100)."""
+    """Grouped bars: one group per metric, one bar per method (scores ×100); a metric with a
+    bootstrap interval in the results (``"CIDEr interval"``) gets it as a whisker."""
     plt = _pyplot()
     names = list(rows)
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(metrics) + 0.3 * len(names), 3.6))
+    whiskers = False
     for i, name in enumerate(names):
-        values = [100 * (rows[name]["metrics"].get(m) or 0.0) for m in metrics]
-        bars = ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(metrics))], values,
-                      width, label=name)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        metrics_of = rows[name]["metrics"]
+        x = [j + (i - (len(names) - 1) / 2) * width for j in range(len(metrics))]
+        values = [100 * (metrics_of.get(m) or 0.0) for m in metrics]
+        bars = ax.bar(x, values, width, label=name)
+        # values inside the bars, so that a whisker never crosses its label
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, label_type="center", color="white")
+        spans = [(xj, v, metrics_of.get(f"{m} interval")) for xj, v, m in zip(x, values, metrics)]
+        spans = [(xj, v, s) for xj, v, s in spans if s]
+        if spans:
+            whiskers = True
+            ax.errorbar([xj for xj, _, _ in spans], [v for _, v, _ in spans],
+                        yerr=[[v - 100 * s[0] for _, v, s in spans], [100 * s[1] - v for _, v, s in spans]],
+                        fmt="none", elinewidth=0.8, capsize=2, ecolor="0.3")
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_ylabel("score ×100")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + ("\n(whiskers: 95% bootstrap interval over the images)" if whiskers else ""), fontsize=10)
     ax.legend(fontsize=8, frameon=False, ncol=min(4, len(names)))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
@@ -99,6 +111,31 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
+def difference_plot(path: Path, comparison: Mapping[str, Any]) -> None:
+    """Each method's CIDEr minus the baseline's with its paired-bootstrap interval, one row per
+    method (the report's ``"comparison"``; see :mod:`nofree.eval.significance`)."""
+    plt = _pyplot()
+    rows = list(comparison["methods"].items())[::-1]   # first method on top
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.42 * len(rows)))
+    for y, (name, c) in enumerate(rows):
+        low, high = (100 * v for v in c["interval"])
+        colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "0.35"
+        ax.plot([low, high], [y, y], color=colour, linewidth=2, solid_capstyle="butt")
+        ax.plot(100 * c["delta"], y, "o", color=colour, markersize=5)
+        ax.annotate(f"{100 * c['delta']:+.1f}", (100 * c["delta"], y), textcoords="offset points",
+                    xytext=(0, 5), ha="center", fontsize=7)
+    ax.axvline(0, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(f"{comparison['metric']} − {comparison['baseline']}'s (×100)")
+    ax.set_title(f"{comparison['metric']} against {comparison['baseline']}: paired bootstrap, 95% interval "
+                 "over the images", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(out_dir: Path, results: Mapping[str, Any], methods: Mapping[str, Any], *,
                 samples: int = 6) -> dict[str, str]:
     """Every plot the results allow; returns ``{plot name: file name}``."""
@@ -108,6 +145,9 @@ def write_plots(out_dir: Path, results: Mapping[str, Any], methods: Mapping[str,
         metric_bars(out_dir / "captioning.png", captioning, CAPTION_METRICS,
                     f"captioning, {results['split']} ({results['n_images']} images)")
         written["captioning metrics"] = "captioning.png"
+        if results.get("comparison"):
+            difference_plot(out_dir / "comparison.png", results["comparison"])
+            written[f"CIDEr against {results['comparison']['baseline']}"] = "comparison.png"
         if samples > 0:
             sample_grid(out_dir / "samples.png", results, captioning, samples)
             written["sample captions"] = "samples.png"

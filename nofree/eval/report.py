@@ -11,8 +11,9 @@ the same metric code, so the table compares like with like. The report folder ho
 - ``results.md``: the tables, with a bootstrap interval of each captioning method's CIDEr and
   each one's paired difference to a baseline (caption retrieval unless ``baseline`` names
   another; :mod:`nofree.eval.significance`);
-- plots (see :mod:`nofree.eval.plots`): metric bars per method, retrieval R@K curves, and a grid
-  of sample photos with each method's caption beside a reference.
+- plots (see :mod:`nofree.eval.plots`): metric bars per method, the CIDEr differences to the
+  baseline with their intervals, retrieval R@K curves, and a grid of sample photos with each
+  method's caption beside a reference.
 
 ``results.json`` is rewritten after every method, so an interrupted run keeps what finished and
 ``resume=True`` skips methods already done with the same settings. A method that raises is
@@ -401,6 +402,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     """
     from nofree import __version__
     from nofree.eval.plots import write_plots
+    from nofree.eval.significance import compare_report
     from nofree.eval.table import write_markdown
 
     methods = list(methods or available_methods(config))
@@ -454,6 +456,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
              + (f" ({entry['error']})" if entry["status"] == "failed" else ""))
         _write_json(results_path, results)
     results["anchors"] = _anchor_record(ctx)
+    results["comparison"] = compare_report(results)
     _write_json(results_path, results)
     write_markdown(out_dir / "results.md", results, METHODS)
     try:

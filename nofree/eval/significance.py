@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RESAMPLES", "LEVEL", "mean_interval", "paired_difference", "compare_to"]
+__all__ = ["RESAMPLES", "LEVEL", "mean_interval", "paired_difference", "compare_to", "compare_report"]
 
 #: bootstrap resamples: enough that the interval ends agree to a few tenths of a CIDEr point
 #: between seeds
@@ -73,3 +73,16 @@ def compare_to(per_image: Mapping[str, Sequence[float]], baseline: str) -> dict[
         raise KeyError(f"no per-image scores for the baseline {baseline!r}")
     return {name: paired_difference(scores, per_image[baseline])
             for name, scores in per_image.items() if name != baseline}
+
+
+def compare_report(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The CIDEr comparison of an evaluation report (the content of ``results.json``):
+    ``{"baseline": name, "metric": "CIDEr", "methods": {name: paired_difference(...)}}`` for every
+    captioning method that finished with per-image scores, or ``None`` when the report has no
+    baseline, the baseline did not finish, or nothing else did."""
+    baseline = results.get("baseline")
+    per_image = {name: entry["per_image"]["CIDEr"] for name, entry in results.get("methods", {}).items()
+                 if entry.get("status") == "ok" and len(entry.get("per_image", {}).get("CIDEr", ())) > 1}
+    if baseline not in per_image or len(per_image) < 2:
+        return None
+    return {"baseline": baseline, "metric": "CIDEr", "methods": compare_to(per_image, baseline)}

@@ -58,17 +58,16 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
 
 
 def comparison_table(results: Mapping[str, Any]) -> list[str]:
-    """Markdown lines comparing each captioning method's CIDEr with the report's baseline (paired
-    bootstrap over the images; empty when there is no baseline or nothing to compare)."""
-    from nofree.eval.significance import LEVEL, RESAMPLES, compare_to
+    """Markdown lines comparing each captioning method's CIDEr with the report's baseline (its
+    ``"comparison"``: a paired bootstrap over the images); empty when the report has none."""
+    from nofree.eval.significance import LEVEL, RESAMPLES
 
-    baseline = results.get("baseline")
-    per_image = {name: entry["per_image"]["CIDEr"] for name, entry in results["methods"].items()
-                 if entry.get("status") == "ok" and len(entry.get("per_image", {}).get("CIDEr", ())) > 1}
-    if baseline not in per_image or len(per_image) < 2:
+    comparison = results.get("comparison")
+    if not comparison:
         return []
+    baseline = comparison["baseline"]
     rows = [[name, _signed(c["delta"]), f"{_signed(c['interval'][0])} to {_signed(c['interval'][1])}",
-             f"{100 * c['ahead']:.0f}%"] for name, c in compare_to(per_image, baseline).items()]
+             f"{100 * c['ahead']:.0f}%"] for name, c in comparison["methods"].items()]
     return [f"## CIDEr against {baseline}", "",
             f"Each method's CIDEr minus {baseline}'s on the same images, with its {100 * LEVEL:.0f}% interval "
             f"from a paired bootstrap ({RESAMPLES:,} draws of the images with replacement, both methods scored "
