@@ -492,7 +492,6 @@ def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
         if method.task == CAPTIONING:
             from nofree.eval.captioning import caption_metrics
             from nofree.eval.degeneration import degeneration
-
             from nofree.eval.significance import mean_interval
 
             scored = caption_metrics(list(captions), ctx.references, meteor=ctx.config.meteor)
