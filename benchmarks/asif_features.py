@@ -176,8 +176,8 @@ def main(argv=None) -> dict:
     cider = {f"{p:g}": [retrieval_cider(base, lite0_encoder, text_encoder, cache, pool, p, seed)
                         for seed in range(cider_seeds)] for p in (1.5, 2.0)}
     print(f"retrieval CIDEr: {cider}", flush=True)
-    out = {"rows": rows, "p_sweep": sweep, "retrieval_cider": cider, "n_photos": len(base.pairs), "n_captions": len(base.owner),
-           "seconds": time.perf_counter() - t0}
+    out = {"rows": rows, "p_sweep": sweep, "retrieval_cider": cider, "n_photos": len(base.pairs),
+           "n_captions": len(base.owner), "seconds": time.perf_counter() - t0}
     if args.json:
         write_json(args.json, out)
     return out

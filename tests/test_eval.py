@@ -91,6 +91,9 @@ def test_every_method_in_one_report(setup, tmp_path):
             curve = metrics["curve"]["t2i"]
             assert len(curve) == 10 and curve == sorted(curve) and curve[3] == 1.0  # 4 images: R@4 = 1
             assert metrics["n_images"] == 4 and metrics["n_texts"] == 8
+            for way in ("t2i", "i2t"):  # the interval over the images holds the R@1 it comes from
+                low, high = metrics[f"{way} R@1 interval"]
+                assert 0 <= low <= metrics[f"{way} R@1"] <= high <= 1
             # val images 0, 3, 6, 9 -> categories bus, (none), cat, bus: 3 images score zero-shot
             assert metrics["n_zero_shot"] == 3 and metrics["n_classes"] == 3
             assert 0 <= metrics["zero-shot top-1"] <= metrics["zero-shot top-5"] == 1.0
@@ -99,6 +102,7 @@ def test_every_method_in_one_report(setup, tmp_path):
     markdown = (out / "results.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in markdown
+    assert "| t2i R@1 95% CI | i2t R@1 95% CI |" in markdown
     assert "| CIDEr 95% CI | distinct % | 3-gram loops % | worst loop | stutters % |" in markdown
     # every other captioning method is compared with caption retrieval on the same images
     assert results["baseline"] == "retrieval" and "## CIDEr against retrieval" in markdown

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nofree.eval.significance import compare_to, mean_interval, paired_difference
+from nofree.eval.significance import clustered_interval, compare_to, mean_interval, paired_difference
 
 
 def test_the_interval_covers_the_true_mean_about_as_often_as_it_claims():
@@ -35,6 +35,20 @@ def test_pairing_cancels_what_the_images_share():
     assert 0 < low < result["delta"] < high and result["ahead"] == 1.0 and result["n"] == 40
     unpaired = mean_interval(better)
     assert high - low < (unpaired[1] - unpaired[0]) / 5
+
+
+def test_queries_drawn_by_photo_give_a_wider_interval_when_a_photo_decides_its_captions():
+    rng = np.random.default_rng(3)
+    photo = np.repeat(np.arange(40), 5)
+    easy = rng.uniform(size=40) < 0.55                # a photo's 5 captions all hit, or all miss
+    hits = easy[photo].astype(float)
+    low, high = clustered_interval(hits, photo)
+    naive = mean_interval(hits)
+    assert low <= hits.mean() <= high and high - low > 1.5 * (naive[1] - naive[0])
+    # one caption per photo: the same bootstrap as the plain one
+    assert clustered_interval(hits[::5], np.arange(40)) == pytest.approx(mean_interval(hits[::5]), abs=0.03)
+    with pytest.raises(ValueError, match="one group per hit"):
+        clustered_interval([1.0, 0.0], [0])
 
 
 def test_degenerate_differences_are_exact_and_draws_are_reproducible():

@@ -5,6 +5,8 @@ other photos of the same kind are drawn. Two intervals make that visible:
 
 - :func:`mean_interval`: the percentile bootstrap interval of a method's corpus score, from its
   per-image scores (Efron & Tibshirani (1993), "An Introduction to the Bootstrap");
+- :func:`clustered_interval`: the same for a share of hits among queries that come in groups
+  (text→image retrieval: the captions of one photo are drawn together);
 - :func:`paired_difference`: the paired bootstrap of the difference between two methods on the
   same images (Koehn (2004), "Statistical Significance Tests for Machine Translation
   Evaluation"): each resample draws photos with replacement and scores both methods on the same
@@ -22,7 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RESAMPLES", "LEVEL", "mean_interval", "paired_difference", "compare_to", "compare_report"]
+__all__ = ["RESAMPLES", "LEVEL", "mean_interval", "clustered_interval", "paired_difference", "compare_to",
+           "compare_report"]
 
 #: bootstrap resamples: enough that the interval ends agree to a few tenths of a CIDEr point
 #: between seeds
@@ -31,11 +34,11 @@ RESAMPLES = 10_000
 LEVEL = 0.95
 
 
-def _bootstrap(values: np.ndarray, seed: int) -> Any:
+def _bootstrap(data: tuple[np.ndarray, ...], statistic: Any, seed: int) -> Any:
     from scipy.stats import bootstrap
 
-    return bootstrap((values,), np.mean, n_resamples=RESAMPLES, confidence_level=LEVEL,
-                     method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return bootstrap(data, statistic, n_resamples=RESAMPLES, confidence_level=LEVEL, method="percentile",
+                     vectorized=True, paired=len(data) > 1, rng=np.random.default_rng(seed))
 
 
 def _checked(scores: Sequence[float], name: str) -> np.ndarray:
@@ -47,7 +50,22 @@ def _checked(scores: Sequence[float], name: str) -> np.ndarray:
 
 def mean_interval(scores: Sequence[float], *, seed: int = 0) -> list[float]:
     """``[low, high]``: the :data:`LEVEL` percentile bootstrap interval of ``mean(scores)``."""
-    result = _bootstrap(_checked(scores, "scores"), seed)
+    result = _bootstrap((_checked(scores, "scores"),), np.mean, seed)
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
+def clustered_interval(hits: Sequence[float], groups: Sequence[int], *, seed: int = 0) -> list[float]:
+    """``[low, high]``: the :data:`LEVEL` interval of ``mean(hits)`` when the queries come in
+    ``groups`` that are drawn together (e.g. the captions of one photo, which share its
+    difficulty): a cluster bootstrap, each draw taking whole groups and scoring their share of hits."""
+    hits = np.asarray(hits, dtype=np.float64)
+    groups = np.asarray(groups)
+    if hits.shape != groups.shape or hits.ndim != 1:
+        raise ValueError(f"one group per hit: {hits.shape} hits, {groups.shape} groups")
+    _, inverse = np.unique(groups, return_inverse=True)
+    totals = _checked(np.bincount(inverse, weights=hits), "groups")
+    counts = np.bincount(inverse).astype(np.float64)
+    result = _bootstrap((totals, counts), lambda t, c, axis: t.sum(axis) / c.sum(axis), seed)
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
@@ -60,7 +78,7 @@ def paired_difference(scores: Sequence[float], baseline: Sequence[float], *, see
     a, b = _checked(scores, "scores"), _checked(baseline, "baseline")
     if a.shape != b.shape:
         raise ValueError(f"paired scores need the same images: {len(a)} scores against {len(b)} for the baseline")
-    result = _bootstrap(a - b, seed)
+    result = _bootstrap((a - b,), np.mean, seed)
     return {"delta": float((a - b).mean()),
             "interval": [float(result.confidence_interval.low), float(result.confidence_interval.high)],
             "ahead": float((result.bootstrap_distribution > 0).mean()), "n": len(a)}

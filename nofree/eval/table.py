@@ -12,6 +12,8 @@ CAPTION_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 # distinct-caption rate (%), captions repeating a word 3-gram (%), most repeats of one 3-gram,
 # captions in which a word directly follows itself (%)
 DEGENERATION_COLUMNS = ("distinct %", "3-gram loops %", "worst loop", "stutters %")
+#: bootstrap intervals of the R@1 columns over the images (a photo's captions drawn together)
+INTERVAL_COLUMNS = ("t2i R@1 95% CI", "i2t R@1 95% CI")
 SCORING_COLUMNS = ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
                    "zero-shot top-1", "zero-shot top-5")
 
@@ -43,17 +45,21 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
         metrics, task = entry["metrics"], entry["task"]
         columns = CAPTION_COLUMNS if task == "captioning" else SCORING_COLUMNS
         n = metrics.get("n", metrics.get("n_images"))
-        extra = ([_interval(metrics.get("CIDEr interval")), _cell(metrics.get("distinct")), _cell(metrics.get("repeat_3gram")),
-                  str(metrics.get("worst_repeat", "–")), _cell(metrics.get("stutter"))]
-                 if task == "captioning" else [])
+        if task == "captioning":
+            extra = [_interval(metrics.get("CIDEr interval")), _cell(metrics.get("distinct")),
+                     _cell(metrics.get("repeat_3gram")), str(metrics.get("worst_repeat", "–")),
+                     _cell(metrics.get("stutter"))]
+        else:
+            extra = [_interval(metrics.get("t2i R@1 interval")), _interval(metrics.get("i2t R@1 interval"))]
+        seconds = f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")
         rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
-                           *(_cell(metrics.get(c)) for c in columns), *extra, str(n),
-                           f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")])
+                           *(_cell(metrics.get(c)) for c in columns), *extra, str(n), seconds])
     if rows["captioning"]:
-        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, "CIDEr 95% CI", *DEGENERATION_COLUMNS, "n images",
-                                    "seconds"], rows["captioning"])
+        out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, "CIDEr 95% CI", *DEGENERATION_COLUMNS,
+                                    "n images", "seconds"], rows["captioning"])
     if rows["scoring"]:
-        out["scoring"] = _table(["method", "what", *SCORING_COLUMNS, "n images", "seconds"], rows["scoring"])
+        out["scoring"] = _table(["method", "what", *SCORING_COLUMNS, *INTERVAL_COLUMNS, "n images", "seconds"],
+                                rows["scoring"])
     return out
 
 
