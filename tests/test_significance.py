@@ -68,3 +68,18 @@ def test_bad_input_is_named():
     with pytest.raises(KeyError, match="baseline 'retrieval'"):
         compare_to({"magic": [0.1, 0.2]}, "retrieval")
     assert set(compare_to({"retrieval": [0.1, 0.2], "magic": [0.3, 0.1]}, "retrieval")) == {"magic"}
+
+
+def test_r1_intervals_hold_the_r1_of_retrieval_report():
+    import torch
+
+    from nofree.eval.retrieval import r1_intervals, retrieval_report
+
+    owner = torch.arange(10).repeat_interleave(3)                     # 10 images, 3 captions each
+    perfect = torch.nn.functional.one_hot(owner, 10).T.float()        # (images, texts)
+    assert r1_intervals(perfect, owner) == {"t2i R@1 interval": [1.0, 1.0], "i2t R@1 interval": [1.0, 1.0]}
+    sim = perfect + torch.randn(10, 30, generator=torch.Generator().manual_seed(0))
+    report, intervals = retrieval_report(sim, owner), r1_intervals(sim, owner)
+    for way in ("t2i", "i2t"):
+        low, high = intervals[f"{way} R@1 interval"]
+        assert 0 <= low < report[way]["R@1"] < high <= 1

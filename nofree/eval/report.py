@@ -229,8 +229,7 @@ def _scoring_metrics(ctx: _Context, sim_fn: Callable[[torch.Tensor | None, Seque
                      image_emb: torch.Tensor) -> dict[str, Any]:
     """Retrieval R@K both ways among the eval pairs (R@1 with a bootstrap interval over the
     images), and zero-shot hit rate over ``labels``."""
-    from nofree.eval.retrieval import first_relevant_rank, relevance_mask, retrieval_report
-    from nofree.eval.significance import clustered_interval, mean_interval
+    from nofree.eval.retrieval import r1_intervals, retrieval_report
     from nofree.eval.zeroshot import hit_rate
 
     texts = [c for ref in ctx.references for c in ref]
@@ -239,12 +238,8 @@ def _scoring_metrics(ctx: _Context, sim_fn: Callable[[torch.Tensor | None, Seque
     sim = sim_fn(image_emb, texts)
     report = retrieval_report(sim, owner, ks=RECALL_KS)
     metrics: dict[str, Any] = {f"{way} R@{k}": report[way][f"R@{k}"] for way in ("t2i", "i2t") for k in (1, 5, 10)}
-    if len(ctx.references) > 1:  # a photo's captions are drawn together: they share its difficulty
-        relevant = relevance_mask(owner, len(texts), len(ctx.references))   # (n_texts, n_images)
-        metrics["t2i R@1 interval"] = clustered_interval(
-            (first_relevant_rank(torch.as_tensor(sim).T, relevant) == 0).numpy(), owner.numpy())
-        metrics["i2t R@1 interval"] = mean_interval(
-            (first_relevant_rank(torch.as_tensor(sim), relevant.T) == 0).numpy())
+    if len(ctx.references) > 1:
+        metrics.update(r1_intervals(sim, owner))
     metrics["curve"] = {way: [report[way][f"R@{k}"] for k in RECALL_KS] for way in ("t2i", "i2t")}
     metrics["n_texts"], metrics["n_images"] = report["t2i"]["n"], report["i2t"]["n"]
     labels = ctx.labels()

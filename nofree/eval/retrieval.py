@@ -130,3 +130,18 @@ def retrieval_report(sim_image_text: Tensor | np.ndarray, text_to_image: Tensor 
                         "every image row needs at least one caption column")
     i2t = recall_at_k(sim, image_mask, ks)
     return {"t2i": {**t2i, "n": sim.shape[1]}, "i2t": {**i2t, "n": sim.shape[0]}}
+
+
+def r1_intervals(sim_image_text: Tensor | np.ndarray, text_to_image: Tensor | np.ndarray) -> dict[str, list[float]]:
+    """Bootstrap intervals over the images of both R@1 of :func:`retrieval_report` (same inputs):
+    ``{"t2i R@1 interval": [low, high], "i2t R@1 interval": [low, high]}``. Text→image draws each
+    image's texts together (they share its difficulty: :func:`~nofree.eval.significance.clustered_interval`);
+    image→text draws the images (:func:`~nofree.eval.significance.mean_interval`)."""
+    from nofree.eval.significance import clustered_interval, mean_interval
+
+    sim = _as_scores(sim_image_text, "sim_image_text")
+    owners = torch.as_tensor(text_to_image).long()
+    relevant = relevance_mask(owners, sim.shape[1], sim.shape[0])   # (n_texts, n_images)
+    return {"t2i R@1 interval": clustered_interval((first_relevant_rank(sim.T, relevant) == 0).numpy(),
+                                                   owners.numpy()),
+            "i2t R@1 interval": mean_interval((first_relevant_rank(sim, relevant.T) == 0).numpy())}
