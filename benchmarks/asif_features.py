@@ -204,7 +204,7 @@ def markdown(out: dict) -> str:
 
 
 NOTES = """What it says:
-- **Nothing here brings text→image R@1 near 0.65.** The variants span 0.526–0.586 in CV t2i R@1
+- **Nothing here brings text→image R@1 near 0.65.** The variants span 0.510–0.586 in CV t2i R@1
   around the defaults' 0.557 (one fold seed); the spread between fold seeds of one setting is
   wider than that (p = 2: 0.557–0.620 over eight seeds).
 - **Test-time views do not help.** Averaging the flipped view or the whole (squashed) photo with
