@@ -370,8 +370,8 @@ NOTES = """The recipe searches (every configuration tried, with its numbers) are
 this section shows the last full run of this module: the SmallCap-style adapter with the default
 recipe and every decoding tried, beside caption retrieval on the same folds (anchors from the
 fold's training photos, the same cleaned pool). The run decoded the fold adapters kept by an
-earlier run with the same settings (`--keep-adapters`; "train s" is that run's), and other
-benchmark jobs shared the 2 cores, so its seconds are not a speed measurement.
+earlier run with the same settings (`--keep-adapters`; "train s" is that run's), so its
+seconds count decoding and scoring only.
 
 - **3 beams beat greedy decoding in every fold** (an earlier run of the same folds: greedy 43.6
   ± 8.0, +10.9 CIDEr on average for 3 beams, +3.9 to +20.6), so every SmallCap-style decoding
