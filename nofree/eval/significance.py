@@ -41,6 +41,11 @@ def _bootstrap(data: tuple[np.ndarray, ...], statistic: Any, seed: int) -> Any:
                      vectorized=True, paired=len(data) > 1, rng=np.random.default_rng(seed))
 
 
+def _ends(result: Any) -> list[float]:
+    """``[low, high]`` of a :func:`scipy.stats.bootstrap` result."""
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def _checked(scores: Sequence[float], name: str) -> np.ndarray:
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or len(values) < 2:
@@ -50,8 +55,7 @@ def _checked(scores: Sequence[float], name: str) -> np.ndarray:
 
 def mean_interval(scores: Sequence[float], *, seed: int = 0) -> list[float]:
     """``[low, high]``: the :data:`LEVEL` percentile bootstrap interval of ``mean(scores)``."""
-    result = _bootstrap((_checked(scores, "scores"),), np.mean, seed)
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    return _ends(_bootstrap((_checked(scores, "scores"),), np.mean, seed))
 
 
 def clustered_interval(hits: Sequence[float], groups: Sequence[int], *, seed: int = 0) -> list[float]:
@@ -65,8 +69,7 @@ def clustered_interval(hits: Sequence[float], groups: Sequence[int], *, seed: in
     _, inverse = np.unique(groups, return_inverse=True)
     totals = _checked(np.bincount(inverse, weights=hits), "groups")
     counts = np.bincount(inverse).astype(np.float64)
-    result = _bootstrap((totals, counts), lambda t, c, axis: t.sum(axis) / c.sum(axis), seed)
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    return _ends(_bootstrap((totals, counts), lambda t, c, axis: t.sum(axis) / c.sum(axis), seed))
 
 
 def paired_difference(scores: Sequence[float], baseline: Sequence[float], *, seed: int = 0) -> dict[str, Any]:
@@ -79,8 +82,7 @@ def paired_difference(scores: Sequence[float], baseline: Sequence[float], *, see
     if a.shape != b.shape:
         raise ValueError(f"paired scores need the same images: {len(a)} scores against {len(b)} for the baseline")
     result = _bootstrap((a - b,), np.mean, seed)
-    return {"delta": float((a - b).mean()),
-            "interval": [float(result.confidence_interval.low), float(result.confidence_interval.high)],
+    return {"delta": float((a - b).mean()), "interval": _ends(result),
             "ahead": float((result.bootstrap_distribution > 0).mean()), "n": len(a)}
 
 
