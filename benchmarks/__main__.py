@@ -50,6 +50,7 @@ class Section:
 SECTIONS = (
     Section("asif_quality", "ASIF on coco-mini (embedded encoders only)"),
     Section("asif_features", "ASIF: how the image side is read and how anchors are formed"),
+    Section("label_bridge", "ASIF + the image encoder's labels: the label bridge"),
     Section("embedded_encoders", "Embedded encoders",
             previous_titles=("Embedded image encoders",)),
     Section("fusion", "Frozen vs trained fusion on coco-mini val",

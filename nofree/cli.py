@@ -14,8 +14,8 @@ import click
 
 from nofree import __version__
 
-from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, clean_pool_option, format_option, scorer_option,
-                                strict_option, windows_option)
+from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, clean_pool_option, format_option, label_weight_option,
+                                scorer_option, strict_option, windows_option)
 from nofree.cli_output import OneLineError, cli_message
 from nofree.core import DEFAULT_LM
 
@@ -110,6 +110,7 @@ def _asif_options(f):
     f = click.option("--search", type=click.Choice(["exact", "index"]), default="exact", show_default=True,
                      help="ASIF top-k: exact scan, or the set's faiss index (`nofree anchors index`; "
                           "exact search, with a message, when the set has none).")(f)
+    f = label_weight_option(f)
     f = click.option("--csls", type=click.IntRange(min=0), default=None,
                      help="CSLS hubness correction: neighbours averaged (0: off; default: nofree's).")(f)
     f = click.option("--p", "asif_p", type=float, default=None,
@@ -126,7 +127,7 @@ def _asif_options(f):
     return f
 
 
-def _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size):
+def _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, label_weight=None):
     """The joint image–text space of classify / retrieve: ASIF over --anchors, or a LiT (--lit)."""
     if anchor_dir is not None and lit_dir is not None:
         raise OneLineError("--anchors and --lit exclude each other: compare images and texts through an "
@@ -135,8 +136,9 @@ def _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size
         if anchor_dir is None:
             raise OneLineError("give --anchors DIR (an anchor set from `nofree anchors build`) or --lit DIR "
                                "(a LiT adapter from `nofree train lit`)")
-        return _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size)
+        return _pipeline(anchor_dir, device, asif_k, asif_p, csls, search, batch_size, label_weight)
     asif_only = [flag for flag, value in (("--k", asif_k), ("--p", asif_p), ("--csls", csls),
+                                           ("--label-weight", label_weight),
                                            ("--search", None if search == "exact" else search))
                  if value is not None]
     if asif_only:
@@ -151,11 +153,12 @@ def _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size
     return space
 
 
-def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact", batch_size=32):
+def _pipeline(anchor_dir, device, asif_k, asif_p, csls=None, search="exact", batch_size=32, label_weight=None):
     from nofree.anchors.pipeline import AsifPipeline
     from nofree.cache import EmbeddingCache
 
-    params = {key: value for key, value in (("k", asif_k), ("p", asif_p), ("csls", csls)) if value is not None}
+    params = {key: value for key, value in (("k", asif_k), ("p", asif_p), ("csls", csls),
+                                            ("label_weight", label_weight)) if value is not None}
     pipeline = AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), search=search, **params)
     pipeline.batch_size = batch_size
     return pipeline
@@ -197,7 +200,7 @@ def _image_paths(images) -> list[str]:
                    "a held-out photo is never an anchor. With --lit, T = 1 / the LiT's learned logit scale.")
 @format_option()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def classify(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, strict, labels_file,
+def classify(anchor_dir, lit_dir, device, asif_k, asif_p, csls, label_weight, search, batch_size, strict, labels_file,
              inline_labels, templates, average_templates, top, probabilities, fmt, images):
     """Zero-shot classification of IMAGES (files or folders) with an ASIF anchor set or a trained LiT."""
     from nofree.anchors.pipeline import DEFAULT_TEMPLATES, iter_classify_paths
@@ -209,7 +212,7 @@ def classify(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_si
         labels += load_labels(labels_file)
     if not labels:
         raise click.UsageError("give class labels with --labels FILE or --label NAME")
-    space = _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size)
+    space = _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, label_weight)
     temperature = _temperature(space) if probabilities else None
     rows = iter_classify_paths(space, _image_paths(images), labels,
                                templates=templates or DEFAULT_TEMPLATES, average_templates=average_templates,
@@ -243,7 +246,7 @@ def _temperature(space) -> float:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @format_option()
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-def retrieve(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, strict, queries,
+def retrieve(anchor_dir, lit_dir, device, asif_k, asif_p, csls, label_weight, search, batch_size, strict, queries,
              image_queries, top, fmt, target):
     """Text->image (--query) over TARGET images, or image->text (--image-query) over TARGET captions.
 
@@ -255,7 +258,7 @@ def retrieve(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_si
 
     if bool(queries) == bool(image_queries):
         raise click.UsageError("give either --query TEXT or --image-query IMAGE (not both, not neither)")
-    pipeline = _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size)
+    pipeline = _space(anchor_dir, lit_dir, device, asif_k, asif_p, csls, search, batch_size, label_weight)
     if queries:  # every query needs every image: the rows come when all images are encoded
         paths = _image_paths([target]) if target.is_dir() else _pairs_images(target)
         rows = search_images(pipeline, list(queries), paths, top=top, strict=strict)
@@ -340,6 +343,7 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
                    "and can change a few words).")
+@label_weight_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @format_option()
@@ -347,8 +351,8 @@ def _target_texts(target: Path) -> list[str]:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def caption(method, anchor_dir, lit_dir, adapter_dir, pool, lm, scorer, top_k, alpha, beta, max_tokens, beams,
             no_repeat_ngram, prompt, examples,
-            examples_from, drafts, nbest, windows, consensus, with_retrieved, precision, batch_size, device, fmt,
-            strict, images, clean_pool):
+            examples_from, drafts, nbest, windows, consensus, with_retrieved, precision, label_weight, batch_size,
+            device, fmt, strict, images, clean_pool):
     """Caption IMAGES (files or folders) with a training-free or a trained method."""
     from nofree.captioning.factory import iter_caption_paths, load_captioner
     from nofree.cli_output import stream_rows
@@ -361,10 +365,14 @@ def caption(method, anchor_dir, lit_dir, adapter_dir, pool, lm, scorer, top_k, a
                "precision": precision}
     options = {k: v for k, v in options.items() if v is not None}
     if lit_dir is not None:
+        if label_weight is not None:
+            raise OneLineError("--label-weight tunes ASIF over --anchors; --lit ranks by the LiT's own cosine: "
+                               "drop it")
         captioner = _lit_captioner(method, lit_dir, anchor_dir, scorer, pool, lm, device, options, clean_pool)
     else:
         captioner = load_captioner(method, anchor_dir=anchor_dir, adapter_dir=adapter_dir, pool=pool, lm=lm,
-                                   device=device, options=options, clean_pool=clean_pool, scorer=scorer)
+                                   device=device, options=options, clean_pool=clean_pool, scorer=scorer,
+                                   label_weight=label_weight)
     rows = iter_caption_paths(captioner, _image_paths(images), batch_size=batch_size, strict=strict)
     stream_rows(rows, fmt, ["image", "caption"])
 

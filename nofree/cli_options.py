@@ -106,6 +106,15 @@ def clean_pool_option(f):
                              "uses every line as it is.")(f)
 
 
+def label_weight_option(f):
+    """``--label-weight`` (parameter ``label_weight``) of every command comparing images and texts
+    through an anchor set: the weight of the image encoder's label bridge (:mod:`nofree.anchors.labels`)."""
+    return click.option("--label-weight", type=click.FloatRange(min=0), default=None,
+                        help="Weight of the label bridge added to ASIF: the image encoder's own ImageNet "
+                             "classes, read as text (0: plain ASIF; default: nofree's cross-validated 2; "
+                             "image encoders without a classifier head always use plain ASIF).")(f)
+
+
 def strict_option(f):
     """``--strict`` (parameter ``strict``) of every command reading images: stop at the first
     unreadable one instead of skipping it."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from nofree.cli_options import ADAPTER_DIR, ANCHOR_DIR, PAIRS, clean_pool_option, scorer_option
+from nofree.cli_options import ADAPTER_DIR, ANCHOR_DIR, PAIRS, clean_pool_option, label_weight_option, scorer_option
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
@@ -122,13 +122,15 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
 @click.option("--baseline", type=click.Choice(["retrieval", "magic", "magic-lit", "clipcap", "flamingo", "smallcap"]),
               default=None, help="Captioning method the others' CIDEr is compared to, with a paired bootstrap "
               "interval over the images (default: retrieval when it runs).")
+@label_weight_option
 @click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Keep the finished methods of an earlier run in --report.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --report.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, smallcap_dir, pool,
-                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, baseline, report_dir,
+                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, baseline, label_weight,
+                 report_dir,
                  resume, overwrite, batch_size, device, clean_pool):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
     from nofree.data.pairs import load_labels
@@ -141,6 +143,7 @@ def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipc
                         scorer=scorer,
                         labels=load_labels(labels_file) if labels_file else None,
                         batch_size=batch_size, device=device, meteor=not no_meteor, baseline=baseline,
+                        label_weight=label_weight,
                         decoding={k: v for k, v in (("beams", beams), ("no_repeat_ngram", no_repeat_ngram))
                                   if v is not None})
     results = run_eval(config, methods or None, out_dir=report_dir, overwrite=overwrite, resume=resume,

@@ -286,6 +286,10 @@ def test_effnet_weights_classify_imagenet_zebras(sample_dir):
     with torch.inference_mode():
         logits = encoder.model(x.contiguous(memory_format=torch.channels_last))
     assert logits.argmax(dim=1).tolist() == [340, 340]
+    # its classifier head, read over the L2-normalised embedding without the bias, names the same class
+    head = encoder.classifier_head()
+    assert head.weight.shape == (1000, 1280) and len(head.names) == 1000
+    assert [head.names[i] for i in (encoder.encode(zebras) @ head.weight.T).argmax(dim=1).tolist()] == ["zebra"] * 2
 
 
 def _lite2():

@@ -305,7 +305,7 @@ def _with_anchor_rows(retrieval: Any, rows: Sequence[int]) -> Any:
     full = retrieval.pipeline
     other = copy.copy(retrieval)
     other.pipeline = AsifPipeline.from_anchors(full.anchors.subset(list(rows)), full.image_encoder,
-                                               full.text_encoder, cache=full.cache)
+                                               full.text_encoder, cache=full.cache, **full.label_settings)
     other.pool_rel = other.pipeline.asif.transform(retrieval.pool_emb, modality="text")
     return other
 

@@ -117,7 +117,11 @@ def choose_temperature(anchors: Any, asif: Any, *, grid: tuple[float, ...] = TEM
         held = [photos[i] for i in order[fold::folds]]
         held_rows = {row for rows in held for row in rows}
         train = sorted(row for rows in photos for row in rows if row not in held_rows)
-        fitted = ASIF(**_clipped(params, len(train))).fit((image[train], text[train]))
+        fold_anchors = (image[train], text[train])
+        if hasattr(asif, "refit"):  # a label bridge around the ASIF: the same bridge on the fold
+            fitted = asif.refit(fold_anchors, **_clipped(params, len(train)))
+        else:
+            fitted = ASIF(**_clipped(params, len(train))).fit(fold_anchors)
         first = torch.tensor([rows[0] for rows in held])
         scores.append(torch.as_tensor(fitted.similarity(image[first], text[first])).double().cpu())
     nll = tuple(float(torch.cat([-torch.log_softmax(s / t, dim=1).diagonal() for s in scores]).mean())

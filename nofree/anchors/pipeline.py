@@ -54,7 +54,9 @@ class AsifPipeline:
 
     The similarities are the fitted :class:`~nofree.anchors.asif.ASIF`'s, with its settings
     (nofree's defaults, :data:`~nofree.anchors.asif.ASIF_DEFAULTS`, unless told otherwise): the
-    same numbers as ``ASIF().fit(anchors).similarity(...)``.
+    same numbers as ``ASIF().fit(anchors).similarity(...)``, plus the image encoder's label bridge
+    when it has a classifier head (``asif`` is then a :class:`~nofree.anchors.labels.LabelBridge`
+    around the ASIF; :meth:`from_anchors`).
     """
 
     anchors: AnchorSet
@@ -74,7 +76,7 @@ class AsifPipeline:
              image_encoder: Encoder | None = None, text_encoder: Encoder | None = None,
              **asif_params: Any) -> "AsifPipeline":
         """Load the set at ``anchor_dir`` (a folder or ``hf-hub:ORG/NAME[@REVISION]``), its recorded
-        encoders, and fit ASIF(**asif_params)."""
+        encoders, and fit ASIF(**asif_params) (label-bridge keywords: :meth:`from_anchors`)."""
         from nofree.hub import resolve_dir
         from nofree.registry import load_encoder
 
@@ -95,15 +97,35 @@ class AsifPipeline:
     @classmethod
     def from_anchors(cls, anchors: AnchorSet, image_encoder: Encoder, text_encoder: Encoder, *,
                      cache: Any = None, indexes: dict | None = None, csls: int | None = None,
+                     label_weight: float | None = None, label_temperature: float | None = None,
                      **asif_params: Any) -> "AsifPipeline":
         """``asif_params`` (and ``csls``: CSLS neighbours, 0 = plain ASIF similarity) go to
-        :class:`~nofree.anchors.asif.ASIF`; what is not given keeps ASIF's defaults."""
+        :class:`~nofree.anchors.asif.ASIF`; what is not given keeps ASIF's defaults.
+
+        When the image encoder has a classifier head, its label bridge is added to the ASIF
+        similarity (:mod:`nofree.anchors.labels`; ``label_weight`` λ and ``label_temperature``,
+        nofree's defaults when not given; ``label_weight=0`` keeps plain ASIF)."""
+        from nofree.anchors.labels import bridge_for
+
         anchors.check_encoder(image_encoder, "image")
         anchors.check_encoder(text_encoder, "text")
         if csls is not None:
             asif_params["csls"] = csls
-        return cls(anchors, ASIF(**asif_params).fit(anchors, indexes=indexes), image_encoder, text_encoder,
-                   cache)
+        pipeline = cls(anchors, None, image_encoder, text_encoder, cache)
+        asif = ASIF(**asif_params).fit(anchors, indexes=indexes)
+        pipeline.asif = bridge_for(asif, anchors, image_encoder, text_encoder, encode_texts=pipeline.encode_texts,
+                                   weight=label_weight, temperature=label_temperature)
+        return pipeline
+
+    @property
+    def label_settings(self) -> dict[str, float]:
+        """``{"label_weight": λ, "label_temperature": t}`` of the label bridge in use (weight 0:
+        plain ASIF), the keywords that rebuild it with :meth:`from_anchors`."""
+        from nofree.anchors.labels import LabelBridge
+
+        if isinstance(self.asif, LabelBridge):
+            return {"label_weight": self.asif.weight, "label_temperature": self.asif.temperature}
+        return {"label_weight": 0.0}
 
     # --- embeddings ---------------------------------------------------------------------
     def _encode(self, encoder: Encoder, items: Sequence[Any]) -> Tensor:

@@ -25,7 +25,7 @@ _SMALLCAP_CANDIDATES = {"drafts": "drafts", "nbest": "nbest", "consensus": "cons
 
 def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
                    lm: str | None = None, device: Any = None, options: dict | None = None,
-                   clean_pool: bool = True, scorer: str | None = None) -> Any:
+                   clean_pool: bool = True, scorer: str | None = None, label_weight: float | None = None) -> Any:
     """The captioner ``method`` names (retrieval, magic, clipcap, flamingo, smallcap), built from
     an anchor set (``anchor_dir``) or a trained adapter (``adapter_dir``).
 
@@ -35,9 +35,16 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
     (no anchor set) and steers with the paper's α, β unless ``options`` say otherwise.
     ``options``: the captioner's keyword arguments (MAGIC's, or a trained adapter's decoding:
     ``max_new_tokens``, ``beams``, ``no_repeat_ngram``; SmallCap's also ``drafts``, ``nbest``,
-    ``consensus`` and ``with_retrieved``).
+    ``consensus`` and ``with_retrieved``). ``label_weight``: the label bridge's weight in the ASIF
+    similarity over ``anchor_dir`` (:mod:`nofree.anchors.labels`; None: nofree's default).
     """
     options = dict(options or {})
+    asif_ranked = method in ("retrieval", "magic") and anchor_dir is not None \
+        and (scorer is None or scorer.strip().lower() == "asif")
+    if label_weight is not None and not asif_ranked:
+        raise OptionError(Option("label_weight", label_weight), " weighs the label bridge of ASIF over ",
+                          Option("anchor_dir", placeholder="DIR"), " (", Option("method", "retrieval"), " or ",
+                          Option("method", "magic"), "): drop it")
     if scorer is not None:
         from nofree.scoring import ASIF_SCORER, load_scorer, normalize_scorer_spec
 
@@ -68,7 +75,7 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
         from nofree.anchors.pipeline import AsifPipeline
         from nofree.cache import EmbeddingCache
 
-        pipeline = AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache())
+        pipeline = AsifPipeline.load(anchor_dir, device=device, cache=EmbeddingCache(), label_weight=label_weight)
         if method == "retrieval":
             from nofree.data.pairs import load_text_lines
 

@@ -118,7 +118,7 @@ class AsifScorer:
             text_encoder = text_encoder.packed()
         self.asif, self.text_encoder, self.image_encoder = asif, text_encoder, image_encoder
         self.temperature, self.cache_images = float(temperature), cache_images
-        self._image_rel: OrderedDict[bytes, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
+        self._image_rel: OrderedDict[bytes, tuple[Tensor, ...]] = OrderedDict()
         self.seconds = {"text_encoder": 0.0, "relative": 0.0}
 
     def embed_images(self, images: Sequence[Any]) -> Tensor:
@@ -129,20 +129,25 @@ class AsifScorer:
         return self.image_encoder.encode(list(images)).float()
 
     def image_relative(self, image_emb: Tensor) -> Any:
-        """The images' relative representations (a ``SparseRelative`` of B rows), cached per image."""
+        """The images' representations for ``asif.similarity`` (B rows: a ``SparseRelative``, or a
+        :class:`~nofree.anchors.labels.Bridged` under a label bridge), cached per image."""
+        from nofree.anchors.labels import Bridged
         from nofree.anchors.relative import SparseRelative
 
         image_emb = image_emb.detach().float().cpu()
         keys = [row.numpy().tobytes() for row in image_emb]
         todo = [i for i, key in enumerate(keys) if key not in self._image_rel]
         if todo:
-            rho = self.asif.transform(image_emb[todo], modality="image")
+            rep = self.asif.transform(image_emb[todo], modality="image")
+            rho, side = (rep.rel, rep.side) if isinstance(rep, Bridged) else (rep, None)
             for row, i in enumerate(todo):
-                self._image_rel[keys[i]] = (rho.values[row], rho.indices[row], rho.cosines[row])
+                self._image_rel[keys[i]] = (rho.values[row], rho.indices[row], rho.cosines[row]) \
+                    + (() if side is None else (side[row],))
             while len(self._image_rel) > self.cache_images:
                 self._image_rel.popitem(last=False)
-        values, indices, cosines = (torch.stack(part) for part in zip(*(self._image_rel[key] for key in keys)))
-        return SparseRelative(values, indices, cosines, self.asif.n_anchors_)
+        parts = [torch.stack(part) for part in zip(*(self._image_rel[key] for key in keys))]
+        rho = SparseRelative(*parts[:3], self.asif.n_anchors_)
+        return rho if len(parts) == 3 else Bridged(rho, parts[3])
 
     def score(self, image_emb: Tensor, texts: Sequence[Sequence[str]]) -> Tensor:
         """``(B, k)`` float32: temperature · ASIF similarity (image b, text b,i)."""

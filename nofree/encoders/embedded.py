@@ -94,6 +94,13 @@ class EfficientNetLite0Encoder(FrozenEncoder):
                          embed_dim=1280, token_dim=1280)
         self.model = self.module
 
+    def classifier_head(self):
+        """The ImageNet-1k classification layer over this encoder's embeddings (its weights; the
+        1,000 class names), for the label bridge of :mod:`nofree.anchors.labels`."""
+        from nofree.encoders.heads import ClassifierHead, imagenet_classes
+
+        return ClassifierHead(self.model._fc.weight.detach().float().cpu(), imagenet_classes())
+
     #: on CPU the network runs on micro-batches of this size: small batches stay in cache and
     #: are 2-4x faster per image than batches of 32+ (``batch_size`` still bounds memory)
     cpu_microbatch = 8

@@ -85,6 +85,7 @@ class EvalConfig:
     device: str = "cpu"
     meteor: bool = True
     baseline: str | None = None                 # captioning method the others are compared to (None: retrieval if run)
+    label_weight: float | None = None           # ASIF's label bridge (nofree.anchors.labels); None: the default
 
 
 def available_methods(config: EvalConfig) -> list[str]:
@@ -164,7 +165,7 @@ class _Context:
             check_no_leak(anchors, self.config.pairs, self.config.split)
             return AsifPipeline.from_anchors(anchors, self.encoder(anchors.image_spec, "image"),
                                              self.encoder(anchors.text_spec, "text"),
-                                             cache=EmbeddingCache())
+                                             cache=EmbeddingCache(), label_weight=self.config.label_weight)
         return self._load(("pipeline",), build)
 
     def pool_path(self) -> Path:
@@ -278,7 +279,7 @@ def _eval_lit(ctx: _Context) -> tuple[dict, dict, dict]:
 def _asif_params(pipeline: Any) -> dict[str, Any]:
     params = {key: getattr(pipeline.asif, key) for key in ("k", "p", "center") if hasattr(pipeline.asif, key)}
     return {"anchors": len(pipeline.anchors), "image_encoder": pipeline.anchors.image_spec,
-            "text_encoder": pipeline.anchors.text_spec, "asif": {**params, "csls": pipeline.csls}}
+            "text_encoder": pipeline.anchors.text_spec, "asif": {**params, "csls": pipeline.csls, **pipeline.label_settings}}
 
 
 def _batched(fn: Callable[[Sequence[Any]], list[str]], items: Sequence[Any], batch_size: int,
@@ -449,7 +450,8 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     for name in methods:
         old = previous.get("methods", {}).get(name)
         if old and old.get("status") == "ok" and resume and old.get("images") == ctx.paths \
-                and (name != "magic" or old.get("params", {}).get("scorer") == scorer):  # same scorer
+                and (name != "magic" or old.get("params", {}).get("scorer") == scorer) \
+                and _same_asif(old, ctx):  # same scorer, same ASIF settings
             echo(f"{name}: kept from the previous run ({results_path})")
             results["methods"][name] = old
             continue
@@ -516,6 +518,16 @@ def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
     entry["load_s"] = round(load_s, 3)
     entry["wall_s"] = round(time.perf_counter() - start - load_s, 3)
     return entry
+
+
+def _same_asif(old: dict[str, Any], ctx: _Context) -> bool:
+    """Whether a finished method of an earlier run compared through the ASIF this run would use
+    (its label bridge settings; methods that used no ASIF qualify)."""
+    recorded = old.get("params", {}).get("asif")
+    if recorded is None:
+        return True
+    settings = ctx.pipeline().label_settings
+    return all(recorded.get(key, 0.0 if key == "label_weight" else None) == value for key, value in settings.items())
 
 
 def _anchor_record(ctx: _Context) -> dict[str, Any] | None:
