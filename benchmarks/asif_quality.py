@@ -264,7 +264,10 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-NOTES = """What the ablation says:
+NOTES = """Measured with plain ASIF similarity (the label bridge, nofree's default on top of it, is the
+section "ASIF + the image encoder's labels").
+
+What the ablation says:
 - **Centring** each modality on its anchor mean (subtract, re-normalise) helps only together with a
   milder power: at p = 8 it hurts, while the best CV settings are centred with p = 1–2.
   EfficientNet features are non-negative and share a large common component, so raw cosines to

@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
             def pipeline_of(anchors, image_encoder=image_encoder, text_encoder=text_encoder):
                 relabelled = AnchorSet(anchors.image, anchors.text, anchors.captions, image_encoder.spec,
                                        text_encoder.spec)
-                return AsifPipeline.from_anchors(relabelled, image_encoder, text_encoder, cache=cache)
+                return AsifPipeline.from_anchors(relabelled, image_encoder, text_encoder, cache=cache, label_weight=0.0)
 
             folds = cv_folds(train, pipeline_of, pool, smoke=args.smoke)
             val_pipeline = pipeline_of(anchors_of(train))
@@ -191,7 +191,10 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-NOTES = """What the grid says (2 image encoders × 2 text encoders × 2 LMs, all embedded, the optional
+NOTES = """Measured with plain ASIF similarity (the label bridge, nofree's default on top of it, is the
+section "ASIF + the image encoder's labels").
+
+What the grid says (2 image encoders × 2 text encoders × 2 LMs, all embedded, the optional
 mpnet and Gemma installed for the run):
 - **No combination makes generation clearly better than retrieval.** MAGIC's lead over caption
   retrieval with the same encoders ranges from −4.5 to +4.8 CIDEr in cross-validation and from

@@ -365,7 +365,11 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-NOTES = """The recipe searches (every configuration tried, with its numbers) are in the section
+NOTES = """This run ranked the pool by plain ASIF (label weight 0); the same cross-validation with the
+label bridge, nofree's default similarity, is reported in the section "ASIF + the image encoder's
+labels".
+
+The recipe searches (every configuration tried, with its numbers) are in the section
 "Frozen vs trained fusion on coco-mini val", under "Trained fusion: how the recipes were chosen";
 this section shows the last full run of this module: the SmallCap-style adapter with the default
 recipe and every decoding tried, beside caption retrieval on the same folds (anchors from the

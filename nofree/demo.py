@@ -2,7 +2,9 @@
 
 1. Build (or reuse) an ASIF anchor set from the sample's ``train`` split (140 photos × 5
    captions = 700 anchors) with two unrelated frozen encoders: EfficientNet-Lite0 (ImageNet
-   classifier) for images and all-MiniLM-L6-v2 for text.
+   classifier) for images and all-MiniLM-L6-v2 for text. Images and texts are compared by ASIF
+   plus the label bridge (:mod:`nofree.anchors.labels`: the image encoder's ImageNet classes,
+   read as text).
 2. For a few held-out ``val`` photos: zero-shot COCO categories, the caption retrieved from a
    24k-caption pool that shares no image with the sample, and a caption written by a frozen
    SmolLM2 with nofree's MAGIC defaults (the pool's best captions for the photo as in-context
@@ -56,6 +58,9 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
 
     cache = EmbeddingCache()
     pipeline = AsifPipeline.load(anchor_dir, device=device, cache=cache)
+    if pipeline.label_settings["label_weight"]:
+        echo(f"image-text similarity: ASIF + the label bridge (the image encoder's ImageNet classes read as "
+             f"text, weight {pipeline.label_settings['label_weight']:g})\n")
     val = load_pairs(sample / "pairs.jsonl", split="val")
     shown = val[:: max(1, len(val) // n_images)][:n_images]
     image_emb = pipeline.encode_images([p.image for p in shown])

@@ -10,6 +10,7 @@ from nofree.anchors.asif import ASIF
 from nofree.anchors.calibration import choose_temperature
 from nofree.anchors.labels import LABEL_DEFAULTS, Bridged, LabelBridge, bridge_for, label_view
 from nofree.anchors.pipeline import AsifPipeline
+from nofree.cli import main
 from nofree.core import DataError, l2_normalize
 from nofree.decoding.scorers import AsifScorer
 from nofree.encoders.heads import ClassifierHead
@@ -155,3 +156,44 @@ def test_a_head_of_other_dimensions_is_refused(toy):
         bridge_for(ASIF().fit(anchors), anchors, HeadedImageEncoder(head), text_encoder)
     with pytest.raises(DataError, match="one weight row per class name"):
         ClassifierHead(torch.randn(2, 7), ("a",))
+
+
+def test_cli_takes_the_weight_where_asif_compares(tmp_path):
+    from click.testing import CliRunner
+
+    image = tmp_path / "a.png"
+    photos("red", 1, seed=0)[0].save(image)
+    result = CliRunner().invoke(main, ["caption", "--method", "magic", "--scorer", "hf-clip:some/clip",
+                                       "--label-weight", "1", str(image)])
+    assert result.exit_code != 0 and "--label-weight" in result.output and "--anchors" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["classify", "--anchors", str(tmp_path), "--label", "x",
+                                       "--label-weight", "-1", str(image)])
+    assert result.exit_code != 0 and "--label-weight" in result.output
+
+
+@pytest.mark.embedded
+def test_the_embedded_encoders_get_the_bridge_and_it_helps_on_the_sample(sample_dir):
+    """Real weights: the default pipeline over the sample's train anchors carries the label bridge,
+    and text->image R@1 on the val photos is higher with it than without."""
+    from nofree.cache import EmbeddingCache
+    from nofree.data.pairs import load_pairs
+    from nofree.eval import retrieval_report
+    from nofree.registry import load_encoder
+
+    cache = EmbeddingCache()
+    image_encoder, text_encoder = load_encoder("embedded:effnet-lite0"), load_encoder("embedded:minilm-l6")
+    split = {name: load_pairs(sample_dir / "pairs.jsonl", split=name) for name in ("train", "val")}
+    captions = {name: [c for p in pairs for c in p.captions] for name, pairs in split.items()}
+    anchors = AnchorSet(cache.encode(image_encoder, [p.image for p in split["train"] for _ in p.captions]),
+                        cache.encode(text_encoder, captions["train"]), tuple(captions["train"]),
+                        image_encoder.spec, text_encoder.spec)
+    image = cache.encode(image_encoder, [p.image for p in split["val"]])
+    text = cache.encode(text_encoder, captions["val"])
+    owner = torch.arange(len(split["val"])).repeat_interleave(5)
+    r1 = {}
+    for weight in (None, 0.0):
+        pipeline = AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache, label_weight=weight)
+        assert isinstance(pipeline.asif, LabelBridge) == (weight is None)
+        r1[weight] = retrieval_report(pipeline.similarity(image, text), owner)["t2i"]["R@1"]
+    assert r1[None] > r1[0.0] + 0.05
