@@ -79,7 +79,12 @@ def test_asif_anchors_notebook(tmp_path, shared_cache, monkeypatch):
     assert all(_unit(v) for point in r["curve"].values() for v in point.values())
     # real encoders composed by 100 anchors beat chance (1/10) at text->image retrieval
     assert r["retrieval"]["t2i"]["R@1"] > 1 / 10
-    assert r["cv_best"]["p"] in (1.0, 8.0) and len(r["val_settings"]) == 4
+    assert r["cv_best"]["p"] in (1.0, 8.0) and len(r["val_settings"]) == 5
+    # the pipeline defaults are plain ASIF + CSLS plus the label bridge of the real image encoder
+    bridged, plain = (r["val_settings"][name]["t2i R@1"] for name in
+                      ("AsifPipeline defaults (the above + the label bridge)",
+                       "the above + CSLS (plain ASIF: label_weight=0)"))
+    assert bridged == r["retrieval"]["t2i"]["R@1"] and bridged != plain
 
 
 def test_training_free_captioning_notebook(tmp_path, shared_cache, monkeypatch):

@@ -95,6 +95,10 @@ class LabelBridge:
         self.asif, self.head, self.label_emb = asif, head, label_emb.float().cpu()
         self.weight, self.temperature = float(weight), float(temperature)
 
+    def __repr__(self) -> str:
+        return (f"LabelBridge({self.asif!r}, weight={self.weight:g}, temperature={self.temperature:g}, "
+                f"classes={len(self.head.names)})")
+
     def __getattr__(self, name: str) -> Any:
         if name == "asif":  # not set yet (e.g. while copying): no recursion
             raise AttributeError(name)
