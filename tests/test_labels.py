@@ -112,6 +112,8 @@ def test_transformed_sides_refit_and_scorer_give_the_same_numbers(toy):
     assert torch.allclose(bridge.similarity(held, pool), expected, atol=1e-6)
     assert torch.allclose(bridge.similarity(bridge.transform(held, modality="image"), pool), expected, atol=1e-6)
     assert torch.allclose(bridge.refit(anchors).similarity(held, caption_emb), expected, atol=1e-6)
+    with pytest.raises(DataError, match="pass the embeddings"):
+        bridge.similarity(held, bridge.asif.transform(caption_emb, modality="text"))
     scorer = AsifScorer(bridge, text_encoder, temperature=2.0, packed=False)
     texts = [[f"a {c} square" for c in COLOURS]] * len(held)
     for _ in range(2):  # the second call reads the cached image representations

@@ -83,6 +83,8 @@ class LabelBridge:
     asif: a fitted :class:`~nofree.anchors.asif.ASIF`; head: the image encoder's
     :class:`ClassifierHead`; label_emb ``(C, Dt)``: the text encoder's embeddings of the class
     names (:data:`LABEL_TEMPLATE`). Call :meth:`fit` with the anchors the ASIF was fitted on.
+    The label term is computed on the CPU (two small products per image, whatever the ASIF's
+    device); similarities come back on the CPU.
     """
 
     def __init__(self, asif: Any, head: ClassifierHead, label_emb: Tensor, *,
@@ -143,8 +145,13 @@ class LabelBridge:
 
     def transform(self, emb: Any, *, modality: str) -> Bridged:
         """The ASIF relative representation and the label-bridge side of ``emb (n, D)``."""
+        from nofree.anchors.relative import SparseRelative
+
         if isinstance(emb, Bridged):
             return emb
+        if isinstance(emb, SparseRelative):
+            raise DataError("a label bridge compares embeddings, or what its own transform() returned for "
+                            "them; this is a bare ASIF relative representation: pass the embeddings instead")
         return Bridged(self.asif.transform(emb, modality=modality), self._side(emb, modality))
 
     def label_similarity(self, image_emb: Any, text_emb: Any) -> Tensor:
