@@ -168,7 +168,7 @@ def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts, m
     pipeline, lm = parts
     image_emb = pipeline.encode_images([_img(4), _img(8), _img(1)])
     windows = [(0, 2), (1, 2), (3, 1)]
-    cap = captioner(parts, examples_from="pool", pool=POOL, windows=windows, consensus=3)
+    cap = captioner(parts, examples_from="pool", pool=POOL, windows=windows, consensus=3, with_retrieved=True)
     ranked = cap.example_captions(image_emb, 4)
     prompt = cap.prompt_texts(image_emb, (1, 2))[0]
     assert ranked[0][1] in prompt and ranked[0][2] in prompt and f"- {ranked[0][0]}" not in prompt
@@ -191,6 +191,8 @@ def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts, m
         captioner(parts, examples_from="pool", pool=POOL, drafts=0)
     drafts = captioner(parts, examples_from="pool", pool=POOL, examples=2, drafts=3)
     assert drafts.windows == example_windows(2, 3) == [(0, 2), (0, 1), (0, 3)]
+    # the defaults offer the drafts only: one candidate per window, no retrieval caption
+    assert [len(row) for row in drafts.candidates(image_emb)] == [3, 3, 3]
 
 
 def test_example_window_schedule():

@@ -91,8 +91,8 @@ def test_training_free_captioning_notebook(tmp_path, shared_cache, monkeypatch):
     r = run_notebook(EXAMPLES / "02_training_free_captioning.ipynb", tmp_path, shared_cache, monkeypatch)
     assert r["n_val_photos"] == 10 and r["n_magic_photos"] == 2 and r["lm"].startswith("local:")
     assert set(r["all_photos"]) == {"retrieval", "greedy, 0 examples", "greedy, 1 examples",
-                                    "greedy, 1 anchor examples", "8 drafts only, CIDEr-D consensus",
-                                    "defaults: 8 drafts + retrieval, CIDEr-D consensus"}
+                                    "greedy, 1 anchor examples", "defaults: 8 drafts, CIDEr-D consensus",
+                                    "8 drafts + the retrieval caption, CIDEr-D consensus"}
     # every photo kept exactly one of its 9 candidates (8 drafts, then the retrieval caption)
     assert len(r["defaults_kept_candidate"]) == 9 and sum(r["defaults_kept_candidate"]) == 10
     assert len(r["magic_grid_cider"]) == 4

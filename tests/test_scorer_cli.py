@@ -114,7 +114,7 @@ def test_the_pool_is_ranked_by_the_clip_scorer_itself(models, tmp_path):
                                atol=1e-4, rtol=1e-4)
     # the retrieval candidate is the argmax of the scorer's similarities over the pool
     plain = MagicCaptioner.from_scorer(space, lm=captioner.lm, pool=RetrievalCaptioner(space, POOL, rerank=0),
-                                       drafts=1, k=4, max_new_tokens=3)
+                                       drafts=1, k=4, max_new_tokens=3, with_retrieved=True)
     candidates = plain.candidates(image_emb)
     assert [row[-1] for row in candidates] == [POOL[j] for j in direct.argmax(1).tolist()]
     assert len(plain.caption(images)) == len(images)

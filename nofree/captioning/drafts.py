@@ -20,14 +20,14 @@ from nofree.data.pool import example_windows  # noqa: F401  (re-exported: MAGIC'
 
 #: MAGIC defaults for the embedded instruct LM, chosen by 5-fold cross-validation on coco-mini
 #: ``train`` (benchmarks/magic_quality.py, RESULTS.md): in-context examples from the caption pool;
-#: the LM writes 8 drafts (one per window of :func:`example_windows`), the retrieval caption is
-#: added, and the candidate with the highest CIDEr-D against the image's 20 top retrieved
-#: captions is kept. Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1
+#: the LM writes 8 drafts (one per window of :func:`example_windows`), and the draft with the
+#: highest CIDEr-D against the image's 20 top retrieved captions is kept (``with_retrieved=True``
+#: also offers the retrieval caption itself as a candidate). Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1
 #: scored no better in CIDEr than α = β = 0, so the image reaches the LM through the retrieved
 #: examples; pass ``alpha=0.1, beta=2`` (the paper's values, :data:`MAGIC_PAPER`) to steer
 #: every step.
 MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "examples": 4,
-                  "examples_from": "pool", "drafts": 8, "consensus": 20, "with_retrieved": True,
+                  "examples_from": "pool", "drafts": 8, "consensus": 20, "with_retrieved": False,
                   "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
 #: The MAGIC paper's weights (Su et al., 2022, COCO): what a scorer-steered run uses.
 MAGIC_PAPER = {"alpha": 0.1, "beta": 2.0}
