@@ -149,6 +149,13 @@ def test_resume_keeps_finished_methods_and_refuses_silent_overwrite(setup, tmp_p
     assert calls == [] and again["methods"]["asif"] == first["methods"]["asif"]
     run_eval(_config(setup), ["asif"], out_dir=out, overwrite=True, progress=False)
     assert calls == [1]
+    # a finished method that compared through another ASIF (here: a label bridge) runs again
+    record = json.loads((out / "results.json").read_text())
+    assert record["methods"]["asif"]["params"]["asif"]["label_weight"] == 0.0   # tiny encoder: no head
+    record["methods"]["asif"]["params"]["asif"]["label_weight"] = 2.0
+    (out / "results.json").write_text(json.dumps(record))
+    run_eval(_config(setup), ["asif"], out_dir=out, resume=True, progress=False)
+    assert calls == [1, 1]
 
 
 def test_anchors_from_the_evaluation_split_are_refused(setup, tmp_path):
