@@ -30,7 +30,7 @@ import torch
 
 from benchmarks import write_json
 from benchmarks.asif_quality import Split, anchors_of, encode_split
-from benchmarks.folds import photo_folds
+from benchmarks.folds import held_out_captions, photo_folds
 
 IMAGE_SPECS = ("embedded:effnet-lite0", "embedded:effnet-lite2")
 VIEWS = ("crop", "flip", "squash")
@@ -81,11 +81,9 @@ def cross_validate(split: Split, params: dict, anchors=anchors_of, folds: int = 
     scores = {"t2i R@1": [], "i2t R@1": []}
     for held, kept in photo_folds(len(split.pairs), folds, seed):
         asif = ASIF(**{**ASIF_DEFAULTS, **params}).fit(anchors(split, kept))
-        mask = torch.isin(split.owner, held)
-        remap = torch.full((len(split.pairs),), -1, dtype=torch.long)
-        remap[held] = torch.arange(len(held))
+        mask, owner = held_out_captions(split.owner, held, len(split.pairs))
         sim = torch.as_tensor(asif.similarity(split.image_emb[held], split.text_emb[mask]))
-        report = retrieval_report(sim, remap[split.owner[mask]])
+        report = retrieval_report(sim, owner)
         scores["t2i R@1"].append(report["t2i"]["R@1"])
         scores["i2t R@1"].append(report["i2t"]["R@1"])
     return {key: sum(v) / len(v) for key, v in scores.items()}

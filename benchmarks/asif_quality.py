@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import write_json
-from benchmarks.folds import photo_folds
+from benchmarks.folds import held_out_captions, photo_folds
 from nofree import sample_dir
 from nofree.anchors.anchor_set import AnchorSet
 from nofree.captioning import default_pool_path
@@ -122,10 +122,8 @@ def cross_validate(train: Split, variant, folds: int = 5, seed: int = 0) -> floa
     scores = []
     for held, kept in photo_folds(len(train.pairs), folds, seed):
         sim_fn = variant(anchors_of(train, kept))
-        mask = torch.isin(train.owner, held)
-        remap = torch.full((len(train.pairs),), -1, dtype=torch.long)
-        remap[held] = torch.arange(len(held))
-        scores.append(t2i_r1(sim_fn, train.image_emb[held], train.text_emb[mask], remap[train.owner[mask]]))
+        mask, owner = held_out_captions(train.owner, held, len(train.pairs))
+        scores.append(t2i_r1(sim_fn, train.image_emb[held], train.text_emb[mask], owner))
     return sum(scores) / len(scores)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
-from benchmarks.folds import photo_folds
+from benchmarks.folds import held_out_captions, photo_folds
 DEFAULT_SPECS = ("embedded:effnet-lite0", "embedded:effnet-lite2")
 DEFAULT_TEXT_SPECS = ("embedded:minilm-l6", "embedded:mpnet-base")
 
@@ -73,11 +73,9 @@ def measure(image_encoder, text_encoder, cache, pool, folds: int = 5, seed: int 
     cv = {"t2i R@1": [], "t2i R@5": [], "i2t R@1": []}
     captions, references = [], []
     for held, kept in photo_folds(len(train.pairs), folds, seed):
-        mask = torch.isin(train.owner, held)
-        remap = torch.full((len(train.pairs),), -1, dtype=torch.long)
-        remap[held] = torch.arange(len(held))
+        mask, owner = held_out_captions(train.owner, held, len(train.pairs))
         report, out = run(_anchors(train, kept, image_encoder.spec, text_encoder.spec),
-                          train.image_emb[held], train.text_emb[mask], remap[train.owner[mask]])
+                          train.image_emb[held], train.text_emb[mask], owner)
         for key in cv:
             way, k = key.split()
             cv[key].append(report[way][k])

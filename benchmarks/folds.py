@@ -48,3 +48,14 @@ def photo_folds(n_photos: int, folds: int = 5, seed: int = 0, *, deal: str = "ro
         cut = [round(i * dealt / folds) for i in range(folds + 1)]
         held = [order[cut[i]:cut[i + 1]] for i in range(folds)]
     return [(h, order[torch.isin(order, h, invert=True)]) for h in held]
+
+
+def held_out_captions(owner: torch.Tensor, held: torch.Tensor, n_photos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captions of the ``held`` photos and each one's photo among them: ``(mask, photo)``, a
+    boolean mask over all captions (``owner``: each caption's photo index in ``range(n_photos)``)
+    and, for the masked captions, the position of their photo in ``held`` (what
+    ``retrieval_report`` takes)."""
+    mask = torch.isin(owner, held)
+    remap = torch.full((n_photos,), -1, dtype=torch.long)
+    remap[held] = torch.arange(len(held))
+    return mask, remap[owner[mask]]

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from benchmarks import write_json
 from benchmarks.asif_quality import Split, anchors_of, encode_split
-from benchmarks.folds import photo_folds
+from benchmarks.folds import held_out_captions, photo_folds
 
 TEMPERATURES = (0.125, 0.25, 0.5)
 WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -36,14 +35,6 @@ def _pipeline(split: Split, rows, image_encoder, text_encoder, cache, **label):
     from nofree.anchors.pipeline import AsifPipeline
 
     return AsifPipeline.from_anchors(anchors_of(split, rows), image_encoder, text_encoder, cache=cache, **label)
-
-
-def _held_out(split: Split, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out photos' captions (mask over all captions) and each one's photo among ``held``."""
-    mask = torch.isin(split.owner, held)
-    remap = torch.full((len(split.pairs),), -1, dtype=torch.long)
-    remap[held] = torch.arange(len(held))
-    return mask, remap[split.owner[mask]]
 
 
 def cross_validate(split: Split, encoders, cache, seeds: int, *, label_only: bool = False,
@@ -57,7 +48,7 @@ def cross_validate(split: Split, encoders, cache, seeds: int, *, label_only: boo
         t2i, i2t = [], []
         for held, kept in photo_folds(len(split.pairs), 5, seed):
             pipeline = _pipeline(split, kept, *encoders, cache, **label)
-            mask, owner = _held_out(split, held)
+            mask, owner = held_out_captions(split.owner, held, len(split.pairs))
             image, text = split.image_emb[held], split.text_emb[mask]
             sim = pipeline.asif.label_similarity(image, text) if label_only else pipeline.similarity(image, text)
             report = retrieval_report(sim, owner)
@@ -94,7 +85,7 @@ def on_val(train: Split, val: Split, encoders, cache, pool, settings: dict[str, 
     references = [list(p.captions) for p in val.pairs]
     rows, per_image, captions = {}, {}, {}
     for name, label in settings.items():
-        pipeline = _pipeline(train, None, *encoders, cache, **label)
+        pipeline = _pipeline(train, None, *encoders, cache, **label)   # the last one: the bridge's
         sim = pipeline.similarity(val.image_emb, val.text_emb)
         report = retrieval_report(sim, owner)
         captions[name] = RetrievalCaptioner(pipeline, pool).caption_embeddings(val.image_emb)
@@ -105,8 +96,7 @@ def on_val(train: Split, val: Split, encoders, cache, pool, settings: dict[str, 
     first = next(iter(settings))
     for name in list(settings)[1:]:
         rows[name]["CIDEr vs " + first] = paired_difference(per_image[name], per_image[first])
-    bridge = _pipeline(train, None, *encoders, cache, **settings[list(settings)[-1]]).asif
-    head = bridge.head
+    head = pipeline.asif.head
     logits = val.image_emb @ head.weight.T
     examples = [{"image": val.pairs[i].image.rsplit("/", 1)[-1],
                  "top classes": [head.names[j] for j in logits[i].topk(3).indices.tolist()],
