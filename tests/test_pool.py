@@ -33,7 +33,11 @@ NOT_CAPTIONS = {
              "See https://example.com/cat.jpg for the photo"],
     "empty": ["", "   "],
     "too_short": ["dog", "N/A", "...", "12 34"],
-    "too_long": [" ".join(["word"] * 61)],
+    "too_long": [" ".join(f"word{i}" for i in range(61))],
+    # typos of the bundled pool (first three, verbatim), then case, apostrophes and a repeated pair
+    "stutter": ["a living room with with a couch and a table", "a a small bathroom with pink tile and trim",
+                "Cars are parked on the the street in front of the building.", "A A red bus.",
+                "a dog's dog's bowl on the floor", "The cat  \t cat sleeps"],
 }
 
 #: Real captions the rule must keep, some close to a refusal on purpose: they describe a photo
@@ -48,7 +52,10 @@ REAL = ["A sign that says no parking.", "An image of a cat on a couch.",
         "A blurry photo of a toilet seat in a bathroom.", "A black and white photo of a turkey.",
         "I love the way the sun is creeping behind those two buidings",
         "Why would the cow be grazing in front of those homes?",
-        "A bus advertising www.example.com on its side.", "a cat", " ".join(["word"] * 60)]
+        "A bus advertising www.example.com on its side.", "a cat", " ".join(f"word{i}" for i in range(60)),
+        # words repeated across punctuation, inside other words or as numbers are not typos
+        "A desk with a computer, computer keyboard and a mug.", "A bathroom with a toilet, toilet roll.",
+        "A banana on the ana table.", "Player 10 10 yards away", "A bus, bus stop."]
 
 
 def test_each_kind_of_non_caption_is_dropped_and_real_captions_kept():
@@ -59,15 +66,16 @@ def test_each_kind_of_non_caption_is_dropped_and_real_captions_kept():
         assert caption_problem(line) is None, line
     meta = NOT_CAPTIONS["meta"]
     lines = meta[:9] + REAL[:9] + NOT_CAPTIONS["empty"] + meta[9:] + REAL[9:] + NOT_CAPTIONS["too_short"] \
-        + NOT_CAPTIONS["too_long"]
+        + NOT_CAPTIONS["too_long"] + NOT_CAPTIONS["stutter"]
     found = filter_pool(lines)
     assert found.captions == REAL  # kept unchanged, in pool order
     assert found.dropped == {"empty": NOT_CAPTIONS["empty"], "too_short": NOT_CAPTIONS["too_short"],
                              "too_long": NOT_CAPTIONS["too_long"], "meta": NOT_CAPTIONS["meta"],
-                             "duplicate": []}
-    assert found.counts == {"empty": 2, "too_short": 4, "too_long": 1, "meta": 19, "duplicate": 0}
-    assert list(found.counts) == list(REASONS) and found.n_dropped == 26
-    assert found.summary() == f"dropped 26 of {len(lines)} lines (empty 2, too_short 4, too_long 1, meta 19)"
+                             "stutter": NOT_CAPTIONS["stutter"], "duplicate": []}
+    assert found.counts == {"empty": 2, "too_short": 4, "too_long": 1, "meta": 19, "stutter": 6, "duplicate": 0}
+    assert list(found.counts) == list(REASONS) and found.n_dropped == 32
+    assert found.summary() == (f"dropped 32 of {len(lines)} lines (empty 2, too_short 4, too_long 1, meta 19, "
+                               "stutter 6)")
     assert filter_pool(found.captions).n_dropped == 0  # idempotent
 
 
@@ -78,7 +86,7 @@ def test_repeats_collapse_to_the_first_and_count_under_their_first_reason():
     assert found.captions == ["a red bus", "a red bus on a road", "a red bus on a road!"]
     assert found.dropped["duplicate"] == ["A red bus.", "a  red bus", "A RED BUS..", "a red bus ."]
     assert found.dropped["meta"] == [REFUSAL, REFUSAL]  # a repeated refusal is a refusal
-    assert found.counts == {"empty": 0, "too_short": 0, "too_long": 0, "meta": 2, "duplicate": 4}
+    assert found.counts == {"empty": 0, "too_short": 0, "too_long": 0, "meta": 2, "stutter": 0, "duplicate": 4}
     assert filter_pool([]).captions == [] and filter_pool([]).summary() == "dropped 0 of 0 lines"
 
 
