@@ -36,6 +36,19 @@ def test_choice_follows_the_references_and_ignores_self_votes():
     assert cider.choose(["same words", "Same words."], ["same words here"]) == 0  # ties: first
 
 
+def test_a_looping_or_stuttering_candidate_is_chosen_only_when_all_are():
+    cider = CiderD(DOCS)
+    refs = ["a woman in a kitchen with a blender", "a kitchen with a person and a blender",
+            "a woman cooking in a kitchen"]
+    run_on = "A woman in a kitchen, a kitchen, a blender, a person, a"
+    plain = "A woman cooks."
+    assert cider.scores([run_on], refs)[0] > cider.scores([plain], refs)[0]  # CIDEr-D alone prefers it
+    assert cider.choose([run_on, plain], refs) == 1
+    assert cider.choose(["a woman in the the kitchen with a blender", plain], refs) == 1  # a stutter
+    # when every candidate is faulty, the best score wins as before
+    assert cider.choose([plain + " " + plain, run_on], refs) == 1
+
+
 def test_rare_ngrams_weigh_more_and_bad_input_is_clear():
     cider = CiderD(["a dog", "a cat", "a bus"])
     # "a" is in every document (weight 0), "dog" in one: sharing "dog" counts, sharing "a" does not

@@ -100,11 +100,18 @@ class CiderD:
         return out
 
     def choose(self, candidates: Sequence[str], references: Sequence[str]) -> int:
-        """Index of the candidate with the highest :meth:`scores` (the first one on ties)."""
+        """Index of the candidate with the highest :meth:`scores` (the first one on ties) among
+        those that neither loop nor stutter (:func:`nofree.eval.degeneration.degenerate`), or among
+        all when every one does. CIDEr-D clips repeated n-grams but still rewards a run-on draft
+        for the many reference words it lists ("A woman in a kitchen, a kitchen, a blender, a
+        person, a"), so a fault the evaluation counts is never preferred to a sound sentence."""
+        from nofree.eval.degeneration import degenerate
+
         if not candidates:
             raise ValueError("no candidate captions to choose from")
         scores = self.scores(candidates, references)
-        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+        sound = [i for i, text in enumerate(candidates) if not degenerate(text)] or range(len(candidates))
+        return max(sound, key=lambda i: (scores[i], -i))
 
 
 def consensus_scores(asif_scores: Tensor, candidate_emb: Tensor, *, weight: float = 1.0) -> Tensor:

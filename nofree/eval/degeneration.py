@@ -43,6 +43,12 @@ def stutters(caption: str) -> bool:
     return any(a == b for a, b in zip(tokens, tokens[1:]))
 
 
+def degenerate(caption: str, n: int = 3) -> bool:
+    """Whether ``caption`` loops (a word ``n``-gram occurs twice) or stutters: the faults these
+    measures count, of one caption."""
+    return max_ngram_count(caption, n) > 1 or stutters(caption)
+
+
 def degeneration(captions: Sequence[str | None], n: int = 3) -> dict[str, float | int]:
     """``{"distinct", "repeat_3gram", "worst_repeat", "stutter", "n_captions"}`` of a list of captions
     (``None`` entries, failed images, are left out). ``n`` sets the n-gram order of the
