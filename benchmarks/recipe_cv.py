@@ -2,7 +2,8 @@
 
     python -m benchmarks.recipe_cv [--kind clipcap|flamingo|smallcap] [--folds 5] [--epochs 3]
                                    [--lr 1e-3] [--mapper mlp] [--prefix-length 10] [--augment hflip]
-                                   [--examples 4] [--decodings b1n3 b3n3 b1n3d3r] [--keep-adapters]
+                                   [--examples 4] [--dropout 0] [--decodings b1n3 b3n3 b1n3d3r]
+                                   [--keep-adapters]
                                    [--json PATH] [--work DIR] [--smoke]
 
 How the trained captioners' defaults are chosen without looking at ``val``: the 140 ``train``
@@ -201,6 +202,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--augment", choices=("none", "hflip"), default=None, help="default: the recipe's")
     parser.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp", help="ClipCap only")
     parser.add_argument("--prefix-length", type=int, default=10, help="ClipCap only")
+    parser.add_argument("--dropout", type=float, default=0.0, help="Flamingo-style only (its blocks' and "
+                        "resampler's residual branches)")
     parser.add_argument("--examples", type=int, default=4, help="SmallCap only: retrieved captions per prompt")
     parser.add_argument("--keep-adapters", action="store_true",
                         help="SmallCap only: keep each fold's adapter under --work and reuse it on a rerun with "
@@ -218,7 +221,8 @@ def main(argv=None) -> dict:
     settings = {"kind": args.kind, "folds": args.folds, "epochs": args.epochs or recipe["epochs"],
                 "lr": args.lr or recipe["lr"], "batch_size": args.batch_size or recipe["batch_size"],
                 "augment": args.augment or recipe["augment"], "seed": args.seed}
-    hparams = ({"mapper": args.mapper, "prefix_length": args.prefix_length} if args.kind == "clipcap" else {})
+    hparams = ({"mapper": args.mapper, "prefix_length": args.prefix_length} if args.kind == "clipcap" else
+               {"dropout": args.dropout} if args.kind == "flamingo" and args.dropout else {})
     settings["hparams"] = hparams
     args.work.mkdir(parents=True, exist_ok=True)
     backbones, pool, epochs = frozen_setup(args.work, args.smoke)

@@ -396,10 +396,11 @@ def test_find_decoder_layers(lm):
     assert layers is expected
 
 
-@pytest.mark.parametrize("init", [{}, {"gate_init": 0.0, "scale_to_residual": False}],
-                         ids=["zero-projections", "paper-zero-gates"])
+@pytest.mark.parametrize("init", [{}, {"gate_init": 0.0, "scale_to_residual": False}, {"dropout": 0.5}],
+                         ids=["zero-projections", "paper-zero-gates", "dropout-in-training"])
 def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, init):
     adapter = _build("flamingo", lm, image_encoder, **init)
+    adapter.train(bool(init.get("dropout")))  # dropout drops units of branches that add 0
     assert len(adapter.blocks) == len(find_decoder_layers(lm.model))
     ids = torch.tensor(lm.tokenize(["a dog on the beach", "the cat on the sofa"]))
     assert ids.shape == (2, 5)
@@ -422,6 +423,28 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, 
     got = adapter.generate(tokens, max_tokens=6, stop_at_period=False)
     for row in range(2):
         assert got[row] == plain_tokens[row][:len(got[row])]
+
+
+def test_flamingo_dropout_acts_in_training_only_and_is_recorded(lm, image_encoder, tmp_path):
+    from nofree.adapters.base import load_adapter
+
+    torch.manual_seed(0)
+    adapter = _build("flamingo", lm, image_encoder, dropout=0.5)
+    with torch.no_grad():
+        for block in adapter.blocks:  # a trained block adds something
+            nn.init.normal_(block.to_out.weight, std=0.1)
+            nn.init.normal_(block.ff[-1].weight, std=0.1)
+    ids = torch.tensor(lm.tokenize(["a dog on the beach"]))
+    tokens = image_encoder.encode_tokens(IMAGES[:1])
+    with torch.no_grad():
+        adapter.train()
+        assert not torch.equal(adapter.lm_logits(tokens, ids), adapter.lm_logits(tokens, ids))
+        adapter.eval()
+        assert torch.equal(adapter.lm_logits(tokens, ids), adapter.lm_logits(tokens, ids))
+    adapter.save_pretrained(tmp_path / "a")
+    assert load_adapter(tmp_path / "a", image_encoder=image_encoder, lm=lm).config()["dropout"] == 0.5
+    with pytest.raises(ValueError, match="dropout must be in"):
+        _build("flamingo", lm, image_encoder, dropout=1.0)
 
 
 def test_gated_block_scaled_to_the_residual_changes_each_position_relatively():

@@ -94,9 +94,10 @@ class PerceiverResampler(nn.Module):
     """Image token grid ``(B, T, W)`` -> ``(B, n, H)`` latents (normalised by a final LayerNorm)."""
 
     def __init__(self, media_dim: int, dim: int, *, num_latents: int, depth: int, heads: int,
-                 dim_head: int, ff_mult: int) -> None:
+                 dim_head: int, ff_mult: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.proj = nn.Linear(media_dim, dim)
+        self.drop = nn.Dropout(dropout)  # on each residual branch, in training only
         # Small learned latents: at unit scale they dominate the residual stream, so the resampled
         # latents of different photos start nearly identical (RESULTS.md, "Trained fusion"), a few
         # hundred steps never make them depend on the image, and the gates learn to ignore them.
@@ -110,8 +111,8 @@ class PerceiverResampler(nn.Module):
         media = self.proj(tokens)
         x = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for attn, ff in self.layers:
-            x = attn(media, x) + x
-            x = ff(x) + x
+            x = self.drop(attn(media, x)) + x
+            x = self.drop(ff(x)) + x
         return self.norm(x)
 
 
@@ -135,10 +136,13 @@ class GatedCrossAttentionBlock(nn.Module):
     identity, but each output direction learns on its own from the first step, rather than
     through one scalar gate that opens only once the randomly projected image features help the
     LM, which a few hundred captions never showed (benchmarks/RESULTS.md, "Trained fusion").
+
+    ``dropout``: the probability of zeroing each output unit of both branches in training (a
+    block that adds 0 stays the identity either way).
     """
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, ff_mult: int, gate_init: float = 0.0,
-                 scale_to_residual: bool = False) -> None:
+                 scale_to_residual: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= gate_init < 1.0:
             raise ValueError(f"gate_init must be in [0, 1), got {gate_init!r}")
@@ -150,6 +154,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.attn_gate = nn.Parameter(torch.full((1,), math.atanh(gate_init)))
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.full((1,), math.atanh(gate_init)))
+        self.drop = nn.Dropout(dropout)
         if gate_init > 0:
             nn.init.zeros_(self.to_out.weight)
             nn.init.zeros_(self.ff[-1].weight)
@@ -161,8 +166,8 @@ class GatedCrossAttentionBlock(nn.Module):
         k, v = self.to_kv(latents).chunk(2, dim=-1)
         attended = self.to_out(_merge(F.scaled_dot_product_attention(
             *(_heads(t, self.heads) for t in (q, k, v)))))
-        x = x + torch.tanh(self.attn_gate) * scale * attended
-        x = x + torch.tanh(self.ff_gate) * scale * self.ff(x)
+        x = x + torch.tanh(self.attn_gate) * scale * self.drop(attended)
+        x = x + torch.tanh(self.ff_gate) * scale * self.drop(self.ff(x))
         return x.to(y.dtype)
 
 
@@ -174,7 +179,8 @@ class Flamingo(CaptioningAdapter):
     (text after the start token that every caption follows; default none), ``gate_lr_scale``
     (learning-rate multiplier of the tanh gates in training), ``gate_init`` and
     ``scale_to_residual`` (see :class:`GatedCrossAttentionBlock`; ``gate_init=0``,
-    ``scale_to_residual=False`` is the paper's block). The adapter runs on
+    ``scale_to_residual=False`` is the paper's block), ``dropout`` (on every residual branch of the
+    resampler and the blocks, in training only). The adapter runs on
     the LM's device and attaches inert forward pre-hooks to the LM's decoder layers
     (:meth:`detach` removes them).
     """
@@ -190,7 +196,7 @@ class Flamingo(CaptioningAdapter):
                      "max_caption_tokens": (1, 8192)}
     # Settings a saved config may lack (written before they existed), with the value that
     # reproduces how such an adapter was trained.
-    absent_config = {"gate_init": 0.0, "scale_to_residual": False}
+    absent_config = {"gate_init": 0.0, "scale_to_residual": False, "dropout": 0.0}
 
     @classmethod
     def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
@@ -202,9 +208,11 @@ class Flamingo(CaptioningAdapter):
     def __init__(self, image_encoder: Any, lm: Any, *, num_latents: int = 32,
                  resampler_depth: int = 2, heads: int = 8, dim_head: int = 64, ff_mult: int = 2,
                  xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
-                 gate_init: float = 0.5, scale_to_residual: bool = True, max_caption_tokens: int = 40,
-                 device: str | torch.device | None = None) -> None:
+                 gate_init: float = 0.5, scale_to_residual: bool = True, dropout: float = 0.0,
+                 max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         super().__init__(image_encoder, lm, max_caption_tokens=max_caption_tokens, device=device)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         for name, value in (("num_latents", num_latents), ("resampler_depth", resampler_depth),
                             ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult),
                             ("xattn_every", xattn_every)):
@@ -215,15 +223,17 @@ class Flamingo(CaptioningAdapter):
                         "heads": int(heads), "dim_head": int(dim_head), "ff_mult": int(ff_mult),
                         "xattn_every": int(xattn_every), "prompt": str(prompt),
                         "gate_lr_scale": float(gate_lr_scale), "gate_init": float(gate_init),
-                        "scale_to_residual": bool(scale_to_residual)}
+                        "scale_to_residual": bool(scale_to_residual), "dropout": float(dropout)}
         self.resampler = PerceiverResampler(int(image_encoder.token_dim), hidden,
                                             num_latents=int(num_latents), depth=int(resampler_depth),
-                                            heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult))
+                                            heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult),
+                                            dropout=float(dropout))
         layers = find_decoder_layers(lm.model)
         self.xattn_layers = list(range(0, len(layers), int(xattn_every)))
         self.blocks = nn.ModuleList(
             GatedCrossAttentionBlock(hidden, heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult),
-                                     gate_init=float(gate_init), scale_to_residual=bool(scale_to_residual))
+                                     gate_init=float(gate_init), scale_to_residual=bool(scale_to_residual),
+                                     dropout=float(dropout))
             for _ in self.xattn_layers)
         self.to(self.device)
         tok = lm.tokenizer

@@ -69,8 +69,8 @@ class SmallCap(Flamingo):
     def __init__(self, image_encoder: Any, lm: Any, *, examples: int = 4, template: str = TEMPLATE,
                  num_latents: int = 32, resampler_depth: int = 2, heads: int = 8, dim_head: int = 64,
                  ff_mult: int = 2, xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
-                 gate_init: float = 0.5, scale_to_residual: bool = True, max_caption_tokens: int = 40,
-                 device: str | torch.device | None = None) -> None:
+                 gate_init: float = 0.5, scale_to_residual: bool = True, dropout: float = 0.0,
+                 max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         if int(examples) < 1:
             raise ValueError(f"examples must be >= 1, got {examples!r}")
         if "{examples}" not in template:
@@ -78,8 +78,8 @@ class SmallCap(Flamingo):
         super().__init__(image_encoder, lm, num_latents=num_latents, resampler_depth=resampler_depth,
                          heads=heads, dim_head=dim_head, ff_mult=ff_mult, xattn_every=xattn_every,
                          prompt=prompt, gate_lr_scale=gate_lr_scale, gate_init=gate_init,
-                         scale_to_residual=scale_to_residual, max_caption_tokens=max_caption_tokens,
-                         device=device)
+                         scale_to_residual=scale_to_residual, dropout=dropout,
+                         max_caption_tokens=max_caption_tokens, device=device)
         self.hparams.update(examples=int(examples), template=str(template))
         object.__setattr__(self, "anchors", None)
         object.__setattr__(self, "pool", None)

@@ -524,11 +524,12 @@ def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: st
                    lm: str = DEFAULT_LM, epochs: int | None = None,
                    batch_size: int = RECIPES["flamingo"]["batch_size"], lr: float = RECIPES["flamingo"]["lr"],
                    num_latents: int = 32, xattn_every: int = 5, gate_lr_scale: float = 1.0,
-                   gate_init: float = 0.5, scale_to_residual: bool = True, precision: str = "bf16",
-                   augment: str = str(RECIPES["flamingo"]["augment"]), **kw: Any) -> TrainResult:
+                   gate_init: float = 0.5, scale_to_residual: bool = True, dropout: float = 0.0,
+                   precision: str = "bf16", augment: str = str(RECIPES["flamingo"]["augment"]),
+                   **kw: Any) -> TrainResult:
     """Train a Flamingo-style resampler + gated cross-attention on ``pairs_path``; keywords as in
-    :func:`train_lit`, small-data defaults as in :func:`train_clipcap`. ``gate_init`` and
-    ``scale_to_residual`` as in :class:`~nofree.adapters.flamingo.GatedCrossAttentionBlock`: with
+    :func:`train_lit`, small-data defaults as in :func:`train_clipcap`. ``gate_init``,
+    ``scale_to_residual`` and ``dropout`` as in :class:`~nofree.adapters.flamingo.Flamingo`: with
     the paper's initialisation (``gate_init=0``, ``scale_to_residual=False``) a few hundred
     captions teach the adapter the caption style but never to use the image (RESULTS.md,
     "Trained fusion"); the warning at the end of training says so when it happens."""
@@ -536,6 +537,6 @@ def train_flamingo(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     return train_from_pairs("flamingo", pairs_path, backbones={"image_encoder": image_encoder, "lm": lm},
                             hparams={"num_latents": num_latents, "xattn_every": xattn_every,
                                      "gate_lr_scale": gate_lr_scale, "gate_init": gate_init,
-                                     "scale_to_residual": scale_to_residual},
+                                     "scale_to_residual": scale_to_residual, "dropout": dropout},
                             out=out, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision,
                             augment=augment, **kw)
