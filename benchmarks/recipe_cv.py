@@ -2,7 +2,7 @@
 
     python -m benchmarks.recipe_cv [--kind clipcap|flamingo|smallcap] [--folds 5] [--epochs 3]
                                    [--lr 1e-3] [--mapper mlp] [--prefix-length 10] [--augment hflip]
-                                   [--examples 4] [--labels] [--dropout 0] [--decodings b1n3 b3n3 b1n3d3r]
+                                   [--examples 4] [--dropout 0] [--decodings b1n3 b3n3 b1n3d3r]
                                    [--keep-adapters]
                                    [--json PATH] [--work DIR] [--smoke]
 
@@ -188,7 +188,7 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
 
 def main(argv=None) -> dict:
     from nofree.adapters.base import _load_backbone, adapter_class
-    from nofree.adapters.train import prepare_examples, train_adapter, with_label_inputs
+    from nofree.adapters.train import prepare_examples, train_adapter
     from nofree.cache import EmbeddingCache
     from nofree.core import clean_caption
     from nofree.data.pairs import load_pairs
@@ -202,8 +202,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--augment", choices=("none", "hflip"), default=None, help="default: the recipe's")
     parser.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp", help="ClipCap only")
     parser.add_argument("--prefix-length", type=int, default=10, help="ClipCap only")
-    parser.add_argument("--labels", action="store_true", help="ClipCap and Flamingo-style: the image encoder's "
-                        "classifier read as words as an extra input (nofree.adapters.label_input)")
     parser.add_argument("--dropout", type=float, default=0.0, help="Flamingo-style only (its blocks' and "
                         "resampler's residual branches)")
     parser.add_argument("--examples", type=int, default=4, help="SmallCap only: retrieved captions per prompt")
@@ -225,10 +223,6 @@ def main(argv=None) -> dict:
                 "augment": args.augment or recipe["augment"], "seed": args.seed}
     hparams = ({"mapper": args.mapper, "prefix_length": args.prefix_length} if args.kind == "clipcap" else
                {"dropout": args.dropout} if args.kind == "flamingo" and args.dropout else {})
-    if args.labels:
-        if args.kind == "smallcap":
-            raise SystemExit("--labels: ClipCap and Flamingo-style only")
-        hparams["label_encoder"] = "auto"
     settings["hparams"] = hparams
     args.work.mkdir(parents=True, exist_ok=True)
     backbones, pool, epochs = frozen_setup(args.work, args.smoke)
@@ -242,15 +236,10 @@ def main(argv=None) -> dict:
     image_encoder = _load_backbone("image_encoder", backbones["image"], None)
     lm = _load_backbone("lm", backbones["lm"], None)
     build = adapter_class(args.kind)
-    hparams, label_names = with_label_inputs(image_encoder, hparams)
-    settings["hparams"] = hparams
 
     def fresh():
         torch.manual_seed(args.seed)
-        adapter = build(image_encoder=image_encoder, lm=lm, **hparams)
-        if label_names is not None:
-            adapter.labels.embed_label_names(label_names)
-        return adapter
+        return build(image_encoder=image_encoder, lm=lm, **hparams)
 
     cache = EmbeddingCache()
     every = prepare_examples(fresh(), pairs, cache=cache, progress=False, augment=settings["augment"])

@@ -20,10 +20,6 @@ Departures from the reference implementation, on purpose:
   ignores label 0, which silently drops every real token with id 0);
 - every caption ends with the LM's eos token, so decoding knows where to stop.
 
-Optional label inputs (``label_encoder``, :mod:`nofree.adapters.label_input`): the image
-encoder's classifier read as words, a text-space vector concatenated to the image embedding
-before the mapper.
-
 Any Hugging Face causal LM works (GPT-2, Llama-family such as SmolLM2): the prefix is passed as
 ``inputs_embeds``. Decoding (transformers' ``generate`` from the prefix) lives in
 :class:`nofree.adapters.captioning.CaptioningAdapter`.
@@ -36,8 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from nofree.adapters.captioning import DECODING, CaptioningAdapter
-from nofree.adapters.label_input import label_input
-from nofree.anchors.labels import LABEL_DEFAULTS
 from nofree.adapters.losses import caption_batch
 from nofree.core import l2_normalize
 
@@ -85,10 +79,8 @@ class ClipCap(CaptioningAdapter):
     ``image_encoder``: a nofree image encoder (pooled embeddings, ``embed_dim`` d);
     ``lm``: a :class:`nofree.lm.hf.HFLanguageModel` (width H). Hyperparameters: ``prefix_length``
     L, ``mapper`` ('mlp' | 'transformer'), and for the transformer ``clip_length`` L_c,
-    ``num_layers``, ``num_heads``; captions are cut to ``max_caption_tokens`` in training;
-    ``label_encoder`` (a text encoder spec, ``label_dim`` wide; empty: off) and
-    ``label_temperature`` add the label view (:class:`~nofree.adapters.label_input.LabelInput`)
-    to the mapper's input. The adapter runs on the LM's device.
+    ``num_layers``, ``num_heads``; captions are cut to ``max_caption_tokens`` in training.
+    The adapter runs on the LM's device.
     """
 
     kind = "clipcap"
@@ -97,12 +89,11 @@ class ClipCap(CaptioningAdapter):
     # coco-mini train (RESULTS.md, "Trained fusion: how the recipes were chosen")
     decoding = {**DECODING, "beams": 3}
     config_limits = {"prefix_length": (1, 1024), "clip_length": (1, 1024), "num_layers": (1, 64),
-                     "num_heads": (1, 256), "max_caption_tokens": (1, 8192), "label_dim": (0, 65536)}
+                     "num_heads": (1, 256), "max_caption_tokens": (1, 8192)}
 
     @classmethod
     def planned_parameters(cls, config: dict[str, Any], dims: dict[str, int]) -> int:
         d, h, length = dims.get("image_embed_dim", 0), dims.get("lm_hidden_size", 0), config["prefix_length"]
-        d += config.get("label_dim", 0) if config.get("label_encoder") else 0
         if config["mapper"] == "mlp":  # d -> L·H/2 -> L·H: quadratic in the prefix length
             middle = max(1, length * h // 2)
             return d * middle + middle * length * h
@@ -110,19 +101,13 @@ class ClipCap(CaptioningAdapter):
 
     def __init__(self, image_encoder: Any, lm: Any, *, prefix_length: int = 10, mapper: str = "mlp",
                  clip_length: int = 10, num_layers: int = 8, num_heads: int = 8,
-                 label_encoder: str = "", label_dim: int = 0,
-                 label_temperature: float = LABEL_DEFAULTS["temperature"],
                  max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         super().__init__(image_encoder, lm, max_caption_tokens=max_caption_tokens, device=device)
         if mapper not in MAPPERS:
             raise ValueError(f"mapper must be one of {MAPPERS}, got {mapper!r}")
         if prefix_length < 1 or clip_length < 1 or num_layers < 1:
             raise ValueError("prefix_length, clip_length and num_layers must be >= 1")
-        self.labels = label_input(image_encoder, label_encoder, label_dim, label_temperature)
-        self.label_settings = {"label_encoder": str(label_encoder), "label_dim": int(label_dim),
-                               "label_temperature": float(label_temperature)}
-        embed_dim = int(image_encoder.embed_dim) + (int(label_dim) if self.labels is not None else 0)
-        hidden = int(lm.hidden_size)
+        embed_dim, hidden = int(image_encoder.embed_dim), int(lm.hidden_size)
         if mapper == "transformer" and hidden % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the LM width {hidden}")
         self.prefix_length, self.mapper_kind = int(prefix_length), mapper
@@ -137,23 +122,18 @@ class ClipCap(CaptioningAdapter):
     def config(self) -> dict[str, Any]:
         return {"prefix_length": self.prefix_length, "mapper": self.mapper_kind,
                 "clip_length": self.clip_length, "num_layers": self.num_layers,
-                "num_heads": self.num_heads, **self.label_settings,
-                "max_caption_tokens": self.max_caption_tokens}
+                "num_heads": self.num_heads, "max_caption_tokens": self.max_caption_tokens}
 
     def backbone_dims(self) -> dict[str, int]:
         return {"image_embed_dim": int(self.image_encoder.embed_dim),
                 "lm_hidden_size": int(self.lm.hidden_size)}
 
     def prefix(self, image_emb: Tensor) -> Tensor:
-        """Prefix embeddings ``(B, L, H)`` of image embeddings ``(B, d)`` (L2-normalised first; with
-        label inputs, the unit label view is concatenated and the pair normalised again)."""
+        """Prefix embeddings ``(B, L, H)`` of image embeddings ``(B, d)`` (L2-normalised first)."""
         if image_emb.dim() != 2 or image_emb.shape[1] != self.image_encoder.embed_dim:
             raise ValueError(f"ClipCap takes pooled image embeddings (B, {self.image_encoder.embed_dim}), "
                              f"got {tuple(image_emb.shape)}")
-        x = l2_normalize(image_emb.to(self.device).float())
-        if self.labels is not None:
-            x = l2_normalize(torch.cat([x, self.labels(x)], dim=1))
-        return self.mapper(x)
+        return self.mapper(l2_normalize(image_emb.to(self.device)))
 
     def caption_logits(self, features: Tensor, texts: list[str],
                        prompts: Any = None) -> tuple[Tensor, Tensor]:

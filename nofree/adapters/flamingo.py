@@ -45,9 +45,7 @@ from torch import Tensor, nn
 
 from nofree.adapters.base import find_layers
 from nofree.adapters.captioning import DECODING, CaptioningAdapter
-from nofree.adapters.label_input import label_input
 from nofree.adapters.losses import caption_batch
-from nofree.anchors.labels import LABEL_DEFAULTS
 from nofree.lm.hf import left_pad
 
 
@@ -109,11 +107,8 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: Tensor, extra: Tensor | None = None) -> Tensor:
-        """``extra`` ``(B, k, dim)``: tokens already in the latent width, read beside the grid."""
+    def forward(self, tokens: Tensor) -> Tensor:
         media = self.proj(tokens)
-        if extra is not None:
-            media = torch.cat([media, extra], dim=1)
         x = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for attn, ff in self.layers:
             x = self.drop(attn(media, x)) + x
@@ -185,10 +180,7 @@ class Flamingo(CaptioningAdapter):
     (learning-rate multiplier of the tanh gates in training), ``gate_init`` and
     ``scale_to_residual`` (see :class:`GatedCrossAttentionBlock`; ``gate_init=0``,
     ``scale_to_residual=False`` is the paper's block), ``dropout`` (on every residual branch of the
-    resampler and the blocks, in training only), ``label_encoder`` / ``label_dim`` /
-    ``label_temperature`` (the label view of the pooled grid,
-    :class:`~nofree.adapters.label_input.LabelInput`, projected to one more token the resampler
-    reads beside the grid; empty ``label_encoder``: off). The adapter runs on
+    resampler and the blocks, in training only). The adapter runs on
     the LM's device and attaches inert forward pre-hooks to the LM's decoder layers
     (:meth:`detach` removes them).
     """
@@ -201,7 +193,7 @@ class Flamingo(CaptioningAdapter):
     decoding = {**DECODING, "beams": 3}
     config_limits = {"num_latents": (1, 4096), "resampler_depth": (1, 64), "heads": (1, 256),
                      "dim_head": (1, 4096), "ff_mult": (1, 64), "xattn_every": (1, 10**6),
-                     "max_caption_tokens": (1, 8192), "label_dim": (0, 65536)}
+                     "max_caption_tokens": (1, 8192)}
     # Settings a saved config may lack (written before they existed), with the value that
     # reproduces how such an adapter was trained.
     absent_config = {"gate_init": 0.0, "scale_to_residual": False, "dropout": 0.0}
@@ -211,16 +203,13 @@ class Flamingo(CaptioningAdapter):
         h, t = dims.get("lm_hidden_size", 0), dims.get("image_token_dim", 0)
         layer = 4 * h * config["heads"] * config["dim_head"] + 2 * config["ff_mult"] * h * h  # attn + ff
         blocks = -(-dims.get("lm_num_layers", 0) // config["xattn_every"])
-        labels = (config.get("label_dim", 0) + 1) * h if config.get("label_encoder") else 0
-        return t * h + config["num_latents"] * h + (config["resampler_depth"] + blocks) * layer + labels
+        return t * h + config["num_latents"] * h + (config["resampler_depth"] + blocks) * layer
 
     def __init__(self, image_encoder: Any, lm: Any, *, num_latents: int = 32,
                  resampler_depth: int = 2, heads: int = 8, dim_head: int = 64, ff_mult: int = 2,
                  xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
                  gate_init: float = 0.5, scale_to_residual: bool = True, dropout: float = 0.0,
-                 label_encoder: str = "", label_dim: int = 0,
-                 label_temperature: float = LABEL_DEFAULTS["temperature"], max_caption_tokens: int = 40,
-                 device: str | torch.device | None = None) -> None:
+                 max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         super().__init__(image_encoder, lm, max_caption_tokens=max_caption_tokens, device=device)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -234,11 +223,7 @@ class Flamingo(CaptioningAdapter):
                         "heads": int(heads), "dim_head": int(dim_head), "ff_mult": int(ff_mult),
                         "xattn_every": int(xattn_every), "prompt": str(prompt),
                         "gate_lr_scale": float(gate_lr_scale), "gate_init": float(gate_init),
-                        "scale_to_residual": bool(scale_to_residual), "dropout": float(dropout),
-                        "label_encoder": str(label_encoder), "label_dim": int(label_dim),
-                        "label_temperature": float(label_temperature)}
-        self.labels = label_input(image_encoder, label_encoder, label_dim, label_temperature)
-        self.label_proj = nn.Linear(int(label_dim), hidden) if self.labels is not None else None
+                        "scale_to_residual": bool(scale_to_residual), "dropout": float(dropout)}
         self.resampler = PerceiverResampler(int(image_encoder.token_dim), hidden,
                                             num_latents=int(num_latents), depth=int(resampler_depth),
                                             heads=int(heads), dim_head=int(dim_head), ff_mult=int(ff_mult),
@@ -290,11 +275,7 @@ class Flamingo(CaptioningAdapter):
         if tokens.dim() != 3 or tokens.shape[-1] != self.image_encoder.token_dim:
             raise ValueError(f"Flamingo takes image token grids (B, T, {self.image_encoder.token_dim}) "
                              f"from encode_tokens, got {tuple(tokens.shape)}")
-        tokens = tokens.to(self.device, torch.float32)
-        extra = None
-        if self.labels is not None:  # the encoder's pooled embedding is the grid's mean
-            extra = self.label_proj(self.labels(tokens.mean(dim=1))).unsqueeze(1)
-        return self.resampler(tokens, extra)
+        return self.resampler(tokens.to(self.device, torch.float32))
 
     @contextmanager
     def attending(self, latents: Tensor) -> Iterator[None]:

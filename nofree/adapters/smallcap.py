@@ -34,7 +34,6 @@ from torch import Tensor
 from nofree.adapters.captioning import DECODING, AdapterCaptioner
 from nofree.adapters.flamingo import Flamingo
 from nofree.adapters.recipes import RECIPES, recipe_epochs
-from nofree.anchors.labels import LABEL_DEFAULTS
 from nofree.core import DataError, Option, OptionError, SpecError, clean_caption
 from nofree.data.pool import duplicate_key, example_windows
 
@@ -71,9 +70,7 @@ class SmallCap(Flamingo):
                  num_latents: int = 32, resampler_depth: int = 2, heads: int = 8, dim_head: int = 64,
                  ff_mult: int = 2, xattn_every: int = 5, prompt: str = "", gate_lr_scale: float = 1.0,
                  gate_init: float = 0.5, scale_to_residual: bool = True, dropout: float = 0.0,
-                 label_encoder: str = "", label_dim: int = 0,
-                 label_temperature: float = LABEL_DEFAULTS["temperature"], max_caption_tokens: int = 40,
-                 device: str | torch.device | None = None) -> None:
+                 max_caption_tokens: int = 40, device: str | torch.device | None = None) -> None:
         if int(examples) < 1:
             raise ValueError(f"examples must be >= 1, got {examples!r}")
         if "{examples}" not in template:
@@ -81,8 +78,7 @@ class SmallCap(Flamingo):
         super().__init__(image_encoder, lm, num_latents=num_latents, resampler_depth=resampler_depth,
                          heads=heads, dim_head=dim_head, ff_mult=ff_mult, xattn_every=xattn_every,
                          prompt=prompt, gate_lr_scale=gate_lr_scale, gate_init=gate_init,
-                         scale_to_residual=scale_to_residual, dropout=dropout, label_encoder=label_encoder,
-                         label_dim=label_dim, label_temperature=label_temperature,
+                         scale_to_residual=scale_to_residual, dropout=dropout,
                          max_caption_tokens=max_caption_tokens, device=device)
         self.hparams.update(examples=int(examples), template=str(template))
         object.__setattr__(self, "anchors", None)

@@ -31,9 +31,13 @@ from nofree.adapters.recipes import RECIPES, recipe_epochs
 from nofree.adapters.checkpoint import (CURVE_FILE, OPTIMIZER_FILE, STATE_DIR, STATE_FILE, _read_state,
                                         _restore_optimizer, _restore_rng, _save_checkpoint, check_out_dir,
                                         save_loss_curve)
-from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Pair, resolve_device
+from nofree.core import DataError, Pair, resolve_device
 
 log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_ENCODER = "embedded:effnet-lite0"
+DEFAULT_TEXT_ENCODER = "embedded:minilm-l6"
+DEFAULT_LM = "embedded:smollm2-135m"
 
 
 # --- examples ---------------------------------------------------------------------------------
@@ -446,26 +450,6 @@ def load_splits(pairs_path: str | Path, train_split: str,
     return train_pairs, val_pairs
 
 
-def with_label_inputs(image_encoder: Any, hparams: dict[str, Any],
-                      device: Any = None) -> tuple[dict[str, Any], Any]:
-    """``(hparams, text_encoder)``: a captioning adapter's settings with its label inputs resolved
-    (:mod:`nofree.adapters.label_input`) and the text encoder that embeds the class names.
-
-    ``hparams["label_encoder"]``: a text encoder spec, ``"auto"`` (the label inputs with
-    :data:`~nofree.core.DEFAULT_TEXT_ENCODER` when the image encoder has a classifier head, none
-    otherwise) or empty (none); ``label_dim`` is set to that encoder's width."""
-    spec = hparams.get("label_encoder", "")
-    if spec == "auto":
-        head_of = getattr(image_encoder, "classifier_head", None)
-        spec = DEFAULT_TEXT_ENCODER if callable(head_of) and head_of() is not None else ""
-    if not spec:
-        return {**hparams, "label_encoder": ""} if "label_encoder" in hparams else hparams, None
-    from nofree.registry import load_encoder
-
-    names = load_encoder(spec, modality="text", device=device)
-    return {**hparams, "label_encoder": spec, "label_dim": int(names.embed_dim)}, names
-
-
 def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, str],
                      hparams: dict[str, Any], out: str | Path, epochs: int, batch_size: int,
                      lr: float, resume: bool = False, overwrite: bool = False,
@@ -486,11 +470,8 @@ def train_from_pairs(kind: str, pairs_path: str | Path, *, backbones: dict[str, 
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
     train_pairs, val_pairs = load_splits(pairs_path, train_split, val_split)
     loaded = {role: _load_backbone(role, spec, device) for role, spec in backbones.items()}
-    hparams, names = with_label_inputs(loaded["image_encoder"], hparams, device)
     torch.manual_seed(seed)
     adapter = adapter_class(kind)(**loaded, **hparams, device=device)
-    if names is not None:
-        adapter.labels.embed_label_names(names)
     return train_adapter(adapter, train_pairs, val_pairs=val_pairs, epochs=epochs,
                          batch_size=batch_size, lr=lr, out_dir=out, resume=resume,
                          overwrite=overwrite, seed=seed, progress=progress,
