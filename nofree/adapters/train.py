@@ -31,13 +31,9 @@ from nofree.adapters.recipes import RECIPES, recipe_epochs
 from nofree.adapters.checkpoint import (CURVE_FILE, OPTIMIZER_FILE, STATE_DIR, STATE_FILE, _read_state,
                                         _restore_optimizer, _restore_rng, _save_checkpoint, check_out_dir,
                                         save_loss_curve)
-from nofree.core import DataError, Pair, resolve_device
+from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Pair, resolve_device
 
 log = logging.getLogger(__name__)
-
-DEFAULT_IMAGE_ENCODER = "embedded:effnet-lite0"
-DEFAULT_TEXT_ENCODER = "embedded:minilm-l6"
-DEFAULT_LM = "embedded:smollm2-135m"
 
 
 # --- examples ---------------------------------------------------------------------------------
