@@ -102,8 +102,8 @@ def clean_pool_option(f):
     return click.option("--clean-pool/--raw-pool", "clean_pool", default=True, show_default=True,
                         help="Drop the caption pool's non-captions (refusals like 'I am unable to see "
                              "an image', task text, placeholders, links), lines under 2 or over 60 "
-                             "words, lines with a word typed twice ('with with') and repeats first, with one warning giving the counts; --raw-pool "
-                             "uses every line as it is.")(f)
+                             "words, lines with a word typed twice ('with with') and repeats first, "
+                             "with one warning giving the counts; --raw-pool uses every line as it is.")(f)
 
 
 def label_weight_option(f):

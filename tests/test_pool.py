@@ -34,7 +34,7 @@ NOT_CAPTIONS = {
     "empty": ["", "   "],
     "too_short": ["dog", "N/A", "...", "12 34"],
     "too_long": [" ".join(f"word{i}" for i in range(61))],
-    # typos of the bundled pool (first three, verbatim), then case, apostrophes and a repeated pair
+    # typos of the bundled pool (first three, verbatim), then case, apostrophes and mixed whitespace
     "stutter": ["a living room with with a couch and a table", "a a small bathroom with pink tile and trim",
                 "Cars are parked on the the street in front of the building.", "A A red bus.",
                 "a dog's dog's bowl on the floor", "The cat  \t cat sleeps"],
