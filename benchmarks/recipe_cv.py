@@ -221,6 +221,7 @@ def main(argv=None) -> dict:
     settings = {"kind": args.kind, "folds": args.folds, "epochs": args.epochs or recipe["epochs"],
                 "lr": args.lr or recipe["lr"], "batch_size": args.batch_size or recipe["batch_size"],
                 "augment": args.augment or recipe["augment"], "seed": args.seed}
+    # dropout is recorded only when set, so runs without it keep the settings earlier records hold
     hparams = ({"mapper": args.mapper, "prefix_length": args.prefix_length} if args.kind == "clipcap" else
                {"dropout": args.dropout} if args.kind == "flamingo" and args.dropout else {})
     settings["hparams"] = hparams

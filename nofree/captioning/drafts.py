@@ -22,10 +22,10 @@ from nofree.data.pool import example_windows  # noqa: F401  (re-exported: MAGIC'
 #: ``train`` (benchmarks/magic_quality.py, RESULTS.md): in-context examples from the caption pool;
 #: the LM writes 8 drafts (one per window of :func:`example_windows`), and the draft with the
 #: highest CIDEr-D against the image's 20 top retrieved captions is kept (``with_retrieved=True``
-#: also offers the retrieval caption itself as a candidate). Every β > 0 tried (the ASIF image term on partial sentences) and α = 0.1
-#: scored no better in CIDEr than α = β = 0, so the image reaches the LM through the retrieved
-#: examples; pass ``alpha=0.1, beta=2`` (the paper's values, :data:`MAGIC_PAPER`) to steer
-#: every step.
+#: also offers the retrieval caption itself as a candidate). No β > 0 tried (the ASIF image term
+#: on partial sentences) and no α = 0.1 scored measurably better in CIDEr than α = β = 0, so the
+#: image reaches the LM through the retrieved examples; pass ``alpha=0.1, beta=2`` (the paper's
+#: values, :data:`MAGIC_PAPER`) to steer every step.
 MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "examples": 4,
                   "examples_from": "pool", "drafts": 8, "consensus": 20, "with_retrieved": False,
                   "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
@@ -58,7 +58,7 @@ class MagicCaptioner:
     retrieval caption itself, and among more than one candidate the kept one has the highest
     CIDEr-D against the image's top ``consensus`` pool captions by ASIF similarity
     (:mod:`nofree.captioning.consensus`: minimum-Bayes-risk selection with retrieved captions as
-    pseudo-references). ``drafts=1, with_retrieved=False`` is one plain caption.
+    pseudo-references; a draft that loops or stutters is kept only when every candidate does). ``drafts=1, with_retrieved=False`` is one plain caption.
 
     ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
     with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.kernels.packing`; float32
