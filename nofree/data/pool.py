@@ -22,8 +22,8 @@ worker whose image did not load) can come back verbatim as a photo's caption.
   living room with with a couch", "a a small bathroom"): a typo that retrieval would return as
   it is and that an LM shown it as an example learns to copy. Words split by punctuation
   ("a computer, computer keyboard") are kept. The rule also drops the rare line where the
-  repeat is English ("turned on on a desk", "a coo coo clock"): 4 of the 32 lines it drops
-  from coco-mini's pool, a small price for a pool of thousands;
+  repeat is English ("turned on on a desk", "a coo coo clock"; the bundled pool's README counts
+  them), a small price for a pool of thousands;
 - ``duplicate``: equal to an earlier kept line up to case, runs of whitespace and trailing
   periods (the first one is kept).
 
