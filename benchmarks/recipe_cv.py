@@ -10,7 +10,8 @@ How the trained captioners' defaults are chosen without looking at ``val``: the 
 photos are shuffled once (seed 0) and cut into ``--folds`` folds of whole photos (the contiguous
 folds of :func:`benchmarks.folds.photo_folds`); for each fold an adapter is trained on the other
 folds' captions and writes one caption per held-out photo with each ``--decodings`` entry
-(``bBnN``: B beams, no word N-gram twice), scored against the photos' 5 captions with the CIDEr
+(``bBnN``: B beams, no word N-gram twice; ``kK``: the K best of the search, the one agreeing
+most with the others kept, as ``AdapterCaptioner(nbest=K)`` chooses), scored against the photos' 5 captions with the CIDEr
 of ``nofree eval``. The epochs are exact (the recipes' ``min_steps`` raise is not applied), so
 every fold trains ``epochs × ceil(captions / batch)`` steps. Frozen features (and the mirrored
 views) come from nofree's embedding cache, so the photos are encoded once for every fold and
@@ -26,7 +27,7 @@ bundled caption pool, cleaned. Its held-out photos are captioned by ``SmallCapCa
 that anchor set and pool; a decoding may add ``dD`` (D drafts, one per window of retrieved
 examples, MAGIC's windows), ``kK`` (each beam search's K best captions) and ``r`` (the retrieved
 caption joins the candidates), the candidates then chosen by the captioner's CIDEr-D consensus,
-e.g. ``b3n3k3`` or ``b1n3d3r``. ``--keep-adapters`` keeps each fold's adapter under
+e.g. ``b3n3k3`` or ``b1n3d3r``. ``--keep-adapters`` (any kind) keeps each fold's adapter under
 ``WORK/scratch``, and a rerun with the same settings decodes with it instead of training again.
 The baseline of every SmallCap fold is caption retrieval (``RetrievalCaptioner``, as ``nofree
 caption --method retrieval`` ranks: same anchor set, pool and cleaning, CIDEr-D consensus
@@ -88,10 +89,15 @@ def _parse_decoding(text: str, kind: str) -> dict:
                          "SmallCap only: D drafts, K best of each beam search, r the retrieved caption among "
                          "the candidates, C pseudo-references of the consensus), e.g. b1n3")
     options: dict = {"beams": int(match[1]), "no_repeat_ngram": int(match[2])}
+    if kind != "smallcap":
+        if match[3] is not None or match[5] or match[6] is not None:
+            raise SystemExit(f"--decodings: {text!r}: the suffixes dD (drafts), r (retrieved caption) and cC "
+                             f"(consensus) apply to --kind smallcap only, not {kind}; use bBnN[kK]")
+        nbest = int(match[4] or 1)
+        if not 1 <= nbest <= options["beams"]:
+            raise SystemExit(f"--decodings: {text!r}: K (n-best) must be between 1 and B (beams)")
+        return {**options, "nbest": nbest}
     if match[3] is not None or match[4] is not None or match[5] or match[6] is not None:
-        if kind != "smallcap":
-            raise SystemExit(f"--decodings: {text!r}: the suffixes dD (drafts), kK (n-best), r (retrieved "
-                             f"caption) and cC (consensus) apply to --kind smallcap only, not {kind}; use bBnN")
         drafts, nbest = int(match[3] or 1), int(match[4] or 1)
         consensus = int(match[6] or SMALLCAP_CONSENSUS)
         if drafts < 1 or consensus < 1 or not 1 <= nbest <= options["beams"]:
@@ -124,7 +130,7 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     from nofree.adapters.base import load_adapter
     from nofree.adapters.smallcap import ANCHORS_DIR, SmallCapCaptioner, retrieval_for, train_smallcap
     from nofree.anchors.anchor_set import AnchorSet
-    from nofree.captioning.retrieval import default_pool_path
+    from nofree.data.pool import default_pool_path
     from nofree.data.pairs import load_text_lines
 
     fitted = sorted(every.image_paths[row] for row in fit)
@@ -186,11 +192,63 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     return cell
 
 
+def adapter_fold(fit: list[int], held: list[int], *, fresh, every, settings: dict, scratch: Path, keep: bool,
+                 image_encoder, lm):
+    """``(adapter, record)``: a ClipCap or Flamingo-style adapter ``fresh()`` trained on the photos at
+    rows ``fit`` of ``every``, and the fold's record without decodings. With ``keep`` the adapter
+    stays in ``scratch`` and a later run with the same settings and photos loads it (for other
+    decodings) instead of training again; without, it is trained in a temporary folder."""
+    from nofree.adapters.base import load_adapter
+    from nofree.adapters.train import train_adapter
+
+    fitted = sorted(every.image_paths[row] for row in fit)
+    record = scratch / "fold.json"
+    kept = json.loads(record.read_text()) if keep and record.is_file() else None
+    if kept and kept["settings"] == settings and kept["photos"] == fitted:
+        adapter = load_adapter(scratch / "adapter", image_encoder=image_encoder, lm=lm)
+        return adapter, {**kept["cell"], "decodings": {}, "reused": True}
+    adapter = fresh()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as temporary:
+        if keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+        result = train_adapter(adapter, photo_subset(every, fit), epochs=settings["epochs"],
+                               batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"],
+                               out_dir=(scratch if keep else Path(temporary)) / "adapter", progress=False,
+                               precision="bf16", augment=settings["augment"])
+    cell = {"held_photos": len(held), "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
+            "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+    if keep:
+        write_json(record, {"settings": settings, "photos": fitted,
+                            "cell": {k: v for k, v in cell.items() if k != "decodings"}})
+    return adapter, cell
+
+
+def adapter_captions(adapter, features, decodings: dict) -> dict[str, list[str]]:
+    """Each decoding's captions of ``features`` by ``adapter`` (ClipCap or Flamingo-style), as
+    :class:`~nofree.adapters.captioning.AdapterCaptioner` writes them; decodings that differ only
+    in K share one beam search (its K best are the first K of its n best)."""
+    from nofree.adapters.captioning import AdapterCaptioner
+
+    searches: dict[tuple, list[str]] = {}
+    for name, options in decodings.items():
+        searches.setdefault((options["beams"], options["no_repeat_ngram"]), []).append(name)
+    out = {}
+    for (beams, no_repeat), names in searches.items():
+        returns = max(decodings[name]["nbest"] for name in names)
+        captioner = AdapterCaptioner(adapter, beams=beams, no_repeat_ngram=no_repeat, nbest=returns, max_tokens=30)
+        with torch.no_grad():
+            rows = captioner.nbest_captions(features, None, captioner.options, returns)
+        for name in names:
+            out[name] = captioner.most_agreeing([row[:decodings[name]["nbest"]] for row in rows])
+    return out
+
+
 def main(argv=None) -> dict:
     from nofree.adapters.base import _load_backbone, adapter_class
-    from nofree.adapters.train import prepare_examples, train_adapter
+    from nofree.adapters.train import prepare_examples
     from nofree.cache import EmbeddingCache
-    from nofree.core import clean_caption
     from nofree.data.pairs import load_pairs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -206,8 +264,8 @@ def main(argv=None) -> dict:
                         "resampler's residual branches)")
     parser.add_argument("--examples", type=int, default=4, help="SmallCap only: retrieved captions per prompt")
     parser.add_argument("--keep-adapters", action="store_true",
-                        help="SmallCap only: keep each fold's adapter under --work and reuse it on a rerun with "
-                             "the same settings (e.g. to try other --decodings)")
+                        help="keep each fold's adapter under --work and reuse it on a rerun with the same "
+                             "settings (e.g. to try other --decodings)")
     parser.add_argument("--decodings", nargs="+", default=["b1n3", "b3n3"],
                         help="bBnN; SmallCap also bBnNdD[r] (D drafts, r: the retrieved caption a candidate)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the folds use seed 0)")
@@ -260,21 +318,13 @@ def main(argv=None) -> dict:
                 keep=args.keep_adapters)}
             print(f"fold {fold} retrieval: CIDEr {100 * cell['retrieval']['cider']:.1f}", flush=True)
         else:
-            adapter = fresh()
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as scratch:
-                result = train_adapter(adapter, photo_subset(every, fit), epochs=settings["epochs"],
-                                       batch_size=settings["batch_size"], lr=settings["lr"], seed=args.seed,
-                                       out_dir=Path(scratch) / "adapter", progress=False,
-                                       precision="bf16", augment=settings["augment"])
-            cell = {"fold": fold, "held_photos": len(held), "steps": result.steps,
-                    "train_s": round(time.perf_counter() - start, 1),
-                    "train_loss": result.history[-1]["train_loss"], "decodings": {}}
-            for name, options in decodings.items():
-                with torch.no_grad():
-                    captions = [clean_caption(c) for c in
-                                adapter.caption_features(every.image_features[held], max_tokens=30, **options)]
-                cell["decodings"][name] = scored(captions, [references[row] for row in held])
+            adapter, cell = adapter_fold(fit, held, fresh=fresh, every=every, settings=settings,
+                                         scratch=args.work / "scratch" / f"{args.kind}-fold{fold}",
+                                         keep=args.keep_adapters, image_encoder=image_encoder, lm=lm)
+            cell = {"fold": fold, **cell}
+            refs = [references[row] for row in held]
+            for name, captions in adapter_captions(adapter, every.image_features[held], decodings).items():
+                cell["decodings"][name] = scored(captions, refs)
         for name in decodings:
             print(f"fold {fold} {name}: CIDEr {100 * cell['decodings'][name]['cider']:.1f} "
                   f"({cell['train_s']:.0f} s training)", flush=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from nofree.captioning.consensus import consensus_rerank, consensus_scores
 from nofree.captioning.drafts import MAGIC_DEFAULTS, MAGIC_PAPER, PLAIN_PROMPT, MagicCaptioner, example_windows
 from nofree.captioning.factory import caption_paths, iter_caption_paths, load_captioner
-from nofree.captioning.retrieval import CONSENSUS_RERANK, RetrievalCaptioner, default_pool_path
+from nofree.captioning.retrieval import CONSENSUS_RERANK, RetrievalCaptioner
+from nofree.data.pool import default_pool_path
 from nofree.core import clean_caption
 
 __all__ = ["CONSENSUS_RERANK", "MAGIC_DEFAULTS", "MAGIC_PAPER", "PLAIN_PROMPT", "MagicCaptioner",

@@ -332,8 +332,9 @@ def _target_texts(target: Path) -> list[str]:
                    "examples; the one agreeing most with the retrieved captions is kept (default: MAGIC 8, "
                    "smallcap 2; 1: a single draft).")
 @click.option("--nbest", type=click.IntRange(min=1), default=None,
-              help="smallcap: keep each beam search's N best captions as candidates for the consensus "
-                   "choice (at most --beams; default 3, or --beams when that is smaller).")
+              help="Trained adapters: keep each beam search's N best captions as candidates and return "
+                   "the one agreeing most (CIDEr-D) with the others (clipcap, flamingo) or with the retrieved "
+                   "captions (smallcap); at most --beams; default: the tuned decoding.")
 @windows_option
 @click.option("--consensus", type=click.IntRange(min=1), default=None,
               help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "
@@ -400,7 +401,8 @@ def _lit_captioner(method, lit_dir, anchor_dir, scorer, pool, lm, device, option
 
         raise OptionError(Option("method", "retrieval"), " takes no ", *option_list(unused))
     from nofree.cache import EmbeddingCache
-    from nofree.captioning.retrieval import RetrievalCaptioner, default_pool_path
+    from nofree.captioning.retrieval import RetrievalCaptioner
+    from nofree.data.pool import default_pool_path
     from nofree.data.pairs import load_text_lines
     from nofree.scoring import load_scorer
 

@@ -118,6 +118,9 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
               help="Beam width of the trained captioners (default: their tuned decoding).")
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
               help="Trained captioners: no token n-gram of this size twice in a caption (0: off).")
+@click.option("--nbest", type=click.IntRange(min=1), default=None,
+              help="Trained captioners: keep the beam search's N best captions and choose among them by "
+                   "consensus (at most --beams; default: their tuned decoding).")
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (saves ~10 s a method).")
 @click.option("--baseline", type=click.Choice(["retrieval", "magic", "magic-lit", "clipcap", "flamingo", "smallcap"]),
               default=None, help="Captioning method the others' CIDEr is compared to, with a paired bootstrap "
@@ -129,7 +132,7 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, smallcap_dir, pool,
-                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, no_meteor, baseline, label_weight,
+                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, nbest, no_meteor, baseline, label_weight,
                  report_dir,
                  resume, overwrite, batch_size, device, clean_pool):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
@@ -144,8 +147,8 @@ def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipc
                         labels=load_labels(labels_file) if labels_file else None,
                         batch_size=batch_size, device=device, meteor=not no_meteor, baseline=baseline,
                         label_weight=label_weight,
-                        decoding={k: v for k, v in (("beams", beams), ("no_repeat_ngram", no_repeat_ngram))
-                                  if v is not None})
+                        decoding={k: v for k, v in (("beams", beams), ("no_repeat_ngram", no_repeat_ngram),
+                                                    ("nbest", nbest)) if v is not None})
     results = run_eval(config, methods or None, out_dir=report_dir, overwrite=overwrite, resume=resume,
                        samples=samples, echo=lambda line: click.echo(line, err=True))
     click.echo((report_dir / "results.md").read_text(encoding="utf-8"))

@@ -856,6 +856,26 @@ def test_adapter_captioner(gpt2, image_encoder, tmp_path):
     assert AdapterCaptioner(adapter, no_repeat_ngram=0).options["no_repeat_ngram"] == 0
 
 
+def test_adapter_captioner_nbest_returns_the_consensus_choice_of_the_beams(gpt2, image_encoder):
+    from nofree.adapters.captioning import pool_cider
+    from nofree.core import OptionError, clean_caption
+
+    adapter = _build("clipcap", gpt2, image_encoder)  # a random mapper: each image its own beams
+    features = image_encoder.encode(IMAGES[:3])
+    captioner = AdapterCaptioner(adapter, max_tokens=6, beams=4, nbest=4)
+    returned = adapter.caption_features(features, returns=4, **captioner.options)
+    got = captioner.caption(IMAGES[:3])
+    for row, caption in enumerate(got):
+        candidates = [clean_caption(t) for t in returned[4 * row:4 * row + 4]]
+        assert caption == candidates[pool_cider().choose(candidates)]
+    # nbest 1 is the search's best; a default n-best follows a narrower beam; a larger one is an error
+    assert AdapterCaptioner(adapter, max_tokens=6, beams=4, nbest=1).caption(IMAGES[:3]) == \
+        [clean_caption(t) for t in returned[::4]]
+    assert AdapterCaptioner(adapter, beams=1).nbest == 1 == AdapterCaptioner(adapter).nbest
+    with pytest.raises(OptionError, match="beam width"):
+        AdapterCaptioner(adapter, beams=2, nbest=3)
+
+
 def test_adapter_captioner_cleans_captions(gpt2, image_encoder, monkeypatch):
     """A decoded "- a dog." (ClipCap often starts with a bullet) comes out as "A dog."."""
     adapter = _build("clipcap", gpt2, image_encoder)

@@ -36,6 +36,21 @@ def test_choice_follows_the_references_and_ignores_self_votes():
     assert cider.choose(["same words", "Same words."], ["same words here"]) == 0  # ties: first
 
 
+def test_agreement_is_minimum_bayes_risk_among_the_candidates():
+    cider = CiderD(DOCS)
+    candidates = ["a dog on the beach", "a man rides a red bike", "a brown dog on the beach",
+                  "a dog runs on the beach"]
+    scores = cider.agreement(candidates)
+    # each candidate against the three others, itself left out by position
+    assert scores[0] == pytest.approx(cider.score(candidates[0], candidates[1:]))
+    assert cider.choose(candidates) == max(range(4), key=lambda i: scores[i]) and cider.choose(candidates) != 1
+    # two candidates with the same words vote for each other: the pair outvotes two loners
+    assert cider.choose(["a red bike", "a dog on a beach", "A dog on a beach.", "a cat on a sofa"]) == 1
+    assert cider.agreement(["alone"]) == [0.0] and cider.choose(["alone"]) == 0
+    # the guard applies as with references
+    assert cider.choose(["A kitchen, a kitchen, a kitchen, a", "a kitchen", "a woman in a kitchen"]) != 0
+
+
 def test_a_looping_or_stuttering_candidate_is_chosen_only_when_all_are():
     cider = CiderD(DOCS)
     refs = ["a woman in a kitchen with a blender", "a kitchen with a person and a blender",

@@ -8,6 +8,7 @@ decoding through transformers' ``generate`` (greedy or beam search, with repetit
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from nofree.adapters.base import Adapter
 from nofree.adapters.losses import IGNORE_INDEX, next_token_loss
-from nofree.core import DataError, SpecError, clean_caption, resolve_device
+from nofree.core import DataError, Option, OptionError, SpecError, clean_caption, resolve_device
 from nofree.decoding.stopping import end_caption
 
 
@@ -266,13 +267,17 @@ class AdapterCaptioner:
     """:class:`nofree.core.Captioner` of a trained ClipCap or Flamingo-style adapter.
 
     ``image_encoder`` defaults to the adapter's own and must carry the spec it was trained with.
-    ``beams`` and ``no_repeat_ngram`` default to the adapter class's ``decoding``.
+    ``beams``, ``no_repeat_ngram`` and ``nbest`` default to the adapter class's ``decoding`` (a
+    default ``nbest`` is cut to a narrower ``beams``). ``nbest`` > 1 keeps the beam search's
+    ``nbest`` best captions and returns the one agreeing most with the others under CIDEr-D
+    (minimum-Bayes-risk selection, :meth:`nofree.eval.cider_d.CiderD.agreement`; n-gram
+    weights from the bundled caption pool); 1 returns the search's best.
     ``caption(images)`` takes PIL images or image paths and returns one string per image, tidied
     by :func:`nofree.core.clean_caption` (first line, no leading bullet or quotes, capitalised).
     """
 
     def __init__(self, adapter: CaptioningAdapter, image_encoder: Any = None, *,
-                 beams: int | None = None, no_repeat_ngram: int | None = None,
+                 beams: int | None = None, no_repeat_ngram: int | None = None, nbest: int | None = None,
                  max_tokens: int = 30, batch_size: int = 16, stop_at_period: bool = True) -> None:
         if not isinstance(adapter, CaptioningAdapter):
             raise TypeError(f"AdapterCaptioner needs a captioning adapter (ClipCap, Flamingo), "
@@ -284,8 +289,14 @@ class AdapterCaptioner:
         self.image_encoder = image_encoder or adapter.image_encoder
         beams = adapter.decoding["beams"] if beams is None else beams
         no_repeat_ngram = adapter.decoding["no_repeat_ngram"] if no_repeat_ngram is None else no_repeat_ngram
+        if nbest is None:  # a default n-best follows a narrower beam given by the caller
+            nbest = min(int(adapter.decoding.get("nbest", 1)), beams)
+        if not 1 <= nbest <= beams:
+            raise OptionError(Option("nbest", nbest), " must be between 1 and the beam width, ",
+                              Option("beams", beams), ": lower the first or raise the second")
         self.options = {"beams": beams, "no_repeat_ngram": no_repeat_ngram, "max_tokens": max_tokens,
                         "stop_at_period": stop_at_period}
+        self.nbest = int(nbest)
         self.batch_size = batch_size
 
     def caption(self, images: Sequence[Any], **kw: Any) -> list[str]:
@@ -305,13 +316,38 @@ class AdapterCaptioner:
 
     def caption_chunk(self, images: Sequence[Any], features: Tensor, options: dict[str, Any]) -> list[str]:
         """Tidied captions of one chunk of loaded ``images`` and their ``features``, decoded with
-        ``options`` (keywords of :meth:`CaptioningAdapter.generate`)."""
-        return [clean_caption(text) for text in
-                self.adapter.caption_features(features, prompts=self.prompts(images), **options)]
+        ``options`` (keywords of :meth:`CaptioningAdapter.generate`): the search's best, or with
+        ``nbest`` > 1 the consensus choice among its n best."""
+        returns = min(self.nbest, options["beams"])
+        return self.most_agreeing(self.nbest_captions(features, self.prompts(images), options, returns))
+
+    def nbest_captions(self, features: Tensor, prompts: Sequence[str] | None, options: dict[str, Any],
+                       returns: int) -> list[list[str]]:
+        """Each image's ``returns`` best captions of the beam search (tidied), best first."""
+        texts = [clean_caption(text) for text in
+                 self.adapter.caption_features(features, prompts=prompts, returns=returns, **options)]
+        return [texts[at:at + returns] for at in range(0, len(texts), returns)]
+
+    @staticmethod
+    def most_agreeing(rows: Sequence[Sequence[str]]) -> list[str]:
+        """Per image, the candidate agreeing most with the others (CIDEr-D; the only one if alone)."""
+        return [row[0] if len(row) == 1 else row[pool_cider().choose(row)] for row in rows]
 
     def prompts(self, images: Sequence[Any]) -> list[str] | None:
         """The text each image's caption follows, for adapters that read one (none here)."""
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def pool_cider() -> Any:
+    """:class:`~nofree.eval.cider_d.CiderD` with n-gram weights from the bundled caption
+    pool (built once per process): a fixed collection, so an image's choice never depends on the
+    other images of its batch."""
+    from nofree.data.pairs import load_text_lines
+    from nofree.data.pool import default_pool_path
+    from nofree.eval.cider_d import CiderD
+
+    return CiderD(load_text_lines(default_pool_path()))
 
 
 def _as_image(image: Any) -> Any:

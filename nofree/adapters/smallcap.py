@@ -265,7 +265,7 @@ class SmallCapCaptioner(AdapterCaptioner):
                     cache: Any = None, clean_pool: bool = True, **kw: Any) -> "SmallCapCaptioner":
         """Like :meth:`from_pretrained` for an adapter already loaded from ``directory``."""
         from nofree.anchors.anchor_set import AnchorSet
-        from nofree.captioning.retrieval import default_pool_path
+        from nofree.data.pool import default_pool_path
         from nofree.data.pairs import load_text_lines
         from nofree.registry import load_encoder
 
@@ -335,7 +335,7 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     from nofree.adapters.train import _check_positive, load_splits, prepare_examples, train_adapter
     from nofree.anchors.anchor_set import AnchorSet
     from nofree.cache import EmbeddingCache
-    from nofree.captioning.retrieval import default_pool_path
+    from nofree.data.pool import default_pool_path
     from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
     from nofree.data.pairs import load_text_lines
     from nofree.registry import load_encoder

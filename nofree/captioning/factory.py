@@ -11,16 +11,17 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 from nofree.captioning.drafts import MagicCaptioner
-from nofree.captioning.retrieval import RetrievalCaptioner, default_pool_path
+from nofree.captioning.retrieval import RetrievalCaptioner
+from nofree.data.pool import default_pool_path
 from nofree.core import DataError, Option, OptionError, option_list
 
 #: Spec forms of a CLIP-like scorer, for the messages that suggest one.
 _CLIP_LIKE = "open_clip:ARCH@TAG, hf-clip:NAME, local:DIR, lit:DIR"
 #: The decoding options of a trained adapter's captioner, and its parameter for each.
-_ADAPTER_DECODING = {"max_new_tokens": "max_tokens", "beams": "beams", "no_repeat_ngram": "no_repeat_ngram"}
-#: A SmallCap captioner's further options: several candidates, one kept by consensus.
-_SMALLCAP_CANDIDATES = {"drafts": "drafts", "nbest": "nbest", "consensus": "consensus",
-                        "with_retrieved": "with_retrieved"}
+_ADAPTER_DECODING = {"max_new_tokens": "max_tokens", "beams": "beams", "no_repeat_ngram": "no_repeat_ngram",
+                     "nbest": "nbest"}
+#: A SmallCap captioner's further options: more candidates, one kept by consensus with retrieval.
+_SMALLCAP_CANDIDATES = {"drafts": "drafts", "consensus": "consensus", "with_retrieved": "with_retrieved"}
 
 
 def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = None, pool: Any = None,
@@ -34,7 +35,7 @@ def load_captioner(method: str, *, anchor_dir: Any = None, adapter_dir: Any = No
     with the anchor set), or a CLIP-like model or trained LiT, which ranks the pool itself
     (no anchor set) and steers with the paper's α, β unless ``options`` say otherwise.
     ``options``: the captioner's keyword arguments (MAGIC's, or a trained adapter's decoding:
-    ``max_new_tokens``, ``beams``, ``no_repeat_ngram``; SmallCap's also ``drafts``, ``nbest``,
+    ``max_new_tokens``, ``beams``, ``no_repeat_ngram``, ``nbest``; SmallCap's also ``drafts``,
     ``consensus`` and ``with_retrieved``). ``label_weight``: the label bridge's weight in the ASIF
     similarity over ``anchor_dir`` (:mod:`nofree.anchors.labels`; None: nofree's default).
     """

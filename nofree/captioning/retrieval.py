@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -23,14 +22,6 @@ from nofree.captioning.consensus import CiderD, consensus_scores
 from nofree.core import DataError, Option, OptionError, l2_normalize
 
 log = logging.getLogger(__name__)
-
-
-def default_pool_path() -> Path:
-    """The bundled caption pool: 24k COCO captions, none of them of a sample photo (cleaned by
-    :func:`nofree.data.pool.filter_pool`: no line of it is dropped)."""
-    from nofree import sample_dir
-
-    return sample_dir() / "caption_corpus.txt"
 
 
 #: How RetrievalCaptioner re-ranks its top candidates, and the default m for each (5-fold

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 #: Why a line is dropped, in the order the checks run.
@@ -115,6 +116,14 @@ class FilteredPool:
         total = len(self.captions) + self.n_dropped
         why = ", ".join(f"{reason} {n}" for reason, n in self.counts.items() if n)
         return f"dropped {self.n_dropped} of {total} lines" + (f" ({why})" if why else "")
+
+
+def default_pool_path() -> Path:
+    """The bundled caption pool: 24k COCO captions, none of them of a sample photo (cleaned by
+    :func:`filter_pool`: no line of it is dropped)."""
+    from nofree import sample_dir
+
+    return sample_dir() / "caption_corpus.txt"
 
 
 def caption_problem(text: str, *, min_words: int = MIN_WORDS, max_words: int = MAX_WORDS) -> str | None:

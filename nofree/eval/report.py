@@ -169,7 +169,7 @@ class _Context:
         return self._load(("pipeline",), build)
 
     def pool_path(self) -> Path:
-        from nofree.captioning.retrieval import default_pool_path
+        from nofree.data.pool import default_pool_path
 
         return Path(self.config.pool or default_pool_path())
 
@@ -350,7 +350,7 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     captions = _batched(captioner.caption, ctx.paths, ctx.config.batch_size, kind, ctx.progress)
     return {}, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
                 "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
-                **adapter.backbone_specs(), **adapter.config()}, captions
+                "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config()}, captions
 
 
 def _scorer_spec(config: EvalConfig) -> str:
