@@ -205,14 +205,15 @@ def _consensus_grid(folds, train, references, lm, tokens, *, smoke: bool) -> dic
     """CV of candidate sets chosen by CIDEr-D consensus: every window's caption is written once
     per photo, then each subset / pseudo-reference count / retrieval candidate is scored."""
     all_windows = WINDOW_SETS["8 windows"][:2 if smoke else None]
-    rows, refs_by_n, seconds = [], {n: [] for n in CONSENSUS_REFS}, 0.0
+    rows, ends, refs_by_n, seconds = [], [], {n: [] for n in CONSENSUS_REFS}, 0.0
     for held, pipeline, examples in folds:
         captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, windows=all_windows,
                                                  with_retrieved=True, alpha=0.0, beta=0.0, **tokens)
         start = time.perf_counter()
         for i in range(0, len(held), 8):
             emb = train.image_emb[held[i:i + 8]]
-            rows += captioner.candidates(emb)
+            candidates, finished = captioner.drafts(emb)
+            rows, ends = rows + candidates, ends + finished
             top = examples.top(emb, max(CONSENSUS_REFS))  # each n's references are a prefix
             for n in CONSENSUS_REFS:
                 refs_by_n[n] += [row[:n] for row in top]
@@ -225,9 +226,10 @@ def _consensus_grid(folds, train, references, lm, tokens, *, smoke: bool) -> dic
             for n in CONSENSUS_REFS:
                 start = time.perf_counter()
                 captions = []
-                for row, refs in zip(rows, refs_by_n[n]):
-                    cands = [row[c] for c in cols] + (row[-1:] if with_retrieved else [])
-                    captions.append(cands[cider.choose(cands, refs)])
+                for row, done, refs in zip(rows, ends, refs_by_n[n]):
+                    keep = cols + ([len(row) - 1] if with_retrieved else [])
+                    cut = [at for at, c in enumerate(keep) if not done[c]]  # passed over, as the captioner does
+                    captions.append(row[keep[cider.choose([row[c] for c in keep], refs, unfinished=cut)]])
                 options = dict(examples=4, source="pool", alpha=0.0, beta=0.0, consensus=n,
                                with_retrieved=with_retrieved)
                 if windows == WINDOW_SETS["8 windows"]:  # the schedule --drafts 8 writes
@@ -323,6 +325,19 @@ these two changes, same similarity, is in parentheses where it differs):
   it as a ninth candidate): the plain rule, the best cross-validated CIDEr, keeps it nofree's
   default (`MAGIC_DEFAULTS["with_retrieved"] = False`); the two differ by far less than the
   noise of 140 photos.
+- **Drafts cut at the 16-token limit are passed over** (measured after this run, 2026-12-07, by a
+  script making this module's calls on the same folds and drafts; the module's consensus grid
+  applies the rule from then on). 163 of the 1,120 cross-validation drafts ran to the limit and
+  ended mid-sentence, and the consensus choice kept 11 of them, rewarded by CIDEr-D for the
+  reference words they had listed ("A laptop, phone, keys, and a desk top with various items
+  that include"). Choosing among the drafts that ended by themselves (all, when none did) keeps
+  2 cut captions (photos whose every draft ran on) and changes 9: CIDEr 57.1 → 57.9 (paired over
+  the 140 photos +0.8, 95% interval −0.1 to +1.8; 7 better, 2 worse), BLEU-4 15.5 → 15.9; with the
+  retrieval caption as a ninth candidate 57.0 → 57.5. The replacements read as sentences ("A
+  child holding a banana, a close up of a child eating a banana," → "A close up of a child eating
+  a banana."; "A man riding a horse, followed by a dog, is a classic example of" → "A man riding
+  a horse followed by a dog."). The setting stays the chosen one; the gap to retrieval (63.8)
+  narrows to 5.9.
 - **The per-step image term does not help measurably** (3 pool examples, one draft: β = 0.1
   53.2 against 52.9 without it, 1.35 against 0.47 s per photo; the previous run: 52.1 against
   52.6; the paper's β = 2 on `val`: 19–20).

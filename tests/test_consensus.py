@@ -62,6 +62,10 @@ def test_a_looping_or_stuttering_candidate_is_chosen_only_when_all_are():
     assert cider.choose(["a woman in the the kitchen with a blender", plain], refs) == 1  # a stutter
     # when every candidate is faulty, the best score wins as before
     assert cider.choose([plain + " " + plain, run_on], refs) == 1
+    # a candidate cut at a length limit counts as faulty too
+    cut = "A woman in a kitchen with a"
+    assert cider.choose([cut, plain], refs) == 0 and cider.choose([cut, plain], refs, unfinished=[0]) == 1
+    assert cider.choose([cut, run_on], refs, unfinished=[0]) == 0  # the other one loops: scores decide
 
 
 def test_rare_ngrams_weigh_more_and_bad_input_is_clear():

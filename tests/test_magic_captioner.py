@@ -179,7 +179,9 @@ def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts, m
     assert single.caption_embeddings(image_emb) == [row[1] for row in candidates]  # one window, no choice
     refs = cap.pool.top(image_emb, 3)
     chosen = cap.caption_embeddings(image_emb)
-    assert chosen == [row[cap.pool.cider.choose(row, r)] for row, r in zip(candidates, refs)]
+    finished = cap.drafts(image_emb)[1]
+    assert chosen == [row[cap.pool.cider.choose(row, r, unfinished=[i for i, done in enumerate(ends) if not done])]
+                      for row, r, ends in zip(candidates, refs, finished)]
     assert [cap.caption_embeddings(image_emb[i:i + 1])[0] for i in range(3)] == chosen  # batch-independent
     import nofree.captioning.drafts
 
@@ -193,6 +195,28 @@ def test_windows_write_one_candidate_each_and_keep_the_consensus_choice(parts, m
     assert drafts.windows == example_windows(2, 3) == [(0, 2), (0, 1), (0, 3)]
     # the defaults offer the drafts only: one candidate per window, no retrieval caption
     assert [len(row) for row in drafts.candidates(image_emb)] == [3, 3, 3]
+
+
+def test_a_draft_cut_at_the_length_limit_is_passed_over(parts):
+    pipeline, lm = parts
+    image_emb = pipeline.encode_images([_img(4), _img(8), _img(1)])
+    cap = captioner(parts, examples_from="pool", pool=POOL, windows=[(0, 2), (1, 2)], consensus=3,
+                    with_retrieved=True)  # at most 5 new tokens
+    candidates, finished = cap.drafts(image_emb)
+    assert candidates == cap.candidates(image_emb) and [len(row) for row in finished] == [3, 3, 3]
+    assert all(row[-1] for row in finished)  # the retrieval caption is a whole caption
+    # the flags are the decoder's own stop reasons
+    from nofree.decoding.magic import greedy_search
+
+    prompts = [lm.tokenizer.encode(t, add_special_tokens=False) for t in cap.prompt_texts(image_emb, (0, 2))]
+    assert [row[0] for row in finished] == [stop != "length" for stop in
+                                            greedy_search(lm, prompts, max_new_tokens=5).stop]
+    cut = [(r, i) for r, ends in enumerate(finished) for i, done in enumerate(ends) if not done]
+    assert cut, "5 tokens should cut some draft of the tiny LM"
+    refs = cap.pool.top(image_emb, 3)
+    for row, ends, r, got in zip(candidates, finished, refs, cap.caption_embeddings(image_emb)):
+        sound = [c for c, done in zip(row, ends) if done]  # never empty: the retrieval caption
+        assert got == sound[cap.pool.cider.choose(sound, r)]
 
 
 def test_example_window_schedule():

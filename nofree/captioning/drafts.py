@@ -59,7 +59,9 @@ class MagicCaptioner:
     retrieval caption itself, and among more than one candidate the kept one has the highest
     CIDEr-D against the image's top ``consensus`` pool captions by ASIF similarity
     (:mod:`nofree.captioning.consensus`: minimum-Bayes-risk selection with retrieved captions as
-    pseudo-references; a draft that loops or stutters is kept only when every candidate does). ``drafts=1, with_retrieved=False`` is one plain caption.
+    pseudo-references; a draft that loops or stutters, or that ran to ``max_new_tokens`` and
+    stops mid-sentence, is kept only when every candidate does). ``drafts=1,
+    with_retrieved=False`` is one plain caption.
 
     ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
     with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.kernels.packing`; float32
@@ -181,7 +183,13 @@ class MagicCaptioner:
 
     def candidates(self, image_emb: Tensor) -> list[list[str]]:
         """Each image's candidate captions: one written per example window, then the retrieval
-        caption when ``with_retrieved`` (the best-ranked pool caption).
+        caption when ``with_retrieved`` (the best-ranked pool caption); see :meth:`drafts`."""
+        return self.drafts(image_emb)[0]
+
+    def drafts(self, image_emb: Tensor) -> tuple[list[list[str]], list[list[bool]]]:
+        """``(candidates, finished)``: each image's candidate captions as :meth:`candidates` says,
+        and for each whether it ended by itself (at eos or a period; the retrieval caption always
+        has) rather than at the ``max_new_tokens`` limit, cut mid-sentence.
 
         Greedy drafts (α = β = 0) of all windows decode together, at most :data:`DRAFT_ROWS` rows
         at a time (their KV cache: ~0.6 GB for SmolLM2); steered ones run window by window."""
@@ -189,6 +197,7 @@ class MagicCaptioner:
 
         ranked = self.example_captions(image_emb, max(a + n for a, n in self.windows))
         out: list[list[str]] = [[] for _ in range(len(image_emb))]
+        finished: list[list[bool]] = [[] for _ in range(len(image_emb))]
         prompts = [[self.lm.tokenizer.encode(t, add_special_tokens=False)
                     for t in self.prompt_texts(image_emb, window, ranked)] for window in self.windows]
         if self.alpha == 0 and self.beta == 0:
@@ -196,29 +205,37 @@ class MagicCaptioner:
             # of DRAFT_ROWS, whose prefill groups prompts by length and whose steps read the
             # weights once for all rows
             flat = [ids for window in prompts for ids in window]
-            texts = [text for start in range(0, len(flat), DRAFT_ROWS)
-                     for text in greedy_search(self.lm, flat[start:start + DRAFT_ROWS],
-                                               max_new_tokens=self.max_new_tokens).texts]
-            drafts = [texts[i:i + len(image_emb)] for i in range(0, len(texts), len(image_emb))]
+            runs = [greedy_search(self.lm, flat[start:start + DRAFT_ROWS], max_new_tokens=self.max_new_tokens)
+                    for start in range(0, len(flat), DRAFT_ROWS)]
+            texts = [text for run in runs for text in run.texts]
+            stops = [stop for run in runs for stop in run.stop]
+            drafts = [(texts[i:i + len(image_emb)], stops[i:i + len(image_emb)])
+                      for i in range(0, len(texts), len(image_emb))]
         else:
-            drafts = [magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
-                                   alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
-                                   trace=False).texts for prompt_ids in prompts]
-        for window_texts in drafts:
-            for row, text in zip(out, window_texts):
+            runs = [magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
+                                 alpha=self.alpha, beta=self.beta, max_new_tokens=self.max_new_tokens,
+                                 trace=False) for prompt_ids in prompts]
+            drafts = [(run.texts, run.stop) for run in runs]
+        for window_texts, window_stops in drafts:
+            for row, ends, text, stop in zip(out, finished, window_texts, window_stops):
                 row.append(clean_caption(text))
+                ends.append(stop != "length")
         if self.with_retrieved:
-            for row, examples in zip(out, ranked):
+            for row, ends, examples in zip(out, finished, ranked):
                 row.append(examples[0].strip())
-        return out
+                ends.append(True)
+        return out, finished
 
     def caption_embeddings(self, image_emb: Tensor) -> list[str]:
-        """Captions for images already embedded by the image encoder ``(B, Di)``."""
-        candidates = self.candidates(image_emb)
+        """Captions for images already embedded by the image encoder ``(B, Di)``: each image's
+        candidate agreeing most with its ``consensus`` top pool captions (CIDEr-D), passing over a
+        draft cut at the length limit while one that ended by itself is left."""
+        candidates, finished = self.drafts(image_emb)
         if all(len(row) == 1 for row in candidates):
             return [row[0] for row in candidates]
         references = self.pool.top(image_emb, self.consensus)
-        return [row[self.pool.cider.choose(row, refs)] for row, refs in zip(candidates, references)]
+        return [row[self.pool.cider.choose(row, refs, unfinished=[i for i, done in enumerate(ends) if not done])]
+                for row, refs, ends in zip(candidates, references, finished)]
 
     def caption(self, images: Sequence[Any], **_: Any) -> list[str]:
         """One caption per image (paths or PIL images)."""

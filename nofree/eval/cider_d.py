@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 __all__ = ["CiderD", "ngram_counts", "words"]
 
@@ -102,18 +102,20 @@ class CiderD:
             out.append(10.0 * sum(sims) / len(sims) if sims else 0.0)
         return out
 
-    def choose(self, candidates: Sequence[str], references: Sequence[str] | None = None) -> int:
+    def choose(self, candidates: Sequence[str], references: Sequence[str] | None = None, *,
+               unfinished: Collection[int] = ()) -> int:
         """Index of the candidate with the highest :meth:`scores` against ``references`` (or, when
         ``references`` is None, the highest :meth:`agreement` with the other candidates), the first
-        one on ties, among those that neither loop nor stutter
-        (:func:`nofree.eval.degeneration.degenerate`), or among all when every one does. CIDEr-D
-        clips repeated n-grams but still rewards a run-on draft for the many reference words it
-        lists ("A woman in a kitchen, a kitchen, a blender, a person, a"), so a fault the
-        evaluation counts is never preferred to a sound sentence."""
+        one on ties, among the sound ones, or among all when none is. A candidate is unsound when
+        it loops or stutters (:func:`nofree.eval.degeneration.degenerate`) or its index is in
+        ``unfinished`` (e.g. a draft cut at a length limit). CIDEr-D clips repeated n-grams but
+        still rewards a run-on draft for the many reference words it lists ("A woman in a
+        kitchen, a kitchen, a blender, a person, a"), and a cut draft for the words it got to, so
+        a fault the reader sees is never preferred to a sound sentence."""
         from nofree.eval.degeneration import degenerate
 
         if not candidates:
             raise ValueError("no candidate captions to choose from")
         scores = self.agreement(candidates) if references is None else self.scores(candidates, references)
-        sound = [i for i, text in enumerate(candidates) if not degenerate(text)] or range(len(candidates))
-        return max(sound, key=lambda i: (scores[i], -i))
+        sound = [i for i, text in enumerate(candidates) if i not in unfinished and not degenerate(text)]
+        return max(sound or range(len(candidates)), key=lambda i: (scores[i], -i))
