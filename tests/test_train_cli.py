@@ -45,6 +45,17 @@ def test_train_then_caption(tmp_path, backbones, method, monkeypatch):
                                  "--beams", "3", "--no-repeat-ngram", "2", "--format", "jsonl", *images])
     assert beams.exit_code == 0, beams.output
     assert len(beams.stdout.splitlines()) == 2
+    # --nbest: the consensus choice among the search's n best, exactly as the library makes it
+    nbest = runner.invoke(main, ["caption", "--method", method, "--adapter", str(out), "--max-tokens", "4",
+                                 "--beams", "3", "--nbest", "3", "--format", "jsonl", *images])
+    assert nbest.exit_code == 0, nbest.output
+    from nofree.adapters import AdapterCaptioner, load_adapter
+
+    library = AdapterCaptioner(load_adapter(out), max_tokens=4, beams=3, nbest=3).caption(images)
+    assert [json.loads(line)["caption"] for line in nbest.stdout.splitlines()] == library
+    too_many = runner.invoke(main, ["caption", "--method", method, "--adapter", str(out), "--beams", "2",
+                                    "--nbest", "3", images[0]])
+    assert too_many.exit_code == 2 and "--nbest 3 must be between 1 and the beam width, --beams 2" in too_many.output
 
     other = "flamingo" if method == "clipcap" else "clipcap"
     wrong = runner.invoke(main, ["caption", "--method", other, "--adapter", str(out), images[0]])
