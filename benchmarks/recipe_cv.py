@@ -132,8 +132,8 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     from nofree.adapters.base import load_adapter
     from nofree.adapters.smallcap import ANCHORS_DIR, SmallCapCaptioner, retrieval_for, train_smallcap
     from nofree.anchors.anchor_set import AnchorSet
-    from nofree.data.pool import default_pool_path
     from nofree.data.pairs import load_text_lines
+    from nofree.data.pool import default_pool_path
 
     fitted = sorted(every.image_paths[row] for row in fit)
     record = scratch / "fold.json"

@@ -402,8 +402,8 @@ def _lit_captioner(method, lit_dir, anchor_dir, scorer, pool, lm, device, option
         raise OptionError(Option("method", "retrieval"), " takes no ", *option_list(unused))
     from nofree.cache import EmbeddingCache
     from nofree.captioning.retrieval import RetrievalCaptioner
-    from nofree.data.pool import default_pool_path
     from nofree.data.pairs import load_text_lines
+    from nofree.data.pool import default_pool_path
     from nofree.scoring import load_scorer
 
     space = load_scorer(f"lit:{lit_dir}", device=device, cache=EmbeddingCache())

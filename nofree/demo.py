@@ -41,8 +41,8 @@ def run_demo(*, n_images: int = 4, device: str = "cpu", workdir: str | Path = "r
     from nofree.anchors.pipeline import AsifPipeline, top_k_rows
     from nofree.cache import EmbeddingCache
     from nofree.captioning.retrieval import RetrievalCaptioner
-    from nofree.data.pool import default_pool_path
     from nofree.data.pairs import load_pairs, load_text_lines
+    from nofree.data.pool import default_pool_path
 
     start = time.perf_counter()
     sample = sample_dir()

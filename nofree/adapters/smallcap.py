@@ -265,8 +265,8 @@ class SmallCapCaptioner(AdapterCaptioner):
                     cache: Any = None, clean_pool: bool = True, **kw: Any) -> "SmallCapCaptioner":
         """Like :meth:`from_pretrained` for an adapter already loaded from ``directory``."""
         from nofree.anchors.anchor_set import AnchorSet
-        from nofree.data.pool import default_pool_path
         from nofree.data.pairs import load_text_lines
+        from nofree.data.pool import default_pool_path
         from nofree.registry import load_encoder
 
         from nofree.hub import resolve_dir
@@ -335,9 +335,9 @@ def train_smallcap(pairs_path: str | Path, *, out: str | Path, image_encoder: st
     from nofree.adapters.train import _check_positive, load_splits, prepare_examples, train_adapter
     from nofree.anchors.anchor_set import AnchorSet
     from nofree.cache import EmbeddingCache
-    from nofree.data.pool import default_pool_path
     from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
     from nofree.data.pairs import load_text_lines
+    from nofree.data.pool import default_pool_path
     from nofree.registry import load_encoder
 
     check_out_dir(out, resume=resume, overwrite=overwrite,

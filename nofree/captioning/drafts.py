@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from nofree.captioning.retrieval import RetrievalCaptioner
-from nofree.data.pool import default_pool_path
 from nofree.core import DEFAULT_LM, DataError, Option, OptionError, clean_caption
+from nofree.data.pool import default_pool_path
 from nofree.data.pool import example_windows  # noqa: F401  (re-exported: MAGIC's draft windows)
 
 

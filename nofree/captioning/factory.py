@@ -12,8 +12,8 @@ from typing import Any, Iterator, Sequence
 
 from nofree.captioning.drafts import MagicCaptioner
 from nofree.captioning.retrieval import RetrievalCaptioner
-from nofree.data.pool import default_pool_path
 from nofree.core import DataError, Option, OptionError, option_list
+from nofree.data.pool import default_pool_path
 
 #: Spec forms of a CLIP-like scorer, for the messages that suggest one.
 _CLIP_LIKE = "open_clip:ARCH@TAG, hf-clip:NAME, local:DIR, lit:DIR"
