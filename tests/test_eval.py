@@ -1,6 +1,7 @@
 """`nofree eval`: every method on one split, one report; failures isolated; no leakage; resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -156,6 +157,25 @@ def test_resume_keeps_finished_methods_and_refuses_silent_overwrite(setup, tmp_p
     (out / "results.json").write_text(json.dumps(record))
     run_eval(_config(setup), ["asif"], out_dir=out, resume=True, progress=False)
     assert calls == [1, 1]
+
+
+def test_resume_reruns_a_trained_captioner_asked_to_decode_otherwise(setup, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    run_eval(_config(setup), ["clipcap"], out_dir=out, progress=False)
+    calls = []
+    original = report_module.RUNNERS["clipcap"]
+    monkeypatch.setitem(report_module.RUNNERS, "clipcap", lambda ctx: calls.append(1) or original(ctx))
+    run_eval(_config(setup), ["clipcap"], out_dir=out, resume=True, progress=False)
+    assert calls == []  # the same decoding: kept
+    record = run_eval(_config(setup, decoding={"beams": 2, "nbest": 2}), ["clipcap"], out_dir=out, resume=True,
+                      progress=False)
+    assert calls == [1] and (record["methods"]["clipcap"]["params"]["beams"],
+                             record["methods"]["clipcap"]["params"]["nbest"]) == (2, 2)
+    run_eval(_config(setup, decoding={"beams": 2, "nbest": 2}), ["clipcap"], out_dir=out, resume=True, progress=False)
+    assert calls == [1]
+    longer = dataclasses.replace(_config(setup, decoding={"beams": 2, "nbest": 2}), max_tokens=5)
+    run_eval(longer, ["clipcap"], out_dir=out, resume=True, progress=False)
+    assert calls == [1, 1]  # another token limit: decoded again
 
 
 def test_anchors_from_the_evaluation_split_are_refused(setup, tmp_path):

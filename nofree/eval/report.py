@@ -451,7 +451,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
         old = previous.get("methods", {}).get(name)
         if old and old.get("status") == "ok" and resume and old.get("images") == ctx.paths \
                 and (name != "magic" or old.get("params", {}).get("scorer") == scorer) \
-                and _same_asif(old, ctx):  # same scorer, same ASIF settings
+                and _same_asif(old, ctx) and _same_decoding(old, name, config):
             echo(f"{name}: kept from the previous run ({results_path})")
             results["methods"][name] = old
             continue
@@ -536,6 +536,17 @@ def _anchor_record(ctx: _Context) -> dict[str, Any] | None:
         return None
     return {"dir": str(ctx.anchor_dir()), **_asif_params(pipeline),
             "sources": pipeline.anchors.meta.get("sources", [])}
+
+
+def _same_decoding(old: dict, name: str, config: EvalConfig) -> bool:
+    """Whether a finished trained captioner's row decoded as ``config`` asks: its token limit and
+    every decoding option given (``--beams``, ``--no-repeat-ngram``, ``--nbest``) as recorded.
+    Other methods, and options left to the adapter's defaults, always match."""
+    if name not in ("clipcap", "flamingo", "smallcap"):
+        return True
+    params = old.get("params", {})
+    wanted = {"max_tokens": config.max_tokens, **config.decoding}
+    return all(params.get(key) == value for key, value in wanted.items())
 
 
 def _previous_results(path: Path, *, overwrite: bool, resume: bool) -> dict[str, Any]:
