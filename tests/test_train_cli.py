@@ -55,7 +55,7 @@ def test_train_then_caption(tmp_path, backbones, method, monkeypatch):
     assert [json.loads(line)["caption"] for line in nbest.stdout.splitlines()] == library
     too_many = runner.invoke(main, ["caption", "--method", method, "--adapter", str(out), "--beams", "2",
                                     "--nbest", "3", images[0]])
-    assert too_many.exit_code == 2 and "--nbest 3 must be between 1 and the beam width, --beams 2" in too_many.output
+    assert too_many.exit_code == 2 and "--nbest 3 cannot exceed the beam width, --beams 2" in too_many.output
 
     other = "flamingo" if method == "clipcap" else "clipcap"
     wrong = runner.invoke(main, ["caption", "--method", other, "--adapter", str(out), images[0]])

@@ -291,8 +291,10 @@ class AdapterCaptioner:
         no_repeat_ngram = adapter.decoding["no_repeat_ngram"] if no_repeat_ngram is None else no_repeat_ngram
         if nbest is None:  # a default n-best follows a narrower beam given by the caller
             nbest = min(int(adapter.decoding.get("nbest", 1)), beams)
-        if not 1 <= nbest <= beams:
-            raise OptionError(Option("nbest", nbest), " must be between 1 and the beam width, ",
+        if nbest < 1:
+            raise ValueError(f"nbest must be >= 1, got {nbest}")
+        if nbest > beams:
+            raise OptionError(Option("nbest", nbest), " cannot exceed the beam width, ",
                               Option("beams", beams), ": lower the first or raise the second")
         self.options = {"beams": beams, "no_repeat_ngram": no_repeat_ngram, "max_tokens": max_tokens,
                         "stop_at_period": stop_at_period}

@@ -175,7 +175,7 @@ def leave_out_prompts(adapter: SmallCap, retrieval_of: Any, image_paths: Sequenc
 
 
 #: SmallCapCaptioner's candidate options where neither the caller nor the adapter's ``decoding`` sets them.
-CANDIDATES = {"drafts": 1, "nbest": 1, "with_retrieved": False, "consensus": 20}
+CANDIDATES = {"drafts": 1, "with_retrieved": False, "consensus": 20}
 
 
 class SmallCapCaptioner(AdapterCaptioner):
@@ -191,28 +191,24 @@ class SmallCapCaptioner(AdapterCaptioner):
     image's ``consensus`` best pool captions is kept, the selection nofree's MAGIC defaults use
     (:mod:`nofree.captioning.consensus`). ``drafts=1, nbest=1`` without it is SmallCap's own
     decoding. Options left out take the adapter class's ``decoding`` (:attr:`SmallCap.decoding`),
-    then :data:`CANDIDATES`; a default ``nbest`` is cut to a narrower ``beams``.
+    then :data:`CANDIDATES`; ``nbest`` is :class:`AdapterCaptioner`'s (a default one is cut to a
+    narrower ``beams``).
     """
 
     def __init__(self, adapter: SmallCap, retrieval: Any, *, drafts: int | None = None, nbest: int | None = None,
                  with_retrieved: bool | None = None, consensus: int | None = None, **kw: Any) -> None:
-        super().__init__(adapter, **kw)
-        given = {"drafts": drafts, "nbest": nbest, "with_retrieved": with_retrieved, "consensus": consensus}
+        super().__init__(adapter, nbest=nbest, **kw)  # sets and checks self.nbest
+        given = {"drafts": drafts, "with_retrieved": with_retrieved, "consensus": consensus}
         chosen = {**CANDIDATES, **{k: v for k, v in adapter.decoding.items() if k in CANDIDATES},
                   **{k: v for k, v in given.items() if v is not None}}
-        drafts, nbest, with_retrieved, consensus = (chosen[k] for k in given)
-        if given["nbest"] is None:  # a default n-best follows a narrower beam given by the caller
-            nbest = min(nbest, self.options["beams"])
+        drafts, with_retrieved, consensus = (chosen[k] for k in given)
         if retrieval.pipeline.image_encoder.spec != adapter.image_encoder.spec:
             raise SpecError(f"the retrieval's image encoder {retrieval.pipeline.image_encoder.spec!r} "
                             f"is not the adapter's {adapter.image_encoder.spec!r}")
-        if drafts < 1 or nbest < 1 or consensus < 1:
-            raise ValueError(f"drafts, nbest and consensus must be >= 1, got {drafts}, {nbest} and {consensus}")
-        if nbest > self.options["beams"]:
-            raise OptionError(Option("nbest", nbest), " cannot exceed the beam width, ",
-                              Option("beams", self.options["beams"]), ": lower the first or raise the second")
+        if drafts < 1 or consensus < 1:
+            raise ValueError(f"drafts and consensus must be >= 1, got {drafts} and {consensus}")
         self.retrieval = retrieval
-        self.drafts, self.nbest, self.with_retrieved = int(drafts), int(nbest), bool(with_retrieved)
+        self.drafts, self.with_retrieved = int(drafts), bool(with_retrieved)
         self.consensus = int(consensus)
 
     def caption_chunk(self, images: Sequence[Any], features: Tensor, options: dict[str, Any]) -> list[str]:
