@@ -122,6 +122,28 @@ def scored(captions: list[str], references: list[list[str]], pool: set[str] | No
             **degeneration(captions), **copied, "captions": captions}
 
 
+def kept_fold(scratch: Path, settings: dict, photos: list[str]) -> dict | None:
+    """The record (without decodings) of the fold adapter a run with the same ``settings`` and
+    training ``photos`` kept in ``scratch`` (``--keep-adapters``), or None."""
+    record = scratch / "fold.json"
+    kept = json.loads(record.read_text()) if record.is_file() else None
+    if kept and kept["settings"] == settings and kept["photos"] == photos:
+        return {**kept["cell"], "decodings": {}, "reused": True}
+    return None
+
+
+def keep_fold(scratch: Path, settings: dict, photos: list[str], cell: dict) -> None:
+    """Record the fold adapter kept in ``scratch`` for :func:`kept_fold`."""
+    write_json(scratch / "fold.json", {"settings": settings, "photos": photos,
+                                       "cell": {k: v for k, v in cell.items() if k != "decodings"}})
+
+
+def trained_cell(held: list[int], result, start: float) -> dict:
+    """A fold's record after training (``result``: a TrainResult; ``start``: perf_counter before it)."""
+    return {"held_photos": len(held), "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
+            "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+
+
 def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, settings: dict, backbones: dict,
                   pool: Path | None, text_encoder, cache, decodings: dict, references: dict,
                   scratch: Path, keep: bool = False) -> dict:
@@ -136,10 +158,8 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
     from nofree.data.pool import default_pool_path
 
     fitted = sorted(every.image_paths[row] for row in fit)
-    record = scratch / "fold.json"
-    kept = json.loads(record.read_text()) if keep and record.is_file() else None
-    if kept and kept["settings"] == settings and kept["photos"] == fitted:
-        cell = {**kept["cell"], "decodings": {}, "reused": True}
+    cell = kept_fold(scratch, settings, fitted) if keep else None
+    if cell is not None:
         adapter = load_adapter(scratch / "adapter")
         adapter.attach_retrieval(AnchorSet.load(scratch / "adapter" / ANCHORS_DIR))  # the retrieval is built below
     else:
@@ -154,13 +174,10 @@ def smallcap_fold(fit: list[int], held: list[int], *, every, pairs_of: dict, set
                                 batch_size=settings["batch_size"], lr=settings["lr"],
                                 augment=settings["augment"], seed=settings["seed"], val_split=None,
                                 precision="bf16", overwrite=True, progress=False)
-        cell = {"held_photos": len(held), "steps": result.steps,
-                "train_s": round(time.perf_counter() - start, 1),
-                "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+        cell = trained_cell(held, result, start)
         adapter = result.adapter
         if keep:
-            write_json(record, {"settings": settings, "photos": fitted,
-                                "cell": {k: v for k, v in cell.items() if k != "decodings"}})
+            keep_fold(scratch, settings, fitted, cell)
     # the retrieval SmallCapCaptioner reads, as from_pretrained builds it: the fold's anchors, the pool
     retrieval = retrieval_for(adapter.anchors, adapter.image_encoder, text_encoder,
                               load_text_lines(pool or default_pool_path()), cache=cache)
@@ -204,11 +221,9 @@ def adapter_fold(fit: list[int], held: list[int], *, fresh, every, settings: dic
     from nofree.adapters.train import train_adapter
 
     fitted = sorted(every.image_paths[row] for row in fit)
-    record = scratch / "fold.json"
-    kept = json.loads(record.read_text()) if keep and record.is_file() else None
-    if kept and kept["settings"] == settings and kept["photos"] == fitted:
-        adapter = load_adapter(scratch / "adapter", image_encoder=image_encoder, lm=lm)
-        return adapter, {**kept["cell"], "decodings": {}, "reused": True}
+    kept = kept_fold(scratch, settings, fitted) if keep else None
+    if kept is not None:
+        return load_adapter(scratch / "adapter", image_encoder=image_encoder, lm=lm), kept
     adapter = fresh()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as temporary:
@@ -219,11 +234,9 @@ def adapter_fold(fit: list[int], held: list[int], *, fresh, every, settings: dic
                                batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"],
                                out_dir=(scratch if keep else Path(temporary)) / "adapter", progress=False,
                                precision="bf16", augment=settings["augment"])
-    cell = {"held_photos": len(held), "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
-            "train_loss": result.history[-1]["train_loss"], "decodings": {}}
+    cell = trained_cell(held, result, start)
     if keep:
-        write_json(record, {"settings": settings, "photos": fitted,
-                            "cell": {k: v for k, v in cell.items() if k != "decodings"}})
+        keep_fold(scratch, settings, fitted, cell)
     return adapter, cell
 
 
