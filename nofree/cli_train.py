@@ -127,7 +127,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
               "interval over the images (default: retrieval when it runs).")
 @label_weight_option
 @click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--resume", is_flag=True, help="Keep the finished methods of an earlier run in --report.")
+@click.option("--resume", is_flag=True, help="Keep the finished methods of an earlier run in --report whose "
+              "inputs (anchors, pool, adapter, settings) are unchanged; rerun the others.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --report.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

@@ -22,7 +22,7 @@ LAYERS = [
     ("frozen models", ["nofree.encoders", "nofree.lm", "nofree.registry"]),
     ("composition", ["nofree.anchors", "nofree.decoding", "nofree.scoring", "nofree.adapters"]),
     ("captioning", ["nofree.captioning", "nofree.captioners"]),
-    ("applications", ["nofree.eval.report", "nofree.demo", "nofree.sharing"]),
+    ("applications", ["nofree.eval.report", "nofree.eval.inputs", "nofree.demo", "nofree.sharing"]),
     ("front ends", ["nofree.cli", "nofree.cli_options", "nofree.cli_output", "nofree.cli_anchors",
                     "nofree.cli_cache", "nofree.cli_hub", "nofree.cli_train", "nofree.testing"]),
 ]

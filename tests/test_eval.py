@@ -152,11 +152,74 @@ def test_resume_keeps_finished_methods_and_refuses_silent_overwrite(setup, tmp_p
     assert calls == [1]
     # a finished method that compared through another ASIF (here: a label bridge) runs again
     record = json.loads((out / "results.json").read_text())
-    assert record["methods"]["asif"]["params"]["asif"]["label_weight"] == 0.0   # tiny encoder: no head
-    record["methods"]["asif"]["params"]["asif"]["label_weight"] = 2.0
+    assert record["methods"]["asif"]["inputs"]["asif"]["label_weight"] == 0.0   # tiny encoder: no head
+    record["methods"]["asif"]["inputs"]["asif"]["label_weight"] = 2.0
     (out / "results.json").write_text(json.dumps(record))
     run_eval(_config(setup), ["asif"], out_dir=out, resume=True, progress=False)
     assert calls == [1, 1]
+    # so does one recorded before rows recorded their inputs
+    record = json.loads((out / "results.json").read_text())
+    del record["methods"]["asif"]["inputs"]
+    (out / "results.json").write_text(json.dumps(record))
+    run_eval(_config(setup), ["asif"], out_dir=out, resume=True, progress=False)
+    assert calls == [1, 1, 1]
+
+
+def _count_runs(monkeypatch, *names):
+    calls = []
+    for name in names:
+        original = report_module.RUNNERS[name]
+        monkeypatch.setitem(report_module.RUNNERS, name,
+                            lambda ctx, name=name, original=original: calls.append(name) or original(ctx))
+    return calls
+
+
+def test_resume_reruns_rows_whose_inputs_changed(setup, tmp_path, monkeypatch):
+    """--resume keeps a row only for the same MAGIC options, caption pool, adapter and anchors:
+    changing any of them in place (same path, other content) reruns exactly the rows using it."""
+    import hashlib
+    import shutil
+
+    pool, clipcap, anchors = tmp_path / "pool.txt", tmp_path / "clipcap", tmp_path / "anchors"
+    shutil.copy(setup["pool"], pool)
+    shutil.copytree(setup["adapters"]["clipcap"], clipcap)
+    shutil.copytree(setup["anchors"], anchors)
+    config = dataclasses.replace(_config(setup), pool=pool, anchors=anchors,
+                                 adapters={**setup["adapters"], "clipcap": clipcap})
+    out, methods = tmp_path / "r", ["asif", "retrieval", "magic", "clipcap"]
+    run_eval(config, methods, out_dir=out, progress=False)
+    calls = _count_runs(monkeypatch, *methods)
+    run_eval(config, methods, out_dir=out, resume=True, progress=False)
+    assert calls == []
+    run_eval(dataclasses.replace(config, magic={**config.magic, "drafts": 2}), methods, out_dir=out,
+             resume=True, progress=False)
+    assert calls == ["magic"]
+    with pool.open("a") as f:
+        f.write("a bus in the rain\n")
+    run_eval(config, methods, out_dir=out, resume=True, progress=False)   # drafts back to the default
+    assert calls == ["magic", "retrieval", "magic"]
+    from nofree.adapters.base import load_tensors
+    from safetensors.torch import save_file
+
+    weights = load_tensors(clipcap / "adapter.safetensors")
+    save_file({k: v + 1e-3 for k, v in weights.items()}, str(clipcap / "adapter.safetensors"))
+    header = json.loads((clipcap / "config.json").read_text())
+    header["weights_sha256"] = hashlib.sha256((clipcap / "adapter.safetensors").read_bytes()).hexdigest()
+    (clipcap / "config.json").write_text(json.dumps(header))
+    (clipcap / "loss_curve.png").write_bytes(b"another plot")      # plots do not count
+    run_eval(config, methods, out_dir=out, resume=True, progress=False)
+    assert calls[3:] == ["clipcap"]
+    # a resumed run of some methods keeps the others' finished rows
+    assert list(run_eval(config, ["clipcap"], out_dir=out, resume=True, progress=False)["methods"]) == methods
+    run_eval(dataclasses.replace(config, anchors=setup["anchors"]), methods, out_dir=out, resume=True,
+             progress=False)
+    assert calls[4:] == []  # the same anchors in another folder
+    from nofree.anchors.anchor_set import AnchorSet
+
+    built = AnchorSet.load(anchors)
+    dataclasses.replace(built, image=built.image.flip(0)).save(anchors, overwrite=True)
+    run_eval(config, methods, out_dir=out, resume=True, progress=False)
+    assert calls[4:] == ["asif", "retrieval", "magic"]
 
 
 def test_resume_reruns_a_trained_captioner_asked_to_decode_otherwise(setup, tmp_path, monkeypatch):

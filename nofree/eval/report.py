@@ -15,9 +15,10 @@ the same metric code, so the table compares like with like. The report folder ho
   baseline with their intervals, retrieval R@K curves, and a grid of sample photos with each
   method's caption beside a reference.
 
-``results.json`` is rewritten after every method, so an interrupted run keeps what finished and
-``resume=True`` skips methods already done with the same settings. A method that raises is
-reported as failed and the others still run.
+``results.json`` is rewritten after every method, so an interrupted run keeps what finished.
+Each row records its inputs (:func:`nofree.eval.inputs.row_inputs`): ``resume=True`` keeps a finished row whose
+inputs are unchanged, runs it again otherwise, and keeps the finished rows of methods not asked
+for this time. A method that raises is reported as failed and the others still run.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Option, OptionError
+from nofree.eval.inputs import magic_options, row_inputs, scorer_spec
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +305,10 @@ def _eval_retrieval(ctx: _Context) -> tuple[dict, dict, list[str]]:
 
 
 def _magic(ctx: _Context, scorer_name: str) -> tuple[dict, dict, list[str]]:
-    from nofree.captioning.drafts import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
+    from nofree.captioning.drafts import MagicCaptioner
 
     pipeline = ctx.pipeline()
-    # "magic-lit" exists to steer with the LiT scorer: the paper's α, β on one draft (each steered
-    # draft costs ~10 greedy ones) unless told otherwise
-    steered = {**MAGIC_PAPER, "drafts": 1, "with_retrieved": False} if scorer_name == "lit" else {}
-    options = {**MAGIC_DEFAULTS, **steered, **ctx.config.magic}
+    options = magic_options(ctx.config, "magic-lit" if scorer_name == "lit" else "magic")
     # examples ranked by embedding consensus, as MAGIC's defaults were tuned (retrieval: CIDEr-D)
     pool = ctx.retrieval().with_consensus("embedding") \
         if options["examples"] and options["examples_from"] == "pool" else None
@@ -353,26 +352,19 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
                 "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config()}, captions
 
 
-def _scorer_spec(config: EvalConfig) -> str:
-    """The magic row's scorer spec, normalised (``asif`` when none is given)."""
-    from nofree.scoring import ASIF_SCORER, normalize_scorer_spec
-
-    return ASIF_SCORER if config.scorer is None else normalize_scorer_spec(config.scorer)
-
-
 def _magic_scored(ctx: _Context) -> tuple[dict, dict, list[str]]:
     """The magic row steered by ``config.scorer`` (a CLIP-like model or a LiT), whose own cosine
     ranks the pool (CLIPRe): no anchors; the paper's α, β unless ``config.magic`` says otherwise."""
     from nofree.cache import EmbeddingCache
-    from nofree.captioning.drafts import MAGIC_DEFAULTS, MAGIC_PAPER, MagicCaptioner
+    from nofree.captioning.drafts import MagicCaptioner
     from nofree.captioning.retrieval import RetrievalCaptioner
     from nofree.data.pairs import load_text_lines
     from nofree.scoring import load_scorer
 
-    spec = _scorer_spec(ctx.config)
+    spec = scorer_spec(ctx.config)
     space = ctx._load(("scorer", spec), lambda: load_scorer(spec, device=ctx.config.device,
                                                             cache=EmbeddingCache()))
-    options = {**MAGIC_DEFAULTS, **MAGIC_PAPER, **ctx.config.magic}
+    options = magic_options(ctx.config, "magic")
     pool = None
     if options["examples"] and options["examples_from"] == "pool":
         pool = ctx._load(("scorer-pool", spec), lambda: RetrievalCaptioner(
@@ -388,7 +380,7 @@ def _magic_scored(ctx: _Context) -> tuple[dict, dict, list[str]]:
 
 RUNNERS: dict[str, Callable[[_Context], tuple[dict, dict, Any]]] = {
     "asif": _eval_asif, "lit": _eval_lit, "retrieval": _eval_retrieval,
-    "magic": lambda ctx: _magic(ctx, "asif") if _scorer_spec(ctx.config) == "asif" else _magic_scored(ctx),
+    "magic": lambda ctx: _magic(ctx, "asif") if scorer_spec(ctx.config) == "asif" else _magic_scored(ctx),
     "magic-lit": lambda ctx: _magic(ctx, "lit"),
     "clipcap": lambda ctx: _eval_adapter(ctx, "clipcap"),
     "flamingo": lambda ctx: _eval_adapter(ctx, "flamingo"),
@@ -414,7 +406,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise DataError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    scorer = _scorer_spec(config)
+    scorer = scorer_spec(config)
     if scorer != "asif" and "magic" not in methods:
         raise OptionError(Option("scorer"), f" steers the magic row, which is not among the methods run "
                           f"({', '.join(methods)}): add ", Option("method", "magic"), ", or drop ",
@@ -449,18 +441,32 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
     }
     for name in methods:
         old = previous.get("methods", {}).get(name)
+        try:
+            inputs = row_inputs(ctx, name, METHODS[name])
+        except Exception:  # noqa: BLE001 - the method's own run reports the fault
+            log.debug("inputs of %s unreadable", name, exc_info=True)
+            inputs = None
         if old and old.get("status") == "ok" and resume and old.get("images") == ctx.paths \
-                and (name != "magic" or old.get("params", {}).get("scorer") == scorer) \
-                and _same_asif(old, ctx) and _same_decoding(old, name, config):
+                and inputs is not None and old.get("inputs") == inputs:
             echo(f"{name}: kept from the previous run ({results_path})")
             results["methods"][name] = old
             continue
         echo(f"{name}: {METHODS[name].label} ...")
-        results["methods"][name] = _run_method(ctx, name)
-        entry = results["methods"][name]
+        results["methods"][name] = entry = _run_method(ctx, name)
+        if inputs is not None:
+            entry["inputs"] = inputs
         echo(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
              + (f" ({entry['error']})" if entry["status"] == "failed" else ""))
         _write_json(results_path, results)
+    if resume:  # finished rows of methods not run this time stay in the report
+        kept = {name: old for name, old in previous.get("methods", {}).items()
+                if name in METHODS and name not in methods and old.get("images") == ctx.paths}
+        for name in kept:
+            echo(f"{name}: kept from the previous run ({results_path}; not run this time)")
+        done = {**kept, **results["methods"]}
+        results["methods"] = {name: done[name] for name in METHODS if name in done}
+        if baseline is None and "retrieval" in done:
+            results["baseline"] = baseline = "retrieval"
     results["anchors"] = _anchor_record(ctx)
     results["comparison"] = compare_report(results)
     _write_json(results_path, results)
@@ -520,33 +526,12 @@ def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
     return entry
 
 
-def _same_asif(old: dict[str, Any], ctx: _Context) -> bool:
-    """Whether a finished method of an earlier run compared through the ASIF this run would use
-    (its label bridge settings; methods that used no ASIF qualify)."""
-    recorded = old.get("params", {}).get("asif")
-    if recorded is None:
-        return True
-    settings = ctx.pipeline().label_settings
-    return all(recorded.get(key, 0.0 if key == "label_weight" else None) == value for key, value in settings.items())
-
-
 def _anchor_record(ctx: _Context) -> dict[str, Any] | None:
     pipeline = ctx._memo.get(("pipeline",))
     if pipeline is None:
         return None
     return {"dir": str(ctx.anchor_dir()), **_asif_params(pipeline),
             "sources": pipeline.anchors.meta.get("sources", [])}
-
-
-def _same_decoding(old: dict, name: str, config: EvalConfig) -> bool:
-    """Whether a finished trained captioner's row decoded as ``config`` asks: its token limit and
-    every decoding option given (``--beams``, ``--no-repeat-ngram``, ``--nbest``) as recorded.
-    Other methods, and options left to the adapter's defaults, always match."""
-    if name not in ("clipcap", "flamingo", "smallcap"):
-        return True
-    params = old.get("params", {})
-    wanted = {"max_tokens": config.max_tokens, **config.decoding}
-    return all(params.get(key) == value for key, value in wanted.items())
 
 
 def _previous_results(path: Path, *, overwrite: bool, resume: bool) -> dict[str, Any]:
