@@ -78,7 +78,7 @@ def test_greedy_shortcut_equals_magic_with_zero_weights(parts):
     image_emb = pipeline.encode_images([_img(1), _img(5)])
     ids = [lm.tokenizer.encode(t, add_special_tokens=False) for t in cap.prompt_texts(image_emb)]
     reference = magic_search(lm, cap.scorer, image_emb, prompt_ids=ids, k=4, alpha=0.0, beta=0.0,
-                             max_new_tokens=5, trace=False)
+                             max_new_tokens=5 + cap.finish_tokens, trace=False)
     assert cap.caption_embeddings(image_emb) == [clean_caption(t) for t in reference.texts]
     assert len(cap.caption([_img(1)])) == 1
 
@@ -209,14 +209,36 @@ def test_a_draft_cut_at_the_length_limit_is_passed_over(parts):
     from nofree.decoding.magic import greedy_search
 
     prompts = [lm.tokenizer.encode(t, add_special_tokens=False) for t in cap.prompt_texts(image_emb, (0, 2))]
-    assert [row[0] for row in finished] == [stop != "length" for stop in
-                                            greedy_search(lm, prompts, max_new_tokens=5).stop]
+    run = greedy_search(lm, prompts, max_new_tokens=5 + cap.finish_tokens)
+    assert [row[0] for row in finished] == [stop != "length" and len(ids) <= 5 for ids, stop in zip(run.ids, run.stop)]
     cut = [(r, i) for r, ends in enumerate(finished) for i, done in enumerate(ends) if not done]
     assert cut, "5 tokens should cut some draft of the tiny LM"
     refs = cap.pool.top(image_emb, 3)
     for row, ends, r, got in zip(candidates, finished, refs, cap.caption_embeddings(image_emb)):
         sound = [c for c, done in zip(row, ends) if done]  # never empty: the retrieval caption
         assert got == sound[cap.pool.cider.choose(sound, r)]
+
+
+def test_a_draft_running_past_the_limit_may_finish_its_sentence(parts):
+    """finish_tokens lets a long draft go on to the end of its sentence (its first max_new_tokens
+    tokens unchanged, the whole under max_new_tokens + finish_tokens); finish_tokens=0 cuts it.
+    The consensus sees the same drafts as cut either way."""
+    from nofree.decoding.magic import greedy_search
+
+    pipeline, lm = parts
+    image_emb = pipeline.encode_images([_img(4), _img(8), _img(1)])
+    options = dict(examples_from="pool", pool=POOL, windows=[(0, 2), (1, 2)], consensus=3)
+    short_cap, grown_cap = captioner(parts, finish_tokens=0, **options), captioner(parts, finish_tokens=6, **options)
+    (short, short_flags), (grown, flags) = short_cap.drafts(image_emb), grown_cap.drafts(image_emb)
+    assert flags == short_flags
+    prompts = [lm.tokenizer.encode(t, add_special_tokens=False) for t in grown_cap.prompt_texts(image_emb, (0, 2))]
+    cut, finishing = greedy_search(lm, prompts, max_new_tokens=5), greedy_search(lm, prompts, max_new_tokens=11)
+    assert [row[0] for row in short] == [clean_caption(t) for t in cut.texts]
+    assert [row[0] for row in grown] == [clean_caption(t) for t in finishing.texts]
+    assert all(long[:len(ids)] == ids for ids, long in zip(cut.ids, finishing.ids))
+    assert any(len(long) > 5 for long in finishing.ids), "the tiny LM's drafts should run on"
+    with pytest.raises(DataError, match="finish_tokens"):
+        captioner(parts, finish_tokens=-1)
 
 
 def test_example_window_schedule():
