@@ -29,8 +29,8 @@ import time
 import torch
 
 from benchmarks import write_json
-from benchmarks.asif_quality import Split, anchors_of, encode_split
-from benchmarks.folds import held_out_captions, photo_folds
+from benchmarks.asif_quality import Split, anchors_of, encode_split, fold_recalls
+from benchmarks.folds import photo_folds
 
 IMAGE_SPECS = ("embedded:effnet-lite0", "embedded:effnet-lite2")
 VIEWS = ("crop", "flip", "squash")
@@ -76,17 +76,11 @@ def cross_validate(split: Split, params: dict, anchors=anchors_of, folds: int = 
                    seed: int = 0) -> dict[str, float]:
     """Mean t2i and i2t R@1 over the folds (ASIF with ``params`` over nofree's defaults)."""
     from nofree.anchors.asif import ASIF, ASIF_DEFAULTS
-    from nofree.eval import retrieval_report
 
-    scores = {"t2i R@1": [], "i2t R@1": []}
-    for held, kept in photo_folds(len(split.pairs), folds, seed):
-        asif = ASIF(**{**ASIF_DEFAULTS, **params}).fit(anchors(split, kept))
-        mask, owner = held_out_captions(split.owner, held, len(split.pairs))
-        sim = torch.as_tensor(asif.similarity(split.image_emb[held], split.text_emb[mask]))
-        report = retrieval_report(sim, owner)
-        scores["t2i R@1"].append(report["t2i"]["R@1"])
-        scores["i2t R@1"].append(report["i2t"]["R@1"])
-    return {key: sum(v) / len(v) for key, v in scores.items()}
+    def variant(anchor_set):
+        asif = ASIF(**{**ASIF_DEFAULTS, **params}).fit(anchor_set)
+        return asif.similarity
+    return fold_recalls(split, variant, anchors=anchors, folds=folds, seed=seed)
 
 
 def retrieval_cider(split: Split, image_encoder, text_encoder, cache, pool, p: float, seed: int) -> float:

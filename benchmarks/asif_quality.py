@@ -112,19 +112,26 @@ def decap_variant(temperature: float = 30.0, center: bool = True):
     return fit
 
 
-def t2i_r1(sim_fn, image_emb, text_emb, owner) -> float:
-    return (sim_fn(image_emb, text_emb).argmax(0) == owner).float().mean().item()
+def fold_recalls(split: Split, variant, *, anchors=None, folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Mean text→image and image→text R@1 over ``folds`` splits of the photos: anchors from the
+    kept photos (``anchors(split, rows)``, default :func:`anchors_of`), ``variant(anchors)`` the
+    similarity function, queries the held-out photos and their captions (the round-robin folds of
+    :func:`benchmarks.folds.photo_folds`)."""
+    from nofree.eval import retrieval_report
+
+    scores: dict[str, list[float]] = {"t2i R@1": [], "i2t R@1": []}
+    for held, kept in photo_folds(len(split.pairs), folds, seed):
+        sim_fn = variant((anchors or anchors_of)(split, kept))
+        mask, owner = held_out_captions(split.owner, held, len(split.pairs))
+        report = retrieval_report(torch.as_tensor(sim_fn(split.image_emb[held], split.text_emb[mask])), owner)
+        for way in ("t2i", "i2t"):
+            scores[f"{way} R@1"].append(report[way]["R@1"])
+    return {key: sum(v) / len(v) for key, v in scores.items()}
 
 
 def cross_validate(train: Split, variant, folds: int = 5, seed: int = 0) -> float:
-    """Mean text→image R@1 over ``folds`` splits of the train photos (anchors vs queries; the
-    round-robin folds of :func:`benchmarks.folds.photo_folds`)."""
-    scores = []
-    for held, kept in photo_folds(len(train.pairs), folds, seed):
-        sim_fn = variant(anchors_of(train, kept))
-        mask, owner = held_out_captions(train.owner, held, len(train.pairs))
-        scores.append(t2i_r1(sim_fn, train.image_emb[held], train.text_emb[mask], owner))
-    return sum(scores) / len(scores)
+    """Mean text→image R@1 over ``folds`` splits of the train photos (:func:`fold_recalls`)."""
+    return fold_recalls(train, variant, folds=folds, seed=seed)["t2i R@1"]
 
 
 def evaluate(variant, caption_params: dict, train: Split, val: Split, pool, pool_emb,
