@@ -239,6 +239,11 @@ def test_a_draft_running_past_the_limit_may_finish_its_sentence(parts):
     assert any(len(long) > 5 for long in finishing.ids), "the tiny LM's drafts should run on"
     with pytest.raises(DataError, match="finish_tokens"):
         captioner(parts, finish_tokens=-1)
+    from click.testing import CliRunner
+    from nofree.captioning.drafts import MAGIC_DEFAULTS
+
+    help_text = " ".join(CliRunner().invoke(main, ["caption", "--help"]).output.split())
+    assert f"up to {MAGIC_DEFAULTS['finish_tokens']} more to end its sentence" in help_text
 
 
 def test_example_window_schedule():

@@ -64,9 +64,8 @@ class MagicCaptioner:
 
     A draft still going at ``max_new_tokens`` may take up to ``finish_tokens`` more to end its
     sentence, so that a caption that has to be kept (one draft, or every draft long) is not cut
-    mid-word ("… apples on a pl"); for the consensus choice it counts as cut all the same, so the
-    choice among drafts is the one ``max_new_tokens`` alone gives. Only the rows still going
-    decode the extra steps.
+    mid-word ("… apples on a pl"); the consensus choice still passes over it while a draft that
+    ended within ``max_new_tokens`` exists. Only the rows still going decode the extra steps.
 
     ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
     with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.kernels.packing`; float32
