@@ -315,8 +315,7 @@ def _target_texts(target: Path) -> list[str]:
               help="MAGIC: image-scorer weight (default 0 with ASIF, cross-validated on the sample; the "
                    "paper's 2 with a CLIP-like --scorer).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-              help="Most new tokens per caption (magic: a caption still going there may take up to 8 more "
-              "to end its sentence).")
+              help="Most new tokens per caption (magic: a caption cut there ends at its last whole word).")
 @click.option("--beams", type=click.IntRange(min=1), default=None,
               help="Beam width of a trained adapter's decoding (clipcap, flamingo, smallcap; default: its "
                    "cross-validated one, 3 beams for each).")

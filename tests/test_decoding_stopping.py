@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nofree.decoding.magic import greedy_search, magic_search
-from nofree.decoding.stopping import STOP_REASONS, add_token, end_caption
+from nofree.decoding.stopping import STOP_REASONS, add_token, end_caption, trim_cut
 from nofree.testing import tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +58,26 @@ def test_add_token_appends_in_place_and_names_the_reason():
                for token in ids(" a", " dog", "<eos>")]
     assert reasons == [None, None, "eos"] and caption == ids(" a", " dog")
     assert set(STOP_REASONS) == {"eos", "period", "length"}
+
+
+class PieceLM(WordLM):
+    PIECES = ["<eos>", "A", " plate", " of", " food", " with", " me", "at", ",", " and", " on", " a",
+              " pl", "ate", ".", " the"]
+
+
+@pytest.mark.parametrize("pieces, caption", [
+    (("A", " plate", " of", " food", " with", " me"), "A plate of food"),   # a dangling 'with' goes
+    (("A", " plate", " of", " food", " on", " a", " pl", "ate"), "A plate of food"),  # cut mid-word
+    (("A", " plate", " of", " food", ",", " and", " a", " plate"), "A plate of food"),  # ', and a'
+    (("A", " plate", " of", " food", " with", " me", "at"), "A plate of food"),   # 'me' + 'at': 'meat' was cut
+    (("A", " plate", " of", " food", " with", "."), "A plate of food with."),  # a period: a whole sentence
+    (("A", " plate", " of", " food", " pl", " plate"), "A plate of food pl"),  # 'pl' then a new word: kept
+    ((" the", " a", " on", " plate"), " the a on"),                        # never emptied
+    (("A", " plate"), "A plate"),                                          # no look-ahead: as written
+])
+def test_trim_cut_ends_a_cut_caption_at_its_last_whole_word(pieces, caption):
+    tokens = [PieceLM.PIECES.index(piece) for piece in pieces]
+    assert trim_cut(PieceLM(), tokens, limit=max(len(tokens) - 1, 2)) == caption
 
 
 @pytest.fixture(scope="module")

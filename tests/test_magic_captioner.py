@@ -74,11 +74,11 @@ def test_pool_examples_follow_the_retrieval_ranking(parts):
 
 def test_greedy_shortcut_equals_magic_with_zero_weights(parts):
     pipeline, lm = parts
-    cap = captioner(parts, examples=1, alpha=0.0, beta=0.0)
+    cap = captioner(parts, examples=1, alpha=0.0, beta=0.0, trim_cut=False)
     image_emb = pipeline.encode_images([_img(1), _img(5)])
     ids = [lm.tokenizer.encode(t, add_special_tokens=False) for t in cap.prompt_texts(image_emb)]
     reference = magic_search(lm, cap.scorer, image_emb, prompt_ids=ids, k=4, alpha=0.0, beta=0.0,
-                             max_new_tokens=5 + cap.finish_tokens, trace=False)
+                             max_new_tokens=5, trace=False)
     assert cap.caption_embeddings(image_emb) == [clean_caption(t) for t in reference.texts]
     assert len(cap.caption([_img(1)])) == 1
 
@@ -209,7 +209,7 @@ def test_a_draft_cut_at_the_length_limit_is_passed_over(parts):
     from nofree.decoding.magic import greedy_search
 
     prompts = [lm.tokenizer.encode(t, add_special_tokens=False) for t in cap.prompt_texts(image_emb, (0, 2))]
-    run = greedy_search(lm, prompts, max_new_tokens=5 + cap.finish_tokens)
+    run = greedy_search(lm, prompts, max_new_tokens=5 + cap.trim_cut)
     assert [row[0] for row in finished] == [stop != "length" and len(ids) <= 5 for ids, stop in zip(run.ids, run.stop)]
     cut = [(r, i) for r, ends in enumerate(finished) for i, done in enumerate(ends) if not done]
     assert cut, "5 tokens should cut some draft of the tiny LM"
@@ -219,31 +219,24 @@ def test_a_draft_cut_at_the_length_limit_is_passed_over(parts):
         assert got == sound[cap.pool.cider.choose(sound, r)]
 
 
-def test_a_draft_running_past_the_limit_may_finish_its_sentence(parts):
-    """finish_tokens lets a long draft go on to the end of its sentence (its first max_new_tokens
-    tokens unchanged, the whole under max_new_tokens + finish_tokens); finish_tokens=0 cuts it.
-    The consensus sees the same drafts as cut either way."""
+def test_a_draft_cut_at_the_limit_is_trimmed_to_its_last_whole_word(parts):
+    """trim_cut decodes one token of look-ahead and tidies the drafts the limit cut; the ones that
+    ended by themselves, and the consensus flags, are as without it; trim_cut=False cuts."""
     from nofree.decoding.magic import greedy_search
+    from nofree.decoding.stopping import trim_cut
 
     pipeline, lm = parts
     image_emb = pipeline.encode_images([_img(4), _img(8), _img(1)])
     options = dict(examples_from="pool", pool=POOL, windows=[(0, 2), (1, 2)], consensus=3)
-    short_cap, grown_cap = captioner(parts, finish_tokens=0, **options), captioner(parts, finish_tokens=6, **options)
-    (short, short_flags), (grown, flags) = short_cap.drafts(image_emb), grown_cap.drafts(image_emb)
-    assert flags == short_flags
-    prompts = [lm.tokenizer.encode(t, add_special_tokens=False) for t in grown_cap.prompt_texts(image_emb, (0, 2))]
-    cut, finishing = greedy_search(lm, prompts, max_new_tokens=5), greedy_search(lm, prompts, max_new_tokens=11)
-    assert [row[0] for row in short] == [clean_caption(t) for t in cut.texts]
-    assert [row[0] for row in grown] == [clean_caption(t) for t in finishing.texts]
-    assert all(long[:len(ids)] == ids for ids, long in zip(cut.ids, finishing.ids))
-    assert any(len(long) > 5 for long in finishing.ids), "the tiny LM's drafts should run on"
-    with pytest.raises(DataError, match="finish_tokens"):
-        captioner(parts, finish_tokens=-1)
-    from click.testing import CliRunner
-    from nofree.captioning.drafts import MAGIC_DEFAULTS
-
-    help_text = " ".join(CliRunner().invoke(main, ["caption", "--help"]).output.split())
-    assert f"up to {MAGIC_DEFAULTS['finish_tokens']} more to end its sentence" in help_text
+    plain_cap, trim_cap = captioner(parts, trim_cut=False, **options), captioner(parts, **options)
+    (plain, plain_flags), (trimmed, flags) = plain_cap.drafts(image_emb), trim_cap.drafts(image_emb)
+    assert flags == plain_flags
+    prompts = [lm.tokenizer.encode(t, add_special_tokens=False) for t in trim_cap.prompt_texts(image_emb, (0, 2))]
+    cut, ahead = greedy_search(lm, prompts, max_new_tokens=5), greedy_search(lm, prompts, max_new_tokens=6)
+    assert [row[0] for row in plain] == [clean_caption(t) for t in cut.texts]
+    assert [row[0] for row in trimmed] == [clean_caption(text if ended else trim_cut(lm, ids, 5)) for ids, text, ended
+                                           in zip(ahead.ids, ahead.texts, [row[0] for row in flags])]
+    assert not all(row[0] for row in flags), "5 tokens should cut some draft of the tiny LM"
 
 
 def test_example_window_schedule():

@@ -27,7 +27,7 @@ from nofree.data.pool import example_windows  # noqa: F401  (re-exported: MAGIC'
 #: on partial sentences) and no α = 0.1 scored measurably better in CIDEr than α = β = 0, so the
 #: image reaches the LM through the retrieved examples; pass ``alpha=0.1, beta=2`` (the paper's
 #: values, :data:`MAGIC_PAPER`) to steer every step.
-MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "finish_tokens": 8, "examples": 4,
+MAGIC_DEFAULTS = {"k": 45, "alpha": 0.0, "beta": 0.0, "max_new_tokens": 16, "trim_cut": True, "examples": 4,
                   "examples_from": "pool", "drafts": 8, "consensus": 20, "with_retrieved": False,
                   "prompt": "Write a short caption of a photo, in the style of these captions of similar photos."}
 #: The MAGIC paper's weights (Su et al., 2022, COCO): what a scorer-steered run uses.
@@ -62,10 +62,12 @@ class MagicCaptioner:
     pseudo-references; a draft that loops or stutters, or that ran past ``max_new_tokens``, is
     kept only when every candidate does). ``drafts=1, with_retrieved=False`` is one plain caption.
 
-    A draft still going at ``max_new_tokens`` may take up to ``finish_tokens`` more to end its
-    sentence, so that a caption that has to be kept (one draft, or every draft long) is not cut
-    mid-word ("… apples on a pl"); the consensus choice still passes over it while a draft that
-    ended within ``max_new_tokens`` exists. Only the rows still going decode the extra steps.
+    ``trim_cut`` (default) tidies a draft cut at ``max_new_tokens``, so that a caption that has to
+    be kept (one draft, or every draft cut) does not end mid-word or on a function word ("… apples
+    on a pl" → "… apples"; :func:`nofree.decoding.stopping.trim_cut`, which reads one token of
+    look-ahead: the search runs one step further). Letting such drafts run on to the end of their
+    sentence instead (up to 8 more tokens) cost 1.8 CIDEr on one draft per photo in cross-validation
+    (RESULTS.md): the 135M LM's long drafts ramble.
 
     ``packed=True`` (default) decodes with ``lm.packed()`` when the LM offers it: the same LM
     with its linear weights packed for the CPU's matrix kernels (:mod:`nofree.kernels.packing`; float32
@@ -78,7 +80,7 @@ class MagicCaptioner:
                  k: int = MAGIC_DEFAULTS["k"], alpha: float = MAGIC_DEFAULTS["alpha"],
                  beta: float = MAGIC_DEFAULTS["beta"],
                  max_new_tokens: int = MAGIC_DEFAULTS["max_new_tokens"],
-                 finish_tokens: int = MAGIC_DEFAULTS["finish_tokens"], pool: Any = None,
+                 trim_cut: bool = MAGIC_DEFAULTS["trim_cut"], pool: Any = None,
                  drafts: int = MAGIC_DEFAULTS["drafts"], windows: Sequence[tuple[int, int]] | None = None,
                  consensus: int = MAGIC_DEFAULTS["consensus"],
                  with_retrieved: bool = MAGIC_DEFAULTS["with_retrieved"], packed: bool = True,
@@ -105,8 +107,6 @@ class MagicCaptioner:
             raise DataError(f"windows must be (first >= 0, count >= 0) pairs, got {windows}")
         if consensus < 1:
             raise DataError(f"consensus (pseudo-references) must be >= 1, got {consensus}")
-        if finish_tokens < 0:
-            raise DataError(f"finish_tokens must be >= 0, got {finish_tokens}")
         self.lm = lm.packed() if packed and hasattr(lm, "packed") else lm
         self.scorer, self.pipeline = scorer, pipeline
         self.examples_from = examples_from
@@ -122,7 +122,7 @@ class MagicCaptioner:
         self.image_encoder = image_encoder or (pipeline.image_encoder if pipeline is not None else None)
         self.prompt, self.examples = prompt.strip(), int(examples)
         self.k, self.alpha, self.beta, self.max_new_tokens = int(k), float(alpha), float(beta), int(max_new_tokens)
-        self.finish_tokens = int(finish_tokens)
+        self.trim_cut = bool(trim_cut)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, *, lm: Any = None, device: Any = None,
@@ -197,15 +197,14 @@ class MagicCaptioner:
     def drafts(self, image_emb: Tensor) -> tuple[list[list[str]], list[list[bool]]]:
         """``(candidates, finished)``: each image's candidate captions as :meth:`candidates` says,
         and for each whether it ended by itself (at eos or a period; the retrieval caption always
-        has) within ``max_new_tokens``, rather than running past it (then finishing its sentence
-        within ``finish_tokens`` more, or cut there).
+        has) within ``max_new_tokens``, rather than being cut there (and tidied, see ``trim_cut``).
 
         Greedy drafts (α = β = 0) of all windows decode together, at most :data:`DRAFT_ROWS` rows
         at a time (their KV cache: ~0.6 GB for SmolLM2); steered ones run window by window."""
         from nofree.decoding.magic import greedy_search, magic_search
 
         ranked = self.example_captions(image_emb, max(a + n for a, n in self.windows))
-        limit = self.max_new_tokens + self.finish_tokens
+        limit = self.max_new_tokens + self.trim_cut  # one token of look-ahead for trim_cut
         out: list[list[str]] = [[] for _ in range(len(image_emb))]
         finished: list[list[bool]] = [[] for _ in range(len(image_emb))]
         prompts = [[self.lm.tokenizer.encode(t, add_special_tokens=False)
@@ -217,17 +216,15 @@ class MagicCaptioner:
             flat = [ids for window in prompts for ids in window]
             runs = [greedy_search(self.lm, flat[start:start + DRAFT_ROWS], max_new_tokens=limit)
                     for start in range(0, len(flat), DRAFT_ROWS)]
-            texts = [text for run in runs for text in run.texts]
-            within = [ended for run in runs for ended in self._ended_within(run)]
-            drafts = [(texts[i:i + len(image_emb)], within[i:i + len(image_emb)])
-                      for i in range(0, len(texts), len(image_emb))]
+            written = [draft for run in runs for draft in self._ended(run)]
+            drafts = [written[i:i + len(image_emb)] for i in range(0, len(written), len(image_emb))]
         else:
             runs = [magic_search(self.lm, self.scorer, image_emb, prompt_ids=prompt_ids, k=self.k,
                                  alpha=self.alpha, beta=self.beta, max_new_tokens=limit,
                                  trace=False) for prompt_ids in prompts]
-            drafts = [(run.texts, self._ended_within(run)) for run in runs]
-        for window_texts, window_ended in drafts:
-            for row, ends, text, ended in zip(out, finished, window_texts, window_ended):
+            drafts = [self._ended(run) for run in runs]
+        for window in drafts:
+            for row, ends, (text, ended) in zip(out, finished, window):
                 row.append(clean_caption(text))
                 ends.append(ended)
         if self.with_retrieved:
@@ -236,10 +233,17 @@ class MagicCaptioner:
                 ends.append(True)
         return out, finished
 
-    def _ended_within(self, run: Any) -> list[bool]:
-        """For each row of a search run to ``max_new_tokens + finish_tokens``: whether it ended by
-        itself within ``max_new_tokens`` (a stop kept in the text, a period, counts as a token)."""
-        return [stop != "length" and len(ids) <= self.max_new_tokens for ids, stop in zip(run.ids, run.stop)]
+    def _ended(self, run: Any) -> list[tuple[str, bool]]:
+        """Each row of a search run (with ``trim_cut``, to one token past ``max_new_tokens``): its
+        text, and whether it ended by itself within ``max_new_tokens``; a cut row's text is trimmed
+        (``trim_cut``) or the search's."""
+        from nofree.decoding.stopping import trim_cut
+
+        out = []
+        for ids, stop, text in zip(run.ids, run.stop, run.texts):
+            ended = stop != "length" and len(ids) <= self.max_new_tokens
+            out.append((text if ended or not self.trim_cut else trim_cut(self.lm, ids, self.max_new_tokens), ended))
+        return out
 
     def caption_embeddings(self, image_emb: Tensor) -> list[str]:
         """Captions for images already embedded by the image encoder ``(B, Di)``: each image's
