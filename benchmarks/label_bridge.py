@@ -205,11 +205,11 @@ NOTES = """What it says:
   9–12 points in t2i. The temperature matters little (t = 0.125–0.5 within 0.011 at λ = 2);
   t2i rises up to λ = 2–3, i2t peaks at λ = 1–1.5.
 - **Caption retrieval gains most**, the use that carries MAGIC's examples and candidates and
-  SmallCap-style's prompts: CV CIDEr 50.5 → 62.1 at λ = 2, on every fold seed; λ = 3 gives 61.8.
+  SmallCap-style's prompts: CV CIDEr 50.6 → 62.1 at λ = 2, on every fold seed; λ = 3 gives 61.7.
   The defaults (`nofree.anchors.labels.LABEL_DEFAULTS`) are t = 0.25, λ = 2, the best t2i cell
   and the best retrieval CIDEr.
 - **`val`, looked at once**, agrees: t2i R@1 0.575 → 0.680 (95% interval 0.570–0.785), i2t
-  0.550 → 0.625, retrieval CIDEr 48.7 → 66.5, a paired difference of +17.8 (+2.6 to +32.9).
+  0.550 → 0.625, retrieval CIDEr 48.7 → 65.8, a paired difference of +17.1 (+2.0 to +31.8).
 - **Reading the photos.** The head's top classes are often wrong in ImageNet's own terms
   (giraffes read as ostrich / camel / llama, a doughnut factory as a bakery), but their names
   land near the right region of the text space ("animals at a zoo"), which is what the
