@@ -16,9 +16,9 @@ the same metric code, so the table compares like with like. The report folder ho
   method's caption beside a reference.
 
 ``results.json`` is rewritten after every method, so an interrupted run keeps what finished.
-Each row records its inputs (:func:`nofree.eval.inputs.row_inputs`): ``resume=True`` keeps a finished row whose
-inputs are unchanged, runs it again otherwise, and keeps the finished rows of methods not asked
-for this time. A method that raises is reported as failed and the others still run.
+Each row records its inputs (:func:`nofree.eval.inputs.row_inputs`): ``resume=True`` keeps a
+finished row whose inputs are unchanged, runs it again otherwise, and keeps the finished rows of
+methods not asked for this time. A method that raises is reported as failed and the others still run.
 """
 from __future__ import annotations
 
