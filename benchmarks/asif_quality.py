@@ -112,16 +112,16 @@ def decap_variant(temperature: float = 30.0, center: bool = True):
     return fit
 
 
-def fold_recalls(split: Split, variant, *, anchors=None, folds: int = 5, seed: int = 0) -> dict[str, float]:
+def fold_recalls(split: Split, variant, *, anchors=anchors_of, folds: int = 5, seed: int = 0) -> dict[str, float]:
     """Mean text→image and image→text R@1 over ``folds`` splits of the photos: anchors from the
-    kept photos (``anchors(split, rows)``, default :func:`anchors_of`), ``variant(anchors)`` the
+    kept photos (``anchors(split, rows)``), ``variant(anchors)`` the
     similarity function, queries the held-out photos and their captions (the round-robin folds of
     :func:`benchmarks.folds.photo_folds`)."""
     from nofree.eval import retrieval_report
 
     scores: dict[str, list[float]] = {"t2i R@1": [], "i2t R@1": []}
     for held, kept in photo_folds(len(split.pairs), folds, seed):
-        sim_fn = variant((anchors or anchors_of)(split, kept))
+        sim_fn = variant(anchors(split, kept))
         mask, owner = held_out_captions(split.owner, held, len(split.pairs))
         report = retrieval_report(torch.as_tensor(sim_fn(split.image_emb[held], split.text_emb[mask])), owner)
         for way in ("t2i", "i2t"):

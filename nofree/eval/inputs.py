@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nofree.artifacts import file_sha256
+
 
 def row_inputs(ctx: Any, name: str, method: Any) -> dict[str, Any]:
     """What a row's result depends on, recorded with it: ``resume`` keeps a finished row only
@@ -33,20 +35,15 @@ def row_inputs(ctx: Any, name: str, method: Any) -> dict[str, Any]:
     elif name in ("clipcap", "flamingo", "smallcap"):
         inputs["decoding"] = {"max_tokens": config.max_tokens, **config.decoding}
     else:  # retrieval and the MAGIC rows
-        inputs["pool"] = _file_digest(ctx.pool_path())
+        inputs["pool"] = file_sha256(ctx.pool_path())
     if name == "smallcap" and config.pool is not None:
-        inputs["pool"] = _file_digest(Path(config.pool))
+        inputs["pool"] = file_sha256(Path(config.pool))
     if name in ("retrieval", "smallcap", "magic", "magic-lit"):
         inputs["clean_pool"] = config.clean_pool
     if name.startswith("magic"):
         inputs.update(lm=config.lm, scorer=scorer_spec(config) if name == "magic" else "lit",
                       magic=magic_options(config, name))
     return json.loads(json.dumps(inputs, default=str))
-
-
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _folder_digest(folder: Path) -> str:
@@ -57,7 +54,7 @@ def _folder_digest(folder: Path) -> str:
         relative = path.relative_to(folder).as_posix()
         if relative.startswith("training/") or path.suffix == ".png":
             continue
-        digest.update(f"{relative}\0{_file_digest(path)}\n".encode())
+        digest.update(f"{relative}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 

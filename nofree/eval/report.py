@@ -466,7 +466,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
         done = {**kept, **results["methods"]}
         results["methods"] = {name: done[name] for name in METHODS if name in done}
         if baseline is None and "retrieval" in done:
-            results["baseline"] = baseline = "retrieval"
+            results["baseline"] = "retrieval"
     results["anchors"] = _anchor_record(ctx)
     results["comparison"] = compare_report(results)
     _write_json(results_path, results)
