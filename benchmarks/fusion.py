@@ -189,7 +189,7 @@ def markdown(out: dict) -> str:
     for kind, t in out["training"].items():
         last = t["history"][-1] if t["history"] else {}
         shown = ", ".join(f"{k} {v:.3g}" for k, v in last.items()
-                          if k.startswith(("val", "train_loss", "image_gap")) and isinstance(v, float))
+                          if k.startswith(("val", "train_loss", "image_gap", "photo_gap")) and isinstance(v, float))
         lines.append(f"| {kind} | {t['trainable_parameters']:,} | {t['frozen_parameters']:,} | "
                      f"{last.get('epoch', '–')} | {t['steps']} | {t['seconds']:.0f} s{' (earlier run)' if t.get('reused') else ''} | "
                      f"{shown} |")

@@ -58,7 +58,7 @@ from benchmarks import write_json
 from benchmarks.folds import photo_folds
 from benchmarks.fusion import frozen_setup, write_pairs
 from nofree import sample_dir
-from nofree.adapters.recipes import RECIPES
+from nofree.adapters.recipes import AUGMENTATIONS, RECIPES
 from nofree.adapters.smallcap import CANDIDATES as SMALLCAP_CANDIDATES
 from nofree.data.pool import duplicate_key
 
@@ -272,7 +272,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--augment", choices=("none", "hflip"), default=None, help="default: the recipe's")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None, help="default: the recipe's")
     parser.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp", help="ClipCap only")
     parser.add_argument("--prefix-length", type=int, default=10, help="ClipCap only")
     parser.add_argument("--prompt", default="", help="Flamingo-style only: text every caption follows")

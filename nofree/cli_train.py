@@ -22,10 +22,11 @@ def _train_options(f):
     f = click.option("--train-split", default="train", show_default=True)(f)
     f = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
                      help="Training arithmetic: bf16 autocast (default for clipcap/flamingo) or fp32.")(f)
-    from nofree.adapters.recipes import describe
+    from nofree.adapters.recipes import AUGMENTATIONS, describe
 
-    f = click.option("--augment", type=click.Choice(["none", "hflip"]), default=None,
-                     help="Extra views of each training photo, encoded once: hflip mirrors it "
+    f = click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
+                     help="Extra views of each training photo, encoded once: hflip mirrors it, crops "
+                          "adds four corner crops of 80% of each side to the mirrored view "
                           f"(default depends on the method: {describe('augment')}).")(f)
     f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help=f"Learning rate (default depends on the method: {describe('lr')}).")(f)

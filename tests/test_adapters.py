@@ -411,7 +411,7 @@ def test_fresh_flamingo_returns_exactly_the_frozen_lm_logits(lm, image_encoder, 
     assert torch.equal(conditioned, plain)
     # and cached decoding from the start token equals the plain LM's greedy decoding
     start = torch.tensor([adapter.start_ids] * 2)
-    plain_tokens, cache, step = [], None, lm.step(start)
+    plain_tokens, step = [], lm.step(start)
     for t in range(6):
         logits = step.logits.clone()
         if t < 2:  # captions have at least two tokens
@@ -667,6 +667,41 @@ def test_validation_warnings_name_each_failure_in_plain_words():
     # SmallCap's shuffle keeps the retrieved captions: a small gap means it follows them
     smallcap, = validation_warnings("smallcap", {"image_gap": 0.03, "val_distinct": 0.9})
     assert "beyond its retrieved captions" in smallcap and "--method retrieval" in smallcap
+    # with the gap's interval and the rise when the prompt moves too, the warning names both
+    smallcap, = validation_warnings("smallcap", {"image_gap": 0.03, "image_gap_low": 0.012,
+                                                 "image_gap_high": 0.047, "photo_gap": 0.41})
+    assert "0.030 (95% interval 0.012 to 0.047)" in smallcap and "rises 0.41 when the prompt" in smallcap
+
+
+def test_image_gap_has_an_interval_and_a_prompted_adapter_a_photo_gap(gpt2, image_encoder):
+    from nofree.adapters.smallcap import SmallCap
+
+    torch.manual_seed(0)
+    adapter = SmallCap(image_encoder, gpt2, examples=1, num_latents=4, heads=2, dim_head=8, xattn_every=1)
+    base = _examples(adapter, repeats=2)
+    prompts = [adapter.prompt_text([caption]) for caption in CAPTIONS]
+    examples = Examples(base.image_features, base.image_index, base.texts, image_prompts=prompts)
+    # the prompts move with the features only when asked to
+    moved = examples.with_images_shuffled(prompts=True)
+    kept = examples.with_images_shuffled()
+    assert kept.image_prompts == prompts and moved.image_prompts != prompts
+    for row in range(len(prompts)):
+        source = next(i for i in range(len(prompts)) if torch.equal(moved.image_features[row], base.image_features[i]))
+        assert source != row and moved.image_prompts[row] == prompts[source]
+    # a fresh adapter is the frozen LM: the features change nothing, another photo's prompt does
+    fresh = adapter.evaluate(examples, captions=False)
+    assert fresh["image_gap"] == 0.0 and fresh["image_gap_low"] == fresh["image_gap_high"] == 0.0
+    assert abs(fresh["photo_gap"]) > 1e-3  # a random tiny LM: the loss moves, either way
+    # one batch or one caption at a time: the same token-weighted loss
+    assert adapter.evaluate(examples, batch_size=1, captions=False)["val_loss"] == pytest.approx(fresh["val_loss"])
+    with torch.no_grad():
+        for block in adapter.blocks:  # a block that adds something: a gap inside its interval
+            nn.init.normal_(block.to_out.weight, std=0.5)
+    found = adapter.evaluate(examples, captions=False)
+    assert found["image_gap"] != 0.0 and found["image_gap_low"] <= found["image_gap"] <= found["image_gap_high"]
+    # adapters without prompts report no photo gap
+    clipcap = _build("clipcap", gpt2, image_encoder)
+    assert "photo_gap" not in clipcap.evaluate(_examples(clipcap), captions=False)
 
 
 def test_min_steps_raises_the_epochs_of_a_small_set_and_explicit_epochs_stay(gpt2, image_encoder, tmp_path):
@@ -832,6 +867,39 @@ def test_hflip_views_are_encoded_once_cached_apart_and_drawn_per_row(gpt2, tmp_p
     with pytest.raises(DataError, match="augment"):  # a resumed run keeps its augmentation
         train_adapter(adapter, pairs, epochs=2, batch_size=2, lr=1e-3, out_dir=tmp_path / "run",
                       progress=False, augment="none", cache=cache, resume=True)
+
+
+def test_crops_add_four_corner_views_to_the_mirrored_one(gpt2, tmp_path):
+    from PIL import ImageOps
+
+    from nofree.adapters.augment import corner_crop, view_encoders
+
+    image = Image.fromarray(np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3))  # 20 wide, 10 high
+    crops = {corner: np.asarray(corner_crop(corner)(image)) for corner in ("tl", "tr", "bl", "br")}
+    full = np.asarray(image)
+    assert all(c.shape == (8, 16, 3) for c in crops.values())
+    assert (crops["tl"] == full[:8, :16]).all() and (crops["br"] == full[2:, 4:]).all()
+    assert (crops["tr"] == full[:8, 4:]).all() and (crops["bl"] == full[2:, :16]).all()
+    with pytest.raises(ValueError, match="corner must be"):
+        corner_crop("middle")
+
+    encoder = FakeImageEncoder()
+    views = view_encoders(encoder, "crops")
+    assert [v.spec for v in views] == ["fake-image:v1#hflip"] + [f"fake-image:v1#crop80-{c}" for c in
+                                                                ("tl", "tr", "bl", "br")]
+    paths = []
+    for i, photo in enumerate(IMAGES[:3]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        array = np.asarray(photo).copy()
+        array[:2, :3] = 0  # the top-left corner differs from the rest
+        Image.fromarray(array).save(paths[-1])
+    adapter = ClipCap(encoder, gpt2, prefix_length=2)
+    examples = prepare_examples(adapter, [Pair(path, ("a caption",)) for path in paths], augment="crops")
+    opened = [Image.open(path).convert("RGB") for path in paths]
+    assert examples.view_features.shape == (5, *examples.image_features.shape)
+    torch.testing.assert_close(examples.view_features[0], encoder.encode([ImageOps.mirror(o) for o in opened]))
+    torch.testing.assert_close(examples.view_features[4], encoder.encode([corner_crop("br")(o) for o in opened]))
+    assert not torch.allclose(examples.view_features[1], examples.view_features[4])
 
 
 def test_adapter_captioner(gpt2, image_encoder, tmp_path):

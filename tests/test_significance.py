@@ -47,8 +47,24 @@ def test_queries_drawn_by_photo_give_a_wider_interval_when_a_photo_decides_its_c
     assert low <= hits.mean() <= high and high - low > 1.5 * (naive[1] - naive[0])
     # one caption per photo: the same bootstrap as the plain one
     assert clustered_interval(hits[::5], np.arange(40)) == pytest.approx(mean_interval(hits[::5]), abs=0.03)
-    with pytest.raises(ValueError, match="one group per hit"):
+    with pytest.raises(ValueError, match="one group and weight per hit"):
         clustered_interval([1.0, 0.0], [0])
+
+
+def test_a_weighted_ratio_is_drawn_by_whole_groups():
+    rng = np.random.default_rng(1)
+    photo = np.repeat(np.arange(30), 4)
+    tokens = rng.integers(5, 15, size=120).astype(float)   # e.g. caption lengths
+    per_token = np.where(photo % 3 == 0, 0.0, 0.3)           # a rise per token that differs by photo
+    sums = per_token * tokens
+    ratio = sums.sum() / tokens.sum()
+    low, high = clustered_interval(sums, photo, weights=tokens)
+    assert low < ratio < high and low > 0
+    # weights of 1 are the unweighted share, and a constant ratio has no spread at all
+    assert clustered_interval(sums, photo, weights=np.ones(120)) == clustered_interval(sums, photo)
+    assert clustered_interval(0.2 * tokens, photo, weights=tokens) == pytest.approx([0.2, 0.2])
+    with pytest.raises(ValueError, match="one group and weight per hit"):
+        clustered_interval(sums, photo, weights=tokens[:-1])
 
 
 def test_degenerate_differences_are_exact_and_draws_are_reproducible():

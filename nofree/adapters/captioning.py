@@ -98,8 +98,9 @@ class CaptioningAdapter(Adapter):
     #: cross-validation on ``train``.
     decoding: dict[str, int] = DECODING
     #: What ``nofree train`` says when the val loss barely rises with the image features shuffled
-    #: across captions (``{gap}``: that rise; :func:`nofree.adapters.train.validation_warnings`).
-    weak_image_warning = ("barely uses the image: its validation loss rises only {gap:.3f} when each "
+    #: across captions (``{gap}``: that rise; ``{gap_text}``: the same with its interval over the
+    #: photos; ``{photo_gap_text}``: see :func:`nofree.adapters.train.validation_warnings`).
+    weak_image_warning = ("barely uses the image: its validation loss rises only {gap_text} when each "
                           "caption is paired with another photo; train longer or with a higher learning "
                           "rate, or check the image features")
 
@@ -153,15 +154,32 @@ class CaptioningAdapter(Adapter):
         - ``val_loss``: mean cross-entropy per caption token;
         - ``val_loss_shuffled`` and ``image_gap``: the same loss with every caption paired with
           another photo's features, and its excess over ``val_loss`` (an adapter that ignores the
-          image has a gap of ~0; needs at least two photos);
+          image has a gap of ~0; needs at least two photos); ``image_gap_low`` and
+          ``image_gap_high``: the gap's 95% bootstrap interval over the photos (each photo's
+          captions drawn together, :func:`nofree.eval.significance.clustered_interval`);
+        - where each photo carries a prompt (SmallCap-style: its retrieved captions),
+          ``photo_gap``: the rise when the prompt moves with the features, so that everything a
+          caption is conditioned on comes from another photo (``image_gap`` keeps each photo's
+          prompt: it measures what the image features add to it);
         - with ``captions``: ``val_distinct``, ``val_repeat_3gram`` and ``val_stutter`` of one
           greedy caption per photo, decoded as :class:`AdapterCaptioner` does by default (see
           :mod:`nofree.eval.degeneration`: 1/n distinct means one caption for all).
         """
-        metrics = {"val_loss": self._mean_loss(examples, batch_size)}
+        losses, tokens = self._caption_losses(examples, batch_size)
+        total = max(float(tokens.sum()), 1.0)
+        metrics = {"val_loss": float(losses.sum()) / total}
         if len(examples.image_features) > 1:
-            metrics["val_loss_shuffled"] = self._mean_loss(examples.with_images_shuffled(), batch_size)
+            from nofree.eval.significance import clustered_interval
+
+            shuffled, _ = self._caption_losses(examples.with_images_shuffled(), batch_size)
+            metrics["val_loss_shuffled"] = float(shuffled.sum()) / total
             metrics["image_gap"] = metrics["val_loss_shuffled"] - metrics["val_loss"]
+            if len(set(examples.image_index.tolist())) > 1:
+                metrics["image_gap_low"], metrics["image_gap_high"] = clustered_interval(
+                    (shuffled - losses).tolist(), examples.image_index.tolist(), weights=tokens.tolist())
+            if examples.image_prompts is not None:
+                moved, _ = self._caption_losses(examples.with_images_shuffled(prompts=True), batch_size)
+                metrics["photo_gap"] = float(moved.sum()) / total - metrics["val_loss"]
         if captions and len(examples.image_features):
             from nofree.eval.degeneration import degeneration
 
@@ -175,15 +193,19 @@ class CaptioningAdapter(Adapter):
                            val_stutter=found["stutter"])
         return metrics
 
-    def _mean_loss(self, examples: Any, batch_size: int) -> float:
-        total, count = 0.0, 0
+    def _caption_losses(self, examples: Any, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Each example's summed next-token loss ``(N,)`` and its number of scored tokens ``(N,)``,
+        in the order of ``examples``."""
+        losses, tokens = torch.zeros(len(examples)), torch.zeros(len(examples))
         by_length = torch.tensor(sorted(range(len(examples)), key=lambda i: len(examples.texts[i])),
                                  dtype=torch.long)  # similar lengths share a batch: less padding
-        for batch in examples.batches(batch_size, device=self.device, order=by_length):
+        for rows in by_length.split(batch_size):
+            batch = examples.batch(rows, self.device)
             logits, labels = self.caption_logits(batch.image_features, batch.texts, batch.prompts)
-            total += float(next_token_loss(logits, labels, reduction="sum"))
-            count += int((labels != IGNORE_INDEX).sum())
-        return total / max(count, 1)
+            per_token = next_token_loss(logits, labels, reduction="none").reshape(labels.shape)
+            losses[rows] = per_token.sum(dim=1).cpu()
+            tokens[rows] = (labels != IGNORE_INDEX).sum(dim=1).float().cpu()
+        return losses, tokens
 
     def generation_inputs(self, features: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
         """What the frozen LM's ``generate`` starts from for image ``features``: ``input_ids``

@@ -13,6 +13,9 @@ How the captioning recipes were chosen is in benchmarks/RESULTS.md ("Trained fus
 """
 from __future__ import annotations
 
+#: Feature-level augmentations a recipe may name (:mod:`nofree.adapters.augment`).
+AUGMENTATIONS = ("none", "hflip", "crops")
+
 RECIPES: dict[str, dict[str, int | float | str]] = {
     "lit": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "augment": "none", "min_steps": 0},
     "clipcap": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "augment": "hflip", "min_steps": 264},

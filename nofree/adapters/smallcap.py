@@ -62,9 +62,10 @@ class SmallCap(Flamingo):
     config_limits = {**Flamingo.config_limits, "examples": (1, 64)}
     # the shuffle keeps each caption's retrieved examples: the gap is what the cross-attention adds
     # to them, and a small one means the captions follow the examples
-    weak_image_warning = ("barely uses the image beyond its retrieved captions: its validation loss rises "
-                          "only {gap:.3f} when each caption is paired with another photo's features, so its "
-                          "captions follow the retrieved examples; compare it with --method retrieval")
+    weak_image_warning = ("barely uses the image features beyond its retrieved captions: its validation "
+                          "loss rises only {gap_text} when each caption is paired with another photo's "
+                          "features{photo_gap_text}, so its captions follow the retrieved examples; compare "
+                          "it with --method retrieval")
 
     def __init__(self, image_encoder: Any, lm: Any, *, examples: int = 4, template: str = TEMPLATE,
                  num_latents: int = 32, resampler_depth: int = 2, heads: int = 8, dim_head: int = 64,

@@ -134,17 +134,21 @@ class Examples:
             batches += list(torch.tensor(chunk, dtype=torch.long).split(batch_size))
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
-    def with_images_shuffled(self, seed: int = 0) -> "Examples":
-        """The same captions (and prompts), each paired with another photo's features: feature rows
-        are permuted by a fixed-seed derangement (no photo keeps its own features when there are
-        two or more)."""
+    def with_images_shuffled(self, seed: int = 0, *, prompts: bool = False) -> "Examples":
+        """The same captions, each paired with another photo's features: feature rows are permuted
+        by a fixed-seed derangement (no photo keeps its own features when there are two or more).
+        Each photo keeps its own prompt unless ``prompts``, which moves the prompts with the
+        features (a caption then meets everything derived from another photo)."""
         m = len(self.image_features)
         order = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
         target = torch.empty(m, dtype=torch.long)
         target[order] = order.roll(1)  # each photo takes the next one's features in a random cycle
+        image_prompts = self.image_prompts
+        if prompts and image_prompts is not None:
+            image_prompts = [image_prompts[i] for i in target.tolist()]
         return Examples(image_features=self.image_features[target], image_index=self.image_index,
                         texts=self.texts, text_features=self.text_features, text_mask=self.text_mask,
-                        image_prompts=self.image_prompts)
+                        image_prompts=image_prompts)
 
     def digest(self) -> str:
         """sha256 of the texts, image index and feature shape: identifies a training set."""
@@ -403,7 +407,7 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 def validation_warnings(kind: str, record: dict[str, Any]) -> list[str]:
     """Plain-words warnings (logged and returned) when a captioning adapter's last validation
     record says it ignores the image (a val-loss gap under 0.05 nats between shuffled and true
-    image features, or fewer than half the photos getting a caption of their own) or that its
+    image features, named with its interval over the photos when known, or fewer than half the photos getting a caption of their own) or that its
     captions degenerate (more than 10% of them with a word directly following itself, see
     :mod:`nofree.eval.degeneration`)."""
     warnings = []
@@ -411,7 +415,7 @@ def validation_warnings(kind: str, record: dict[str, Any]) -> list[str]:
     if gap is not None and gap < 0.05:
         from nofree.adapters.base import adapter_class
 
-        warnings.append(f"the {kind} adapter " + adapter_class(kind).weak_image_warning.format(gap=gap))
+        warnings.append(f"the {kind} adapter " + adapter_class(kind).weak_image_warning.format(**_gap_fields(record)))
     if distinct is not None and distinct < 0.5:
         warnings.append(f"the {kind} adapter writes the same caption for many photos (only "
                         f"{100 * distinct:.0f}% of validation photos get a distinct caption)")
@@ -421,6 +425,17 @@ def validation_warnings(kind: str, record: dict[str, Any]) -> list[str]:
     for text in warnings:
         log.warning(text)
     return warnings
+
+
+def _gap_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """What a ``weak_image_warning`` may name: ``gap``, ``gap_text`` (the gap with its interval
+    over the photos when the record has one) and ``photo_gap_text`` (a clause on the loss rise
+    when a photo's prompt moves with its features, or empty)."""
+    gap, low, high, photo = (record.get(key) for key in ("image_gap", "image_gap_low", "image_gap_high",
+                                                          "photo_gap"))
+    gap_text = f"{gap:.3f}" if low is None or high is None else f"{gap:.3f} (95% interval {low:.3f} to {high:.3f})"
+    photo_text = "" if photo is None else f" (it rises {photo:.2f} when the prompt comes from that photo too)"
+    return {"gap": gap, "gap_text": gap_text, "photo_gap_text": photo_text}
 
 
 def _autocast(device: torch.device, precision: str) -> Any:

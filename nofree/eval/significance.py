@@ -5,8 +5,9 @@ other photos of the same kind are drawn. Two intervals make that visible:
 
 - :func:`mean_interval`: the percentile bootstrap interval of a method's corpus score, from its
   per-image scores (Efron & Tibshirani (1993), "An Introduction to the Bootstrap");
-- :func:`clustered_interval`: the same for a share of hits among queries that come in groups
-  (text→image retrieval: the captions of one photo are drawn together);
+- :func:`clustered_interval`: the same for a share of hits (or a ratio of sums) among queries
+  that come in groups (text→image retrieval, or an adapter's loss per caption token: the
+  captions of one photo are drawn together);
 - :func:`paired_difference`: the paired bootstrap of the difference between two methods on the
   same images (Koehn (2004), "Statistical Significance Tests for Machine Translation
   Evaluation"): each resample draws photos with replacement and scores both methods on the same
@@ -58,17 +59,21 @@ def mean_interval(scores: Sequence[float], *, seed: int = 0) -> list[float]:
     return _ends(_bootstrap((_checked(scores, "scores"),), np.mean, seed))
 
 
-def clustered_interval(hits: Sequence[float], groups: Sequence[int], *, seed: int = 0) -> list[float]:
-    """``[low, high]``: the :data:`LEVEL` interval of ``mean(hits)`` when the queries come in
-    ``groups`` that are drawn together (e.g. the captions of one photo, which share its
-    difficulty): a cluster bootstrap, each draw taking whole groups and scoring their share of hits."""
+def clustered_interval(hits: Sequence[float], groups: Sequence[int], *, weights: Sequence[float] | None = None,
+                       seed: int = 0) -> list[float]:
+    """``[low, high]``: the :data:`LEVEL` interval of ``sum(hits) / sum(weights)`` (``weights``
+    default to 1 per query: the share of hits) when the queries come in ``groups`` that are drawn
+    together (e.g. the captions of one photo, which share its difficulty): a cluster bootstrap,
+    each draw taking whole groups and scoring their ratio of sums."""
     hits = np.asarray(hits, dtype=np.float64)
     groups = np.asarray(groups)
-    if hits.shape != groups.shape or hits.ndim != 1:
-        raise ValueError(f"one group per hit: {hits.shape} hits, {groups.shape} groups")
+    weights = np.ones_like(hits) if weights is None else np.asarray(weights, dtype=np.float64)
+    if hits.shape != groups.shape or hits.shape != weights.shape or hits.ndim != 1:
+        raise ValueError(f"one group and weight per hit: {hits.shape} hits, {groups.shape} groups, "
+                         f"{weights.shape} weights")
     _, inverse = np.unique(groups, return_inverse=True)
     totals = _checked(np.bincount(inverse, weights=hits), "groups")
-    counts = np.bincount(inverse).astype(np.float64)
+    counts = np.bincount(inverse, weights=weights)
     return _ends(_bootstrap((totals, counts), lambda t, c, axis: t.sum(axis) / c.sum(axis), seed))
 
 
