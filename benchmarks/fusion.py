@@ -167,7 +167,7 @@ def _run(args, work: Path) -> dict:
 
 def markdown(out: dict) -> str:
     from nofree.eval.report import METHODS
-    from nofree.eval.table import comparison_table, method_tables
+    from nofree.eval.table import comparison_table, image_gap_table, method_tables
 
     report = out["report"]
     tables = method_tables(report, METHODS)
@@ -176,9 +176,9 @@ def markdown(out: dict) -> str:
              "exclude loading models and encoding shared inputs (shown apart as +load).", ""]
     if tables["captioning"]:
         lines += ["Captioning:", "", *tables["captioning"], ""]
-        compared = comparison_table(report)
-        if compared:  # its "## " heading becomes a bold line: RESULTS.md keeps one heading per section
-            lines += [f"**{compared[0].removeprefix('## ')}**", *compared[1:]]
+        for extra in (comparison_table(report), image_gap_table(report)):
+            if extra:  # its "## " heading becomes a bold line: RESULTS.md keeps one heading per section
+                lines += [f"**{extra[0].removeprefix('## ')}**", *extra[1:]]
     if tables["scoring"]:
         lines += ["Retrieval among the val pairs and zero-shot COCO categories:", "", *tables["scoring"], ""]
     failed = {n: e for n, e in report["methods"].items() if e.get("status") != "ok"}

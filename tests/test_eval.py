@@ -120,6 +120,14 @@ def test_every_method_in_one_report(setup, tmp_path):
         delta = results["methods"][name]["metrics"]["CIDEr"] - results["methods"]["retrieval"]["metrics"]["CIDEr"]
         assert c["delta"] == pytest.approx(delta) and c["interval"][0] <= c["delta"] <= c["interval"][1]
     assert "| magic |" in result.stdout  # the table goes to stdout
+    # the trained captioners' dependence on the photo, measured on the same references
+    gaps = markdown.split("## How much the trained captioners read the photo")[1].split("##")[0]
+    for name in ("clipcap", "flamingo", "smallcap"):
+        metrics = results["methods"][name]["metrics"]
+        low, high = metrics["image gap interval"]
+        assert metrics["caption loss"] > 0 and low <= metrics["image gap"] <= high and f"| {name} |" in gaps
+        assert ("photo gap" in metrics) == (name == "smallcap")
+    assert "image gap" not in results["methods"]["magic"]["metrics"] and "| magic |" not in gaps
 
 
 def test_a_failing_method_is_reported_and_the_rest_run(setup, tmp_path, monkeypatch):

@@ -347,9 +347,33 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     else:
         captioner = AdapterCaptioner(adapter, **options)
     captions = _batched(captioner.caption, ctx.paths, ctx.config.batch_size, kind, ctx.progress)
-    return {}, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
+    prompts_of = captioner.prompts if kind == "smallcap" else None
+    return _image_gaps(ctx, adapter, prompts_of), {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
                 "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
                 "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config()}, captions
+
+
+def _image_gaps(ctx: _Context, adapter: Any, prompts_of: Callable[[Sequence[str]], list[str]] | None) -> dict:
+    """How much a trained captioner's loss on the split's reference captions depends on the photo
+    (:meth:`nofree.adapters.captioning.CaptioningAdapter.evaluate`): ``caption loss`` (nats per
+    token), ``image gap`` (its rise with each photo's features given to another photo's captions)
+    with its 95% ``image gap interval`` over the photos, and, for an adapter that reads a prompt
+    per photo (``prompts_of``: SmallCap-style's retrieved captions), ``photo gap`` (the prompt
+    moved too)."""
+    from nofree.adapters.train import prepare_examples
+
+    examples = prepare_examples(adapter, ctx.pairs)
+    if prompts_of is not None:
+        examples.image_prompts = prompts_of(examples.image_paths)
+    found = adapter.evaluate(examples, batch_size=ctx.config.batch_size, captions=False)
+    out = {"caption loss": found["val_loss"]}
+    if "image_gap" in found:
+        out["image gap"] = found["image_gap"]
+    if "image_gap_low" in found:
+        out["image gap interval"] = [found["image_gap_low"], found["image_gap_high"]]
+    if "photo_gap" in found:
+        out["photo gap"] = found["photo_gap"]
+    return out
 
 
 def _magic_scored(ctx: _Context) -> tuple[dict, dict, list[str]]:

@@ -30,6 +30,12 @@ def _signed(value: float) -> str:
     return f"{100 * value:+.1f}".replace("-", "−")
 
 
+def _nats(value: float) -> str:
+    """A loss or loss difference in nats, three decimals, with a real minus sign and no "-0.000"."""
+    text = f"{value:.3f}"
+    return "0.000" if text == "-0.000" else text.replace("-", "−")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -83,6 +89,29 @@ def comparison_table(results: Mapping[str, Any]) -> list[str]:
             *_table(["method", "Δ CIDEr", f"{100 * LEVEL:.0f}% interval", "ahead"], rows), ""]
 
 
+def image_gap_table(results: Mapping[str, Any]) -> list[str]:
+    """Markdown lines on how much each trained captioner reads the photo (the ``image gap`` its
+    row measured on the references); empty when no row has one."""
+    rows = []
+    for name, entry in results["methods"].items():
+        metrics = entry.get("metrics") or {}
+        if entry.get("status") == "ok" and "image gap" in metrics:
+            interval = metrics.get("image gap interval")
+            photo = metrics.get("photo gap")
+            rows.append([name, _nats(metrics["caption loss"]), _nats(metrics["image gap"]),
+                         "–" if not interval else f"{_nats(interval[0])} to {_nats(interval[1])}",
+                         "–" if photo is None else _nats(photo)])
+    if not rows:
+        return []
+    return ["## How much the trained captioners read the photo", "",
+            "caption loss: the adapter's cross-entropy on the reference captions (nats per token); "
+            "image gap: its rise when each photo's captions are read with another photo's features "
+            "(~0: the adapter ignores the image), with a 95% bootstrap interval over the photos; photo "
+            "gap (SmallCap-style): the rise when the retrieved captions of its prompt come from that "
+            "other photo too.", "",
+            *_table(["method", "caption loss", "image gap", "95% interval", "photo gap"], rows), ""]
+
+
 def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str, Any]) -> None:
     """Write ``results.md`` for ``results`` (the content of ``results.json``)."""
     lines = [f"# nofree evaluation: {results['pairs']} (split {results['split']!r}, "
@@ -96,6 +125,7 @@ def write_markdown(path: Path, results: Mapping[str, Any], methods: Mapping[str,
     if tables["captioning"]:
         lines += ["## Captioning", "", *tables["captioning"], ""]
         lines += comparison_table(results)
+        lines += image_gap_table(results)
     if tables["scoring"]:
         lines += ["## Retrieval among the evaluation pairs and zero-shot classification", "",
                   *tables["scoring"], "",
