@@ -686,7 +686,8 @@ def test_image_gap_has_an_interval_and_a_prompted_adapter_a_photo_gap(gpt2, imag
     kept = examples.with_images_shuffled()
     assert kept.image_prompts == prompts and moved.image_prompts != prompts
     for row in range(len(prompts)):
-        source = next(i for i in range(len(prompts)) if torch.equal(moved.image_features[row], base.image_features[i]))
+        source = next(i for i in range(len(prompts))
+                      if torch.equal(moved.image_features[row], base.image_features[i]))
         assert source != row and moved.image_prompts[row] == prompts[source]
     # a fresh adapter is the frozen LM: the features change nothing, another photo's prompt does
     fresh = adapter.evaluate(examples, captions=False)

@@ -407,15 +407,16 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 def validation_warnings(kind: str, record: dict[str, Any]) -> list[str]:
     """Plain-words warnings (logged and returned) when a captioning adapter's last validation
     record says it ignores the image (a val-loss gap under 0.05 nats between shuffled and true
-    image features, named with its interval over the photos when known, or fewer than half the photos getting a caption of their own) or that its
-    captions degenerate (more than 10% of them with a word directly following itself, see
-    :mod:`nofree.eval.degeneration`)."""
+    image features, named with its interval over the photos when known, or fewer than half the
+    photos getting a caption of their own) or that its captions degenerate (more than 10% of them
+    with a word directly following itself, see :mod:`nofree.eval.degeneration`)."""
     warnings = []
     gap, distinct, stutter = record.get("image_gap"), record.get("val_distinct"), record.get("val_stutter")
     if gap is not None and gap < 0.05:
         from nofree.adapters.base import adapter_class
 
-        warnings.append(f"the {kind} adapter " + adapter_class(kind).weak_image_warning.format(**_gap_fields(record)))
+        warning = adapter_class(kind).weak_image_warning.format(**_gap_fields(record))
+        warnings.append(f"the {kind} adapter {warning}")
     if distinct is not None and distinct < 0.5:
         warnings.append(f"the {kind} adapter writes the same caption for many photos (only "
                         f"{100 * distinct:.0f}% of validation photos get a distinct caption)")

@@ -347,10 +347,10 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     else:
         captioner = AdapterCaptioner(adapter, **options)
     captions = _batched(captioner.caption, ctx.paths, ctx.config.batch_size, kind, ctx.progress)
-    prompts_of = captioner.prompts if kind == "smallcap" else None
-    return _image_gaps(ctx, adapter, prompts_of), {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
-                "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
-                "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config()}, captions
+    gaps = _image_gaps(ctx, adapter, captioner.prompts if kind == "smallcap" else None)
+    return gaps, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
+                  "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
+                  "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config()}, captions
 
 
 def _image_gaps(ctx: _Context, adapter: Any, prompts_of: Callable[[Sequence[str]], list[str]] | None) -> dict:
