@@ -443,6 +443,16 @@ What the numbers say.
   words breaks sentences ("A kitchen with all kitchen appliances a kitchen with a kitchen with
   a"). Where the LM already reads 4 of those captions, the consensus n-grams add nothing it does
   not copy anyway.
+- **Offering caption retrieval's own choice as a candidate ties retrieval, no more**
+  (exploratory, 2026-12-07, the same folds, nofree's default similarity and drafts). MAGIC's
+  `with_retrieved` candidate is the photo's first in-context example, ranked by embedding
+  consensus (58.2 on `val` as a captioner), not the caption `--method retrieval` returns (CIDEr-D
+  consensus of its top 50: 63.8 in cross-validation). With that caption as a ninth candidate
+  beside the 8 default drafts: 59.8 CIDEr with 20 pseudo-references (the drafts alone 57.8) and
+  63.8 with 50 (the drafts alone 58.9), exactly retrieval's 63.8, with 46–50% of the kept
+  captions the LM's own. The consensus then keeps a draft only where it agrees with the
+  retrieved captions as well as retrieval's choice does, so it cannot fall far below retrieval,
+  and the drafts are not better captions often enough to lift it above.
 - **How far the cross-validation can see** (exploratory, 2026-12-07: the default's and
   retrieval's captions of the sampling run above, 52.8 against 52.4): a paired bootstrap over
   the 140 held-out photos (`nofree.eval.significance`) puts the default's lead over retrieval at
