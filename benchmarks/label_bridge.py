@@ -235,8 +235,18 @@ default recipe; its adapters retrained, since their retrieved examples change):
 With plain ASIF the same defaults tied retrieval (+1.4 ± 4.9, −2.9 to +5.4). With the bridge's
 examples the trained adapter's consensus choice is ahead of retrieval over the 140 held-out
 photos, its interval clear of 0, though not in every fold; its own single caption stays 12
-behind, so the gain is in choosing among its drafts, its n-best and the retrieved caption. On
-`val` (fusion section) it is 65.1 against 66.5."""
+behind, so the gain is in choosing among its drafts, its n-best and the retrieved caption.
+
+The same folds with training seed 1 (`... --seed 1 --decodings b3n3 b3n3d2k3r`, 2026-12-07,
+training 417–632 s a fold beside other jobs; retrieval 68.6 ± 11.1, 72.8 / 59.6 / 59.7 / 65.1 /
+86.0, a few tenths below the run above on three folds after later pool cleaning): the defaults
+score 72.7 ± 13.5 (69.4 / 60.7 / 61.9 / 78.1 / 93.4), +4.0 ± 6.3 per fold over retrieval (4 of 5
+ahead), +4.0 over the 140 photos (95% interval +1.0 to +7.4); the adapter's own 3-beam caption
+68.4 ± 13.7, level with retrieval (−0.2, −6.4 to +5.6), where seed 0's trailed by 12. The seed
+moves the adapter's own captions a lot and its consensus choice little: both seeds put the
+defaults 4 ahead of retrieval in cross-validation. On `val` (fusion section) three seeds give
+66.0 ± 6.7 against retrieval's 65.8 (72.6, 59.3, 66.2): 40 photos cannot resolve a 4-point
+lead."""
 
 
 if __name__ == "__main__":
