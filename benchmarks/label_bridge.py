@@ -239,7 +239,7 @@ behind, so the gain is in choosing among its drafts, its n-best and the retrieve
 
 The same folds with training seed 1 (`... --seed 1 --decodings b3n3 b3n3d2k3r`, 2026-12-07,
 training 417–632 s a fold beside other jobs; retrieval 68.6 ± 11.1, 72.8 / 59.6 / 59.7 / 65.1 /
-86.0, a few tenths below the run above on three folds after later pool cleaning): the defaults
+86.0, up to 2.4 below the run above on three folds; each run compares within itself): the defaults
 score 72.7 ± 13.5 (69.4 / 60.7 / 61.9 / 78.1 / 93.4), +4.0 ± 6.3 per fold over retrieval (4 of 5
 ahead), +4.0 over the 140 photos (95% interval +1.0 to +7.4); the adapter's own 3-beam caption
 68.4 ± 13.7, level with retrieval (−0.2, −6.4 to +5.6), where seed 0's trailed by 12. The seed
