@@ -60,6 +60,9 @@ def test_a_weighted_ratio_is_drawn_by_whole_groups():
     ratio = sums.sum() / tokens.sum()
     low, high = clustered_interval(sums, photo, weights=tokens)
     assert low < ratio < high and low > 0
+    # a photo's captions share its rise: drawn apart, they would claim a narrower interval
+    apart = clustered_interval(sums, np.arange(120), weights=tokens)
+    assert high - low > 1.5 * (apart[1] - apart[0])
     # weights of 1 are the unweighted share, and a constant ratio has no spread at all
     assert clustered_interval(sums, photo, weights=np.ones(120)) == clustered_interval(sums, photo)
     assert clustered_interval(0.2 * tokens, photo, weights=tokens) == pytest.approx([0.2, 0.2])
