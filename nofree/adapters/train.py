@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -110,11 +110,6 @@ class Examples:
         return Batch(image_features=features.to(device), image_ids=index,
                      texts=[self.texts[i] for i in rows.tolist()], text_features=text_features,
                      text_mask=text_mask, prompts=prompts)
-
-    def batches(self, batch_size: int, *, device: Any, order: Tensor | None = None) -> Iterator[Batch]:
-        order = torch.arange(len(self)) if order is None else order
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start:start + batch_size], resolve_device(device))
 
     def epoch_batches(self, batch_size: int, generator: torch.Generator, *,
                       bucket_by_length: bool = False) -> list[Tensor]:
