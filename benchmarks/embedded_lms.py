@@ -1,17 +1,19 @@
 """Embedded language models compared as MAGIC's writer: SmolLM2-135M-Instruct against Gemma 3 270M.
 
 Everything else is nofree's default training-free captioner (``nofree caption --method magic``:
-EfficientNet-Lite0 + all-MiniLM-L6-v2 composed by ASIF, the bundled 24k-caption pool, the
-:data:`~nofree.captioning.MAGIC_DEFAULTS`); only ``lm=`` changes. Per LM:
+EfficientNet-Lite0 + all-MiniLM-L6-v2 composed by ASIF with the label bridge, the bundled
+24k-caption pool, the :data:`~nofree.captioning.MAGIC_DEFAULTS`); only ``lm=`` changes. Per LM:
 
 - **cross-validation on ``train``** with the folds of benchmarks/magic_quality.py
   (:func:`benchmarks.magic_quality.cv_folds`: anchors from the pairs of the other folds, captions
   for the held-out photos, all scored together against their own references);
 - **``val`` once** (anchors from all 700 ``train`` pairs; 40 photos);
-- three settings from one decoding pass: the default (8 greedy drafts + the retrieval caption,
-  CIDEr-D consensus against the top 20 retrieved captions), the drafts only (no retrieval
-  caption), and the single draft with the first window of 4 pool examples (the LM's writing
-  alone, no choice);
+- three settings from one decoding pass: the default (8 greedy drafts, CIDEr-D consensus against
+  the top 20 retrieved captions, a draft cut at the length limit passed over), the same drafts
+  with caption retrieval's own choice as a ninth candidate and the top 50 as pseudo-references
+  (the best cross-validated training-free setting in magic_quality's notes), and the single
+  draft with the first window of 4 pool examples (the LM's writing alone, no choice); caption
+  retrieval itself (no LM) on the same folds, for comparison;
 - **new captions**: the share of kept captions that are not a pool caption verbatim (case,
   spaces and the final period aside), since a draft may copy one of its in-context examples;
 - **seconds per photo** of the default at batch 8 (8 photos × 8 drafts decoded together), one
@@ -42,42 +44,55 @@ SANITY_PROMPT = "The most common animals in a city park are"
 #: suffix of the timing baseline: the LM's captioner with its caches never stacked (prompts
 #: left-padded into one batch, k candidates one row each)
 UNSTACKED = " (caches not stacked)"
-SETTINGS = ("default: 8 drafts + the retrieval caption, CIDEr-D consensus (top 20)",
-            "8 drafts only, CIDEr-D consensus (top 20)",
+SETTINGS = ("default: 8 drafts, CIDEr-D consensus (top 20)",
+            "8 drafts + caption retrieval's choice, CIDEr-D consensus (top 50)",
             "one draft, 4 pool examples, greedy")
+#: the row of caption retrieval (no LM) on the same photos
+RETRIEVAL = "caption retrieval (no LM): CIDEr-D consensus of the top 50"
+#: pseudo-references of the second setting
+WIDE_CONSENSUS = 50
 
 
-def caption_all(captioner, image_emb, batch_size: int) -> tuple[dict[str, list[str]], float]:
-    """The captions of every setting in :data:`SETTINGS` (one decoding pass) and the seconds
-    the default took (its candidates and its choice)."""
-    out: dict[str, list[str]] = {name: [] for name in SETTINGS}
+def caption_all(captioner, retrieval, image_emb, batch_size: int) -> tuple[dict[str, list[str]], float]:
+    """The captions of every setting in :data:`SETTINGS` (one decoding pass) and of caption
+    retrieval, and the seconds the default took (its drafts and its choice, as
+    ``captioner.caption_embeddings`` makes it)."""
+    out: dict[str, list[str]] = {name: [] for name in (*SETTINGS, RETRIEVAL)}
     seconds = 0.0
     cider = captioner.pool.cider
     for i in range(0, len(image_emb), batch_size):
         emb = image_emb[i:i + batch_size]
         start = time.perf_counter()
-        rows = captioner.candidates(emb)                       # 8 drafts, then the retrieval caption
+        rows, finished = captioner.drafts(emb)
         refs = captioner.pool.top(emb, captioner.consensus)
-        out[SETTINGS[0]] += [row[cider.choose(row, r)] for row, r in zip(rows, refs)]
+        cut = [[j for j, done in enumerate(ends) if not done] for ends in finished]
+        out[SETTINGS[0]] += [row[cider.choose(row, r, unfinished=u)] for row, r, u in zip(rows, refs, cut)]
         seconds += time.perf_counter() - start
-        out[SETTINGS[1]] += [row[:-1][cider.choose(row[:-1], r)] for row, r in zip(rows, refs)]
+        picks = retrieval.caption_embeddings(emb)
+        wide = captioner.pool.top(emb, WIDE_CONSENSUS)
+        out[SETTINGS[1]] += [(row + [p])[cider.choose(row + [p], r, unfinished=u)]
+                             for row, p, r, u in zip(rows, picks, wide, cut)]
         out[SETTINGS[2]] += [row[0] for row in rows]
+        out[RETRIEVAL] += picks
     return out, seconds
 
 
-def caption_runs(lm, runs, image_emb, batch_size: int, tokens: dict) -> tuple[dict[str, list[str]], float]:
+def caption_runs(lm, runs, image_emb, batch_size: int, tokens: dict, pool) -> tuple[dict[str, list[str]], float]:
     """:func:`caption_all` with ``lm`` over ``runs`` (``(held rows, pipeline, example pool)``, as
     :func:`benchmarks.magic_quality.cv_folds` gives them; ``held`` None: every row of ``image_emb``),
-    the captions of all runs concatenated per setting, and the default's seconds summed."""
+    the captions of all runs concatenated per setting, and the default's seconds summed; caption
+    retrieval ranks ``pool`` with each run's pipeline."""
     from nofree.captioning import MagicCaptioner
+    from nofree.captioning.retrieval import RetrievalCaptioner
 
-    captions: dict[str, list[str]] = {name: [] for name in SETTINGS}
+    captions: dict[str, list[str]] = {name: [] for name in (*SETTINGS, RETRIEVAL)}
     seconds = 0.0
     for held, pipeline, examples in runs:
         captioner = MagicCaptioner.from_pipeline(pipeline, lm=lm, pool=examples, **tokens)
-        out, s = caption_all(captioner, image_emb if held is None else image_emb[held], batch_size)
+        retrieval = RetrievalCaptioner(pipeline, pool)
+        out, s = caption_all(captioner, retrieval, image_emb if held is None else image_emb[held], batch_size)
         seconds += s
-        for name in SETTINGS:
+        for name in captions:
             captions[name] += out[name]
     return captions, seconds
 
@@ -160,7 +175,7 @@ def main(argv=None) -> dict:
     tokens = {"max_new_tokens": 4} if args.smoke else {}
 
     def pipeline_of(anchors):
-        return AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache, label_weight=0.0)
+        return AsifPipeline.from_anchors(anchors, image_encoder, text_encoder, cache=cache)
 
     folds = cv_folds(train, pipeline_of, pool, args.folds, smoke=args.smoke, per_fold=args.per_fold)
     cv_refs = [list(train.pairs[i].captions) for held, _, _ in folds for i in held.tolist()]
@@ -184,9 +199,9 @@ def main(argv=None) -> dict:
                "vocab": lm.vocab_size, "sanity": sanity, "cv": {}, "val": {}}
         for where, runs, refs, image_emb in (("cv", folds, cv_refs, train.image_emb),
                                              ("val", val_folds, val_refs, val.image_emb)):
-            captions, seconds = caption_runs(lm, runs, image_emb, args.batch_size, tokens)
-            row[where] = {name: score(captions[name], refs, pool_set, seconds) for name in SETTINGS}
-            for name in SETTINGS:
+            captions, seconds = caption_runs(lm, runs, image_emb, args.batch_size, tokens, pool)
+            row[where] = {name: score(captions[name], refs, pool_set, seconds) for name in captions}
+            for name in captions:
                 r = row[where][name]
                 print(f"{spec} {where} {name[:40]:40s} CIDEr {100 * r['metrics']['CIDEr']:5.1f} "
                       f"new {r['new_share']:.2f} {r['seconds_per_image']:.2f} s/photo", flush=True)
@@ -206,16 +221,22 @@ def main(argv=None) -> dict:
 def markdown(out: dict) -> str:
     lines = ["| LM | setting | CV CIDEr | CV BLEU-4 | CV new captions | val CIDEr | val BLEU-4 | "
              "val new captions |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cells(cv: dict, val: dict) -> str:
+        return (f"{100 * cv['metrics']['CIDEr']:.1f} | {100 * cv['metrics']['BLEU-4']:.1f} | "
+                f"{100 * cv['new_share']:.0f}% | {100 * val['metrics']['CIDEr']:.1f} | "
+                f"{100 * val['metrics']['BLEU-4']:.1f} | {100 * val['new_share']:.0f}% |")
+
+    measured = [row for row in out["lms"].values() if "skipped" not in row]
+    if measured and RETRIEVAL in measured[0]["cv"]:   # the same with every LM: shown once
+        lines.append(f"| – | {RETRIEVAL} | {cells(measured[0]['cv'][RETRIEVAL], measured[0]['val'][RETRIEVAL])}")
     for spec, row in out["lms"].items():
         if "skipped" in row:
             lines.append(f"| `{spec}` | {row['skipped']} | | | | | | |")
             continue
         for name in SETTINGS:
-            cv, val = row["cv"][name], row["val"][name]
-            lines.append(f"| `{spec}` | {name} | {100 * cv['metrics']['CIDEr']:.1f} | "
-                         f"{100 * cv['metrics']['BLEU-4']:.1f} | {100 * cv['new_share']:.0f}% | "
-                         f"{100 * val['metrics']['CIDEr']:.1f} | {100 * val['metrics']['BLEU-4']:.1f} | "
-                         f"{100 * val['new_share']:.0f}% |")
+            if name in row["cv"]:
+                lines.append(f"| `{spec}` | {name} | {cells(row['cv'][name], row['val'][name])}")
     subset = f", the first {out['per_fold']} held-out photos of each" if out.get("per_fold") else ""
     lines += ["", f"CV: {out['folds']} folds over the `train` photos{subset} ({out['n_cv_images']} captioned; "
               f"anchors from the other folds' pairs); val: {out['n_val_images']} photos, anchors from all 700 "

@@ -12,8 +12,8 @@ metric code. Training time is wall time of ``train_lit`` / ``train_clipcap`` / `
 The report folder (results.json, results.md, plots) is written to ``WORK/report``; the plots are
 also copied next to ``--json``.
 
-One training's score is one draw: on these 40 photos a training seed alone moves an adapter's
-CIDEr by up to 13 points. Every adapter is therefore trained once per ``--seeds`` entry (the
+One training's score is one draw: on 40 photos the training seed alone moves an adapter's CIDEr
+by several points (RESULTS.md). Every adapter is therefore trained once per ``--seeds`` entry (the
 first seed's adapters in ``WORK/KIND``, the others' in ``WORK/KIND-seedS``); the first seed's
 adapters get the full report, and every further seed's adapters are evaluated again beside
 caption retrieval (``WORK/report-seedS``) for the table over seeds.

@@ -3,8 +3,8 @@
 For each pair of an image encoder and a text encoder composed by ASIF (nofree's defaults,
 :class:`~nofree.anchors.pipeline.AsifPipeline`) and each embedded LM writing MAGIC's captions
 (:data:`~nofree.captioning.MAGIC_DEFAULTS`: 8 greedy drafts, each with another window of the
-photo's retrieved pool captions as examples, plus the retrieval caption, kept by CIDEr-D
-consensus against the photo's top 20 retrieved captions):
+photo's retrieved pool captions as examples, one kept by CIDEr-D consensus against the photo's
+top 20 retrieved captions):
 
 - **text→image R@1** and **caption-retrieval CIDEr** of the pair
   (:func:`benchmarks.embedded_encoders.measure`), and **MAGIC CIDEr** with each LM, from
@@ -65,7 +65,7 @@ def magic_rows(lm, pair: dict, batch_size: int, tokens: dict) -> dict:
     row = {}
     for where, runs, refs, image_emb in (("cv", pair["folds"], pair["cv_refs"], pair["train"].image_emb),
                                          ("val", pair["val_runs"], pair["val_refs"], pair["val"].image_emb)):
-        captions, seconds = caption_runs(lm, runs, image_emb, batch_size, tokens)
+        captions, seconds = caption_runs(lm, runs, image_emb, batch_size, tokens, pair["pool"])
         row[where] = score(captions[DEFAULT_SETTING], refs, pair["pool_set"], seconds)
     return row
 
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
                           "val_runs": [(None, val_pipeline, examples_pool(val_pipeline, pool))],
                           "cv_refs": [list(train.pairs[i].captions) for held, _, _ in folds for i in held.tolist()],
                           "val_refs": [list(p.captions) for p in val.pairs],
-                          "pool_set": {duplicate_key(c) for c in pool}, "magic": {}})
+                          "pool": pool, "pool_set": {duplicate_key(c) for c in pool}, "magic": {}})
             print(f"{image_spec} + {text_spec}: CV t2i R@1 {asif['cv']['t2i R@1']:.3f}, retrieval CIDEr "
                   f"{100 * asif['cv']['CIDEr']:.1f} ({time.perf_counter() - start:.0f} s)", flush=True)
     for spec in lms:
