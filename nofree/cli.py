@@ -341,8 +341,8 @@ def _target_texts(target: Path) -> list[str]:
               help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "
                    "candidates (CIDEr-D; default 20).")
 @click.option("--with-retrieved/--no-retrieved", default=None,
-              help="MAGIC and smallcap: also offer the retrieval caption as a candidate (default: MAGIC no, "
-                   "smallcap yes, as cross-validation chose).")
+              help="MAGIC and smallcap: also offer the caption that --method retrieval returns as a "
+                   "candidate (default: MAGIC no, smallcap yes, as cross-validation chose).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
                    "and can change a few words).")

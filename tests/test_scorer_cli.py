@@ -112,11 +112,13 @@ def test_the_pool_is_ranked_by_the_clip_scorer_itself(models, tmp_path):
     logits = space.scorer.score(image_emb, [list(POOL)] * len(images))  # what steers MAGIC
     torch.testing.assert_close(logits, space.scorer.logit_scale * space.similarity(image_emb, space.encode_texts(POOL)),
                                atol=1e-4, rtol=1e-4)
-    # the retrieval candidate is the argmax of the scorer's similarities over the pool
+    # the pool is ranked by the scorer's similarities, and the retrieval candidate is what caption
+    # retrieval under that scorer returns
     plain = MagicCaptioner.from_scorer(space, lm=captioner.lm, pool=RetrievalCaptioner(space, POOL, rerank=0),
                                        drafts=1, k=4, max_new_tokens=3, with_retrieved=True)
+    assert [row[0] for row in plain.pool.ranked(image_emb, 1)] == [POOL[j] for j in direct.argmax(1).tolist()]
     candidates = plain.candidates(image_emb)
-    assert [row[-1] for row in candidates] == [POOL[j] for j in direct.argmax(1).tolist()]
+    assert [row[-1] for row in candidates] == RetrievalCaptioner(space, POOL).caption_embeddings(image_emb)
     assert len(plain.caption(images)) == len(images)
     # the pool's text embeddings are cached like other embeddings
     cache = EmbeddingCache(tmp_path / "cache")

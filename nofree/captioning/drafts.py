@@ -23,7 +23,7 @@ from nofree.data.pool import example_windows  # noqa: F401  (re-exported: MAGIC'
 #: ``train`` (benchmarks/magic_quality.py, RESULTS.md): in-context examples from the caption pool;
 #: the LM writes 8 drafts (one per window of :func:`example_windows`), and the draft with the
 #: highest CIDEr-D against the image's 20 top retrieved captions is kept (``with_retrieved=True``
-#: also offers the retrieval caption itself as a candidate). No β > 0 tried (the ASIF image term
+#: also offers caption retrieval's own caption as a candidate). No β > 0 tried (the ASIF image term
 #: on partial sentences) and no α = 0.1 scored measurably better in CIDEr than α = β = 0, so the
 #: image reaches the LM through the retrieved examples; pass ``alpha=0.1, beta=2`` (the paper's
 #: values, :data:`MAGIC_PAPER`) to steer every step.
@@ -56,7 +56,8 @@ class MagicCaptioner:
     Several candidates, one kept (pool examples only): the LM writes ``drafts`` captions, each
     with another window ``(first, count)`` of the image's ranked pool captions as its examples
     (:func:`example_windows`; ``windows`` gives the list explicitly), ``with_retrieved`` adds the
-    retrieval caption itself, and among more than one candidate the kept one has the highest
+    caption that caption retrieval returns for the image (the pool's consensus choice,
+    :class:`~nofree.captioning.retrieval.RetrievalCaptioner`'s default), and among more than one candidate the kept one has the highest
     CIDEr-D against the image's top ``consensus`` pool captions by ASIF similarity
     (:mod:`nofree.captioning.consensus`: minimum-Bayes-risk selection with retrieved captions as
     pseudo-references; a draft that loops or stutters, or that ran past ``max_new_tokens``, is
@@ -191,7 +192,7 @@ class MagicCaptioner:
 
     def candidates(self, image_emb: Tensor) -> list[list[str]]:
         """Each image's candidate captions: one written per example window, then the retrieval
-        caption when ``with_retrieved`` (the best-ranked pool caption); see :meth:`drafts`."""
+        caption when ``with_retrieved`` (:meth:`retrieved_captions`); see :meth:`drafts`."""
         return self.drafts(image_emb)[0]
 
     def drafts(self, image_emb: Tensor) -> tuple[list[list[str]], list[list[bool]]]:
@@ -228,10 +229,18 @@ class MagicCaptioner:
                 row.append(clean_caption(text))
                 ends.append(ended)
         if self.with_retrieved:
-            for row, ends, examples in zip(out, finished, ranked):
-                row.append(examples[0].strip())
+            for row, ends, retrieved in zip(out, finished, self.retrieved_captions(image_emb)):
+                row.append(retrieved)
                 ends.append(True)
         return out, finished
+
+    def retrieved_captions(self, image_emb: Tensor) -> list[str]:
+        """What caption retrieval returns for each image: the pool caption agreeing most (CIDEr-D)
+        with the image's other top retrieved captions, the same pool and ranking as the examples.
+        The examples themselves are ordered by embedding consensus, which gives better drafts, while
+        the CIDEr-D choice is the better caption (RESULTS.md, "Embedded language models")."""
+        self.pool.cider  # n-gram weights built once here, so that the re-ranked copy shares them
+        return self.pool.with_consensus("cider").caption_embeddings(image_emb)
 
     def _ended(self, run: Any) -> list[tuple[str, bool]]:
         """Each row of a search run (with ``trim_cut``, to one token past ``max_new_tokens``): its
