@@ -131,11 +131,23 @@ def time_lms(specs, fold, image_emb, batch_size: int, tokens: dict) -> dict[str,
 
 
 def score(captions: list[str], references: list[list[str]], pool_set: set[str], seconds: float) -> dict:
-    from benchmarks.magic_quality import _score
+    from nofree.eval import caption_metrics
 
-    result = _score(captions, references, seconds)
-    result["new_share"] = sum(duplicate_key(c) not in pool_set for c in captions) / len(captions)
-    return result
+    metrics = caption_metrics(captions, references)
+    return {"metrics": {k: metrics[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+            "seconds_per_image": seconds / len(captions), "examples": captions[:4],
+            "cider_per_image": metrics["CIDEr per image"],
+            "new_share": sum(duplicate_key(c) not in pool_set for c in captions) / len(captions)}
+
+
+def against_retrieval(scored: dict) -> None:
+    """Add to each setting of ``scored`` (one LM, one of cv / val) its CIDEr difference to caption
+    retrieval on the same photos, with the paired bootstrap's 95% interval."""
+    from nofree.eval.significance import paired_difference
+
+    baseline = scored[RETRIEVAL]["cider_per_image"]
+    for name in SETTINGS:
+        scored[name]["vs_retrieval"] = paired_difference(scored[name]["cider_per_image"], baseline)
 
 
 def main(argv=None) -> dict:
@@ -201,6 +213,7 @@ def main(argv=None) -> dict:
                                              ("val", val_folds, val_refs, val.image_emb)):
             captions, seconds = caption_runs(lm, runs, image_emb, args.batch_size, tokens, pool)
             row[where] = {name: score(captions[name], refs, pool_set, seconds) for name in captions}
+            against_retrieval(row[where])
             for name in captions:
                 r = row[where][name]
                 print(f"{spec} {where} {name[:40]:40s} CIDEr {100 * r['metrics']['CIDEr']:5.1f} "
@@ -219,20 +232,27 @@ def main(argv=None) -> dict:
 
 
 def markdown(out: dict) -> str:
-    lines = ["| LM | setting | CV CIDEr | CV BLEU-4 | CV new captions | val CIDEr | val BLEU-4 | "
-             "val new captions |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| LM | setting | CV CIDEr | CV Δ retrieval (95%) | CV BLEU-4 | CV new captions | val CIDEr | "
+             "val Δ retrieval (95%) | val BLEU-4 | val new captions |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def delta(r: dict) -> str:
+        d = r.get("vs_retrieval")
+        if not d:
+            return "–"
+        low, high = d["interval"]
+        return f"{100 * d['delta']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})".replace("-", "−")
 
     def cells(cv: dict, val: dict) -> str:
-        return (f"{100 * cv['metrics']['CIDEr']:.1f} | {100 * cv['metrics']['BLEU-4']:.1f} | "
-                f"{100 * cv['new_share']:.0f}% | {100 * val['metrics']['CIDEr']:.1f} | "
-                f"{100 * val['metrics']['BLEU-4']:.1f} | {100 * val['new_share']:.0f}% |")
+        return " | ".join(f"{100 * r['metrics']['CIDEr']:.1f} | {delta(r)} | {100 * r['metrics']['BLEU-4']:.1f} | "
+                          f"{100 * r['new_share']:.0f}%" for r in (cv, val)) + " |"
 
     measured = [row for row in out["lms"].values() if "skipped" not in row]
     if measured and RETRIEVAL in measured[0]["cv"]:   # the same with every LM: shown once
         lines.append(f"| – | {RETRIEVAL} | {cells(measured[0]['cv'][RETRIEVAL], measured[0]['val'][RETRIEVAL])}")
     for spec, row in out["lms"].items():
         if "skipped" in row:
-            lines.append(f"| `{spec}` | {row['skipped']} | | | | | | |")
+            lines.append(f"| `{spec}` | {row['skipped']} | | | | | | | | |")
             continue
         for name in SETTINGS:
             if name in row["cv"]:
@@ -240,8 +260,9 @@ def markdown(out: dict) -> str:
     subset = f", the first {out['per_fold']} held-out photos of each" if out.get("per_fold") else ""
     lines += ["", f"CV: {out['folds']} folds over the `train` photos{subset} ({out['n_cv_images']} captioned; "
               f"anchors from the other folds' pairs); val: {out['n_val_images']} photos, anchors from all 700 "
-              f"train pairs; {out['pool']:,}-caption pool. New captions: kept captions that are not a pool "
-              "caption verbatim.", "",
+              f"train pairs; {out['pool']:,}-caption pool. Δ retrieval: CIDEr minus caption retrieval's on the "
+              "same photos, with the 95% interval of a paired bootstrap over the photos. New captions: kept "
+              "captions that are not a pool caption verbatim.", "",
               f"| LM | parameters | vocabulary | load (s) | s/photo, default, batch {out['batch_size']}, "
               f"{out['threads']} thread: median (range) | caches not stacked: s/photo, speed-up | "
               f"greedy continuation of \"{out['sanity_prompt']}\" |",
