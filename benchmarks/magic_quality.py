@@ -445,9 +445,12 @@ What the numbers say.
   not copy anyway.
 - **Offering caption retrieval's own choice as a candidate ties retrieval, no more**
   (exploratory, 2026-12-07, the same folds, nofree's default similarity and drafts). MAGIC's
-  `with_retrieved` candidate is the photo's first in-context example, ranked by embedding
+  `with_retrieved` candidate was then the photo's first in-context example, ranked by embedding
   consensus (58.2 on `val` as a captioner), not the caption `--method retrieval` returns (CIDEr-D
-  consensus of its top 50: 63.8 in cross-validation). With that caption as a ninth candidate
+  consensus of its top 50: 63.8 in cross-validation); the grid's "+ the retrieval caption" rows
+  above were measured with that candidate. Since this run, `with_retrieved` offers retrieval's own
+  caption, as SmallCap-style's does (the section "Embedded language models" measures it with both
+  LMs). With that caption as a ninth candidate
   beside the 8 default drafts: 59.8 CIDEr with 20 pseudo-references (the drafts alone 57.8) and
   63.8 with 50 (the drafts alone 58.9), exactly retrieval's 63.8, with 46–50% of the kept
   captions the LM's own. The consensus then keeps a draft only where it agrees with the

@@ -20,6 +20,7 @@ def test_seed_table_reports_mean_sd_and_counts_separated_seeds():
     assert cells[2] == "30.0 / 40.0 / 50.0"
     assert cells[3] == "**40.0 ± 10.0**"
     assert cells[4] == "−10.0 ± 10.0 (0 ahead, 1 behind)"
+    assert cells[6] == "100.0 / 100.0 / 100.0"
     assert cells[5] == "0.900 / 1.000 / 0.000 (2 above 0)"   # a rounded −0.0001 is shown as 0.000
     assert cells[7] == "700 / – / 650"
 
@@ -31,6 +32,8 @@ def test_seed_table_is_empty_with_one_seed_and_shows_a_missing_seed():
                                "per_seed": {0: _seed(0.6, 0.1, None), 1: _seed(0.7, 0.2, None)}}}
     row = next(line for line in seed_table(two) if line.startswith("| flamingo"))
     assert "30.0 / –" in row and "**30.0**" in row
+    row = next(line for line in seed_table(two) if line.startswith("| smallcap"))
+    assert "+15.0 ± 7.1 (0 ahead, 0 behind)" in row   # a lead carries its sign
 
 
 def test_adapter_folders_keep_seed_zero_where_earlier_runs_put_it(tmp_path):
