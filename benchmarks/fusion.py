@@ -361,8 +361,8 @@ code, recipes and cleaned pool (nothing was chosen from `val`); this run reused 
 (`--reuse-adapters`, every seed-0 score as in that run) and evaluated the adapters of training
 seeds 1 and 2 beside them (the table over seeds). Seeds 1 and 2 of ClipCap and the Flamingo-style
 adapter were trained for it by `nofree train KIND --pairs nofree/sample/pairs.jsonl --seed S --out
-runs/bench/fusion/KIND-seedS`, which makes the benchmark's own call (19 minutes of wall time each
-for ClipCap, with three jobs sharing the two cores), SmallCap-style's by the same command earlier,
+runs/bench/fusion/KIND-seedS`, which makes the benchmark's own call (18–19 minutes of wall time
+each, with three jobs sharing the two cores), SmallCap-style's by the same command earlier,
 LiT's by this run; "–" in the seconds column marks those trained outside it.
 `examples/03_frozen_vs_trained.ipynb`, which trains the seed-0 adapters without the per-epoch
 validation, gets the same numbers.
