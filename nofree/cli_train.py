@@ -122,6 +122,15 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
 @click.option("--nbest", type=click.IntRange(min=1), default=None,
               help="Trained captioners: keep the beam search's N best captions and choose among them by "
                    "consensus (at most --beams; default: their tuned decoding).")
+@click.option("--drafts", type=click.IntRange(min=1), default=None,
+              help="magic and smallcap rows: captions written per photo, one kept by consensus (default: "
+                   "MAGIC 8, smallcap 2), as on nofree caption.")
+@click.option("--consensus", type=click.IntRange(min=1), default=None,
+              help="magic and smallcap rows: retrieved captions used as pseudo-references to choose among "
+                   "candidates (CIDEr-D; default 20).")
+@click.option("--with-retrieved/--no-retrieved", default=None,
+              help="magic and smallcap rows: also offer the caption the retrieval row returns as a candidate "
+                   "(default: MAGIC no, smallcap yes).")
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (saves ~10 s a method).")
 @click.option("--baseline", type=click.Choice(["retrieval", "magic", "magic-lit", "clipcap", "flamingo", "smallcap"]),
               default=None, help="Captioning method the others' CIDEr is compared to, with a paired bootstrap "
@@ -134,7 +143,8 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipcap_dir, flamingo_dir, smallcap_dir, pool,
-                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, nbest, no_meteor, baseline, label_weight,
+                 lm, scorer, labels_file, limit, samples, beams, no_repeat_ngram, nbest, drafts, consensus,
+                 with_retrieved, no_meteor, baseline, label_weight,
                  report_dir,
                  resume, overwrite, batch_size, device, clean_pool):
     """Evaluate fusion methods on one split and write a report (results.json, results.md, plots)."""
@@ -150,7 +160,9 @@ def eval_command(pairs, split, methods, anchor_dir, anchor_split, lit_dir, clipc
                         batch_size=batch_size, device=device, meteor=not no_meteor, baseline=baseline,
                         label_weight=label_weight,
                         decoding={k: v for k, v in (("beams", beams), ("no_repeat_ngram", no_repeat_ngram),
-                                                    ("nbest", nbest)) if v is not None})
+                                                    ("nbest", nbest)) if v is not None},
+                        candidates={k: v for k, v in (("drafts", drafts), ("consensus", consensus),
+                                                      ("with_retrieved", with_retrieved)) if v is not None})
     results = run_eval(config, methods or None, out_dir=report_dir, overwrite=overwrite, resume=resume,
                        samples=samples, echo=lambda line: click.echo(line, err=True))
     click.echo((report_dir / "results.md").read_text(encoding="utf-8"))

@@ -287,3 +287,22 @@ def test_method_inputs_are_checked_before_anything_runs(setup, tmp_path):
     assert not (tmp_path / "r").exists()
     with pytest.raises(DataError, match="split='test'"):
         run_eval(EvalConfig(pairs=setup["pairs"], split="test"), ["asif"], out_dir=tmp_path / "r")
+
+
+def test_candidate_options_reach_the_magic_row(setup, tmp_path):
+    def run(out, *extra):
+        result = CliRunner().invoke(main, [
+            "eval", "--pairs", str(setup["pairs"]), "--anchors", str(setup["anchors"]), "--lm", setup["lm"],
+            "--pool", str(setup["pool"]), "--no-meteor", "--samples", "0", "--method", "retrieval",
+            "--method", "magic", "--drafts", "1", *extra, "--report", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "results.json").read_text())["methods"]
+
+    alone = run("alone", "--no-retrieved")
+    offered = run("offered", "--with-retrieved", "--consensus", "3")
+    params = offered["magic"]["params"]
+    assert (params["drafts"], params["with_retrieved"], params["consensus"]) == (1, True, 3)
+    # one draft and retrieval's caption: the kept caption is one of the two, for every photo
+    retrieved = offered["retrieval"]["captions"]
+    assert all(kept in (draft, found) for kept, draft, found
+               in zip(offered["magic"]["captions"], alone["magic"]["captions"], retrieved))

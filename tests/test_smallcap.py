@@ -220,8 +220,11 @@ def _fake_adapter():
 def test_eval_reports_smallcap(trained, tmp_path):
     result = CliRunner().invoke(main, ["eval", "--pairs", str(trained["pairs"]), "--method", "smallcap",
                                        "--smallcap", str(trained["root"] / "adapter"), "--no-meteor",
-                                       "--samples", "0", "--report", str(tmp_path / "r")])
+                                       "--samples", "0", "--drafts", "1", "--no-retrieved", "--consensus", "3",
+                                       "--report", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     entry = json.loads((tmp_path / "r" / "results.json").read_text())["methods"]["smallcap"]
     assert entry["status"] == "ok" and len(entry["captions"]) == 3
+    params = entry["params"]
+    assert (params["drafts"], params["with_retrieved"], params["consensus"]) == (1, False, 3)
     assert 0 < entry["metrics"]["distinct"] <= 1

@@ -33,7 +33,8 @@ def row_inputs(ctx: Any, name: str, method: Any) -> dict[str, Any]:
     if method.task == "scoring":
         inputs["labels"] = ctx.labels()
     elif name in ("clipcap", "flamingo", "smallcap"):
-        inputs["decoding"] = {"max_tokens": config.max_tokens, **config.decoding}
+        inputs["decoding"] = {"max_tokens": config.max_tokens, **config.decoding,
+                              **(config.candidates if name == "smallcap" else {})}
     else:  # retrieval and the MAGIC rows
         inputs["pool"] = file_sha256(ctx.pool_path())
     if name == "smallcap" and config.pool is not None:
@@ -69,7 +70,7 @@ def magic_options(config: Any, name: str) -> dict[str, Any]:
     """The ``MagicCaptioner`` options of row ``name``: nofree's defaults (8 greedy drafts and a
     consensus choice) with the ASIF scorer; the paper's α, β with a CLIP-like scorer, and on one
     draft for "magic-lit" (which exists to steer with the LiT scorer; each steered draft costs ~10
-    greedy ones); ``config.magic`` over either."""
+    greedy ones); ``config.magic`` over either, and ``config.candidates`` over the "magic" row."""
     from nofree.captioning.drafts import MAGIC_DEFAULTS, MAGIC_PAPER
 
     steered: dict[str, Any] = {}
@@ -77,7 +78,7 @@ def magic_options(config: Any, name: str) -> dict[str, Any]:
         steered = {**MAGIC_PAPER, "drafts": 1, "with_retrieved": False}
     elif scorer_spec(config) != "asif":
         steered = dict(MAGIC_PAPER)
-    return {**MAGIC_DEFAULTS, **steered, **config.magic}
+    return {**MAGIC_DEFAULTS, **steered, **config.magic, **(config.candidates if name == "magic" else {})}
 
 
 def scorer_spec(config: Any) -> str:

@@ -83,6 +83,7 @@ class EvalConfig:
     magic: dict[str, Any] = field(default_factory=dict)      # MagicCaptioner options
     max_tokens: int = 30                        # adapters' caption length limit
     decoding: dict[str, Any] = field(default_factory=dict)   # adapters' AdapterCaptioner options
+    candidates: dict[str, Any] = field(default_factory=dict)  # drafts / consensus / with_retrieved of magic, smallcap
     batch_size: int = 8
     device: str = "cpu"
     meteor: bool = True
@@ -342,7 +343,7 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
         pool = load_text_lines(ctx.config.pool) if ctx.config.pool is not None else None
         captioner = SmallCapCaptioner.for_adapter(adapter, ctx.config.adapters[kind], pool=pool,
                                                   cache=EmbeddingCache(), clean_pool=ctx.config.clean_pool,
-                                                  **options)
+                                                  **options, **ctx.config.candidates)
         check_no_leak(captioner.retrieval.pipeline.anchors, ctx.config.pairs, ctx.config.split)
     else:
         captioner = AdapterCaptioner(adapter, **options)
@@ -350,7 +351,14 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     gaps = _image_gaps(ctx, adapter, captioner.prompts if kind == "smallcap" else None)
     return gaps, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
                   "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
-                  "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config()}, captions
+                  "nbest": captioner.nbest, **_candidate_params(captioner), **adapter.backbone_specs(),
+                  **adapter.config()}, captions
+
+
+def _candidate_params(captioner: Any) -> dict[str, Any]:
+    """SmallCap-style's candidate settings (drafts, pseudo-references, the retrieved caption); none
+    for the other adapters."""
+    return {k: getattr(captioner, k) for k in ("drafts", "consensus", "with_retrieved") if hasattr(captioner, k)}
 
 
 def _image_gaps(ctx: _Context, adapter: Any, prompts_of: Callable[[Sequence[str]], list[str]] | None) -> dict:
