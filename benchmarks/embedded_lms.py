@@ -316,12 +316,12 @@ What it says (Gemma 3 270M base, an optional install, against the default SmolLM
   --pairs nofree/sample/pairs.jsonl --method retrieval --method magic --lm embedded:gemma3-270m
   --with-retrieved --consensus 50` gives the same 71.1 on `val` (ahead in 90% of the bootstrap
   draws; 2.4 s per photo with another job on the machine; 95% distinct captions, no loops). Read
-  against the references, its captions and retrieval's 17 shared ones are right or wrong
-  together, and where they differ the drafts inherit the retrieved examples' mistakes: a cat and
-  a dog at a window become "A large black bear with a long tongue hanging out of its mouth."
-  (retrieval: "The large brown bear has a black nose."), a man playing with a Wii controller "A
-  MAN IS ON THE MOTOR BIKE WITH A HELL.", which also copies an upper-case pool caption and stops
-  on a broken word (retrieval: "A man who is putting a hot dog in his mouth.").
+  against the references: 17 of its 40 captions are retrieval's, and where it differs it mostly
+  rewords the same retrieved content, right or wrong with it ("Two zebras grazing in a field next
+  to a tree." where retrieval has "a zebra and a giraffe in the wild", for three zebras; a cat and
+  a dog at a window are a bear in both). One copies an upper-case pool caption and stops on a
+  broken word: "A MAN IS ON THE MOTOR BIKE WITH A HELL." (retrieval: "A man who is putting a hot
+  dog in his mouth."; the photo: a man playing with a Wii controller).
 - **The defaults stay as they are.** For SmolLM2 the setting with retrieval's caption scores 6
   CIDEr more in cross-validation than its drafts alone, but returns retrieval's caption for more
   than half of the photos, which `--method retrieval` does directly; MAGIC's default stays the
