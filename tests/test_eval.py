@@ -302,7 +302,23 @@ def test_candidate_options_reach_the_magic_row(setup, tmp_path):
     offered = run("offered", "--with-retrieved", "--consensus", "3")
     params = offered["magic"]["params"]
     assert (params["drafts"], params["with_retrieved"], params["consensus"]) == (1, True, 3)
+    # the row says which settings are not nofree's defaults, in results.json and results.md
+    label = offered["magic"]["label"]
+    assert "drafts 1" in label and "with_retrieved True" in label and "consensus 3" in label
+    assert label in (tmp_path / "offered" / "results.md").read_text()
     # one draft and retrieval's caption: the kept caption is one of the two, for every photo
     retrieved = offered["retrieval"]["captions"]
     assert all(kept in (draft, found) for kept, draft, found
                in zip(offered["magic"]["captions"], alone["magic"]["captions"], retrieved))
+
+
+def test_a_default_magic_row_keeps_its_fixed_label():
+    from nofree.eval.report import method_label
+
+    assert method_label(EvalConfig(pairs="p.jsonl"), "magic") == METHODS["magic"].label
+    assert method_label(EvalConfig(pairs="p.jsonl", candidates={"consensus": 50}), "magic") == \
+        "MAGIC, consensus 50"
+    assert method_label(EvalConfig(pairs="p.jsonl", lm="embedded:gemma3-270m"), "magic") == \
+        "MAGIC, lm embedded:gemma3-270m"
+    assert method_label(EvalConfig(pairs="p.jsonl", candidates={"consensus": 50}), "retrieval") == \
+        METHODS["retrieval"].label

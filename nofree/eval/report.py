@@ -483,7 +483,7 @@ def run_eval(config: EvalConfig, methods: Sequence[str] | None = None, *, out_di
             echo(f"{name}: kept from the previous run ({results_path})")
             results["methods"][name] = old
             continue
-        echo(f"{name}: {METHODS[name].label} ...")
+        echo(f"{name}: {method_label(config, name)} ...")
         results["methods"][name] = entry = _run_method(ctx, name)
         if inputs is not None:
             entry["inputs"] = inputs
@@ -526,10 +526,26 @@ def _baseline(chosen: str | None, methods: Sequence[str]) -> str | None:
     return chosen
 
 
+def method_label(config: EvalConfig, name: str) -> str:
+    """What the report calls row ``name``: its fixed description, except for a magic row run with
+    settings other than nofree's defaults, which names the settings that differ."""
+    from nofree.captioning.drafts import MAGIC_DEFAULTS
+
+    if name != "magic":
+        return METHODS[name].label
+    changed = {"lm": config.lm} if config.lm != DEFAULT_LM else {}
+    if scorer_spec(config) != "asif":
+        changed["scorer"] = scorer_spec(config)
+    changed.update({k: v for k, v in magic_options(config, name).items() if MAGIC_DEFAULTS.get(k) != v})
+    if not changed:
+        return METHODS[name].label
+    return "MAGIC, " + ", ".join(f"{k} {v}" for k, v in changed.items())
+
+
 def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
     method = METHODS[name]
     loads_before, start = ctx.load_seconds, time.perf_counter()
-    entry: dict[str, Any] = {"task": method.task, "label": method.label, "images": ctx.paths}
+    entry: dict[str, Any] = {"task": method.task, "label": method_label(ctx.config, name), "images": ctx.paths}
     try:
         metrics, params, captions = RUNNERS[name](ctx)
         entry.update(status="ok", params=params)

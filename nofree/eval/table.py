@@ -58,7 +58,8 @@ def method_tables(results: Mapping[str, Any], methods: Mapping[str, Any]) -> dic
         else:
             extra = [_interval(metrics.get("t2i R@1 interval")), _interval(metrics.get("i2t R@1 interval"))]
         seconds = f"{entry['wall_s']:.1f}" + (f" (+{entry['load_s']:.0f} load)" if entry.get("load_s", 0) >= 1 else "")
-        rows[task].append([f"{name}", methods[name].label if name in methods else entry.get("label", ""),
+        label = (entry.get("label") or (methods[name].label if name in methods else "")).replace("|", "/")
+        rows[task].append([f"{name}", label,
                            *(_cell(metrics.get(c)) for c in columns), *extra, str(n), seconds])
     if rows["captioning"]:
         out["captioning"] = _table(["method", "what", *CAPTION_COLUMNS, "CIDEr 95% CI", *DEGENERATION_COLUMNS,
