@@ -60,8 +60,9 @@ class MagicCaptioner:
     :class:`~nofree.captioning.retrieval.RetrievalCaptioner`'s default), and among more than one
     candidate the kept one has the highest CIDEr-D against the image's top ``consensus`` pool
     captions by ASIF similarity (:mod:`nofree.captioning.consensus`: minimum-Bayes-risk selection
-    with retrieved captions as pseudo-references; a draft that loops or stutters, or that ran past ``max_new_tokens``, is
-    kept only when every candidate does). ``drafts=1, with_retrieved=False`` is one plain caption.
+    with retrieved captions as pseudo-references; a draft that loops or stutters, or that ran past
+    ``max_new_tokens``, is kept only when every candidate does). ``drafts=1, with_retrieved=False``
+    is one plain caption.
 
     ``trim_cut`` (default) tidies a draft cut at ``max_new_tokens``, so that a caption that has to
     be kept (one draft, or every draft cut) does not end mid-word or on a function word ("… apples
