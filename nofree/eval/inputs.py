@@ -81,6 +81,19 @@ def magic_options(config: Any, name: str) -> dict[str, Any]:
     return {**MAGIC_DEFAULTS, **steered, **config.magic, **(config.candidates if name == "magic" else {})}
 
 
+def changed_magic_settings(config: Any) -> dict[str, Any]:
+    """The magic row's settings that are not nofree's defaults: its LM, scorer and
+    ``MagicCaptioner`` options (empty for a default run)."""
+    from nofree.captioning.drafts import MAGIC_DEFAULTS
+    from nofree.core import DEFAULT_LM
+
+    changed: dict[str, Any] = {"lm": config.lm} if config.lm != DEFAULT_LM else {}
+    if scorer_spec(config) != "asif":
+        changed["scorer"] = scorer_spec(config)
+    changed.update({k: v for k, v in magic_options(config, "magic").items() if MAGIC_DEFAULTS.get(k) != v})
+    return changed
+
+
 def scorer_spec(config: Any) -> str:
     """The magic row's scorer spec, normalised (``asif`` when none is given)."""
     from nofree.scoring import ASIF_SCORER, normalize_scorer_spec

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER, DataError, Option, OptionError
-from nofree.eval.inputs import magic_options, row_inputs, scorer_spec
+from nofree.eval.inputs import changed_magic_settings, magic_options, row_inputs, scorer_spec
 
 log = logging.getLogger(__name__)
 
@@ -351,14 +351,9 @@ def _eval_adapter(ctx: _Context, kind: str) -> tuple[dict, dict, list[str]]:
     gaps = _image_gaps(ctx, adapter, captioner.prompts if kind == "smallcap" else None)
     return gaps, {"adapter": str(ctx.config.adapters[kind]), "max_tokens": ctx.config.max_tokens,
                   "beams": captioner.options["beams"], "no_repeat_ngram": captioner.options["no_repeat_ngram"],
-                  "nbest": captioner.nbest, **_candidate_params(captioner), **adapter.backbone_specs(),
-                  **adapter.config()}, captions
-
-
-def _candidate_params(captioner: Any) -> dict[str, Any]:
-    """SmallCap-style's candidate settings (drafts, pseudo-references, the retrieved caption); none
-    for the other adapters."""
-    return {k: getattr(captioner, k) for k in ("drafts", "consensus", "with_retrieved") if hasattr(captioner, k)}
+                  "nbest": captioner.nbest, **adapter.backbone_specs(), **adapter.config(),
+                  **{k: getattr(captioner, k) for k in ("drafts", "consensus", "with_retrieved")   # SmallCap's
+                     if hasattr(captioner, k)}}, captions
 
 
 def _image_gaps(ctx: _Context, adapter: Any, prompts_of: Callable[[Sequence[str]], list[str]] | None) -> dict:
@@ -527,19 +522,10 @@ def _baseline(chosen: str | None, methods: Sequence[str]) -> str | None:
 
 
 def method_label(config: EvalConfig, name: str) -> str:
-    """What the report calls row ``name``: its fixed description, except for a magic row run with
-    settings other than nofree's defaults, which names the settings that differ."""
-    from nofree.captioning.drafts import MAGIC_DEFAULTS
-
-    if name != "magic":
-        return METHODS[name].label
-    changed = {"lm": config.lm} if config.lm != DEFAULT_LM else {}
-    if scorer_spec(config) != "asif":
-        changed["scorer"] = scorer_spec(config)
-    changed.update({k: v for k, v in magic_options(config, name).items() if MAGIC_DEFAULTS.get(k) != v})
-    if not changed:
-        return METHODS[name].label
-    return "MAGIC, " + ", ".join(f"{k} {v}" for k, v in changed.items())
+    """What the report calls row ``name``: its fixed description, or for a magic row run with
+    settings other than nofree's defaults, the settings that differ."""
+    changed = changed_magic_settings(config) if name == "magic" else {}
+    return "MAGIC, " + ", ".join(f"{k} {v}" for k, v in changed.items()) if changed else METHODS[name].label
 
 
 def _run_method(ctx: _Context, name: str) -> dict[str, Any]:
