@@ -14,8 +14,8 @@ import click
 
 from nofree import __version__
 
-from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, clean_pool_option, format_option, label_weight_option,
-                                scorer_option, strict_option, windows_option)
+from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, candidate_options, clean_pool_option, format_option,
+                                label_weight_option, scorer_option, strict_option, windows_option)
 from nofree.cli_output import OneLineError, cli_message
 from nofree.core import DEFAULT_LM
 
@@ -328,21 +328,12 @@ def _target_texts(target: Path) -> list[str]:
 @click.option("--examples-from", type=click.Choice(["pool", "anchors"]), default=None,
               help="MAGIC: take the examples from the caption pool (retrieval + consensus; the default) "
                    "or from the anchor captions nearest by ASIF.")
-@click.option("--drafts", type=click.IntRange(min=1), default=None,
-              help="MAGIC and smallcap: captions written per photo, each with another window of pool "
-                   "examples; the one agreeing most with the retrieved captions is kept (default: MAGIC 8, "
-                   "smallcap 2; 1: a single draft).")
+@candidate_options
 @click.option("--nbest", type=click.IntRange(min=1), default=None,
               help="Trained adapters: keep each beam search's N best captions as candidates and return "
                    "the one agreeing most (CIDEr-D) with the others (clipcap, flamingo) or with the retrieved "
                    "captions (smallcap); at most --beams; default: the tuned decoding.")
 @windows_option
-@click.option("--consensus", type=click.IntRange(min=1), default=None,
-              help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "
-                   "candidates (CIDEr-D; default 20).")
-@click.option("--with-retrieved/--no-retrieved", default=None,
-              help="MAGIC and smallcap: also offer the caption that --method retrieval returns as a "
-                   "candidate (default: MAGIC no, smallcap yes, as cross-validation chose).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="MAGIC: the LM's arithmetic (default fp32; bf16 is faster on CPUs with bf16 units "
                    "and can change a few words).")

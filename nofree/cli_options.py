@@ -160,3 +160,23 @@ def windows_option(f):
     return click.option("--windows", callback=_parse_windows, default=None,
                         help="MAGIC: the drafts' example windows FIRST:COUNT over the photo's ranked pool "
                              "captions, comma-separated (overrides --drafts), e.g. 0:4,1:4.")(f)
+
+
+def candidate_options(f):
+    """``--drafts``, ``--consensus`` and ``--with-retrieved/--no-retrieved`` (parameters ``drafts``,
+    ``consensus``, ``with_retrieved``) of ``caption`` and ``eval``: the candidates of MAGIC and
+    SmallCap-style, one kept by CIDEr-D consensus with the photo's retrieved captions."""
+    options = (
+        click.option("--drafts", type=click.IntRange(min=1), default=None,
+                     help="MAGIC and smallcap: captions written per photo, each with another window of pool "
+                          "examples; the one agreeing most with the retrieved captions is kept (default: "
+                          "MAGIC 8, smallcap 2; 1: a single draft)."),
+        click.option("--consensus", type=click.IntRange(min=1), default=None,
+                     help="MAGIC and smallcap: retrieved captions used as pseudo-references to choose among "
+                          "candidates (CIDEr-D; default 20)."),
+        click.option("--with-retrieved/--no-retrieved", default=None,
+                     help="MAGIC and smallcap: also offer the caption that --method retrieval returns as a "
+                          "candidate (default: MAGIC no, smallcap yes, as cross-validation chose)."))
+    for option in reversed(options):
+        f = option(f)
+    return f

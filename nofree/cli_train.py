@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from nofree.cli_options import ADAPTER_DIR, ANCHOR_DIR, PAIRS, clean_pool_option, label_weight_option, scorer_option
+from nofree.cli_options import (ADAPTER_DIR, ANCHOR_DIR, PAIRS, candidate_options, clean_pool_option,
+                                label_weight_option, scorer_option)
 from nofree.core import DEFAULT_IMAGE_ENCODER, DEFAULT_LM, DEFAULT_TEXT_ENCODER
 
 
@@ -122,15 +123,7 @@ def train(method, pairs, image_encoder, out, epochs, batch_size, lr, augment, pr
 @click.option("--nbest", type=click.IntRange(min=1), default=None,
               help="Trained captioners: keep the beam search's N best captions and choose among them by "
                    "consensus (at most --beams; default: their tuned decoding).")
-@click.option("--drafts", type=click.IntRange(min=1), default=None,
-              help="magic and smallcap rows: captions written per photo, one kept by consensus (default: "
-                   "MAGIC 8, smallcap 2), as on nofree caption.")
-@click.option("--consensus", type=click.IntRange(min=1), default=None,
-              help="magic and smallcap rows: retrieved captions used as pseudo-references to choose among "
-                   "candidates (CIDEr-D; default 20).")
-@click.option("--with-retrieved/--no-retrieved", default=None,
-              help="magic and smallcap rows: also offer the caption the retrieval row returns as a candidate "
-                   "(default: MAGIC no, smallcap yes).")
+@candidate_options
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (saves ~10 s a method).")
 @click.option("--baseline", type=click.Choice(["retrieval", "magic", "magic-lit", "clipcap", "flamingo", "smallcap"]),
               default=None, help="Captioning method the others' CIDEr is compared to, with a paired bootstrap "
