@@ -131,23 +131,21 @@ def time_lms(specs, fold, image_emb, batch_size: int, tokens: dict) -> dict[str,
 
 
 def score(captions: list[str], references: list[list[str]], pool_set: set[str], seconds: float) -> dict:
-    from nofree.eval import caption_metrics
+    from benchmarks.magic_quality import _score
 
-    metrics = caption_metrics(captions, references)
-    return {"metrics": {k: metrics[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
-            "seconds_per_image": seconds / len(captions), "examples": captions[:4],
-            "cider_per_image": metrics["CIDEr per image"],
-            "new_share": sum(duplicate_key(c) not in pool_set for c in captions) / len(captions)}
+    result = _score(captions, references, seconds, per_image=True)
+    result["new_share"] = sum(duplicate_key(c) not in pool_set for c in captions) / len(captions)
+    return result
 
 
 def against_retrieval(scored: dict) -> None:
     """Add to each setting of ``scored`` (one LM, one of cv / val) its CIDEr difference to caption
     retrieval on the same photos, with the paired bootstrap's 95% interval."""
-    from nofree.eval.significance import paired_difference
+    from nofree.eval.significance import compare_to
 
-    baseline = scored[RETRIEVAL]["cider_per_image"]
-    for name in SETTINGS:
-        scored[name]["vs_retrieval"] = paired_difference(scored[name]["cider_per_image"], baseline)
+    compared = compare_to({name: r["cider_per_image"] for name, r in scored.items()}, RETRIEVAL)
+    for name, difference in compared.items():
+        scored[name]["vs_retrieval"] = difference
 
 
 def main(argv=None) -> dict:

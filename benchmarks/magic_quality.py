@@ -264,13 +264,18 @@ def _describe(options: dict, windows_name: str | None = None) -> str:
     return text + (", greedy" if not options.get("beta") and not options.get("alpha") else "")
 
 
-def _score(captions, references, seconds, options=None) -> dict:
+def _score(captions, references, seconds, options=None, *, per_image: bool = False) -> dict:
+    """Corpus metrics of ``captions``, seconds per image, the options and a few examples; with
+    ``per_image``, each image's CIDEr too (``cider_per_image``, for paired comparisons)."""
     from nofree.eval import caption_metrics
 
     metrics = caption_metrics(captions, references)
-    return {"metrics": {k: metrics[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
-            "seconds_per_image": seconds / len(captions), "options": options or {},
-            "examples": captions[:4]}
+    out = {"metrics": {k: metrics[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+           "seconds_per_image": seconds / len(captions), "options": options or {},
+           "examples": captions[:4]}
+    if per_image:
+        out["cider_per_image"] = metrics["CIDEr per image"]
+    return out
 
 
 def _print(name: str, r: dict) -> None:

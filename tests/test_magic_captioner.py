@@ -160,6 +160,7 @@ def test_cider_retrieval_keeps_the_candidate_with_most_consensus(parts):
         RetrievalCaptioner(pipeline, POOL, consensus="votes")
     by_embedding = retrieval.with_consensus("embedding")  # shares the encoded pool, ranks the other way
     assert by_embedding.pool_rel is retrieval.pool_rel and retrieval.consensus == "cider"
+    assert by_embedding.with_consensus("cider").cider is by_embedding.cider  # n-gram weights counted once
     assert by_embedding.ranked(image_emb, 3) == \
         RetrievalCaptioner(pipeline, POOL, consensus="embedding").ranked(image_emb, 3)
 

@@ -240,7 +240,6 @@ class MagicCaptioner:
         with the image's other top retrieved captions, the same pool and ranking as the examples.
         The examples themselves are ordered by embedding consensus, which gives better drafts, while
         the CIDEr-D choice is the better caption (RESULTS.md, "Embedded language models")."""
-        self.pool.cider  # n-gram weights built once here, so that the re-ranked copy shares them
         return self.pool.with_consensus("cider").caption_embeddings(image_emb)
 
     def _ended(self, run: Any) -> list[tuple[str, bool]]:

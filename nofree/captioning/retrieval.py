@@ -90,7 +90,10 @@ class RetrievalCaptioner:
         self.pool_rel = asif.transform(self.pool_emb, modality="text") if asif is not None else self.pool_emb
 
     def with_consensus(self, consensus: str, rerank: int | None = None) -> "RetrievalCaptioner":
-        """The same pool (embeddings shared, nothing re-encoded) re-ranked another way."""
+        """The same pool (embeddings and CIDEr-D n-gram weights shared, nothing re-encoded or
+        re-counted) re-ranked another way."""
+        if consensus == "cider":
+            self.cider  # built here, before the copy, so that both rankings share one set of weights
         other = copy.copy(self)
         other.rerank = min(_rerank_depth(consensus, rerank), len(self.pool))
         other.consensus = consensus
